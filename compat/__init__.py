@@ -1,0 +1,1 @@
+"""Compatibility bridges from scoutfs-notify records to existing watcher APIs."""

@@ -1,0 +1,1 @@
+"""A pyfuse3 overlay that replays notify records as real inotify events."""

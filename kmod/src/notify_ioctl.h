@@ -1,0 +1,102 @@
+#ifndef _SCOUTFS_NOTIFY_IOCTL_H_
+#define _SCOUTFS_NOTIFY_IOCTL_H_
+
+/*
+ * File access notification records and the ioctl that drains them.
+ *
+ * Each mount keeps a ring of fixed size records describing successful
+ * opens and reads of regular files.  A single privileged reader drains
+ * the ring.  Records are only emitted while a reader is attached.
+ *
+ * This is version 1 of the layout.  Records are 64 bytes, little
+ * endian, with naturally aligned fields so that readers can decode an
+ * array of them without padding concerns.  Readers skip record types
+ * they don't know.
+ *
+ * This header is also compiled in userspace (with <linux/types.h> and
+ * <linux/ioctl.h>) so it must not depend on kernel-only definitions.
+ */
+
+#ifndef SCOUTFS_IOCTL_MAGIC
+#define SCOUTFS_IOCTL_MAGIC 0xE8  /* arbitrarily chosen hole in ioctl-number.rst */
+#endif
+
+#define SCOUTFS_NOTIFY_VERSION	1
+
+#define SCOUTFS_NOTIFY_OPEN	1
+#define SCOUTFS_NOTIFY_READ	2
+
+/*
+ * @seq: per-mount sequence number, starts at 1 and advances for every
+ * record emitted, including those dropped because the ring was full, so
+ * a gap tells readers that records were lost.
+ * @time_ns: CLOCK_REALTIME at emit.
+ * @pos, @count: the file position and bytes returned by a read, 0 for
+ * opens.
+ * @pid, @uid, @gid: the accessing tgid, fsuid and fsgid, in the initial
+ * namespaces.
+ * @flags: f_flags of an open, 0 for reads.
+ */
+struct scoutfs_notify_record {
+	__le64 seq;
+	__le64 ino;
+	__le64 time_ns;
+	__le64 pos;
+	__le64 count;
+	__le32 pid;
+	__le32 uid;
+	__le32 gid;
+	__le32 flags;
+	__le16 type;
+	__le16 version;
+	__le32 reserved;
+};
+
+_Static_assert(sizeof(struct scoutfs_notify_record) == 64,
+	       "scoutfs_notify_record must be 64 bytes");
+
+/*
+ * Copy the oldest records in the mount's notification ring into the
+ * caller's buffer.  The first caller becomes the mount's only reader
+ * and records are emitted from then on.
+ *
+ * @buf_ptr: user address of an array of struct scoutfs_notify_record.
+ * @buf_bytes: size of that array, a non-zero multiple of the record size.
+ * @flags: WAIT sleeps until a record is available, a signal arrives, or
+ * @timeout_ms passes (0 waits without a timeout).  DETACH stops
+ * emission and empties the ring, no records are copied.
+ * @dropped: out, records dropped on a full ring since this reader
+ * attached.
+ *
+ * Returns the number of records copied, 0 only after a WAIT timeout or
+ * without WAIT on an empty ring.
+ *
+ * EPERM: the caller doesn't have CAP_SYS_ADMIN.
+ * EINVAL: bad @buf_bytes, unknown @flags, or non-zero @__pad.
+ * EFAULT: the buffer couldn't be written.
+ * EBUSY: another live process is the reader.
+ * EINTR: a signal interrupted a WAIT.
+ */
+struct scoutfs_ioctl_read_notify {
+	__u64 buf_ptr;
+	__u32 buf_bytes;
+	__u32 flags;
+	__u32 timeout_ms;
+	__u32 __pad;
+	__u64 dropped;
+};
+
+#define SCOUTFS_READ_NOTIFY_WAIT	(1 << 0)
+#define SCOUTFS_READ_NOTIFY_DETACH	(1 << 1)
+#define SCOUTFS_READ_NOTIFY_UNKNOWN	(~(__u32)0 << 2)
+
+/* Upstream v1.31 took 25 for INJECT_TOTL_DELTA, series for it use 26 */
+#ifndef SCOUTFS_IOC_READ_NOTIFY_NR
+#define SCOUTFS_IOC_READ_NOTIFY_NR	25
+#endif
+
+#define SCOUTFS_IOC_READ_NOTIFY \
+	_IOWR(SCOUTFS_IOCTL_MAGIC, SCOUTFS_IOC_READ_NOTIFY_NR, \
+	      struct scoutfs_ioctl_read_notify)
+
+#endif

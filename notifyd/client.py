@@ -1,0 +1,134 @@
+"""Client library: subscribe to a notifyd socket and read records.
+
+Two flavours over the same decoding: :class:`Subscriber` (blocking) and
+:class:`AsyncSubscriber` (trio).  Both yield :class:`~notifyd.abi.Record`
+values, interleaved with :class:`Gap` values where ``seq`` jumped, i.e.
+records were lost in the kernel ring, the source, or this client's queue.
+Reconnecting is left to the caller: after a reconnect the stream resumes at
+the newest records, so the caller should expect a gap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import NamedTuple
+
+import trio
+
+from . import abi
+
+__all__ = ["AsyncSubscriber", "Gap", "SeqTracker", "Subscriber"]
+
+
+class Gap(NamedTuple):
+    """Records lost between two seqs a client saw."""
+
+    last_seq: int
+    next_seq: int
+
+    @property
+    def lost(self) -> int:
+        return self.next_seq - self.last_seq - 1
+
+
+class SeqTracker:
+    """Turns a stream of batches into records and gaps."""
+
+    def __init__(self) -> None:
+        self.last_seq: int | None = None
+        self.lost = 0
+
+    def events(self, batch: bytes | bytearray | memoryview) -> list[abi.Record | Gap]:
+        out: list[abi.Record | Gap] = []
+        last = self.last_seq
+        for rec in abi.decode(batch):
+            if last is not None and rec.seq != last + 1 and rec.seq > last:
+                gap = Gap(last, rec.seq)
+                self.lost += gap.lost
+                out.append(gap)
+            out.append(rec)
+            last = rec.seq
+        self.last_seq = last
+        return out
+
+
+def _check_message(msg: bytes) -> bytes:
+    if not msg or len(msg) > abi.MAX_MESSAGE_BYTES or len(msg) % abi.RECORD_SIZE:
+        raise abi.ABIError(f"malformed message of {len(msg)} bytes from notifyd")
+    return msg
+
+
+class Subscriber:
+    """A blocking subscription: ``for ev in Subscriber(path): ...``.
+
+    Iteration ends when the daemon closes the connection.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float | None = None) -> None:
+        self.path = os.fspath(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(self.path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.tracker = SeqTracker()
+
+    def recv_batch(self) -> bytes | None:
+        """Return one message of whole records, or None at end of stream."""
+        msg = self.sock.recv(abi.MAX_MESSAGE_BYTES)
+        return _check_message(msg) if msg else None
+
+    def __iter__(self) -> Iterator[abi.Record | Gap]:
+        while (batch := self.recv_batch()) is not None:
+            yield from self.tracker.events(batch)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSubscriber:
+    """A trio subscription: ``async with await AsyncSubscriber.connect(p) as s``."""
+
+    def __init__(self, sock: trio.socket.SocketType, path: str) -> None:
+        self.sock = sock
+        self.path = path
+        self.tracker = SeqTracker()
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str]) -> AsyncSubscriber:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            await sock.connect(os.fspath(path))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, os.fspath(path))
+
+    async def recv_batch(self) -> bytes | None:
+        """Return one message of whole records, or None at end of stream."""
+        msg = await self.sock.recv(abi.MAX_MESSAGE_BYTES)
+        return _check_message(msg) if msg else None
+
+    async def __aiter__(self) -> AsyncIterator[abi.Record | Gap]:
+        while (batch := await self.recv_batch()) is not None:
+            for ev in self.tracker.events(batch):
+                yield ev
+
+    async def aclose(self) -> None:
+        self.sock.close()
+
+    async def __aenter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,37 @@
+"""Where a daemon serves its socket, derived the same way by every part."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .ioctls import NotScoutfsError, fsid_of
+
+__all__ = ["RUN_DIR", "default_socket_path", "socket_path_for_dir", "socket_path_for_fsid"]
+
+RUN_DIR = Path("/run/scoutfs")
+SOCKET_NAME = "notify.sock"
+
+
+def socket_path_for_fsid(fsid: int) -> Path:
+    """ABI.md section 4: ``/run/scoutfs/<16 lowercase hex digits>/notify.sock``."""
+    return RUN_DIR / f"{fsid:016x}" / SOCKET_NAME
+
+
+def socket_path_for_dir(path: str | os.PathLike[str]) -> Path:
+    """The socket of a non-scoutfs (fanotify) source watching ``path``.
+
+    A hash of the resolved path keeps the name short: sun_path holds only
+    107 bytes, and watched directories can be deep.
+    """
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:16]
+    return RUN_DIR / f"local-{digest}" / SOCKET_NAME
+
+
+def default_socket_path(path: str | os.PathLike[str]) -> Path:
+    """The socket a daemon serves for ``path``: by fsid on scoutfs, else by path."""
+    try:
+        return socket_path_for_fsid(fsid_of(path))
+    except NotScoutfsError:
+        return socket_path_for_dir(path)
