@@ -36,8 +36,8 @@ install_packages() {
 	if ((${#missing[@]})); then
 		echo "bootstrap.sh: installing ${missing[*]}"
 		export DEBIAN_FRONTEND=noninteractive
-		apt-get update -q
-		apt-get install -y -q --no-install-recommends "${missing[@]}"
+		apt-get -o DPkg::Lock::Timeout=600 update -q
+		apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
 	fi
 }
 
