@@ -1,0 +1,1 @@
+"""Benchmarks for scoutfs-notify: ``python -m bench`` writes BENCHMARKS.md."""
