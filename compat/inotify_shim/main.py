@@ -1,8 +1,201 @@
-"""Placeholder until its issue lands."""
+"""scoutfs-notify-shim: mount the overlay and replay records as inotify events."""
 
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
 import sys
 
+import pyfuse3
+import trio
 
-def main() -> int:
-    print(f"{sys.argv[0]}: not implemented yet", file=sys.stderr)
-    return 1
+from notifyd.paths import default_socket_path
+
+from .follow import follow
+from .mounts import FSNAME, MountpointError, check_paths
+from .overlay import Overlay
+from .replay import Replayer, ReplayThreads
+from .resolve import DEFAULT_INDEX_LIMIT, Resolver
+
+__all__ = ["main"]
+
+log = logging.getLogger("scoutfs-notify-shim")
+
+DESCRIPTION = """\
+Mount a read-write passthrough of BACKING at MOUNTPOINT and turn the access
+records scoutfs-notifyd serves for BACKING into real inotify events on the
+overlay: a watcher there (inotifywait -m -r MOUNTPOINT, watchdog, anything on
+inotify) sees IN_OPEN, IN_ACCESS and IN_CLOSE_NOWRITE for accesses made
+anywhere on BACKING, on any node, as if they had been made through the
+overlay.  Accesses made through the overlay raise their events once.
+
+Files are served as soon as the overlay is mounted; events flow once the
+daemon's socket answers (the shim waits for it and reconnects by itself).
+SIGTERM or SIGINT unmounts cleanly.  Run as root.
+"""
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 1 second")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scoutfs-notify-shim",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("backing", metavar="BACKING", help="the directory to serve and watch")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory outside BACKING")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's socket (default: the one scoutfs-notifyd derives from BACKING: "
+        "/run/scoutfs/<fsid>/notify.sock on scoutfs)",
+    )
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let users other than root use the overlay (permissions are still "
+        "checked against BACKING's mode bits)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long the kernel may cache names and attributes; changes made "
+        "directly on BACKING show after at most this long (default: 1)",
+    )
+    p.add_argument(
+        "--close-after",
+        type=_seconds,
+        default=0.25,
+        metavar="SECONDS",
+        help="a replayed open is closed (IN_CLOSE_NOWRITE) this long after the "
+        "last record for its file (default: 0.25)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="threads making synthetic accesses (default: 4)",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=_positive,
+        default=8192,
+        metavar="N",
+        help="files that may wait for replay before records are dropped and counted "
+        "(default: 8192)",
+    )
+    p.add_argument(
+        "--index-limit",
+        type=_positive,
+        default=DEFAULT_INDEX_LIMIT,
+        metavar="N",
+        help="off scoutfs, the most files the inode -> path index of BACKING holds "
+        f"(default: {DEFAULT_INDEX_LIMIT})",
+    )
+    p.add_argument("--debug", action="store_true", help="log every request and replay")
+    return p.parse_args(argv)
+
+
+async def _fuse_session(done: trio.CancelScope) -> None:
+    await pyfuse3.main()
+    # unmounted from outside (fusermount3 -u): nothing left to serve
+    log.info("the FUSE session ended")
+    done.cancel()
+
+
+async def _until_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def serve(
+    overlay: Overlay, mountpoint: str, socket_path: str, args: argparse.Namespace
+) -> None:
+    """Run the FUSE session and the bridge until a signal or an unmount.
+
+    The bridge stops first and closes its synthetic opens while the overlay
+    still answers them; only then does the FUSE session end.
+    """
+    threads = overlay.replay_threads
+    limiter = trio.CapacityLimiter(args.workers + 1)
+    resolver = Resolver(overlay.backing, overlay.path_of, limiter, args.index_limit)
+    replayer = Replayer(
+        mountpoint,
+        resolver,
+        threads,
+        limiter,
+        workers=args.workers,
+        max_pending=args.max_pending,
+        close_after=args.close_after,
+    )
+    async with trio.open_nursery() as outer:
+        outer.start_soon(_fuse_session, outer.cancel_scope)
+        async with trio.open_nursery() as bridge:
+            bridge.start_soon(_until_signal, bridge.cancel_scope)
+            await bridge.start(replayer.run)
+            await bridge.start(follow, socket_path, replayer)
+            log.info(
+                "serving %s at %s; records from %s (%s)",
+                overlay.backing,
+                mountpoint,
+                socket_path,
+                "scoutfs ino_path" if resolver.on_scoutfs else "inode index",
+            )
+        pyfuse3.terminate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if os.geteuid() != 0:
+        log.error("run as root: the overlay acts on BACKING for every user")
+        return 1
+    try:
+        backing, mountpoint = check_paths(args.backing, args.mountpoint)
+    except MountpointError as exc:
+        log.error("%s", exc)
+        return 1
+    socket_path = os.fspath(args.socket or default_socket_path(backing))
+    overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout)
+    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    if args.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(overlay, mountpoint, options)
+    except RuntimeError as exc:
+        log.error("mounting %s failed: %s", mountpoint, exc)
+        return 1
+    try:
+        trio.run(serve, overlay, mountpoint, socket_path, args)
+    finally:
+        pyfuse3.close(unmount=True)
+    log.info("unmounted %s", mountpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

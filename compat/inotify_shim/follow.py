@@ -1,0 +1,90 @@
+"""Follow the daemon's socket and hand each record to the replayer.
+
+The shim serves files whether or not a daemon is running: this task connects
+when it can, and reconnects with backoff when the daemon restarts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import NoReturn
+
+import trio
+
+from notifyd import abi
+from notifyd.client import AsyncSubscriber, Gap
+
+from .replay import Replayer
+
+__all__ = ["follow"]
+
+log = logging.getLogger(__name__)
+
+# Reconnect backoff: quick at first (a daemon restart takes well under a
+# second), capped so a daemon that never comes costs nothing.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+
+_ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED})
+
+
+async def follow(
+    socket_path: str,
+    replayer: Replayer,
+    own_pid: int | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Replay every record from ``socket_path`` until cancelled.
+
+    Records from ``own_pid`` (default: this process) are skipped: they are
+    the shim's own passthrough accesses to BACKING, for which the kernel has
+    already raised the events on the overlay.
+    """
+    own = os.getpid() if own_pid is None else own_pid
+    backoff = BACKOFF_MIN
+    waiting_logged = False
+    task_status.started()
+    while True:
+        try:
+            sub = await AsyncSubscriber.connect(socket_path)
+        except OSError as exc:
+            if exc.errno not in _ABSENT_ERRNOS:
+                raise
+            if not waiting_logged:
+                log.info("waiting for scoutfs-notifyd at %s (%s)", socket_path, exc.strerror)
+                waiting_logged = True
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            continue
+        log.info("subscribed to %s", socket_path)
+        backoff = BACKOFF_MIN
+        waiting_logged = False
+        try:
+            async with sub:
+                await _pump(sub, replayer, own)
+        except abi.ABIError as exc:
+            log.error("dropping the connection to %s: %s", socket_path, exc)
+        except OSError as exc:
+            log.warning("connection to %s failed: %s", socket_path, exc)
+        else:
+            log.warning("scoutfs-notifyd closed %s; reconnecting", socket_path)
+        await trio.sleep(backoff)
+
+
+async def _pump(sub: AsyncSubscriber, replayer: Replayer, own: int) -> None:
+    submit = replayer.submit
+    async for ev in sub:
+        if isinstance(ev, Gap):
+            log.warning(
+                "lost %d records (seq %d to %d): their events will not appear",
+                ev.lost,
+                ev.last_seq + 1,
+                ev.next_seq - 1,
+            )
+            continue
+        if ev.pid == own or ev.type not in (abi.TYPE_OPEN, abi.TYPE_READ):
+            continue
+        submit(ev.type, ev.ino)

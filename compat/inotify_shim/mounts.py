@@ -1,0 +1,120 @@
+"""Checks on BACKING and MOUNTPOINT before mounting, with fixes in the errors.
+
+``/proc/self/mounts`` is the source of truth: ``os.path.ismount`` answers
+False on a dead FUSE mount (one whose server was killed), where any access
+fails with ENOTCONN until someone unmounts it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+
+__all__ = ["FSNAME", "FSTYPE", "MountpointError", "check_paths", "mount_type"]
+
+log = logging.getLogger(__name__)
+
+FSNAME = "scoutfs-notify-shim"
+# the type /proc/mounts shows for our mounts (the `subtype` mount option)
+FSTYPE = "fuse." + FSNAME
+
+_MNT_DETACH = 2
+
+
+class MountpointError(Exception):
+    """BACKING or MOUNTPOINT cannot be used; the message says how to fix it."""
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts writes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type mounted at exactly ``path`` (the top one), or None."""
+    found = None
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and _unescape(fields[1]) == path:
+                found = fields[2]
+    return found
+
+
+def _lazy_unmount(path: str) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.umount2(os.fsencode(path), _MNT_DETACH):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+def _absolute(path: str) -> str:
+    # resolve the parent only: touching a dead mount point itself fails
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    fstype = mount_type(mountpoint)
+    if fstype is not None:
+        try:
+            os.stat(mountpoint)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise MountpointError(f"{mountpoint}: {exc.strerror}") from None
+            if fstype != FSTYPE:
+                raise MountpointError(
+                    f"{mountpoint} holds a dead {fstype} mount; run: umount -l {mountpoint}"
+                ) from None
+            try:
+                _lazy_unmount(mountpoint)
+            except OSError as uexc:
+                raise MountpointError(
+                    f"{mountpoint} holds a stale mount left by a killed shim and "
+                    f"unmounting it failed ({uexc.strerror}); run: umount -l {mountpoint}"
+                ) from None
+            log.warning("unmounted a stale mount left by a killed shim at %s", mountpoint)
+        else:
+            raise MountpointError(
+                f"{mountpoint} is busy: {fstype} is mounted there (another shim?); "
+                f"unmount it first: umount {mountpoint}"
+            )
+    if not os.path.exists(mountpoint):
+        raise MountpointError(f"mount point {mountpoint} does not exist: mkdir -p {mountpoint}")
+    if not os.path.isdir(mountpoint):
+        raise MountpointError(f"mount point {mountpoint} is not a directory")
+
+
+def check_paths(backing: str, mountpoint: str) -> tuple[str, str]:
+    """Validate both paths; recover a stale shim mount at ``mountpoint``.
+
+    Returns:
+        (BACKING, MOUNTPOINT) as absolute paths without symlinks.
+
+    Raises:
+        MountpointError: with the command or change that fixes it.
+    """
+    mountpoint = _absolute(mountpoint)
+    _check_mountpoint(mountpoint)
+    mountpoint = os.path.realpath(mountpoint)
+    if not os.path.isdir(backing):
+        raise MountpointError(f"BACKING {backing} is not a directory")
+    backing = os.path.realpath(backing)
+    if os.path.commonpath([backing, mountpoint]) in (backing, mountpoint):
+        # a mount point inside BACKING would make the overlay serve itself,
+        # and a lookup of it from the server would wait on its own reply
+        raise MountpointError(
+            f"{mountpoint} and {backing} contain one another: choose a mount point outside BACKING"
+        )
+    return backing, mountpoint

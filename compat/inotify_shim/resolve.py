@@ -1,0 +1,185 @@
+"""Inode number -> a path under BACKING, for replaying a record.
+
+Records name files by inode only.  In order of cost:
+
+1. the overlay's own inode table (files the kernel has looked up through it);
+2. on scoutfs, ``SCOUTFS_IOC_INO_PATH``, which knows every hard link; the
+   first link under BACKING is used (the record does not say which name the
+   accessor used, and one event per access is what a watcher expects);
+3. elsewhere, an index of BACKING built by walking it with ``scandir`` (inode
+   numbers come from ``d_ino``: no stat per file).  A miss rebuilds the index,
+   at most once per :data:`MIN_RESCAN_INTERVAL`, and never past ``limit``
+   entries, so a storm of records for files already gone costs a bounded
+   amount of walking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from notifyd.ioctls import NotScoutfsError, ino_paths, statfs_more
+
+__all__ = ["Resolver"]
+
+log = logging.getLogger(__name__)
+
+# A miss waits for a walk that started after it; walks start at most this
+# often, bounding the cost of records for files that are gone.
+MIN_RESCAN_INTERVAL = 0.2
+
+DEFAULT_INDEX_LIMIT = 2_000_000
+
+
+def _mount_root(path: str) -> str:
+    while not os.path.ismount(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def walk_index(backing: str, limit: int) -> tuple[dict[int, str], bool]:
+    """Map inode -> path relative to ``backing`` for every regular file.
+
+    Stays on BACKING's filesystem.  Returns the index and whether ``limit``
+    cut it short.
+    """
+    index: dict[int, str] = {}
+    dev = os.lstat(backing).st_dev
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            it = os.scandir(os.path.join(backing, rel))
+        except OSError:
+            continue  # gone, or not a directory any more
+        with it:
+            for de in it:
+                name = os.path.join(rel, de.name) if rel else de.name
+                try:
+                    if de.is_dir(follow_symlinks=False):
+                        if de.stat(follow_symlinks=False).st_dev == dev:
+                            stack.append(name)
+                    elif de.is_file(follow_symlinks=False):
+                        index.setdefault(de.inode(), name)
+                        if len(index) >= limit:
+                            return index, True
+                except OSError:
+                    continue
+    return index, False
+
+
+class Resolver:
+    """Finds a path relative to BACKING for an inode number.
+
+    Args:
+        backing: the resolved BACKING directory.
+        known: the overlay's table, inode -> absolute backing path or None.
+        limiter: bounds the threads that walk BACKING or issue ioctls.
+        limit: most regular files the walk index holds.
+    """
+
+    def __init__(
+        self,
+        backing: str,
+        known: Callable[[int], str | None],
+        limiter: trio.CapacityLimiter,
+        limit: int = DEFAULT_INDEX_LIMIT,
+    ) -> None:
+        self.backing = backing
+        self._known = known
+        self._limiter = limiter
+        self._limit = limit
+        self._index: dict[int, str] = {}
+        self._generation = 0
+        self._last_walk = -MIN_RESCAN_INTERVAL
+        self._lock = trio.Lock()
+        self._scoutfs_prefix = self._scoutfs_prefix_of(backing)
+
+    @staticmethod
+    def _scoutfs_prefix_of(backing: str) -> str | None:
+        """BACKING relative to its scoutfs mount root, or None off scoutfs."""
+        try:
+            fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            statfs_more(fd)
+        except NotScoutfsError:
+            return None
+        finally:
+            os.close(fd)
+        rel = os.path.relpath(backing, _mount_root(backing))
+        return "" if rel == "." else rel
+
+    @property
+    def on_scoutfs(self) -> bool:
+        return self._scoutfs_prefix is not None
+
+    def cached(self, ino: int) -> str | None:
+        """A relative path without waiting: the inode table, then the index."""
+        path = self._known(ino)
+        if path is not None:
+            rel = os.path.relpath(path, self.backing)
+            if rel != "." and not rel.startswith(".."):
+                return rel
+        return self._index.get(ino)
+
+    async def resolve(self, ino: int, stale: str | None = None) -> str | None:
+        """A relative path for ``ino``, or None when no file has it any more.
+
+        ``stale`` is a path that turned out wrong: it is not returned again.
+        """
+        if self._scoutfs_prefix is not None:
+            return await trio.to_thread.run_sync(
+                self._scoutfs_path, ino, stale, limiter=self._limiter
+            )
+        path = self.cached(ino)
+        if path is not None and path != stale:
+            return path
+        generation = self._generation
+        await self._rescan(generation)
+        path = self._index.get(ino)
+        return None if path == stale else path
+
+    def _scoutfs_path(self, ino: int, stale: str | None) -> str | None:
+        prefix = self._scoutfs_prefix or ""
+        fd = os.open(self.backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            paths = ino_paths(fd, ino)
+        finally:
+            os.close(fd)
+        for path in paths:
+            if prefix:
+                if not path.startswith(prefix + "/"):
+                    continue
+                path = path[len(prefix) + 1 :]
+            if path != stale:
+                return path
+        return None
+
+    async def _rescan(self, generation: int) -> None:
+        async with self._lock:
+            if self._generation != generation:
+                return  # a walk started after our miss has finished
+            wait = self._last_walk + MIN_RESCAN_INTERVAL - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            self._last_walk = trio.current_time()
+            index, truncated = await trio.to_thread.run_sync(
+                walk_index, self.backing, self._limit, limiter=self._limiter
+            )
+            if truncated:
+                log.warning(
+                    "BACKING holds more than %d files: the rest cannot be resolved "
+                    "(raise --index-limit)",
+                    self._limit,
+                )
+            self._index = index
+            self._generation += 1
+            log.debug("indexed %d files under %s", len(index), self.backing)

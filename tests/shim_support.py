@@ -1,0 +1,261 @@
+"""Real processes for the shim's tests: the shim itself, inotifywait, a record feeder.
+
+Every helper is a context manager that cleans up on failure too: the shim is
+stopped (SIGTERM, then SIGKILL) and its mount removed (``fusermount3 -u``,
+then ``umount -l``); watchers are killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from compat.inotify_shim.mounts import FSTYPE, mount_type
+from notifyd import abi
+
+# Generous deadlines: they bound a hang, they do not measure anything.
+START_TIMEOUT = 30.0
+EVENT_TIMEOUT = 20.0
+
+
+def need_fuse() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the shim tests mount FUSE and need root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse: load the fuse module")
+
+
+def need_inotifywait() -> None:
+    if shutil.which("inotifywait") is None:
+        pytest.skip("inotifywait not installed (Debian package inotify-tools)")
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def unmount(mountpoint: Path) -> None:
+    """Remove any mount at ``mountpoint``, however dead."""
+    for cmd in (["fusermount3", "-u", "-q"], ["umount", "-l"]):
+        if mount_type(str(mountpoint)) is None:
+            return
+        subprocess.run([*cmd, str(mountpoint)], capture_output=True, check=False)
+
+
+class Shim:
+    """A running ``scoutfs-notify-shim`` process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], mountpoint: Path, log: Path) -> None:
+        self.proc = proc
+        self.mountpoint = mountpoint
+        self.log_path = log
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = START_TIMEOUT, after: int = 0) -> None:
+        wait_for(lambda: text in self.log()[after:], timeout, f"{text!r} in the shim's log")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"shim ignored signal {sig}:\n{self.log()}") from None
+
+
+def shim_command(backing: Path, mountpoint: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "compat.inotify_shim.main", *args, str(backing), str(mountpoint)]
+
+
+@contextlib.contextmanager
+def run_shim(
+    backing: Path, mountpoint: Path, socket_path: Path | None, *args: str, log: Path | None = None
+) -> Iterator[Shim]:
+    """Mount the shim; yields once it is mounted and, with a socket, waiting on it."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    log = log or mountpoint.parent / f"shim-{mountpoint.name}.log"
+    extra = ["--socket", str(socket_path)] if socket_path else []
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            shim_command(backing, mountpoint, *extra, *args), stdout=out, stderr=out
+        )
+    shim = Shim(proc, mountpoint, log)
+    try:
+        wait_for(
+            lambda: mount_type(str(mountpoint)) == FSTYPE or proc.poll() is not None,
+            START_TIMEOUT,
+            "the shim to mount",
+        )
+        if proc.poll() is not None:
+            raise AssertionError(f"the shim exited with {proc.returncode}:\n{shim.log()}")
+        if socket_path:
+            shim.wait_log(str(socket_path))
+        yield shim
+    finally:
+        with contextlib.suppress(AssertionError):
+            shim.stop()
+        unmount(mountpoint)
+
+
+class Watcher:
+    """``inotifywait -m -r`` on a directory; events as (relative path, {EVENTS})."""
+
+    def __init__(self, root: Path, proc: subprocess.Popen[str]) -> None:
+        self.root = root
+        self.proc = proc
+        self.events: queue.Queue[tuple[str, frozenset[str]]] = queue.Queue()
+        self.seen: list[tuple[str, frozenset[str]]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        prefix = str(self.root) + "/"
+        for line in self.proc.stdout:
+            path, _, names = line.rstrip("\n").partition("\t")
+            rel = path[len(prefix) :] if path.startswith(prefix) else path
+            self.events.put((rel, frozenset(names.split(","))))
+
+    def expect(self, path: str, event: str, timeout: float = EVENT_TIMEOUT) -> None:
+        """Wait until ``event`` on ``path`` arrives (or was seen already)."""
+        deadline = time.monotonic() + timeout
+        while not any(p == path and event in e for p, e in self.seen):
+            left = deadline - time.monotonic()
+            try:
+                self.seen.append(self.events.get(timeout=max(left, 0)))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no {event} for {path!r} within {timeout}s; saw {self.seen}"
+                ) from None
+
+    def drain(self, quiet: float = 1.0) -> list[tuple[str, frozenset[str]]]:
+        """Collect events until none arrives for ``quiet`` seconds."""
+        while True:
+            try:
+                self.seen.append(self.events.get(timeout=quiet))
+            except queue.Empty:
+                return self.seen
+
+    def sequence(self, path: str) -> list[str]:
+        """The events seen on ``path``, in order, ISDIR dropped."""
+        out = []
+        for p, names in self.seen:
+            if p == path:
+                out.extend(sorted(names - {"CLOSE", "ISDIR"}))
+        return out
+
+
+@contextlib.contextmanager
+def watch(root: Path, *events: str) -> Iterator[Watcher]:
+    """Run ``inotifywait -m -r`` on ``root`` until the block ends."""
+    need_inotifywait()
+    cmd = ["inotifywait", "-m", "-r", "--format", "%w%f\t%e"]
+    for ev in events or ("open", "access", "close_nowrite"):
+        cmd += ["-e", ev]
+    proc = subprocess.Popen(
+        [*cmd, str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Watches established" in line:
+                break
+        else:
+            raise AssertionError(f"inotifywait failed to start (exit {proc.wait()})")
+        yield Watcher(root, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class Feeder:
+    """A stand-in daemon: a real SEQPACKET socket that sends the records we give it.
+
+    For unit tests of the bridge only; the tests that prove the feature use
+    the real daemon.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seq = 0
+        self.clients: list[socket.socket] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+
+    def wait_client(self, count: int = 1) -> None:
+        while len(self.clients) < count:
+            self.sock.settimeout(START_TIMEOUT)
+            conn, _ = self.sock.accept()
+            self.clients.append(conn)
+
+    def record(self, rec_type: int, ino: int, pid: int = 1, skip: int = 0) -> abi.Record:
+        self.seq += 1 + skip
+        return abi.Record(
+            seq=self.seq,
+            ino=ino,
+            time_ns=time.time_ns(),
+            pos=0,
+            count=0,
+            pid=pid,
+            uid=0,
+            gid=0,
+            flags=0,
+            type=rec_type,
+        )
+
+    def send(self, records: list[abi.Record]) -> None:
+        for i in range(0, len(records), abi.MAX_MESSAGE_RECORDS):
+            msg = abi.encode(records[i : i + abi.MAX_MESSAGE_RECORDS])
+            for c in self.clients:
+                c.sendall(msg)
+
+    def access(self, path: Path, pid: int = 1, reads: int = 1) -> None:
+        """Send the records a ``cat path`` by ``pid`` would produce."""
+        ino = path.stat().st_ino
+        recs = [self.record(abi.TYPE_OPEN, ino, pid)]
+        recs += [self.record(abi.TYPE_READ, ino, pid) for _ in range(reads)]
+        self.send(recs)
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@contextlib.contextmanager
+def feeder(path: Path) -> Iterator[Feeder]:
+    f = Feeder(path)
+    try:
+        yield f
+    finally:
+        f.close()

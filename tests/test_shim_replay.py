@@ -1,0 +1,172 @@
+"""The bridge, fed by a stand-in daemon on a real socket: records -> inotify events.
+
+Real shim process, real FUSE mount, real inotifywait; only the record source
+is ours, so each test can send exactly the records it needs.  A "sentinel"
+record for another file, sent last, proves the records before it were
+handled, without waiting on a clock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from shim_support import feeder, need_fuse, run_shim, watch
+
+from notifyd import abi
+
+
+@pytest.fixture
+def rig(tmp_path: Path):
+    """BACKING with a few files, a feeder, and the shim following the feeder."""
+    need_fuse()
+    backing = tmp_path / "backing"
+    (backing / "dir" / "deeper").mkdir(parents=True)
+    (backing / "dir" / "f").write_text("hello\n")
+    (backing / "dir" / "deeper" / "g").write_text("nested\n")
+    (backing / "sentinel").write_text("s\n")
+    (backing / "empty").touch()
+    mnt = tmp_path / "mnt"
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path, "--timeout", "0.2") as shim,
+    ):
+        feed.wait_client()
+        yield backing, mnt, feed, shim
+
+
+def test_open_read_become_open_access_close(rig) -> None:
+    backing, mnt, feed, _ = rig
+    with watch(mnt) as w:
+        feed.access(backing / "dir" / "f")
+        feed.access(backing / "dir" / "deeper" / "g", reads=3)
+        w.expect("dir/f", "CLOSE_NOWRITE")
+        w.expect("dir/deeper/g", "CLOSE_NOWRITE")
+        assert w.sequence("dir/f") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
+        assert w.sequence("dir/deeper/g") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
+
+
+def test_records_of_the_shim_itself_are_skipped(rig) -> None:
+    backing, mnt, feed, shim = rig
+    with watch(mnt) as w:
+        feed.access(backing / "dir" / "f", pid=shim.proc.pid)
+        feed.access(backing / "sentinel")
+        w.expect("sentinel", "CLOSE_NOWRITE")
+        assert w.sequence("dir/f") == []
+
+
+def test_unknown_types_are_skipped(rig) -> None:
+    backing, mnt, feed, _ = rig
+    ino = (backing / "dir" / "f").stat().st_ino
+    with watch(mnt) as w:
+        feed.send([feed.record(7, ino)])
+        feed.access(backing / "sentinel")
+        w.expect("sentinel", "CLOSE_NOWRITE")
+        assert w.sequence("dir/f") == []
+
+
+def test_read_of_a_file_empty_by_replay_time_raises_access(rig) -> None:
+    backing, mnt, feed, _ = rig
+    with watch(mnt) as w:
+        feed.send([feed.record(abi.TYPE_READ, (backing / "empty").stat().st_ino)])
+        w.expect("empty", "ACCESS")
+
+
+def test_file_deleted_before_replay_is_skipped(rig) -> None:
+    backing, mnt, feed, shim = rig
+    gone = backing / "dir" / "gone"
+    gone.write_text("x")
+    ino = gone.stat().st_ino
+    gone.unlink()
+    with watch(mnt) as w:
+        feed.send([feed.record(abi.TYPE_OPEN, ino), feed.record(abi.TYPE_READ, ino)])
+        feed.access(backing / "sentinel")
+        w.expect("sentinel", "CLOSE_NOWRITE")
+        assert not [p for p, _ in w.drain(0.5) if p != "sentinel"]
+    assert shim.proc.poll() is None
+
+
+def test_rename_on_backing_replays_on_the_new_name(rig) -> None:
+    backing, mnt, feed, _ = rig
+    old = backing / "dir" / "old"
+    old.write_text("x")
+    # the overlay learns the old name: its table now holds a path that goes stale
+    assert (mnt / "dir" / "old").read_text() == "x"
+    old.rename(backing / "dir" / "new")
+    with watch(mnt) as w:
+        feed.access(backing / "dir" / "new")
+        w.expect("dir/new", "CLOSE_NOWRITE")
+        assert w.sequence("dir/new") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
+
+
+def test_name_reused_by_another_file_is_not_reported(rig) -> None:
+    backing, mnt, feed, _ = rig
+    victim = backing / "dir" / "v"
+    victim.write_text("1")
+    ino = victim.stat().st_ino
+    assert (mnt / "dir" / "v").read_text() == "1"
+    keep = backing / "keep"
+    os.link(victim, keep)  # keep the inode alive so the number is not reused
+    victim.unlink()
+    victim.write_text("2")  # another inode under the old name
+    with watch(mnt) as w:
+        feed.send([feed.record(abi.TYPE_OPEN, ino)])
+        w.expect("keep", "OPEN")
+        assert w.sequence("dir/v") == []
+
+
+def test_hard_link_reported_once(rig) -> None:
+    backing, mnt, feed, _ = rig
+    a = backing / "dir" / "a"
+    a.write_text("x")
+    os.link(a, backing / "dir" / "deeper" / "b")
+    with watch(mnt) as w:
+        feed.access(a)
+        feed.access(backing / "sentinel")
+        w.expect("sentinel", "CLOSE_NOWRITE")
+        names = {p for p, e in w.drain(0.5) if "OPEN" in e} - {"sentinel"}
+        assert len(names) == 1
+        assert names <= {"dir/a", "dir/deeper/b"}
+
+
+def test_replay_leaves_real_readers_data_alone(rig) -> None:
+    backing, mnt, feed, _ = rig
+    data = os.urandom(100_000)
+    (backing / "big").write_bytes(data)
+    assert (mnt / "big").read_bytes() == data
+    with watch(mnt) as w:
+        feed.access(backing / "big", reads=5)
+        w.expect("big", "CLOSE_NOWRITE")
+    # the synthetic 1-byte reads must not have shrunk the cached size
+    assert (mnt / "big").read_bytes() == data
+    assert (mnt / "big").stat().st_size == len(data)
+
+
+def test_gap_is_logged_with_its_size(rig) -> None:
+    backing, mnt, feed, shim = rig
+    ino = (backing / "sentinel").stat().st_ino
+    with watch(mnt) as w:
+        feed.send([feed.record(abi.TYPE_OPEN, ino)])
+        feed.send([feed.record(abi.TYPE_READ, ino, skip=5)])
+        w.expect("sentinel", "ACCESS")
+    shim.wait_log("lost 5 records")
+
+
+def test_many_files_each_reported(rig) -> None:
+    backing, mnt, feed, _ = rig
+    files = []
+    for i in range(200):
+        p = backing / "dir" / f"m{i:03d}"
+        p.write_text(str(i))
+        files.append(p)
+    with watch(mnt) as w:
+        recs = []
+        for p in files:
+            ino = p.stat().st_ino
+            recs += [feed.record(abi.TYPE_OPEN, ino), feed.record(abi.TYPE_READ, ino)]
+        feed.send(recs)
+        for p in files:
+            w.expect(f"dir/{p.name}", "CLOSE_NOWRITE")
+        for p in files:
+            assert w.sequence(f"dir/{p.name}") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
