@@ -1,0 +1,193 @@
+"""The overlay as a filesystem: a real shim mount, used like any directory.
+
+No daemon here: the shim serves files before (and without) one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from shim_support import need_fuse, run_shim, wait_for
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def overlay(tmp_path: Path):
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    with run_shim(backing, tmp_path / "mnt", tmp_path / "absent.sock", "--timeout", "0.2"):
+        yield backing, tmp_path / "mnt"
+
+
+def test_read_write_namespace_and_xattrs(overlay) -> None:
+    backing, mnt = overlay
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_text("one\n")
+    assert (backing / "d" / "f").read_text() == "one\n"
+    with open(mnt / "d" / "f", "a") as f:
+        f.write("two\n")
+    assert (mnt / "d" / "f").read_text() == "one\ntwo\n"
+    os.truncate(mnt / "d" / "f", 3)
+    assert (backing / "d" / "f").read_text() == "one"
+
+    (mnt / "d" / "f").rename(mnt / "d" / "g")
+    assert not (backing / "d" / "f").exists()
+    (mnt / "d").rename(mnt / "e")
+    assert (mnt / "e" / "g").read_text() == "one"  # paths under a renamed directory follow it
+
+    os.symlink("g", mnt / "e" / "link")
+    assert os.readlink(mnt / "e" / "link") == "g"
+    assert (mnt / "e" / "link").read_text() == "one"
+    os.link(mnt / "e" / "g", mnt / "e" / "hard")
+    assert (mnt / "e" / "g").stat().st_nlink == 2
+    assert (mnt / "e" / "hard").stat().st_ino == (backing / "e" / "g").stat().st_ino
+
+    os.chmod(mnt / "e" / "g", 0o640)
+    assert (backing / "e" / "g").stat().st_mode & 0o777 == 0o640
+    os.utime(mnt / "e" / "g", ns=(1_000_000_000, 2_000_000_000))
+    assert (backing / "e" / "g").stat().st_mtime_ns == 2_000_000_000
+
+    os.setxattr(mnt / "e" / "g", "user.k", b"v")
+    assert os.getxattr(backing / "e" / "g", "user.k") == b"v"
+    assert "user.k" in os.listxattr(mnt / "e" / "g")
+    os.removexattr(mnt / "e" / "g", "user.k")
+    with pytest.raises(OSError) as exc:
+        os.getxattr(mnt / "e" / "g", "user.k")
+    assert exc.value.errno == errno.ENODATA
+
+    assert sorted(os.listdir(mnt / "e")) == ["g", "hard", "link"]
+    for name in ("g", "hard", "link"):
+        (mnt / "e" / name).unlink()
+    (mnt / "e").rmdir()
+    assert os.listdir(backing) == []
+    assert os.statvfs(mnt).f_blocks == os.statvfs(backing).f_blocks
+
+
+def test_exclusive_create_of_an_existing_file_fails(overlay) -> None:
+    backing, mnt = overlay
+    (backing / "x").write_text("x")
+    with pytest.raises(FileExistsError):
+        os.open(mnt / "x", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+
+
+def test_changes_on_backing_show_through(overlay) -> None:
+    backing, mnt = overlay
+    (backing / "log").write_text("a\n")
+    assert (mnt / "log").read_text() == "a\n"
+    with open(backing / "log", "a") as f:
+        f.write("b\n")
+    # an open after the append sees all of it, without waiting for a timeout
+    assert (mnt / "log").read_text() == "a\nb\n"
+    (backing / "new").write_text("n")
+    wait_for(lambda: "new" in os.listdir(mnt), 10, "a file created on BACKING to show")
+    (backing / "new").unlink()
+    wait_for(lambda: not (mnt / "new").exists(), 10, "a file removed on BACKING to go")
+
+
+def test_large_file_reads_identical_bytes(overlay) -> None:
+    backing, mnt = overlay
+    size = 48 << 20  # far beyond any readahead window
+    with open(backing / "big", "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    digests = []
+    for path in (backing / "big", mnt / "big", mnt / "big"):  # cold, then cached
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digests.append(h.hexdigest())
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_inode_numbers_are_the_backing_ones(overlay) -> None:
+    backing, mnt = overlay
+    (backing / "a").mkdir()
+    (backing / "a" / "b").write_text("b")
+    assert (mnt / "a").stat().st_ino == (backing / "a").stat().st_ino
+    assert (mnt / "a" / "b").stat().st_ino == (backing / "a" / "b").stat().st_ino
+
+
+# sys.executable may sit where nobody cannot run it (a pyenv under /root)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess[str]:
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} missing: needed to run a probe as another user")
+    return subprocess.run(
+        [SYSTEM_PYTHON, "-c", code],
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.fixture
+def open_top():
+    """A directory under /tmp every user can walk (pytest's tmp_path is 0700 root)."""
+    need_fuse()
+    top = Path(tempfile.mkdtemp(prefix="shim-perm-", dir="/tmp"))
+    os.chmod(top, 0o755)
+    try:
+        yield top
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
+
+
+def test_other_users_get_what_backing_would_give_them(open_top: Path) -> None:
+    backing, mnt = open_top / "backing", open_top / "mnt"
+    backing.mkdir()
+    (backing / "secret").write_text("root only")
+    os.chmod(backing / "secret", 0o600)
+    (backing / "public").write_text("anyone")
+    os.chmod(backing / "public", 0o644)
+    (backing / "mine").mkdir()
+    os.chown(backing / "mine", NOBODY, NOBODY)
+    with run_shim(backing, mnt, open_top / "absent.sock", "--allow-other"):
+        probe = f"""
+import os
+def try_(fn):
+    try:
+        fn()
+        return "ok"
+    except PermissionError:
+        return "denied"
+m = {str(mnt)!r}
+print(try_(lambda: open(m + "/public").read()))
+print(try_(lambda: open(m + "/secret").read()))
+print(try_(lambda: open(m + "/public", "a").write("x")))
+print(try_(lambda: open(m + "/new", "w").write("x")))
+print(try_(lambda: open(m + "/mine/new", "w").write("x")))
+print(try_(lambda: os.chmod(m + "/secret", 0o666)))
+"""
+        out = _as_nobody(probe)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["ok", "denied", "denied", "denied", "ok", "denied"]
+        st = (backing / "mine" / "new").stat()
+        assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
+        assert (backing / "secret").stat().st_mode & 0o777 == 0o600
+        assert (backing / "public").read_text() == "anyone"
+        assert not (backing / "new").exists()
+
+
+def test_without_allow_other_only_root_gets_in(open_top: Path) -> None:
+    backing, mnt = open_top / "backing", open_top / "mnt"
+    backing.mkdir()
+    (backing / "public").write_text("anyone")
+    os.chmod(backing / "public", 0o644)
+    with run_shim(backing, mnt, open_top / "absent.sock"):
+        out = _as_nobody(f"open({str(mnt / 'public')!r}).read()")
+        assert "PermissionError" in out.stderr
+        assert (mnt / "public").read_text() == "anyone"
