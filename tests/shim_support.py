@@ -94,8 +94,13 @@ def shim_command(backing: Path, mountpoint: Path, *args: str) -> list[str]:
 def run_shim(
     backing: Path, mountpoint: Path, socket_path: Path | None, *args: str, log: Path | None = None
 ) -> Iterator[Shim]:
-    """Mount the shim; yields once it is mounted and, with a socket, waiting on it."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
+    """Mount the shim; yields once it is mounted and, with a socket, waiting on it.
+
+    A mount already at ``mountpoint`` (a test of stale mounts) is left for the
+    shim to judge.
+    """
+    if mount_type(str(mountpoint)) is None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
     log = log or mountpoint.parent / f"shim-{mountpoint.name}.log"
     extra = ["--socket", str(socket_path)] if socket_path else []
     with open(log, "ab") as out:

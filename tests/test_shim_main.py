@@ -1,0 +1,160 @@
+"""The shim's command line and lifecycle: bad mount points, stale mounts, signals, reconnects."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shim_support import (
+    START_TIMEOUT,
+    feeder,
+    need_fuse,
+    run_shim,
+    shim_command,
+    unmount,
+    wait_for,
+    watch,
+)
+
+from compat.inotify_shim.mounts import FSTYPE, mount_type
+from notifyd import abi
+
+
+def _run(backing: Path, mountpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        shim_command(backing, mountpoint, *args),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+
+
+def test_help_explains() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "compat.inotify_shim.main", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "inotify" in out.stdout
+    assert "--allow-other" in out.stdout
+    assert "--socket" in out.stdout
+
+
+def test_missing_mountpoint_says_how_to_fix(tmp_path: Path) -> None:
+    need_fuse()
+    out = _run(tmp_path, tmp_path.parent / "nope" / "mnt")
+    assert out.returncode == 1
+    assert "does not exist: mkdir -p" in out.stderr
+
+
+def test_mountpoint_inside_backing_is_refused(tmp_path: Path) -> None:
+    need_fuse()
+    (tmp_path / "mnt").mkdir()
+    out = _run(tmp_path, tmp_path / "mnt")
+    assert out.returncode == 1
+    assert "outside BACKING" in out.stderr
+
+
+def test_busy_mountpoint_is_refused(tmp_path: Path) -> None:
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    with run_shim(backing, tmp_path / "mnt", tmp_path / "absent.sock"):
+        out = _run(backing, tmp_path / "mnt")
+        assert out.returncode == 1
+        assert "is busy" in out.stderr
+        assert f"umount {tmp_path / 'mnt'}" in out.stderr
+
+
+def test_stale_mount_of_a_killed_shim_is_recovered(tmp_path: Path) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    (backing / "f").write_text("still here")
+    try:
+        with run_shim(backing, mnt, tmp_path / "absent.sock") as shim:
+            shim.stop(signal.SIGKILL)
+            assert mount_type(str(mnt)) == FSTYPE
+            with pytest.raises(OSError) as exc:
+                os.stat(mnt)
+            assert exc.value.errno == errno.ENOTCONN
+            with run_shim(backing, mnt, tmp_path / "absent.sock") as again:
+                again.wait_log("unmounted a stale mount left by a killed shim")
+                assert (mnt / "f").read_text() == "still here"
+    finally:
+        unmount(mnt)
+
+
+def test_dead_mount_of_something_else_is_reported_with_the_command(tmp_path: Path) -> None:
+    need_fuse()
+    # a dead FUSE mount not of our type: a server that dies right after mounting
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    script = (
+        "import os, pyfuse3\n"
+        f"pyfuse3.init(pyfuse3.Operations(), {str(mnt)!r}, {{'fsname=other', 'subtype=other'}})\n"
+        "os._exit(0)\n"
+    )
+    try:
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=START_TIMEOUT)
+        assert mount_type(str(mnt)) == "fuse.other"
+        out = _run(backing, mnt)
+        assert out.returncode == 1
+        assert f"umount -l {mnt}" in out.stderr
+    finally:
+        unmount(mnt)
+
+
+def test_sigterm_with_replays_in_flight_leaves_no_mount(tmp_path: Path) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    inos = []
+    for i in range(300):
+        p = backing / f"f{i}"
+        p.write_text("x")
+        inos.append(p.stat().st_ino)
+    with feeder(tmp_path / "notify.sock") as feed, run_shim(backing, mnt, feed.path) as shim:
+        feed.wait_client()
+        with watch(mnt) as w:
+            recs = []
+            for ino in inos:
+                recs += [feed.record(abi.TYPE_OPEN, ino), feed.record(abi.TYPE_READ, ino)]
+            feed.send(recs)
+            w.expect("f0", "OPEN")  # replays have begun
+            assert shim.stop(signal.SIGTERM) == 0
+        assert mount_type(str(mnt)) is None
+        assert "unmounted" in shim.log()
+
+
+def test_follows_the_daemon_across_restarts(tmp_path: Path) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    (backing / "a").write_text("a")
+    (backing / "b").write_text("b")
+    sock = tmp_path / "notify.sock"
+    # the shim starts first, with no daemon: it serves files and waits
+    with run_shim(backing, mnt, sock) as shim:
+        assert (mnt / "a").read_text() == "a"
+        with watch(mnt) as w:
+            with feeder(sock) as feed:
+                feed.wait_client()
+                feed.access(backing / "a")
+                w.expect("a", "CLOSE_NOWRITE")
+            # the daemon went away; a new one comes up at the same path
+            mark = len(shim.log())
+            with feeder(sock) as feed:
+                feed.wait_client()
+                shim.wait_log("subscribed to", after=mark)
+                feed.access(backing / "b")
+                w.expect("b", "CLOSE_NOWRITE")
+        wait_for(lambda: "closed" in shim.log(), START_TIMEOUT, "the disconnect to be logged")
