@@ -15,7 +15,7 @@ cd "$(dirname "$(readlink -f "$0")")"
 APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc make pkg-config git
 	fuse3 libfuse3-dev inotify-tools socat psmisc
-	sparse linux-headers-amd64 linux-source-6.1 xz-utils
+	sparse linux-headers-amd64 linux-source-6.1 xz-utils patch perl
 	qemu-system-x86 linux-image-amd64 busybox-static cpio kmod
 	uuid-dev libssl-dev libblkid-dev attr xfsprogs uuid-runtime dmsetup
 	systemd
