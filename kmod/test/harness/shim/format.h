@@ -1,0 +1,1 @@
+/* notify.c needs nothing from scoutfs format.h */
