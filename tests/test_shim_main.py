@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from shim_support import (
 
 from compat.inotify_shim.mounts import FSTYPE, mount_type
 from notifyd import abi
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(backing: Path, mountpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -158,3 +161,24 @@ def test_follows_the_daemon_across_restarts(tmp_path: Path) -> None:
                 feed.access(backing / "b")
                 w.expect("b", "CLOSE_NOWRITE")
         wait_for(lambda: "closed" in shim.log(), START_TIMEOUT, "the disconnect to be logged")
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    unit = (ROOT / "systemd" / "scoutfs-notify-shim@.service").read_text()
+    # point ExecStart at this checkout's script: verify wants an executable
+    script = Path(sys.executable).with_name("scoutfs-notify-shim")
+    if not script.exists():
+        pytest.skip(f"{script} missing: install the project (pip install -e .)")
+    assert "/usr/local/bin/scoutfs-notify-shim " in unit
+    unit = unit.replace("/usr/local/bin/scoutfs-notify-shim", str(script))
+    copy = tmp_path / "scoutfs-notify-shim@.service"
+    copy.write_text(unit)
+    out = subprocess.run(
+        [analyze, "verify", str(copy)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Type=notify" in unit
+    assert "After=scoutfs-notifyd@%i.service" in unit
