@@ -170,3 +170,42 @@ def test_many_files_each_reported(rig) -> None:
             w.expect(f"dir/{p.name}", "CLOSE_NOWRITE")
         for p in files:
             assert w.sequence(f"dir/{p.name}") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
+
+
+def test_overload_drops_and_says_so(tmp_path: Path) -> None:
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    inos = []
+    for i in range(300):
+        (backing / f"f{i}").write_text("x")
+        inos.append((backing / f"f{i}").stat().st_ino)
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        run_shim(
+            backing, tmp_path / "mnt", feed.path, "--max-pending", "1", "--workers", "1"
+        ) as shim,
+    ):
+        feed.wait_client()
+        feed.send([feed.record(abi.TYPE_OPEN, ino) for ino in inos])
+        shim.wait_log("dropped on overload")
+        assert shim.proc.poll() is None
+
+
+async def test_reads_collapse_while_pending() -> None:
+    """Unit test of the intake alone: nothing runs, so everything stays pending."""
+    import trio
+
+    from compat.inotify_shim.replay import MAX_ACTIONS, Replayer, ReplayThreads
+    from compat.inotify_shim.resolve import Resolver
+
+    limiter = trio.CapacityLimiter(1)
+    resolver = Resolver("/nonexistent", lambda ino: None, limiter)
+    replayer = Replayer("/nonexistent", resolver, ReplayThreads(), limiter, max_pending=4)
+    for rec_type in (abi.TYPE_READ, abi.TYPE_READ, abi.TYPE_OPEN, abi.TYPE_READ, abi.TYPE_READ):
+        replayer.submit(rec_type, 42)
+    assert replayer.stats.collapsed == 2
+    for _ in range(MAX_ACTIONS):
+        replayer.submit(abi.TYPE_OPEN, 42)
+    assert replayer.stats.overload == MAX_ACTIONS - 3
+    assert replayer.stats.replayed == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -43,6 +44,9 @@ READ = abi.TYPE_READ
 # A file's pending actions beyond this are dropped: eight opens of one file
 # queued behind a slow replay say all a watcher can use.
 MAX_ACTIONS = 8
+
+# Losses are logged when they happen, but at most this often (seconds).
+LOSS_WARN_INTERVAL = 5.0
 
 # Files one worker takes per trip to its thread: amortises the hand-off.
 BATCH = 16
@@ -150,6 +154,8 @@ class Replayer:
         # files holding a synthetic open, oldest activity first
         self._open: OrderedDict[int, _File] = OrderedDict()
         self._send, self._recv = trio.open_memory_channel[_File](max_pending)
+        self._warned = self.stats.losses()
+        self._next_warn = -math.inf
 
     # --- intake (trio thread) ------------------------------------------------
 
@@ -164,6 +170,7 @@ class Replayer:
             return
         if len(acts) >= MAX_ACTIONS:
             self.stats.overload += 1
+            self._warn_losses()
             return
         acts.append(rec_type)
         if not (f.queued or f.busy):
@@ -176,8 +183,29 @@ class Replayer:
             self.stats.overload += len(f.actions)
             f.actions.clear()
             self._settle(f)
+            self._warn_losses()
             return
         f.queued = True
+
+    def _warn_losses(self) -> None:
+        """Say what was lost since the last warning, at most every LOSS_WARN_INTERVAL."""
+        now = trio.current_time()
+        losses = self.stats.losses()
+        if now < self._next_warn or losses == self._warned:
+            return
+        self._next_warn = now + LOSS_WARN_INTERVAL
+        overload, unresolved, gone, failed = (
+            a - b for a, b in zip(losses, self._warned, strict=True)
+        )
+        self._warned = losses
+        log.warning(
+            "records not replayed: %d dropped on overload (raise --max-pending or "
+            "--workers), %d with no file under BACKING, %d for files gone, %d failed",
+            overload,
+            unresolved,
+            gone,
+            failed,
+        )
 
     def _settle(self, f: _File) -> None:
         """After a worker or the closer let go of ``f``: requeue, park or forget it."""
@@ -247,6 +275,7 @@ class Replayer:
             else:
                 self.stats.unresolved += len(actions)
             f.stale = None
+            self._warn_losses()
             return None
         return _Job(f, path, actions)
 
@@ -266,6 +295,7 @@ class Replayer:
                     self.stats.failed += len(left)
                     log.debug("synthetic access to %s failed: %s", job.path, os.strerror(job.errno))
                 f.stale = None
+                self._warn_losses()
         else:
             f.stale = None
         self._settle(f)
