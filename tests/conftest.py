@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket as socketlib
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +49,152 @@ def scoutfs_src() -> Path:
     if src is None:
         pytest.skip(why)
     return src
+
+
+# --- notifyd: the real daemon as a subprocess ---------------------------------
+
+# How long a daemon may take to report READY=1, or to exit after SIGTERM.
+# Generous: CI shares 2 cores with FUSE daemons and qemu.
+NOTIFYD_START_TIMEOUT = 30.0
+NOTIFYD_STOP_TIMEOUT = 15.0
+
+
+class NotifydProcess:
+    """A running ``scoutfs-notifyd`` started by :func:`notifyd_factory`.
+
+    Attributes:
+        backing: the watched directory.
+        socket: the notify socket (AF_UNIX SOCK_SEQPACKET); ready to connect.
+        stats_socket: its stats socket (``scoutfs-notify stats --socket``).
+        proc: the ``subprocess.Popen``; stderr goes to ``log_path``.
+        log_path: the daemon's log file.
+    """
+
+    def __init__(self, backing: Path, socket: Path, proc: subprocess.Popen, log_path: Path):
+        self.backing = backing
+        self.socket = socket
+        self.stats_socket = Path(str(socket) + ".stats")
+        self.proc = proc
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, wait; fail the test if it does not exit 0 and remove its socket."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(NOTIFYD_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"notifyd ignored SIGTERM for {NOTIFYD_STOP_TIMEOUT} s:\n{self.log()}")
+        rc = self.proc.returncode
+        if rc != 0:
+            pytest.fail(f"notifyd exited with status {rc}:\n{self.log()}")
+        if self.socket.exists():
+            pytest.fail(f"notifyd left its socket {self.socket} behind:\n{self.log()}")
+        return rc
+
+
+def _wait_ready(notify: socketlib.socket, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + NOTIFYD_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"notifyd exited with status {proc.returncode} before READY=1:\n"
+                + log_path.read_text(errors="replace")
+            )
+        notify.settimeout(0.2)
+        try:
+            msg = notify.recv(4096)
+        except TimeoutError:
+            continue
+        if b"READY=1" in msg.split(b"\n"):
+            return
+    proc.kill()
+    proc.wait()
+    pytest.fail(
+        f"notifyd sent no READY=1 in {NOTIFYD_START_TIMEOUT} s:\n"
+        + log_path.read_text(errors="replace")
+    )
+
+
+@pytest.fixture
+def notifyd_factory(tmp_path: Path):
+    """Start real ``scoutfs-notifyd`` processes; every one is stopped at teardown.
+
+    ``start(backing=None, *extra_args, source="fanotify", socket=None)`` returns a
+    :class:`NotifydProcess` once the daemon has sent READY=1 (its fanotify mark
+    is in place and its socket listens). ``backing`` defaults to a fresh
+    directory; ``socket`` to a fresh short path (sun_path holds 107 bytes).
+    Calling ``start`` again with the same ``backing`` and ``socket`` after
+    ``.stop()`` restarts the daemon in place. ``extra_args`` go to the daemon
+    (e.g. ``"--client-queue", "4"``).
+
+    Teardown SIGTERMs every daemon still running and fails the test if one
+    exits non-zero, hangs, or leaves its socket behind.
+    """
+    started: list[NotifydProcess] = []
+    sockdir = Path(tempfile.mkdtemp(prefix="nfy-", dir="/tmp"))
+
+    def start(
+        backing: Path | None = None,
+        *extra_args: str,
+        source: str = "fanotify",
+        socket: Path | None = None,
+    ) -> NotifydProcess:
+        n = len(started)
+        if backing is None:
+            backing = tmp_path / f"backing{n}"
+            backing.mkdir()
+        if socket is None:
+            socket = sockdir / f"{n}.sock"
+        log_path = tmp_path / f"notifyd{n}.log"
+        notify_path = sockdir / f"{n}.sd"
+        notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+        try:
+            if notify_path.exists():
+                notify_path.unlink()
+            notify.bind(str(notify_path))
+            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+            with open(log_path, "ab") as log:
+                cmd = [sys.executable, "-m", "notifyd.daemon", "--source", source]
+                cmd += [str(backing), "--socket", str(socket), *extra_args]
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                )
+            daemon = NotifydProcess(backing, socket, proc, log_path)
+            started.append(daemon)
+            _wait_ready(notify, proc, log_path)
+        finally:
+            notify.close()
+        return daemon
+
+    yield start
+
+    failures = []
+    for daemon in started:
+        try:
+            daemon.stop()
+        except pytest.fail.Exception as exc:
+            failures.append(str(exc))
+    shutil.rmtree(sockdir, ignore_errors=True)
+    if failures:
+        pytest.fail("\n".join(failures))
+
+
+@pytest.fixture
+def fanotify_daemon(notifyd_factory) -> NotifydProcess:
+    """One real fanotify-source daemon over a fresh directory (see notifyd_factory).
+
+    ``.backing`` is the watched directory, ``.socket`` the socket to connect to,
+    ``.proc`` the process. Accesses made under ``.backing`` after a client's
+    ``connect()`` returned reach that client.
+    """
+    return notifyd_factory()

@@ -1,0 +1,236 @@
+"""The relay core: hand every published batch to every connected client.
+
+Each client has a bounded queue of messages and its own sender task.  When a
+client's queue is full its batch is dropped (its stream shows a ``seq`` gap)
+and nobody else waits.  Batches are opaque bytes of whole records: the hot
+path never decodes them.
+
+Ordering guarantee: a client whose ``connect()`` returned before a batch is
+published receives that batch.  ``publish`` first accepts every connection
+already queued on the listening socket, so a consumer that connects and then
+makes an access never misses its own record because the accept loop had not
+run yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import socket
+import struct
+import time
+from typing import Any
+
+import trio
+
+from . import abi
+
+__all__ = ["Broadcaster", "Client"]
+
+log = logging.getLogger(__name__)
+
+# Clients have nothing to say; a few stray bytes are ignored, this many get
+# the client disconnected so it cannot make the daemon spin on its input.
+FLOOD_BYTES = 64 * 1024
+
+# accept(2) errors that mean "this one connection failed", not "stop serving"
+_ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+# accept(2) errors that mean "out of a resource for now": pause, retry
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# How long to pause accepting after running out of fds or memory.
+ACCEPT_CAPACITY_SLEEP = 0.1
+
+_UCRED = struct.Struct("=iII")
+
+
+class Client:
+    """One connected consumer and its counters."""
+
+    def __init__(self, sock: socket.socket, queue_messages: int, ident: int) -> None:
+        self.sock = sock
+        self.id = ident
+        self.pid, self.uid, self.gid = _peer_cred(sock)
+        self.connected = time.time()
+        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](queue_messages)
+        self.sent = 0
+        self.dropped = 0
+        # records dropped since the last message that got through, for logs
+        self.dropping = 0
+        self.cancel_scope = trio.CancelScope()
+
+    def __str__(self) -> str:
+        return f"client {self.id} (pid {self.pid} uid {self.uid})"
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "uid": self.uid,
+            "gid": self.gid,
+            "connected": self.connected,
+            "records_sent": self.sent,
+            "records_dropped": self.dropped,
+            "queued_messages": self.send_channel.statistics().current_buffer_used,
+        }
+
+
+def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    try:
+        return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return -1, abi.UNKNOWN_ID, abi.UNKNOWN_ID
+
+
+class Broadcaster:
+    """Serve one listening SEQPACKET socket and fan batches out to its clients.
+
+    Args:
+        listener: a bound, listening, non-blocking ``AF_UNIX``/``SOCK_SEQPACKET``
+            socket.  The broadcaster does not close it.
+        queue_messages: per-client queue length in messages (up to 64 records each).
+        max_clients: connections beyond this are closed at once, with a log line.
+    """
+
+    def __init__(
+        self, listener: socket.socket, *, queue_messages: int = 256, max_clients: int = 1024
+    ) -> None:
+        if queue_messages < 1:
+            raise ValueError("queue_messages must be at least 1")
+        self.listener = listener
+        self.queue_messages = queue_messages
+        self.max_clients = max_clients
+        self.clients: dict[int, Client] = {}
+        self.records = 0
+        self.messages = 0
+        self.clients_total = 0
+        self.clients_refused = 0
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "records_published": self.records,
+            "messages_published": self.messages,
+            "clients_total": self.clients_total,
+            "clients_refused": self.clients_refused,
+            "clients": [c.stats() for c in self.clients.values()],
+        }
+
+    def publish(self, batch: bytes) -> None:
+        """Queue one message of whole records for every client; never blocks."""
+        if self._nursery is not None:
+            self.accept_pending()
+        n = len(batch) // abi.RECORD_SIZE
+        self.records += n
+        self.messages += 1
+        for client in self.clients.values():
+            try:
+                client.send_channel.send_nowait(batch)
+            except trio.WouldBlock:
+                if not client.dropping:
+                    log.warning("%s: queue full, dropping its records", client)
+                client.dropping += n
+                client.dropped += n
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            else:
+                if client.dropping:
+                    log.warning("%s: resumed after %d records dropped", client, client.dropping)
+                    client.dropping = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients until cancelled; clients are served in this task's nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                while True:
+                    await trio.lowlevel.wait_readable(self.listener)
+                    if not self.accept_pending():
+                        await trio.sleep(ACCEPT_CAPACITY_SLEEP)
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    def accept_pending(self) -> bool:
+        """Accept every queued connection; False if out of fds or memory."""
+        assert self._nursery is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue
+                if exc.errno in _ACCEPT_CAPACITY:
+                    log.warning("cannot accept a client: %s", exc.strerror)
+                    return False
+                raise
+            sock.setblocking(False)
+            if len(self.clients) >= self.max_clients:
+                self.clients_refused += 1
+                log.warning("refusing a client: already serving %d", self.max_clients)
+                sock.close()
+                continue
+            client = Client(sock, self.queue_messages, next(self._ids))
+            self.clients[client.id] = client
+            self.clients_total += 1
+            log.info("%s connected", client)
+            self._nursery.start_soon(self._serve_client, client)
+
+    async def _serve_client(self, client: Client) -> None:
+        reason = "closed"
+        try:
+            with client.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
+                    reason = await self._discard_input(client)
+                    nursery.cancel_scope.cancel()
+        finally:
+            del self.clients[client.id]
+            client.send_channel.close()
+            client.receive_channel.close()
+            trio.lowlevel.notify_closing(client.sock)
+            client.sock.close()
+            log.info(
+                "%s disconnected (%s): %d records sent, %d dropped",
+                client,
+                reason,
+                client.sent,
+                client.dropped,
+            )
+
+    async def _send_loop(self, client: Client, scope: trio.CancelScope) -> None:
+        sock = client.sock
+        async for batch in client.receive_channel:
+            while True:
+                try:
+                    sock.send(batch)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                except (BrokenPipeError, ConnectionResetError):
+                    scope.cancel()
+                    return
+            client.sent += len(batch) // abi.RECORD_SIZE
+
+    async def _discard_input(self, client: Client) -> str:
+        """Read and drop whatever the client sends; return why it ended."""
+        sock = client.sock
+        received = 0
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(abi.MAX_MESSAGE_BYTES)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                return "reset"
+            if not data:
+                return "closed"
+            received += len(data)
+            if received > FLOOD_BYTES:
+                log.warning("%s: sent %d bytes, disconnecting a flooding client", client, received)
+                return "flood"

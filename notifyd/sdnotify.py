@@ -1,0 +1,34 @@
+"""The systemd readiness protocol (sd_notify(3)): one datagram to $NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+__all__ = ["sd_notify"]
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to the service manager, if there is one.
+
+    Returns False when $NOTIFY_SOCKET is unset (not started by systemd) or
+    the manager did not take the message.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr[0] == "@":
+        # an abstract socket, written with a leading @ in the environment
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        # the manager going away must not take the daemon down with it
+        log.warning("cannot notify the service manager at %s: %s", addr, exc.strerror)
+        return False
+    return True
