@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0
 /*
  * Copyright (C) 2026 The scoutfs-notify authors.
  *
@@ -132,9 +133,13 @@ static void emit(struct file *file, u16 type, u64 pos, u64 count, u32 flags)
 		return;
 	}
 
-	/* pairs with the barrier in prepare_to_wait before the waiter tests */
+	/*
+	 * Order the stored tail before testing for waiters, this pairs
+	 * with the barrier that prepare_to_wait gives the waiter before
+	 * it tests the tail.
+	 */
 	smp_mb();
-	if (waitqueue_active(&ninf->waitq))
+	if (waitqueue_active(&ninf->waitq)) /* ordered by smp_mb() above */
 		wake_up(&ninf->waitq);
 }
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0 */
 #ifndef _SCOUTFS_NOTIFY_H_
 #define _SCOUTFS_NOTIFY_H_
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
 #ifndef _SCOUTFS_NOTIFY_IOCTL_H_
 #define _SCOUTFS_NOTIFY_IOCTL_H_
 
