@@ -191,3 +191,19 @@ def test_without_allow_other_only_root_gets_in(open_top: Path) -> None:
         out = _as_nobody(f"open({str(mnt / 'public')!r}).read()")
         assert "PermissionError" in out.stderr
         assert (mnt / "public").read_text() == "anyone"
+
+
+def test_renames_keep_every_name_usable(overlay) -> None:
+    backing, mnt = overlay
+    (mnt / "a").write_text("x")
+    os.link(mnt / "a", mnt / "b")
+    (mnt / "a").rename(mnt / "c")  # one link of two renamed
+    assert (mnt / "c").read_text() == "x"
+    assert (mnt / "b").read_text() == "x"
+    (mnt / "d").mkdir()
+    (mnt / "d" / "e").mkdir()
+    (mnt / "d" / "e" / "f").write_text("y")
+    (mnt / "d").rename(mnt / "g")  # a tree renamed under a known file
+    os.sync()
+    assert (mnt / "g" / "e" / "f").read_text() == "y"
+    assert sorted(os.listdir(backing)) == ["b", "c", "g"]

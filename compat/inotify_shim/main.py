@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="off scoutfs, the most files the inode -> path index of BACKING holds "
         f"(default: {DEFAULT_INDEX_LIMIT})",
     )
-    p.add_argument("--debug", action="store_true", help="log every request and replay")
+    p.add_argument("--debug", action="store_true", help="log every replay")
     return p.parse_args(argv)
 
 

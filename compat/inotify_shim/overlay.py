@@ -354,8 +354,17 @@ class Overlay(pyfuse3.Operations):
             self._moved(old, tmp)
             self._moved(new, old)
             self._moved(tmp, new)
-        else:
+        elif stat.S_ISDIR(os.lstat(new).st_mode):
             self._moved(old, new)
+        else:
+            # a file: only its own entry changes, no need to scan the table
+            ino = os.lstat(new).st_ino
+            val = self._paths.get(ino)
+            if isinstance(val, set):
+                val.discard(old)
+                val.add(new)
+            elif val == old:
+                self._paths[ino] = new
 
     # --- files ---------------------------------------------------------------
 

@@ -282,6 +282,7 @@ class Replayer:
     def _finish(self, job: _Job) -> None:
         f = job.file
         self.stats.replayed += job.done
+        log.debug("replayed %d of %s on %s", job.done, job.actions, job.path)
         left = job.actions[job.done :]
         if left:
             if job.errno in _GONE_ERRNOS and f.stale is None:
