@@ -1,0 +1,148 @@
+"""The scoutfs source's drain loop, nr probing and error mapping.
+
+The kernel ring is a stand-in here (the real one runs in the VM tests): a
+tiny fake ioctl that reads and writes the real argument struct through the
+address the source passes, so the marshalling is exercised as well.
+Directories and fds are real.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+import threading
+
+import pytest
+import trio
+
+from notifyd import abi
+from notifyd.errors import DaemonError
+from notifyd.source_scoutfs import ScoutfsSource
+
+FSID = 0x1234ABCD5678EF00
+_DROPPED = struct.Struct("<Q")
+_DROPPED_OFFSET = abi.READ_NOTIFY.size - _DROPPED.size
+
+
+def rec(seq: int) -> bytes:
+    return abi.Record(seq, 1000 + seq, 0, 0, 10, 7, 0, 0, 0, abi.TYPE_READ).pack()
+
+
+class FakeRing:
+    """Answers READ_NOTIFY at ``abi.IOC_READ_NOTIFY_CANDIDATES[index]``, ENOTTY otherwise."""
+
+    def __init__(self, index: int = 0, error: int = 0) -> None:
+        self.request = abi.IOC_READ_NOTIFY_CANDIDATES[index]
+        self.error = error
+        self.calls: list[tuple[int, int]] = []
+        self.records: list[bytes] = []
+        self.dropped = 0
+        self.detached = False
+        self.cond = threading.Condition()
+
+    def push(self, *seqs: int, dropped: int = 0) -> None:
+        with self.cond:
+            self.records += [rec(s) for s in seqs]
+            self.dropped += dropped
+            self.cond.notify_all()
+
+    def __call__(self, fd: int, request: int, addr: int) -> int:
+        buf_ptr, buf_bytes, flags, timeout_ms, pad, _ = abi.READ_NOTIFY.unpack(
+            ctypes.string_at(addr, abi.READ_NOTIFY.size)
+        )
+        self.calls.append((request, flags))
+        if request != self.request:
+            raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+        if self.error:
+            raise OSError(self.error, "fake")
+        assert pad == 0 and buf_bytes and buf_bytes % abi.RECORD_SIZE == 0
+        assert not flags & ~(abi.READ_NOTIFY_WAIT | abi.READ_NOTIFY_DETACH)
+        if flags & abi.READ_NOTIFY_DETACH:
+            self.detached = True
+            return 0
+        with self.cond:
+            if not self.records and flags & abi.READ_NOTIFY_WAIT:
+                self.cond.wait(timeout_ms / 1000)
+            n = min(len(self.records), buf_bytes // abi.RECORD_SIZE)
+            data = b"".join(self.records[:n])
+            del self.records[:n]
+            ctypes.memmove(buf_ptr, data, len(data))
+            ctypes.memmove(addr + _DROPPED_OFFSET, _DROPPED.pack(self.dropped), _DROPPED.size)
+        return n
+
+
+def source(tmp_path, ring: FakeRing) -> ScoutfsSource:
+    return ScoutfsSource(tmp_path, ioctl=ring, statfs=lambda fd: (FSID, 1), wait_ms=50)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_probes_25_then_26(tmp_path, index: int) -> None:
+    ring = FakeRing(index)
+    src = source(tmp_path, ring)
+    src.open()
+    try:
+        assert src.request == abi.IOC_READ_NOTIFY_CANDIDATES[index]
+        assert [c[0] for c in ring.calls] == list(abi.IOC_READ_NOTIFY_CANDIDATES[: index + 1])
+        assert src.default_socket_path("/run/x") == f"/run/x/{FSID:016x}/notify.sock"
+    finally:
+        src.close()
+    assert ring.detached
+    assert ring.calls[-1] == (ring.request, abi.READ_NOTIFY_DETACH)
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (errno.EPERM, "needs CAP_SYS_ADMIN: run as root"),
+        (errno.EBUSY, "another process is this mount's notify reader"),
+        (errno.EINVAL, "READ_NOTIFY failed: "),
+    ],
+)
+def test_open_errors_name_the_cause(tmp_path, error: int, message: str) -> None:
+    src = source(tmp_path, FakeRing(0, error=error))
+    with pytest.raises(DaemonError, match=message):
+        src.open()
+    assert src._fd == -1
+
+
+def test_kernel_without_the_patches(tmp_path) -> None:
+    # the real ioctl on a real directory that is not scoutfs answers ENOTTY
+    src = ScoutfsSource(tmp_path, statfs=lambda fd: (FSID, 1))
+    with pytest.raises(DaemonError, match=r"no notify ioctl \(ENOTTY on nr 25 and 26\)"):
+        src.open()
+
+
+def test_not_a_scoutfs_mount(tmp_path) -> None:
+    with pytest.raises(DaemonError, match=r"not a scoutfs mount \(use --source fanotify"):
+        ScoutfsSource(tmp_path).open()
+    with pytest.raises(DaemonError, match="No such file"):
+        ScoutfsSource(tmp_path / "missing").open()
+
+
+async def test_drain_loop_batches_gaps_and_detach(tmp_path) -> None:
+    ring = FakeRing(1)
+    src = source(tmp_path, ring)
+    ring.push(*range(1, 101))
+    src.open()
+    got: list[bytes] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(src.run, got.append)
+            while sum(len(b) for b in got) < 100 * abi.RECORD_SIZE:
+                await trio.sleep(0.01)
+            # seqs 101 and 102 lost in the ring; the kernel says so in `dropped`
+            ring.push(103, 104, dropped=2)
+            while sum(len(b) for b in got) < 102 * abi.RECORD_SIZE:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        src.close()
+    assert all(0 < len(b) <= abi.MAX_MESSAGE_BYTES for b in got)
+    assert [r.seq for b in got for r in abi.decode(b)] == [*range(1, 101), 103, 104]
+    assert src.stats()["ring_dropped"] == 2
+    assert src.stats()["ring_seq_lost"] == 2
+    assert src.stats()["records"] == 102
+    assert ring.detached
+    # every drain after the probe and the attaching call waited, bounded
+    assert {flags for _, flags in ring.calls[2:-1]} == {abi.READ_NOTIFY_WAIT}
