@@ -1,0 +1,242 @@
+"""The kmod patch series: generated from kmod/src, applies, builds, passes checkpatch.
+
+Tests marked scoutfs_src need a scoutfs git repository (SCOUTFS_SRC, or the
+clone kmod/fetch-scoutfs makes) and skip with that reason without one.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from notifyd import abi
+
+ROOT = Path(__file__).resolve().parent.parent
+KMOD = ROOT / "kmod"
+SERIES = KMOD / "series"
+LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
+CHECKPATCH_FILES = ("checkpatch.pl", "spelling.txt", "const_structs.checkpatch")
+
+# git am commits: give it an identity so the tests don't depend on git config
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "scoutfs-notify tests",
+    "GIT_AUTHOR_EMAIL": "tests@scoutfs-notify.invalid",
+    "GIT_COMMITTER_NAME": "scoutfs-notify tests",
+    "GIT_COMMITTER_EMAIL": "tests@scoutfs-notify.invalid",
+}
+
+# A kmod build takes ~35 s on an idle 2-core machine; allow for a loaded one.
+BUILD_TIMEOUT = 900
+
+
+def read_bases() -> list[tuple[str, int]]:
+    bases = []
+    for line in (KMOD / "base.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            tag, nr = line.split()
+            bases.append((tag, int(nr)))
+    return bases
+
+
+BASES = read_bases()
+TAGS = [tag for tag, _ in BASES]
+# The one release whose utils are built too (the VM tests boot v1.30).
+UTILS_TAG = "v1.30"
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **GIT_ENV, **kwargs.pop("env", {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, **kwargs)
+
+
+def clone_at(src: Path, dest: Path, rev: str) -> Path:
+    run(["git", "clone", "-q", "--shared", "--no-checkout", str(src), str(dest)]).check_returncode()
+    run(["git", "-C", str(dest), "checkout", "-q", "--detach", rev]).check_returncode()
+    return dest
+
+
+def test_base_lists_every_series_with_its_nr() -> None:
+    assert sorted(p.name for p in SERIES.iterdir()) == sorted(TAGS)
+    for tag, nr in BASES:
+        # the ABI rule: 25 where it is free, 26 from v1.31 where upstream took 25
+        minor = int(tag.split(".")[1])
+        assert nr == (25 if minor <= 30 else 26), tag
+        patches = sorted((SERIES / tag).glob("*.patch"))
+        assert [p.name[:5] for p in patches] == ["0001-", "0002-"], tag
+        ring = patches[0].read_text()
+        assert f"+#define SCOUTFS_IOC_READ_NOTIFY_NR\t{nr}\n" in ring, tag
+        for patch in patches:
+            assert "\nSigned-off-by: " in patch.read_text(), patch
+
+
+def test_series_carry_kmod_src_verbatim() -> None:
+    """The files the first patch adds are exactly kmod/src's (nr aside)."""
+    for tag, nr in BASES:
+        ring = next((SERIES / tag).glob("0001-*.patch")).read_text()
+        for name in ("notify.c", "notify.h", "notify_ioctl.h"):
+            m = re.search(
+                rf"^\+\+\+ b/kmod/src/{re.escape(name)}\n@@ [^\n]*\n((?:\+[^\n]*\n)+)", ring, re.M
+            )
+            assert m, f"{tag} adds no kmod/src/{name}"
+            added = "".join(line[1:] + "\n" for line in m.group(1).splitlines())
+            want = (KMOD / "src" / name).read_text()
+            if name == "notify_ioctl.h":
+                want = want.replace(
+                    "#define SCOUTFS_IOC_READ_NOTIFY_NR\t25\n",
+                    f"#define SCOUTFS_IOC_READ_NOTIFY_NR\t{nr}\n",
+                )
+            assert added == want, f"{tag}: kmod/src/{name} differs: run kmod/gen-series"
+
+
+@pytest.fixture(scope="session")
+def checkpatch() -> Path:
+    """checkpatch.pl and its data files from Debian's linux-source-6.1, extracted once."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    cache = Path(base) / "scoutfs-notify" / "checkpatch"
+    if all((cache / f).exists() for f in CHECKPATCH_FILES):
+        return cache / "checkpatch.pl"
+    if not LINUX_SOURCE.exists():
+        pytest.skip(f"no {LINUX_SOURCE}: apt-get install linux-source-6.1 (bootstrap.sh does)")
+    if shutil.which("perl") is None:
+        pytest.skip("no perl: apt-get install perl")
+    tmp = cache.with_name("checkpatch.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    wanted = {f"linux-source-6.1/scripts/{f}" for f in CHECKPATCH_FILES}
+    with tarfile.open(LINUX_SOURCE) as tar:
+        for member in tar:
+            if member.name in wanted:
+                member.name = Path(member.name).name
+                tar.extract(member, tmp, filter="data")
+                wanted.discard(f"linux-source-6.1/scripts/{member.name}")
+                if not wanted:
+                    break
+    assert not wanted, f"{LINUX_SOURCE} lacks {sorted(wanted)}"
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)
+    return cache / "checkpatch.pl"
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_checkpatch_reports_no_errors(checkpatch: Path, tag: str, tmp_path: Path) -> None:
+    patches = sorted((SERIES / tag).glob("*.patch"))
+    # outside any git tree: inside one, checkpatch reads the patch as a source file
+    proc = run(
+        ["perl", str(checkpatch), "--no-tree", "--show-types", *map(str, patches)],
+        cwd=tmp_path,
+    )
+    totals = re.findall(r"^total: (\d+) errors", proc.stdout, re.M)
+    assert len(totals) == len(patches), proc.stdout + proc.stderr
+    assert totals == ["0"] * len(patches), proc.stdout
+
+
+@pytest.mark.scoutfs_src
+def test_committed_series_is_what_gen_series_makes(scoutfs_src: Path, tmp_path: Path) -> None:
+    proc = run([str(KMOD / "gen-series"), "--src", str(scoutfs_src), "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    for tag in TAGS:
+        cmp = filecmp.dircmp(SERIES / tag, tmp_path / tag)
+        assert not (cmp.left_only or cmp.right_only), f"{tag}: run kmod/gen-series"
+        for name in cmp.common_files:
+            assert (SERIES / tag / name).read_text() == (tmp_path / tag / name).read_text(), (
+                f"kmod/series/{tag}/{name} is stale: run kmod/gen-series and commit it"
+            )
+
+
+def need_build_tools() -> None:
+    if shutil.which("sparse") is None:
+        pytest.skip("no sparse: apt-get install sparse (bootstrap.sh does)")
+    if not list(Path("/usr/src").glob("linux-headers-6.1.*-amd64")):
+        pytest.skip(
+            "no linux-headers-6.1.*-amd64: apt-get install linux-headers-amd64 on Debian 12"
+        )
+
+
+def ioctl_number(tree: Path, tmp_path: Path) -> int:
+    """SCOUTFS_IOC_READ_NOTIFY as the patched tree's header defines it."""
+    prog = tmp_path / "nr.c"
+    prog.write_text(
+        "#include <stdio.h>\n#include <linux/types.h>\n#include <linux/ioctl.h>\n"
+        '#include "ioctl.h"\n#include "notify_ioctl.h"\n'
+        'int main(void) { printf("%lu\\n", (unsigned long)SCOUTFS_IOC_READ_NOTIFY); return 0; }\n'
+    )
+    exe = tmp_path / "nr"
+    run(["gcc", f"-I{tree / 'kmod' / 'src'}", "-o", str(exe), str(prog)]).check_returncode()
+    return int(run([str(exe)]).stdout)
+
+
+@pytest.mark.scoutfs_src
+@pytest.mark.parametrize("tag", TAGS)
+def test_series_applies_and_builds(scoutfs_src: Path, tag: str, tmp_path: Path) -> None:
+    need_build_tools()
+    nr = dict(BASES)[tag]
+    tree = clone_at(scoutfs_src, tmp_path / "scoutfs", tag)
+
+    proc = run([str(KMOD / "apply.sh"), str(tree)])
+    assert proc.returncode == 0, proc.stderr
+    log = run(["git", "-C", str(tree), "log", "--format=%s", f"{tag}..HEAD"]).stdout
+    assert log.splitlines() == [
+        "Emit notifications for regular file opens and reads",
+        "Add a per-mount file access notification ring",
+    ]
+    assert (tree / "kmod/src/notify.c").read_text() == (KMOD / "src/notify.c").read_text()
+    want = abi.IOC_READ_NOTIFY_CANDIDATES[0 if nr == 25 else 1]
+    assert ioctl_number(tree, tmp_path) == want
+
+    out = tmp_path / "out"
+    cmd = [str(KMOD / "test" / "build-scoutfs"), str(tree), str(out)]
+    if tag != UTILS_TAG:
+        cmd.insert(1, "--kmod-only")
+    proc = run(cmd, timeout=BUILD_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    release = (out / "kernel-release").read_text().strip()
+    assert re.fullmatch(r"6\.1\.\d+-\d+-amd64", release), release
+    modinfo = shutil.which("modinfo") or "/sbin/modinfo"
+    info = run([modinfo, "-F", "vermagic", str(out / "scoutfs.ko")])
+    assert info.stdout.split()[0] == release
+    syms = run(["nm", str(out / "scoutfs.ko")]).stdout
+    for sym in ("scoutfs_notify_ioctl_read", "scoutfs_notify_setup", "scoutfs_file_open"):
+        assert re.search(rf" T {sym}$", syms, re.M), f"{sym} missing from scoutfs.ko"
+    assert (out / "scoutfs").exists() == (tag == UTILS_TAG)
+    # the build copies the checkout: it must leave it as it was
+    assert run(["git", "-C", str(tree), "status", "--porcelain"]).stdout == ""
+
+
+@pytest.mark.scoutfs_src
+def test_apply_refuses_what_it_cannot_patch(scoutfs_src: Path, tmp_path: Path) -> None:
+    tree = clone_at(scoutfs_src, tmp_path / "scoutfs", "v1.30")
+    apply = str(KMOD / "apply.sh")
+
+    (tree / "kmod/src/super.c").write_text("dirty\n")
+    proc = run([apply, str(tree)])
+    assert proc.returncode == 1
+    assert "uncommitted changes" in proc.stderr
+    run(["git", "-C", str(tree), "checkout", "-q", "--", "kmod/src/super.c"]).check_returncode()
+
+    run(["git", "-C", str(tree), "checkout", "-q", "--detach", "v1.30~1"]).check_returncode()
+    proc = run([apply, str(tree)])
+    assert proc.returncode == 1
+    assert "not at a release tag" in proc.stderr
+
+    run(["git", "-C", str(tree), "checkout", "-q", "--detach", "v1.27"]).check_returncode()
+    proc = run([apply, str(tree)])
+    assert proc.returncode == 1
+    assert "no series for scoutfs v1.27" in proc.stderr
+
+    proc = run([apply, str(tmp_path)])
+    assert proc.returncode == 1
+    assert "not a git checkout" in proc.stderr
+    # nothing was applied anywhere
+    assert (
+        run(["git", "-C", str(tree), "rev-parse", "HEAD"]).stdout
+        == run(["git", "-C", str(tree), "rev-parse", "v1.27^{commit}"]).stdout
+    )
