@@ -240,3 +240,11 @@ def test_apply_refuses_what_it_cannot_patch(scoutfs_src: Path, tmp_path: Path) -
         run(["git", "-C", str(tree), "rev-parse", "HEAD"]).stdout
         == run(["git", "-C", str(tree), "rev-parse", "v1.27^{commit}"]).stdout
     )
+
+
+@pytest.mark.scoutfs_src
+def test_nr_is_free_in_each_release(scoutfs_src: Path) -> None:
+    for tag, nr in BASES:
+        pattern = f"SCOUTFS_IOCTL_MAGIC, {nr},"
+        proc = run(["git", "-C", str(scoutfs_src), "grep", "-n", pattern, tag, "--", "kmod/src"])
+        assert proc.returncode == 1, f"{tag} already uses ioctl nr {nr}:\n{proc.stdout}"
