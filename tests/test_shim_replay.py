@@ -9,10 +9,11 @@ handled, without waiting on a clock.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
-from shim_support import feeder, need_fuse, run_shim, watch
+from shim_support import EVENT_TIMEOUT, feeder, need_fuse, run_shim, wait_for, watch
 
 from notifyd import abi
 
@@ -210,3 +211,25 @@ async def test_reads_collapse_while_pending() -> None:
     # R, O, R were pending: MAX_ACTIONS - 3 more fit, the last 3 drop
     assert replayer.stats.overload == 3
     assert replayer.stats.replayed == 0
+
+
+def test_storm_of_records_for_gone_files_does_not_stall_the_rest(rig) -> None:
+    backing, mnt, feed, shim = rig
+    doomed = [backing / f"doomed{i}" for i in range(500)]
+    for p in doomed:
+        p.write_text("x")
+    inos = [p.stat().st_ino for p in doomed]  # 500 distinct: all exist at once
+    for p in doomed:
+        p.unlink()
+    with watch(mnt) as w:
+        feed.send([feed.record(abi.TYPE_OPEN, ino) for ino in inos])
+        feed.access(backing / "sentinel")
+        # one walk of BACKING answers for all 500: a walk each would take
+        # 500 x MIN_RESCAN_INTERVAL = 100 s, far past this deadline
+        w.expect("sentinel", "CLOSE_NOWRITE")
+
+    def unresolved_logged() -> int:
+        found = re.findall(r"(\d+) with no file under BACKING", shim.log())
+        return sum(int(n) for n in found)
+
+    wait_for(lambda: unresolved_logged() == 500, EVENT_TIMEOUT, "500 unresolved logged")

@@ -101,6 +101,7 @@ class _File:
     busy: bool = False  # a worker or the closer owns it
     close_at: float = 0.0
     stale: str | None = None  # a path that led elsewhere; retried once
+    since: float = 0.0  # when its oldest pending action arrived (trio clock)
 
 
 @dataclasses.dataclass(eq=False)
@@ -168,7 +169,9 @@ class Replayer:
         if rec_type == READ and acts and acts[-1] == READ:
             self.stats.collapsed += 1
             return
-        if len(acts) >= MAX_ACTIONS:
+        if not acts:
+            f.since = trio.current_time()
+        elif len(acts) >= MAX_ACTIONS:
             self.stats.overload += 1
             self._warn_losses()
             return
@@ -232,6 +235,7 @@ class Replayer:
                 for _ in range(self._workers):
                     nursery.start_soon(self._worker)
                 nursery.start_soon(self._closer)
+                nursery.start_soon(self._report_losses)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -240,6 +244,12 @@ class Replayer:
                 for f in self._files.values():
                     f.fd = None
                 log.info("replay stopped: %s", self.stats)
+
+    async def _report_losses(self) -> None:
+        # the tail of a burst of losses, which no later loss would report
+        while True:
+            await trio.sleep(LOSS_WARN_INTERVAL)
+            self._warn_losses()
 
     async def _worker(self) -> None:
         async for first in self._recv:
@@ -268,7 +278,7 @@ class Replayer:
         actions, f.actions = f.actions, []
         path = None if f.stale else self._resolver.cached(f.ino)
         if path is None:
-            path = await self._resolver.resolve(f.ino, stale=f.stale)
+            path = await self._resolver.resolve(f.ino, f.since, stale=f.stale)
         if path is None:
             if f.stale:
                 self.stats.gone += len(actions)
@@ -288,6 +298,7 @@ class Replayer:
             if job.errno in _GONE_ERRNOS and f.stale is None:
                 # renamed or deleted since we learnt the path: look again once
                 f.stale = job.path
+                f.since = trio.current_time()
                 f.actions[:0] = left
             else:
                 if job.errno in _GONE_ERRNOS:

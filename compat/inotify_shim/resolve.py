@@ -7,15 +7,16 @@ Records name files by inode only.  In order of cost:
    first link under BACKING is used (the record does not say which name the
    accessor used, and one event per access is what a watcher expects);
 3. elsewhere, an index of BACKING built by walking it with ``scandir`` (inode
-   numbers come from ``d_ino``: no stat per file).  A miss rebuilds the index,
-   at most once per :data:`MIN_RESCAN_INTERVAL`, and never past ``limit``
-   entries, so a storm of records for files already gone costs a bounded
-   amount of walking.
+   numbers come from ``d_ino``: no stat per file).  A miss rebuilds the index
+   unless it was walked after the access, at most once per
+   :data:`MIN_RESCAN_INTERVAL` and never past ``limit`` entries, so a storm of
+   records for files already gone costs a bounded amount of walking.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -96,8 +97,8 @@ class Resolver:
         self._limiter = limiter
         self._limit = limit
         self._index: dict[int, str] = {}
-        self._generation = 0
-        self._last_walk = -MIN_RESCAN_INTERVAL
+        # when the walk behind the current index started (trio clock)
+        self._walked_at = -math.inf
         self._lock = trio.Lock()
         self._scoutfs_prefix = self._scoutfs_prefix_of(backing)
 
@@ -130,9 +131,12 @@ class Resolver:
                 return rel
         return self._index.get(ino)
 
-    async def resolve(self, ino: int, stale: str | None = None) -> str | None:
+    async def resolve(self, ino: int, since: float, stale: str | None = None) -> str | None:
         """A relative path for ``ino``, or None when no file has it any more.
 
+        ``since`` is when the caller learnt of the access (trio clock): an
+        index walked after that answers without another walk, so a burst of
+        records for files already gone costs one walk, not one each.
         ``stale`` is a path that turned out wrong: it is not returned again.
         """
         if self._scoutfs_prefix is not None:
@@ -142,8 +146,8 @@ class Resolver:
         path = self.cached(ino)
         if path is not None and path != stale:
             return path
-        generation = self._generation
-        await self._rescan(generation)
+        if self._walked_at < since:
+            await self._rescan(since)
         path = self._index.get(ino)
         return None if path == stale else path
 
@@ -163,14 +167,14 @@ class Resolver:
                 return path
         return None
 
-    async def _rescan(self, generation: int) -> None:
+    async def _rescan(self, since: float) -> None:
         async with self._lock:
-            if self._generation != generation:
-                return  # a walk started after our miss has finished
-            wait = self._last_walk + MIN_RESCAN_INTERVAL - trio.current_time()
+            if self._walked_at >= since:
+                return  # a walk started after `since` finished while we queued
+            wait = self._walked_at + MIN_RESCAN_INTERVAL - trio.current_time()
             if wait > 0:
                 await trio.sleep(wait)
-            self._last_walk = trio.current_time()
+            started = trio.current_time()
             index, truncated = await trio.to_thread.run_sync(
                 walk_index, self.backing, self._limit, limiter=self._limiter
             )
@@ -181,5 +185,5 @@ class Resolver:
                     self._limit,
                 )
             self._index = index
-            self._generation += 1
+            self._walked_at = started
             log.debug("indexed %d files under %s", len(index), self.backing)
