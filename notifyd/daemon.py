@@ -166,7 +166,7 @@ async def serve(args: argparse.Namespace) -> None:
                     break
         st = snapshot()
         log.info(
-            "stopped: %d records relayed, %d clients served",
+            "stopped: relayed %d records, served %d client(s)",
             st["records_published"],
             st["clients_total"],
         )

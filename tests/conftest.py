@@ -76,6 +76,8 @@ class NotifydProcess:
         self.stats_socket = Path(str(socket) + ".stats")
         self.proc = proc
         self.log_path = log_path
+        # the daemon's $NOTIFY_SOCKET, open until stop() so STOPPING=1 lands too
+        self.notify: socketlib.socket | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -90,6 +92,9 @@ class NotifydProcess:
                 self.proc.kill()
                 self.proc.wait()
                 pytest.fail(f"notifyd ignored SIGTERM for {NOTIFYD_STOP_TIMEOUT} s:\n{self.log()}")
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         rc = self.proc.returncode
         if rc != 0:
             pytest.fail(f"notifyd exited with status {rc}:\n{self.log()}")
@@ -170,10 +175,12 @@ def notifyd_factory(tmp_path: Path):
                     env=env,
                 )
             daemon = NotifydProcess(backing, socket, proc, log_path)
+            daemon.notify = notify
             started.append(daemon)
-            _wait_ready(notify, proc, log_path)
-        finally:
+        except BaseException:
             notify.close()
+            raise
+        _wait_ready(notify, proc, log_path)
         return daemon
 
     yield start
