@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,43 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "Type=notify" in unit
     assert "After=scoutfs-notifyd@%i.service" in unit
+
+
+def test_unmounted_from_outside_the_shim_exits(tmp_path: Path) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    with run_shim(backing, mnt, tmp_path / "absent.sock") as shim:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert shim.proc.wait(START_TIMEOUT) == 0
+        assert "the FUSE session ended" in shim.log()
+        assert mount_type(str(mnt)) is None
+
+
+def test_ready_is_reported_to_systemd(tmp_path: Path) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    notify_path = tmp_path / "sd.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(START_TIMEOUT)
+        proc = subprocess.Popen(
+            shim_command(backing, mnt, "--socket", str(tmp_path / "absent.sock")),
+            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert notify.recv(4096) == b"READY=1"
+            # READY means mounted: the overlay answers at once
+            assert mount_type(str(mnt)) == FSTYPE
+            assert os.listdir(mnt) == []
+            proc.send_signal(signal.SIGTERM)
+            assert notify.recv(4096) == b"STOPPING=1"
+            assert proc.wait(START_TIMEOUT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            unmount(mnt)

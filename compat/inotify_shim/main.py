@@ -12,6 +12,7 @@ import pyfuse3
 import trio
 
 from notifyd.paths import default_socket_path
+from notifyd.sdnotify import sd_notify
 
 from .follow import follow
 from .mounts import FSNAME, MountpointError, check_paths
@@ -114,6 +115,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _tell_systemd(state: str) -> None:
+    try:
+        sd_notify(state)
+    except OSError as exc:
+        # the service manager times the unit out on its own; say why here
+        log.warning("cannot tell systemd %s: %s", state, exc)
+
+
 async def _fuse_session(done: trio.CancelScope) -> None:
     await pyfuse3.main()
     # unmounted from outside (fusermount3 -u): nothing left to serve
@@ -162,6 +171,8 @@ async def serve(
                 socket_path,
                 "scoutfs ino_path" if resolver.on_scoutfs else "inode index",
             )
+            _tell_systemd("READY=1")
+        _tell_systemd("STOPPING=1")
         pyfuse3.terminate()
 
 
