@@ -45,23 +45,23 @@ async def follow(
     """
     own = os.getpid() if own_pid is None else own_pid
     backoff = BACKOFF_MIN
-    waiting_logged = False
+    waiting_logged: int | None = None  # the errno last reported while waiting
     task_status.started()
     while True:
         try:
             sub = await AsyncSubscriber.connect(socket_path)
         except OSError as exc:
-            if exc.errno not in _ABSENT_ERRNOS:
-                raise
-            if not waiting_logged:
-                log.info("waiting for scoutfs-notifyd at %s (%s)", socket_path, exc.strerror)
-                waiting_logged = True
+            # never fatal: the overlay keeps serving files while we retry
+            if exc.errno != waiting_logged:
+                level = logging.INFO if exc.errno in _ABSENT_ERRNOS else logging.WARNING
+                log.log(level, "waiting for scoutfs-notifyd at %s (%s)", socket_path, exc.strerror)
+                waiting_logged = exc.errno
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             continue
         log.info("subscribed to %s", socket_path)
         backoff = BACKOFF_MIN
-        waiting_logged = False
+        waiting_logged = None
         try:
             async with sub:
                 await _pump(sub, replayer, own)
