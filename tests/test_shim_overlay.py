@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -207,3 +208,38 @@ def test_renames_keep_every_name_usable(overlay) -> None:
     os.sync()
     assert (mnt / "g" / "e" / "f").read_text() == "y"
     assert sorted(os.listdir(backing)) == ["b", "c", "g"]
+
+
+def _posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """The system.posix_acl_access value: version 2, then (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def test_limit_posix_acls_on_backing_are_not_enforced(open_top: Path) -> None:
+    """Known limit (README): the kernel checks the mode bits only."""
+    backing, mnt = open_top / "backing", open_top / "mnt"
+    backing.mkdir()
+    target = backing / "acl"
+    target.write_text("acl")
+    os.chmod(target, 0o644)
+    # everyone may read, except nobody, named in the ACL with no permissions
+    acl = _posix_acl(
+        (ACL_USER_OBJ, 6, ACL_UNDEFINED_ID),
+        (ACL_USER, 0, NOBODY),
+        (ACL_GROUP_OBJ, 4, ACL_UNDEFINED_ID),
+        (ACL_MASK, 4, ACL_UNDEFINED_ID),
+        (ACL_OTHER, 4, ACL_UNDEFINED_ID),
+    )
+    try:
+        os.setxattr(target, "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"BACKING's filesystem takes no POSIX ACLs: {exc.strerror}")
+    direct = _as_nobody(f"open({str(target)!r}).read()")
+    assert "PermissionError" in direct.stderr  # BACKING refuses nobody
+    with run_shim(backing, mnt, open_top / "absent.sock", "--allow-other"):
+        through = _as_nobody(f"print(open({str(mnt / 'acl')!r}).read())")
+        assert through.stdout == "acl\n", through.stderr  # the overlay does not

@@ -71,7 +71,10 @@ def test_read_of_a_file_empty_by_replay_time_raises_access(rig) -> None:
     backing, mnt, feed, _ = rig
     with watch(mnt) as w:
         feed.send([feed.record(abi.TYPE_READ, (backing / "empty").stat().st_ino)])
-        w.expect("empty", "ACCESS")
+        w.expect("empty", "CLOSE_NOWRITE")
+        # Known limit (README): a READ with no synthetic open to read on
+        # opens one, so IN_OPEN comes first
+        assert w.sequence("empty") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
 
 
 def test_file_deleted_before_replay_is_skipped(rig) -> None:
