@@ -1,0 +1,191 @@
+"""The relay core in-process: real SEQPACKET sockets, batches published by the test."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from notifyd import abi
+from notifyd.broadcast import FLOOD_BYTES, Broadcaster
+from notifyd.client import AsyncSubscriber, Gap, SeqTracker
+
+
+def batch(first: int, n: int = abi.MAX_MESSAGE_RECORDS) -> bytes:
+    return abi.encode(
+        abi.Record(s, s, 0, 0, 0, 1, 0, 0, 0, abi.TYPE_OPEN) for s in range(first, first + n)
+    )
+
+
+def listener(tmp_path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK)
+    sock.bind(str(tmp_path / "n.sock"))
+    sock.listen(128)
+    return sock
+
+
+async def until(pred, what: str, timeout: float = 20.0, poll: float = 0.005) -> None:
+    """Wait for ``pred()``; the timeout is a bound against hangs, not a timing."""
+    with trio.move_on_after(timeout):
+        while not pred():
+            await trio.sleep(poll)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def collect(sub: AsyncSubscriber, into: list[int], stop_at: int) -> None:
+    while into[-1:] != [stop_at]:
+        b = await sub.recv_batch()
+        assert b is not None, "daemon side closed"
+        into.extend(r[0] for r in abi.iter_fields(b))
+
+
+async def test_sixteen_clients_get_identical_streams(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst)
+    nb = 200
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        subs = [await AsyncSubscriber.connect(tmp_path / "n.sock") for _ in range(16)]
+        streams: list[list[int]] = [[] for _ in subs]
+        for sub, stream in zip(subs, streams, strict=True):
+            nursery.start_soon(collect, sub, stream, nb * 64)
+        for i in range(nb):
+            relay.publish(batch(1 + i * 64))
+            await trio.sleep(0)
+        await until(lambda: all(s[-1:] == [nb * 64] for s in streams), "all streams")
+        for sub in subs:
+            await sub.aclose()
+        nursery.cancel_scope.cancel()
+    assert all(s == list(range(1, nb * 64 + 1)) for s in streams)
+    assert relay.stats()["records_published"] == nb * 64
+    lst.close()
+
+
+async def test_a_stalled_client_loses_its_own_records_only(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst, queue_messages=8)
+    nb = 1000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        stalled = await AsyncSubscriber.connect(tmp_path / "n.sock")
+        fast = [await AsyncSubscriber.connect(tmp_path / "n.sock") for _ in range(3)]
+        streams: list[list[int]] = [[] for _ in fast]
+        for sub, stream in zip(fast, streams, strict=True):
+            nursery.start_soon(collect, sub, stream, nb * 64)
+        for i in range(nb):
+            relay.publish(batch(1 + i * 64))
+            # the fast readers keep up: each publish lets them run to their next wait
+            await until(lambda i=i: all(s[-1:] == [(i + 1) * 64] for s in streams), "fast", poll=0)
+        (st_stalled,) = [c for c in relay.stats()["clients"] if c["id"] == 1]
+        assert st_stalled["records_dropped"] > 0
+        assert all(c["records_dropped"] == 0 for c in relay.stats()["clients"] if c["id"] != 1)
+        # the stalled client resumes: what was queued, then a gap, then new records
+        tracker = SeqTracker()
+        events: list = []
+
+        async def resume() -> None:
+            while True:
+                b = await stalled.recv_batch()
+                assert b is not None
+                events.extend(tracker.events(b))
+
+        nursery.start_soon(resume)
+        await until(lambda: relay.clients[1].stats()["queued_messages"] == 0, "its queue empty")
+        relay.publish(batch(nb * 64 + 1, 1))
+        await until(lambda: bool(events) and getattr(events[-1], "seq", 0) == nb * 64 + 1, "resume")
+        nursery.cancel_scope.cancel()
+    for sub in [stalled, *fast]:
+        await sub.aclose()
+    assert all(s == list(range(1, nb * 64 + 1)) for s in streams)
+    gaps = [e for e in events if isinstance(e, Gap)]
+    assert gaps and sum(g.lost for g in gaps) == st_stalled["records_dropped"]
+    assert events[0].seq == 1
+    lst.close()
+
+
+async def test_connect_then_publish_is_never_missed(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        for i in range(50):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            c.settimeout(20)
+            c.connect(str(tmp_path / "n.sock"))
+            # no checkpoint between connect() and publish: the accept loop never ran
+            relay.publish(batch(1 + i, 1))
+            got = await trio.to_thread.run_sync(c.recv, 4096)
+            assert abi.decode(got)[0].seq == 1 + i
+            c.close()
+        nursery.cancel_scope.cancel()
+    lst.close()
+
+
+async def test_garbage_is_ignored_and_floods_disconnect(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        chatty = await AsyncSubscriber.connect(tmp_path / "n.sock")
+        flood = await AsyncSubscriber.connect(tmp_path / "n.sock")
+        await until(lambda: len(relay.clients) == 2, "2 clients")
+        await chatty.sock.send(b"\xff" * 100)
+        await chatty.sock.send(b"hello?")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(4 * FLOOD_BYTES // 4096):
+                with trio.fail_after(20):
+                    await flood.sock.send(b"x" * 4096)
+            # the daemon closes after FLOOD_BYTES; the next recv sees the end
+            with trio.fail_after(20):
+                assert await flood.recv_batch() is None
+                raise BrokenPipeError
+        await until(lambda: len(relay.clients) == 1, "the flooder gone")
+        relay.publish(batch(1, 3))
+        with trio.fail_after(20):
+            got = await chatty.recv_batch()
+        assert [r.seq for r in abi.decode(got)] == [1, 2, 3]
+        await chatty.aclose()
+        await flood.aclose()
+        nursery.cancel_scope.cancel()
+    lst.close()
+
+
+async def test_connect_disconnect_cycles_leak_no_fds(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(1000):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            c.connect(str(tmp_path / "n.sock"))
+            if i % 3 == 0:
+                relay.publish(batch(1 + i, 1))
+            if i % 5 == 0:
+                await trio.sleep(0)
+            c.close()
+        await until(lambda: not relay.clients, "all disconnects seen")
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert relay.stats()["clients_total"] == 1000
+        nursery.cancel_scope.cancel()
+    lst.close()
+
+
+async def test_clients_beyond_the_limit_are_refused(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst, max_clients=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        subs = [await AsyncSubscriber.connect(tmp_path / "n.sock") for _ in range(3)]
+        await until(lambda: relay.stats()["clients_refused"] == 1, "the refusal")
+        with trio.fail_after(20):
+            assert await subs[2].recv_batch() is None
+        assert len(relay.clients) == 2
+        for s in subs:
+            await s.aclose()
+        nursery.cancel_scope.cancel()
+    lst.close()
