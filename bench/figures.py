@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["Figure", "Stage", "median", "median_runs", "timed"]
 
 
 @dataclass
@@ -13,7 +15,7 @@ class Figure:
     """One measured figure and the baseline it is judged against.
 
     ``ratio`` is value / baseline; whether higher is better depends on the
-    figure and is said in ``target``.
+    figure and is said in ``target``.  ``why`` says why a target is missed.
     """
 
     stage: str
@@ -24,6 +26,9 @@ class Figure:
     baseline_name: str = ""
     target: str = ""
     met: bool | None = None
+    why: str = ""
+    note: str = ""
+    runs: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -35,10 +40,37 @@ class Figure:
         """A line a script can read: ``bench STAGE.NAME value=V unit=U ...``."""
         parts = [f"bench {self.stage}.{self.name}", f"value={self.value:.6g}", f"unit={self.unit}"]
         if self.baseline is not None:
-            parts += [f"baseline={self.baseline:.6g}", f"ratio={self.ratio:.4g}"]
+            parts.append(f"baseline={self.baseline:.6g}")
+            if self.ratio is not None:
+                parts.append(f"ratio={self.ratio:.4g}")
+        if self.runs:
+            parts.append(f"runs={len(self.runs)}")
         if self.met is not None:
             parts.append(f"target_met={'yes' if self.met else 'no'}")
         return " ".join(parts)
+
+
+@dataclass
+class Stage:
+    """What one stage measured: its figures, how, and what got in the way."""
+
+    name: str
+    title: str
+    method: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # set when the stage could not run at all (and why)
+    skipped: str = ""
+    seconds: float = 0.0
+
+    def add(self, fig: Figure) -> Figure:
+        self.figures.append(fig)
+        print(fig.line(), flush=True)
+        return fig
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
 
 
 def median_runs(fn: Callable[[], float], repeats: int) -> float:

@@ -1,0 +1,330 @@
+"""Stage 2: the daemon's relay against a bare SEQPACKET socketpair.
+
+Daemon arm: the real ``scoutfs-notifyd`` process (bench/relay_daemon.py: its
+scoutfs source drains a synthetic ring, everything after the ioctl is the
+daemon's own code) serves K real client processes (bench/relay_client.py).
+Baseline arm: one process sends the same 64-record messages to K socketpairs
+in a blocking loop, read by the same client program.  Both arms are up at
+once and their bursts alternate, so drift hits both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from notifyd.paths import stats_path_for
+from notifyd.stats import read_stats
+
+from .config import ROOT, Config
+from .figures import Figure, Stage, median
+from .procs import cpu_seconds, rss_bytes, spawn, wait_ready
+
+__all__ = ["run"]
+
+STAGE = "relay"
+CLIENT_COUNTS = (1, 16, 64)
+# the daemon's default --client-queue, in messages of up to 64 records
+QUEUE_MESSAGES = 256
+# records per burst (full run, quick run): about a second of the baseline each
+BURST = {1: (1_000_000, 100_000), 16: (250_000, 30_000), 64: (100_000, 15_000)}
+# a burst's reports must all be in by then (a bound on a hang)
+REPORT_TIMEOUT = 120.0
+SLOW_CLIENT_SLEEP = 0.01  # s per message: 100 messages/s, far below the feed
+TARGET_RECORDS_PER_S = 1_000_000
+TARGET_SHARE = 0.5
+RSS_FLAT = 1.05  # RSS at the end within 5% of RSS once the queues were full
+
+
+@dataclass
+class Burst:
+    delivered: int  # records received, summed over clients
+    lost: int  # records clients saw as seq gaps
+    window: float  # first message at any client to last message at any client
+    cpu: float  # CPU seconds of the sending process
+    published: int  # records the source handed over
+
+    def per_client_rate(self, clients: int) -> float:
+        return self.delivered / clients / self.window
+
+
+class Clients:
+    """K client processes; each prints a JSON line per burst."""
+
+    def __init__(self, procs: list[subprocess.Popen]) -> None:
+        self.procs = procs
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, cfg: Config, args_each: list[list[str]], **kw) -> Iterator[Clients]:
+        with contextlib.ExitStack() as stack:
+            procs = []
+            for args in args_each:
+                cmd = [sys.executable, "-m", "bench.relay_client", *args]
+                procs.append(
+                    stack.enter_context(
+                        spawn(cmd, stdout=subprocess.PIPE, text=True, env=cfg.env, cwd=ROOT, **kw)
+                    )
+                )
+            for p in procs:
+                if _readline(p, 30.0) != "ready":
+                    raise RuntimeError("a relay client failed to start")
+            yield cls(procs)
+
+    def reports(self) -> list[dict]:
+        return [json.loads(_readline(p, REPORT_TIMEOUT)) for p in self.procs]
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise RuntimeError(f"no report from relay client {proc.pid} in {timeout} s")
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"relay client {proc.pid} exited with {proc.wait()}")
+    return line.strip()
+
+
+def _burst(go, pid: int, clients: Clients, n: int) -> Burst:
+    cpu0 = cpu_seconds(pid)
+    go(n)
+    reps = clients.reports()
+    cpu = cpu_seconds(pid) - cpu0
+    window = max(r["last"] for r in reps) - min(r["first"] for r in reps)
+    return Burst(
+        delivered=sum(r["records"] for r in reps),
+        lost=sum(r["lost"] for r in reps),
+        window=max(window, 1e-6),
+        cpu=cpu,
+        published=n,
+    )
+
+
+@contextlib.contextmanager
+def _daemon(cfg: Config, tmp: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, Path, object]]:
+    """A real daemon on a synthetic ring; yields (process, socket, go(n))."""
+    fifo = tmp / "ring.ctl"
+    os.mkfifo(fifo)
+    sock = tmp / "notify.sock"
+    log = tmp / "daemon.log"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "sd"))
+    cmd = [sys.executable, "-m", "bench.relay_daemon", str(fifo), str(tmp)]
+    cmd += ["--socket", str(sock), "--log-level", "warning", *extra]
+    env = {**cfg.env, "NOTIFY_SOCKET": str(tmp / "sd")}
+    with (
+        notify,
+        open(log, "wb") as out,
+        spawn(cmd, stdout=out, stderr=out, env=env, cwd=ROOT) as proc,
+    ):
+        wait_ready(notify, proc, log)
+        ctl = os.open(fifo, os.O_WRONLY)
+        try:
+
+            def go(n: int) -> None:
+                os.write(ctl, b"stop\n" if n < 0 else f"+{n}\n".encode())
+
+            yield proc, sock, go
+        finally:
+            os.close(ctl)
+
+
+def _wait_clients(sock: Path, count: int) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        st = read_stats(str(stats_path_for(sock)))
+        if len(st["clients"]) >= count or time.monotonic() > deadline:
+            return st
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _pair_sender(cfg: Config, k: int) -> Iterator[tuple[subprocess.Popen, Clients, object]]:
+    """The baseline: one sender, K socketpairs, K clients."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(k)]
+    try:
+        fds = [a.fileno() for a, _ in pairs]
+        cmd = [sys.executable, "-m", "bench.relay_pair", *map(str, fds)]
+        with (
+            spawn(
+                cmd, stdin=subprocess.PIPE, pass_fds=fds, env=cfg.env, cwd=ROOT, text=True
+            ) as sender,
+            contextlib.ExitStack() as stack,
+        ):
+            procs = []
+            for _, b in pairs:
+                cmd = [sys.executable, "-m", "bench.relay_client", "--fd", str(b.fileno())]
+                procs.append(
+                    stack.enter_context(
+                        spawn(
+                            cmd,
+                            stdout=subprocess.PIPE,
+                            text=True,
+                            pass_fds=[b.fileno()],
+                            env=cfg.env,
+                            cwd=ROOT,
+                        )
+                    )
+                )
+            # only the children hold the ends now, so EOF propagates
+            for a, b in pairs:
+                a.close()
+                b.close()
+            clients = Clients(procs)
+            for p in procs:
+                if _readline(p, 30.0) != "ready":
+                    raise RuntimeError("a baseline client failed to start")
+            assert sender.stdin is not None
+
+            def go(n: int) -> None:
+                sender.stdin.write(f"{n}\n")
+                sender.stdin.flush()
+
+            yield sender, clients, go
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def _throughput(cfg: Config, stage: Stage, tmp: Path, k: int) -> None:
+    n = cfg.pick(*BURST[k])
+    d_runs: list[Burst] = []
+    b_runs: list[Burst] = []
+    with contextlib.ExitStack() as stack:
+        daemon, sock, d_go = stack.enter_context(_daemon(cfg, tmp))
+        d_clients = stack.enter_context(Clients.start(cfg, [["--socket", str(sock)]] * k))
+        _wait_clients(sock, k)
+        sender, b_clients, b_go = stack.enter_context(_pair_sender(cfg, k))
+        # one untimed burst each: imports, page faults, socket buffers
+        _burst(d_go, daemon.pid, d_clients, n // 4)
+        _burst(b_go, sender.pid, b_clients, n // 4)
+        for _ in range(cfg.repeats):
+            d_runs.append(_burst(d_go, daemon.pid, d_clients, n))
+            b_runs.append(_burst(b_go, sender.pid, b_clients, n))
+    d_rate = [b.per_client_rate(k) for b in d_runs]
+    b_rate = [b.per_client_rate(k) for b in b_runs]
+    value, base = median(d_rate), median(b_rate)
+    loss = median(b.lost / (b.published * k) for b in d_runs)
+    fig = Figure(
+        STAGE,
+        f"records_per_s_{k}_clients",
+        value,
+        "records/s/client",
+        base,
+        "same messages over bare socketpairs, blocking loop",
+        runs=d_rate,
+        note=f"{loss:.1%} of the records published were dropped at full client queues "
+        f"(aggregate {value * k:,.0f} deliveries/s)",
+    )
+    if k == 1:
+        fig.target = (
+            f">= {TARGET_RECORDS_PER_S:,} records/s and >= {TARGET_SHARE:.0%} of the socketpair"
+        )
+        fig.met = value >= TARGET_RECORDS_PER_S and value >= TARGET_SHARE * base
+    stage.add(fig)
+    d_cpu = median(b.cpu / b.published * 1e6 for b in d_runs)
+    b_cpu = median(b.cpu / b.published * 1e6 for b in b_runs)
+    stage.add(
+        Figure(
+            STAGE,
+            f"cpu_s_per_M_records_{k}_clients",
+            d_cpu,
+            "CPU s per 1e6 records published",
+            b_cpu,
+            "the socketpair sender loop",
+            note="CPU of the daemon process (all threads)",
+        )
+    )
+
+
+def _memory(cfg: Config, stage: Stage, tmp: Path) -> None:
+    k = 64
+    duration = cfg.pick(8, 2)
+    with contextlib.ExitStack() as stack:
+        daemon, sock, go = stack.enter_context(_daemon(cfg, tmp))
+        args = ["--socket", str(sock), "--slow", str(SLOW_CLIENT_SLEEP)]
+        stack.enter_context(Clients.start(cfg, [args] * k))
+        _wait_clients(sock, k)
+        idle = rss_bytes(daemon.pid)
+        t0 = time.monotonic()
+        go(10**12)
+        samples: list[tuple[float, int]] = []
+        try:
+            while (t := time.monotonic() - t0) < duration:
+                samples.append((t, rss_bytes(daemon.pid)))
+                time.sleep(0.1)
+            st = read_stats(str(stats_path_for(sock)))
+        finally:
+            go(-1)
+    full_at = duration / 4  # the queues fill in well under this
+    at_bound = median(r for t, r in samples if full_at <= t < 2 * full_at)
+    end = max(r for t, r in samples if t >= duration / 2)
+    queued = [c["queued_messages"] for c in st["clients"]]
+    dropped = sum(c["records_dropped"] for c in st["clients"])
+    mib = 1 << 20
+    stage.add(
+        Figure(
+            STAGE,
+            "rss_64_slow_clients_end",
+            end / mib,
+            "MiB",
+            at_bound / mib,
+            f"RSS {full_at:.1f}-{2 * full_at:.1f} s in, queues at the bound",
+            target=f"flat: the end within {RSS_FLAT - 1:.0%} of the RSS at the bound",
+            met=end <= RSS_FLAT * at_bound,
+            note=f"over {duration} s of a full-speed feed; queues at the end: "
+            f"{min(queued)}-{max(queued)} of {QUEUE_MESSAGES} messages; "
+            f"{dropped:,} records dropped for slow clients",
+        )
+    )
+    stage.add(
+        Figure(
+            STAGE,
+            "rss_64_slow_clients_at_bound",
+            at_bound / mib,
+            "MiB",
+            idle / mib,
+            "RSS idle with the 64 clients connected",
+        )
+    )
+
+
+def run(cfg: Config) -> Stage:
+    stage = Stage(
+        STAGE,
+        "Daemon relay",
+        method=(
+            "The real `scoutfs-notifyd` process with its scoutfs source draining a synthetic "
+            "ring (`bench/relay_daemon.py`: the ioctl copies 1024 prebuilt records a call, as "
+            "from a ring that is always full; the drain thread, publish loop and broadcaster "
+            "are the daemon's own), serving K real client processes (`bench/relay_client.py`, "
+            "a blocking `recv_into` loop that checks `seq` continuity per message). Baseline: "
+            "one process sending the same 64-record messages to K `socketpair(AF_UNIX, "
+            "SOCK_SEQPACKET)`s in a blocking loop (`bench/relay_pair.py`), read by the same "
+            "client program. Rates are records each client received per second, from the "
+            "first message at any client to the last; bursts of the two arms alternate. "
+            "Memory: 64 clients that sleep 10 ms after every message, a feed at full speed, "
+            "RSS of the daemon sampled every 0.1 s."
+        ),
+    )
+    with tempfile.TemporaryDirectory(prefix="nfyb-", dir=cfg.workdir) as tmp:
+        for k in CLIENT_COUNTS:
+            sub = Path(tmp) / f"k{k}"
+            sub.mkdir(mode=0o700)
+            _throughput(cfg, stage, sub, k)
+        sub = Path(tmp) / "mem"
+        sub.mkdir(mode=0o700)
+        _memory(cfg, stage, sub)
+    return stage
