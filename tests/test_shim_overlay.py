@@ -219,8 +219,7 @@ ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0
 ACL_UNDEFINED_ID = 0xFFFFFFFF
 
 
-def test_limit_posix_acls_on_backing_are_not_enforced(open_top: Path) -> None:
-    """Known limit (README): the kernel checks the mode bits only."""
+def test_posix_acls_on_backing_are_enforced(open_top: Path) -> None:
     backing, mnt = open_top / "backing", open_top / "mnt"
     backing.mkdir()
     target = backing / "acl"
@@ -238,8 +237,27 @@ def test_limit_posix_acls_on_backing_are_not_enforced(open_top: Path) -> None:
         os.setxattr(target, "system.posix_acl_access", acl)
     except OSError as exc:
         pytest.skip(f"BACKING's filesystem takes no POSIX ACLs: {exc.strerror}")
+    (backing / "plain").write_text("plain")
+    os.chmod(backing / "plain", 0o644)
     direct = _as_nobody(f"open({str(target)!r}).read()")
     assert "PermissionError" in direct.stderr  # BACKING refuses nobody
     with run_shim(backing, mnt, open_top / "absent.sock", "--allow-other"):
-        through = _as_nobody(f"print(open({str(mnt / 'acl')!r}).read())")
-        assert through.stdout == "acl\n", through.stderr  # the overlay does not
+        through = _as_nobody(f"open({str(mnt / 'acl')!r}).read()")
+        assert "PermissionError" in through.stderr  # and so does the overlay
+        plain = _as_nobody(f"print(open({str(mnt / 'plain')!r}).read())")
+        assert plain.stdout == "plain\n", plain.stderr
+        assert (mnt / "acl").read_text() == "acl"  # root still may
+
+
+def test_created_files_get_the_callers_mode_and_umask(overlay) -> None:
+    backing, mnt = overlay
+    # 002 keeps group write, which a shim running under umask 022 would strip
+    old = os.umask(0o002)
+    try:
+        fd = os.open(mnt / "f", os.O_CREAT | os.O_WRONLY, 0o666)
+        os.close(fd)
+        os.mkdir(mnt / "d", 0o777)
+    finally:
+        os.umask(old)
+    assert (backing / "f").stat().st_mode & 0o777 == 0o664
+    assert (backing / "d").stat().st_mode & 0o777 == 0o775

@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except MountpointError as exc:
         log.error("%s", exc)
         return 1
+    # create/mkdir/mknod apply the caller's umask themselves; ours must not
+    # mask what they ask for a second time
+    os.umask(0)
     socket_path = os.fspath(args.socket or default_socket_path(backing))
     overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout)
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}

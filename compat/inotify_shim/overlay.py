@@ -85,6 +85,10 @@ class Overlay(pyfuse3.Operations):
     # under us (other processes, other cluster nodes).
     enable_writeback_cache = False
 
+    # The kernel enforces POSIX ACLs too, reading them through getxattr, so
+    # an ACL that refuses a user on BACKING refuses them here.
+    enable_acl = True
+
     # flush is not implemented: writes reach BACKING at once, so a close has
     # nothing to report, and the ENOSYS answer makes the kernel stop sending
     # FLUSH at all: one request less for every close, replays included.
