@@ -261,3 +261,25 @@ def test_created_files_get_the_callers_mode_and_umask(overlay) -> None:
         os.umask(old)
     assert (backing / "f").stat().st_mode & 0o777 == 0o664
     assert (backing / "d").stat().st_mode & 0o777 == 0o775
+
+
+def test_default_acl_of_the_parent_replaces_the_umask(overlay) -> None:
+    backing, mnt = overlay
+    (backing / "shared").mkdir()
+    default = _posix_acl(
+        (ACL_USER_OBJ, 7, ACL_UNDEFINED_ID),
+        (ACL_GROUP_OBJ, 7, ACL_UNDEFINED_ID),
+        (ACL_MASK, 7, ACL_UNDEFINED_ID),
+        (ACL_OTHER, 5, ACL_UNDEFINED_ID),
+    )
+    try:
+        os.setxattr(backing / "shared", "system.posix_acl_default", default)
+    except OSError as exc:
+        pytest.skip(f"BACKING's filesystem takes no POSIX ACLs: {exc.strerror}")
+    old = os.umask(0o077)
+    try:
+        os.close(os.open(mnt / "shared" / "f", os.O_CREAT | os.O_WRONLY, 0o666))
+    finally:
+        os.umask(old)
+    # POSIX: where a default ACL applies, the umask does not
+    assert (backing / "shared" / "f").stat().st_mode & 0o777 == 0o664
