@@ -6,6 +6,7 @@ of the kernel APIs it uses, and its notify_test program runs each case.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -89,6 +90,38 @@ def test_bench_prints_machine_readable_lines(notify_test: Path) -> None:
     assert "hook_no_reader" in names
     assert "emit_stored" in names
     assert "emit_dropped_full" in names
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address,undefined"])
+def test_cases_under_sanitizer(
+    tmp_path_factory: pytest.TempPathFactory, notify_test: Path, sanitizer: str
+) -> None:
+    """Data races (emit vs drain vs attach), memory and UB errors in notify.c fail here."""
+    out = tmp_path_factory.mktemp("sanitizer")
+    cflags = f"-O1 -g -fno-omit-frame-pointer -fsanitize={sanitizer} -fno-sanitize-recover=all"
+    proc = subprocess.run(
+        ["make", "-s", "-C", str(HARNESS), f"O={out}", f"CFLAGS={cflags}"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0 and "sanitize" in proc.stderr:
+        pytest.skip(f"this compiler can't build with -fsanitize={sanitizer}: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr
+    env = {
+        **os.environ,
+        "TSAN_OPTIONS": "halt_on_error=1",
+        "ASAN_OPTIONS": "detect_leaks=1",
+    }
+    proc = subprocess.run(
+        [str(out / "notify_test"), "run", "all"],
+        capture_output=True,
+        text=True,
+        timeout=CASE_TIMEOUT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "Sanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") == len(CASES)
 
 
 def test_harness_compiles_the_patch_source() -> None:

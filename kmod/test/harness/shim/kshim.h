@@ -48,9 +48,9 @@ typedef uint64_t __le64;
 #define __user
 #define likely(x)	__builtin_expect(!!(x), 1)
 #define unlikely(x)	__builtin_expect(!!(x), 0)
-#define READ_ONCE(x)	(*(const volatile __typeof__(x) *)&(x))
-#define WRITE_ONCE(x, val) \
-	do { *(volatile __typeof__(x) *)&(x) = (val); } while (0)
+/* relaxed atomics: what the kernel's mean, and what ThreadSanitizer knows */
+#define READ_ONCE(x)	__atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define WRITE_ONCE(x, val) __atomic_store_n(&(x), (val), __ATOMIC_RELAXED)
 #define smp_mb()	atomic_thread_fence(memory_order_seq_cst)
 #define BUILD_BUG_ON(cond) _Static_assert(!(cond), #cond)
 #define min_t(type, a, b) \
