@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from notifyd.paths import socket_path_for_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -78,9 +80,16 @@ class NotifydProcess:
         self.log_path = log_path
         # the daemon's $NOTIFY_SOCKET, open until stop() so STOPPING=1 lands too
         self.notify: socketlib.socket | None = None
+        self.killed = False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL (no cleanup, the socket stays): teardown then expects nothing."""
+        self.proc.kill()
+        self.proc.wait()
+        self.killed = True
 
     def stop(self) -> int:
         """SIGTERM, wait; fail the test if it does not exit 0 and remove its socket."""
@@ -96,6 +105,8 @@ class NotifydProcess:
             self.notify.close()
             self.notify = None
         rc = self.proc.returncode
+        if self.killed:
+            return rc
         if rc != 0:
             pytest.fail(f"notifyd exited with status {rc}:\n{self.log()}")
         if self.socket.exists():
@@ -130,10 +141,12 @@ def _wait_ready(notify: socketlib.socket, proc: subprocess.Popen, log_path: Path
 def notifyd_factory(tmp_path: Path):
     """Start real ``scoutfs-notifyd`` processes; every one is stopped at teardown.
 
-    ``start(backing=None, *extra_args, source="fanotify", socket=None)`` returns a
-    :class:`NotifydProcess` once the daemon has sent READY=1 (its fanotify mark
-    is in place and its socket listens). ``backing`` defaults to a fresh
-    directory; ``socket`` to a fresh short path (sun_path holds 107 bytes).
+    ``start(backing=None, *extra_args, source="fanotify", socket=None, run_dir=None)``
+    returns a :class:`NotifydProcess` once the daemon has sent READY=1 (its
+    fanotify mark is in place and its socket listens). ``backing`` defaults to a
+    fresh directory; ``socket`` to a fresh short path (sun_path holds 107
+    bytes). With ``run_dir`` the daemon gets ``--run-dir`` instead of
+    ``--socket`` and serves the default path under it.
     Calling ``start`` again with the same ``backing`` and ``socket`` after
     ``.stop()`` restarts the daemon in place. ``extra_args`` go to the daemon
     (e.g. ``"--client-queue", "4"``).
@@ -149,13 +162,19 @@ def notifyd_factory(tmp_path: Path):
         *extra_args: str,
         source: str = "fanotify",
         socket: Path | None = None,
+        run_dir: Path | None = None,
     ) -> NotifydProcess:
         n = len(started)
         if backing is None:
             backing = tmp_path / f"backing{n}"
             backing.mkdir()
-        if socket is None:
-            socket = sockdir / f"{n}.sock"
+        if run_dir is not None:
+            socket = socket_path_for_dir(backing, run_dir)
+            where = ["--run-dir", str(run_dir)]
+        else:
+            if socket is None:
+                socket = sockdir / f"{n}.sock"
+            where = ["--socket", str(socket)]
         log_path = tmp_path / f"notifyd{n}.log"
         notify_path = sockdir / f"{n}.sd"
         notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
@@ -166,7 +185,7 @@ def notifyd_factory(tmp_path: Path):
             env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
             with open(log_path, "ab") as log:
                 cmd = [sys.executable, "-m", "notifyd.daemon", "--source", source]
-                cmd += [str(backing), "--socket", str(socket), *extra_args]
+                cmd += [str(backing), *where, *extra_args]
                 proc = subprocess.Popen(
                     cmd,
                     stdin=subprocess.DEVNULL,
