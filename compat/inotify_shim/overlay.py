@@ -283,18 +283,6 @@ class Overlay(pyfuse3.Operations):
 
     # --- namespace changes ---------------------------------------------------
 
-    def _masked(self, parent_inode: int, mode: int, ctx: pyfuse3.RequestContext) -> int:
-        """``mode`` less the caller's umask, unless the parent has a default ACL.
-
-        With ACLs on, the kernel leaves the umask to us; POSIX ignores it
-        where a default ACL applies, and BACKING applies that ACL itself.
-        """
-        try:
-            os.getxattr(self._path(parent_inode), "system.posix_acl_default")
-        except OSError:
-            return mode & ~ctx.umask
-        return mode
-
     def _created(self, path: str, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
         entry = self._entry(os.lstat(path))
@@ -306,7 +294,7 @@ class Overlay(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        os.mkdir(path, self._masked(parent_inode, mode, ctx))
+        os.mkdir(path, mode & ~ctx.umask)
         return self._created(path, ctx)
 
     @_fuse_errors
@@ -314,7 +302,7 @@ class Overlay(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        os.mknod(path, self._masked(parent_inode, mode, ctx), rdev)
+        os.mknod(path, mode & ~ctx.umask, rdev)
         return self._created(path, ctx)
 
     @_fuse_errors
@@ -434,7 +422,7 @@ class Overlay(pyfuse3.Operations):
             path = self._child(parent_inode, name)
             open_flags = flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                fd = os.open(path, open_flags | os.O_EXCL, self._masked(parent_inode, mode, ctx))
+                fd = os.open(path, open_flags | os.O_EXCL, mode & ~ctx.umask)
                 created = True
             except FileExistsError:
                 if flags & os.O_EXCL:
