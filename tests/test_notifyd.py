@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import pytest
 
 from notifyd import abi
 from notifyd.client import Gap, Subscriber
+from notifyd.stats import read_stats
 
 # How long a test waits for a record that should come; a bound, not a timing.
 RECV_TIMEOUT = 20.0
@@ -74,3 +79,70 @@ def test_cat_gives_open_then_read(notifyd_factory, tmp_path) -> None:
         assert (r.pid, r.uid, r.gid) == (reader.pid, NOBODY, NOBODY)
         assert r.pos == 0 and r.count == 0 and r.flags == 0
         assert r.version == abi.VERSION and r.reserved == 0
+
+
+def _stats(daemon) -> dict:
+    return read_stats(str(daemon.stats_socket))
+
+
+def _wait_clients(daemon, n: int) -> None:
+    deadline = time.monotonic() + RECV_TIMEOUT
+    while len(_stats(daemon)["clients"]) != n:
+        assert time.monotonic() < deadline, f"daemon never had {n} clients: {_stats(daemon)}"
+        time.sleep(0.02)
+
+
+def test_sixteen_clients_get_identical_streams(fanotify_daemon) -> None:
+    names = [fanotify_daemon.backing / f"f{i}" for i in range(40)]
+    for p in names:
+        p.write_text(p.name)
+    subs = [Subscriber(fanotify_daemon.socket, timeout=RECV_TIMEOUT) for _ in range(16)]
+    try:
+        code = "import os, sys\nfor p in sys.argv[1:]: open(p).read()\nprint(os.getpid())"
+        out = subprocess.run(
+            [sys.executable, "-c", code, *map(str, names)], capture_output=True, check=True
+        )
+        pid = int(out.stdout)
+        last_ino = os.stat(names[-1]).st_ino
+        streams = [
+            records_until(
+                s, lambda g: any(r.pid == pid and r.ino == last_ino and r.type == abi.TYPE_READ for r in g)
+            )
+            for s in subs
+        ]
+    finally:
+        for s in subs:
+            s.close()
+    assert all(s == streams[0] for s in streams)
+    theirs = [r for r in streams[0] if r.pid == pid]
+    assert [r.ino for r in theirs] == [os.stat(p).st_ino for p in names for _ in (1, 2)]
+
+
+def test_daemon_leaks_no_fds_over_1000_connections(fanotify_daemon) -> None:
+    fds = f"/proc/{fanotify_daemon.proc.pid}/fd"
+    _wait_clients(fanotify_daemon, 0)
+    before = len(os.listdir(fds))
+    for i in range(1000):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+            c.connect(str(fanotify_daemon.socket))
+            if i % 10 == 0:
+                c.send(b"ignored")
+    _wait_clients(fanotify_daemon, 0)
+    assert len(os.listdir(fds)) == before
+    assert _stats(fanotify_daemon)["clients_total"] == 1000
+
+
+def test_daemon_disconnects_a_flooder_and_serves_the_rest(fanotify_daemon) -> None:
+    f = fanotify_daemon.backing / "f"
+    f.write_text("x")
+    with Subscriber(fanotify_daemon.socket, timeout=RECV_TIMEOUT) as good:
+        flood = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        flood.settimeout(RECV_TIMEOUT)
+        flood.connect(str(fanotify_daemon.socket))
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(1000):
+                flood.send(b"x" * 4096)
+        flood.close()
+        subprocess.run(["cat", str(f)], capture_output=True, check=True)
+        records_until(good, lambda g: any(r.type == abi.TYPE_READ for r in g))
+    assert "disconnecting a flooding client" in fanotify_daemon.log()
