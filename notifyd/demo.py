@@ -4,8 +4,11 @@
 scoutfs source when DIR is a scoutfs mount, else the fanotify source; a
 fresh directory with a few files when DIR is not given), subscribes with
 ``scoutfs-notify watch``, reads a few files in a child process, prints the
-watcher's lines, and stops everything.  It exits 0 when the watcher saw a
-READ record for every file it read.
+watcher's lines; then mounts the inotify shim over DIR, runs ``inotifywait
+-m -r`` on the overlay and reads files directly on DIR again
+(:mod:`compat.inotify_shim.demo`), and stops everything.  It exits 0 when
+the watcher saw a READ record and inotifywait an open, access and close for
+every file read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from compat.inotify_shim import demo as shim_demo
 
 from . import ioctls
 
@@ -214,7 +219,8 @@ def run(directory: Path, workdir: Path) -> bool:
             _log(f"no READ record from pid {pid} for some files within {RECORD_TIMEOUT} s")
             return False
         _log(f"saw OPEN and READ for all {len(files)} files read by pid {pid}")
-        return True
+        _log("and through the inotify shim, for inotify watchers:")
+        return shim_demo.run(directory, daemon.socket) == 0
     finally:
         if watcher:
             watcher.stop()

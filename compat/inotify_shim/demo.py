@@ -1,9 +1,10 @@
 """The shim's part of the README's main job.
 
 With a daemon already serving ``socket_path`` for ``directory``: mount the
-shim over ``directory``, run ``inotifywait -m -r`` on the overlay, read a
-few files *directly* on ``directory``, and show what inotifywait reports for
-them.  Everything it starts is stopped and unmounted before it returns.
+shim over ``directory`` (at a fresh directory under /tmp), run
+``inotifywait -m -r`` on the overlay, read a few files *directly* on
+``directory``, and show what inotifywait reports for them.  Everything it
+starts is stopped and unmounted before it returns.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +79,9 @@ def _shim(directory: Path, mountpoint: Path, socket_path: Path, log: Path) -> It
                 proc.wait()
         if mount_type(str(mountpoint)) == FSTYPE:
             subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        if proc.returncode != 0:
+            print(f"demo: the shim exited with {proc.returncode}; its log:", file=sys.stderr)
+            sys.stderr.write(log.read_text(errors="replace"))
 
 
 class _Lines:
@@ -99,20 +104,45 @@ class _Lines:
         return line.decode(errors="replace")
 
 
-def run(directory: Path, socket_path: Path, workdir: Path, out: TextIO = sys.stdout) -> int:
+def run(directory: Path, socket_path: Path, out: TextIO = sys.stdout) -> int:
     """Show accesses on ``directory`` reported by inotifywait on the overlay.
 
     Returns 0 when every access was reported, 1 otherwise.
     """
     directory = directory.resolve()
-    mountpoint = workdir / "overlay"
-    mountpoint.mkdir(exist_ok=True)
     files = pick_files(directory)
     if not files:
         print(f"demo: no regular files under {directory} to read", file=out)
         return 1
+    # A directory of its own, emptied with rmdir/unlink only: a recursive
+    # removal that met a mount still in place would delete BACKING's files.
+    workdir = Path(tempfile.mkdtemp(prefix="scoutfs-notify-shim-demo-", dir="/tmp"))
+    mountpoint = workdir / "overlay"
+    mountpoint.mkdir()
+    log = workdir / "shim.log"
+    try:
+        return _show(directory, files, mountpoint, socket_path, log, out)
+    finally:
+        if mount_type(str(mountpoint)) is None:
+            print(f"demo: unmounted {mountpoint}", file=out)
+            with contextlib.suppress(OSError):
+                log.unlink()
+                mountpoint.rmdir()
+                workdir.rmdir()
+        else:
+            print(f"demo: {mountpoint} is still mounted: umount -l {mountpoint}", file=out)
+
+
+def _show(
+    directory: Path,
+    files: list[Path],
+    mountpoint: Path,
+    socket_path: Path,
+    log: Path,
+    out: TextIO,
+) -> int:
     print(f"demo: mounting the inotify shim over {directory} at {mountpoint}", file=out)
-    with _shim(directory, mountpoint, socket_path, workdir / "shim.log"):
+    with _shim(directory, mountpoint, socket_path, log):
         command = [
             "inotifywait",
             "-m",
@@ -140,13 +170,13 @@ def run(directory: Path, socket_path: Path, workdir: Path, out: TextIO = sys.std
             shown = " ".join(command[:-2]) + f" '%w%f %e' {mountpoint}"
             print(f"demo: $ {shown}", file=out)
             for path in files:
-                print(f"demo: $ cat {path}   (directly on {directory}, not the overlay)", file=out)
+                print(f"demo: reading {path} (on {directory}, not the overlay)", file=out)
                 path.read_bytes()
             waiting = {str(mountpoint / p.relative_to(directory)) for p in files}
             events = _Lines(watcher.stdout.fileno())
             deadline = time.monotonic() + EVENT_TIMEOUT
             while waiting and (line := events.next(deadline)) is not None:
-                print(f"inotifywait: {line}", file=out)
+                print(f"inotifywait: {line}", file=out, flush=True)
                 path, _, names = line.rpartition(" ")
                 if "CLOSE_NOWRITE" in names.split(","):
                     waiting.discard(path)
@@ -161,5 +191,4 @@ def run(directory: Path, socket_path: Path, workdir: Path, out: TextIO = sys.std
     )
     for path in sorted(waiting):
         print(f"demo: not reported: {path}", file=out)
-    print(f"demo: unmounted {mountpoint}", file=out)
     return 0 if not waiting else 1
