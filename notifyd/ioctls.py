@@ -71,7 +71,9 @@ def ino_paths(fd: int, ino: int, limit: int = 64) -> list[str]:
             raise
         dir_ino, dir_pos, nbytes = abi.INO_PATH_RESULT.unpack_from(result.raw)
         start = abi.INO_PATH_RESULT.size
-        paths.append(os.fsdecode(result.raw[start : start + nbytes]))
+        # path_bytes counts the terminating NUL (scoutfs ioctl.c copies it)
+        path = result.raw[start : start + nbytes]
+        paths.append(os.fsdecode(path[:-1] if path.endswith(b"\0") else path))
         # advance past the entry just returned, carrying into dir_ino
         dir_pos = (dir_pos + 1) & 0xFFFFFFFFFFFFFFFF
         if dir_pos == 0:
