@@ -146,6 +146,53 @@ static long plain_drain(void)
 	return n;
 }
 
+#define CHUNKS	5
+
+typedef void (*loop_fn)(struct mount *m, long n);
+
+static void loop_empty_call(struct mount *m, long n)
+{
+	long i;
+
+	for (i = 0; i < n; i++)
+		empty_call(&m->file, i, 1);
+}
+
+static void loop_hook(struct mount *m, long n)
+{
+	long i;
+
+	for (i = 0; i < n; i++)
+		scoutfs_notify_read(&m->file, i, 1);
+}
+
+static void loop_clock(struct mount *m, long n)
+{
+	volatile u64 sink;
+	long i;
+
+	for (i = 0; i < n; i++)
+		sink = ktime_get_real_ns();
+	(void)sink;
+}
+
+static double fastest(long ops, loop_fn fn, struct mount *m)
+{
+	double best = 0;
+	u64 start;
+	double ns;
+	int c;
+
+	for (c = 0; c < CHUNKS; c++) {
+		start = now_ns();
+		fn(m, ops / CHUNKS);
+		ns = (double)(now_ns() - start) / (ops / CHUNKS);
+		if (c == 0 || ns < best)
+			best = ns;
+	}
+	return best;
+}
+
 /* --- threaded: emitters while this thread drains --- */
 
 static atomic_int emitters_done;
@@ -223,15 +270,13 @@ int main(int argc, char **argv)
 	current = &p.task;
 	spin_lock_init(&plain.lock);
 
-	start = now_ns();
-	for (i = 0; i < ops; i++)
-		empty_call(&m.file, i, 1);
-	report("empty_call_ns", (double)(now_ns() - start) / ops);
-
-	start = now_ns();
-	for (i = 0; i < ops; i++)
-		scoutfs_notify_read(&m.file, i, 1);
-	report("hook_no_reader_ns", (double)(now_ns() - start) / ops);
+	/*
+	 * Nanosecond loops: the fastest of CHUNKS chunks, so that one
+	 * preemption on a shared machine does not make the figure.
+	 */
+	report("empty_call_ns", fastest(ops, loop_empty_call, &m));
+	report("hook_no_reader_ns", fastest(ops, loop_hook, &m));
+	report("clock_read_ns", fastest(ops / 10, loop_clock, &m));
 
 	/* plain copy: emit a ringful, empty it, untimed */
 	ns = 0;

@@ -1,0 +1,91 @@
+"""``python -m bench``: run the benchmark stages and write BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import report
+from .config import ROOT, Config
+from .figures import Stage
+
+STAGES = ("ring", "relay", "fanotify", "shim")
+
+
+def _stage_runner(name: str):
+    # imported on demand: a stage's imports (pyfuse3...) need not load for the others
+    if name == "ring":
+        from .ring import run
+    elif name == "relay":
+        from .relay import run
+    elif name == "fanotify":
+        from .fanotify_source import run
+    else:
+        from .shim import run
+    return run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure every stage of scoutfs-notify against a baseline measured in "
+        "the same run; print 'bench ...' lines and write BENCHMARKS.md. Run as root.",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes and 2 runs per figure")
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated, in this order: {','.join(STAGES)} (default: all)",
+    )
+    p.add_argument("--repeats", type=int, help="runs per figure (default: 5, 2 with --quick)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "BENCHMARKS.md",
+        help="where to write the report (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=Path("/tmp"), help="scratch space (default: /tmp)"
+    )
+    args = p.parse_args(argv)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    cfg = Config(quick=args.quick, repeats=repeats, workdir=args.workdir)
+    info = report.machine()
+    stages: list[Stage] = []
+    failed = False
+    for name in STAGES:
+        if name not in args.stages:
+            continue
+        print(f"# stage {name}", flush=True)
+        t0 = time.monotonic()
+        try:
+            stage = _stage_runner(name)(cfg)
+        except Exception as exc:
+            traceback.print_exc()
+            failed = True
+            stage = Stage(name, name, skipped=f"the stage failed: {exc!r}")
+        stage.seconds = time.monotonic() - t0
+        if stage.skipped:
+            print(f"# stage {name} not measured: {stage.skipped}", flush=True)
+        stages.append(stage)
+    report.write(args.output, cfg, info, stages)
+    print(f"# wrote {args.output}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
