@@ -364,7 +364,11 @@ def _apply(job: _Job, mountpoint: str) -> None:
             if act == READ:
                 os.pread(f.fd, 1, 0)
         except OSError as exc:
-            job.errno = exc.errno or 0
+            job.errno = exc.errno or errno.EIO
+            return
+        except ValueError:
+            # a path no kernel would take (a NUL in it): count it as failed
+            job.errno = errno.EINVAL
             return
         job.done += 1
 

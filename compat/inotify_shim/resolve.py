@@ -140,9 +140,15 @@ class Resolver:
         ``stale`` is a path that turned out wrong: it is not returned again.
         """
         if self._scoutfs_prefix is not None:
-            return await trio.to_thread.run_sync(
-                self._scoutfs_path, ino, stale, limiter=self._limiter
-            )
+            try:
+                return await trio.to_thread.run_sync(
+                    self._scoutfs_path, ino, stale, limiter=self._limiter
+                )
+            except OSError as exc:
+                # EPERM without CAP_DAC_READ_SEARCH, or BACKING unmounted:
+                # the record is lost (and counted), the shim keeps serving
+                log.warning("INO_PATH for inode %d under %s: %s", ino, self.backing, exc)
+                return None
         path = self.cached(ino)
         if path is not None and path != stale:
             return path
