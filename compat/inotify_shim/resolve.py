@@ -100,6 +100,7 @@ class Resolver:
         # when the walk behind the current index started (trio clock)
         self._walked_at = -math.inf
         self._lock = trio.Lock()
+        self._reported: set[int | None] = set()  # INO_PATH errnos logged once each
         self._scoutfs_prefix = self._scoutfs_prefix_of(backing)
 
     @staticmethod
@@ -147,7 +148,9 @@ class Resolver:
             except OSError as exc:
                 # EPERM without CAP_DAC_READ_SEARCH, or BACKING unmounted:
                 # the record is lost (and counted), the shim keeps serving
-                log.warning("INO_PATH for inode %d under %s: %s", ino, self.backing, exc)
+                if exc.errno not in self._reported:
+                    self._reported.add(exc.errno)
+                    log.warning("INO_PATH for inode %d under %s: %s", ino, self.backing, exc)
                 return None
         path = self.cached(ino)
         if path is not None and path != stale:
