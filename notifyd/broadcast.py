@@ -204,17 +204,24 @@ class Broadcaster:
 
     async def _send_loop(self, client: Client, scope: trio.CancelScope) -> None:
         sock = client.sock
-        async for batch in client.receive_channel:
+        receive = client.receive_channel
+        while True:
+            batch = await receive.receive()
+            # send whatever else is queued without a trip through the scheduler
             while True:
                 try:
                     sock.send(batch)
-                    break
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(sock)
+                    continue
                 except (BrokenPipeError, ConnectionResetError):
                     scope.cancel()
                     return
-            client.sent += len(batch) // abi.RECORD_SIZE
+                client.sent += len(batch) // abi.RECORD_SIZE
+                try:
+                    batch = receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
 
     async def _discard_input(self, client: Client) -> str:
         """Read and drop whatever the client sends; return why it ended."""
