@@ -7,11 +7,23 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "rss_bytes", "spawn", "stop", "wait_ready"]
+__all__ = [
+    "bind_self",
+    "cpu_seconds",
+    "mounted",
+    "notifyd",
+    "rss_bytes",
+    "spawn",
+    "stop",
+    "wait_ready",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -75,3 +87,43 @@ def wait_ready(notify: socket.socket, proc: subprocess.Popen, log: Path) -> None
         if b"READY=1" in msg.split(b"\n"):
             return
     raise RuntimeError(f"no READY=1 in {READY_TIMEOUT} s:\n" + log.read_text(errors="replace"))
+
+
+@contextlib.contextmanager
+def notifyd(
+    cfg_env: dict[str, str], tmp: Path, args: Sequence[str], module: str = "notifyd.daemon"
+) -> Iterator[subprocess.Popen]:
+    """A daemon (``python -m MODULE ARGS``) that has sent READY=1; stopped on exit.
+
+    Its log is ``tmp/MODULE.log``.
+    """
+    log = tmp / f"{module}.log"
+    sd = tmp / f"{module}.sd"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sd))
+    env = {**cfg_env, "NOTIFY_SOCKET": str(sd)}
+    cmd = [sys.executable, "-m", module, *args]
+    with (
+        notify,
+        open(log, "wb") as out,
+        spawn(cmd, stdout=out, stderr=out, env=env, cwd=ROOT) as proc,
+    ):
+        wait_ready(notify, proc, log)
+        yield proc
+
+
+def mounted(target: str) -> bool:
+    """Whether something is mounted exactly at ``target`` (/proc/mounts does not lie)."""
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+@contextlib.contextmanager
+def bind_self(path: Path) -> Iterator[Path]:
+    """Bind-mount ``path`` onto itself: a mount of its own, so that a fanotify
+    mount mark on it sees this benchmark's accesses and nothing else on the machine."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)

@@ -29,7 +29,7 @@ from notifyd.stats import read_stats
 
 from .config import ROOT, Config
 from .figures import Figure, Stage, median
-from .procs import cpu_seconds, rss_bytes, spawn, wait_ready
+from .procs import cpu_seconds, notifyd, rss_bytes, spawn
 
 __all__ = ["run"]
 
@@ -130,18 +130,8 @@ def _daemon(cfg: Config, tmp: Path, *extra: str) -> Iterator[tuple[subprocess.Po
     fifo = tmp / "ring.ctl"
     os.mkfifo(fifo)
     sock = tmp / "notify.sock"
-    log = tmp / "daemon.log"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp / "sd"))
-    cmd = [sys.executable, "-m", "bench.relay_daemon", str(fifo), str(tmp)]
-    cmd += ["--socket", str(sock), "--log-level", "warning", *extra]
-    env = {**cfg.env, "NOTIFY_SOCKET": str(tmp / "sd")}
-    with (
-        notify,
-        open(log, "wb") as out,
-        spawn(cmd, stdout=out, stderr=out, env=env, cwd=ROOT) as proc,
-    ):
-        wait_ready(notify, proc, log)
+    args = [str(fifo), str(tmp), "--socket", str(sock), "--log-level", "warning", *extra]
+    with notifyd(cfg.env, tmp, args, module="bench.relay_daemon") as proc:
         ctl = os.open(fifo, os.O_WRONLY)
         try:
 
