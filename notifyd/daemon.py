@@ -135,24 +135,27 @@ def _socket_path(args: argparse.Namespace, source: Source, gid: int | None) -> P
 
 async def serve(args: argparse.Namespace) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
-    gid = _group_id(args.socket_group)
-    source = make_source(args)
-    listeners: list[Listener] = []
-    try:
-        source.open()
-        path = _socket_path(args, source, gid)
-        listener = bind_listener(path, gid=gid)
-        listeners.append(listener)
-        stats_listener = bind_listener(paths.stats_path_for(path), kind=socket.SOCK_STREAM, gid=gid)
-        listeners.append(stats_listener)
-        relay = Broadcaster(
-            listener.sock, queue_messages=args.client_queue, max_clients=args.max_clients
-        )
+    # from the start, so a signal during startup still ends in the cleanup below
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        gid = _group_id(args.socket_group)
+        source = make_source(args)
+        listeners: list[Listener] = []
+        try:
+            source.open()
+            path = _socket_path(args, source, gid)
+            listener = bind_listener(path, gid=gid, lock=True)
+            listeners.append(listener)
+            stats_listener = bind_listener(
+                paths.stats_path_for(path), kind=socket.SOCK_STREAM, gid=gid
+            )
+            listeners.append(stats_listener)
+            relay = Broadcaster(
+                listener.sock, queue_messages=args.client_queue, max_clients=args.max_clients
+            )
 
-        def snapshot() -> dict[str, Any]:
-            return {"pid": os.getpid(), "socket": str(path), **source.stats(), **relay.stats()}
+            def snapshot() -> dict[str, Any]:
+                return {"pid": os.getpid(), "socket": str(path), **source.stats(), **relay.stats()}
 
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(relay.serve)
                 await nursery.start(serve_stats, stats_listener.sock, snapshot)
@@ -164,17 +167,17 @@ async def serve(args: argparse.Namespace) -> None:
                     sd_notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     break
-        st = snapshot()
-        log.info(
-            "stopped: relayed %d records, served %d client(s)",
-            st["records_published"],
-            st["clients_total"],
-        )
-    finally:
-        with trio.CancelScope(shield=True):
-            source.close()
-            for item in listeners:
-                item.close()
+            st = snapshot()
+            log.info(
+                "stopped: relayed %d records, served %d client(s)",
+                st["records_published"],
+                st["clients_total"],
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                source.close()
+                for item in listeners:
+                    item.close()
 
 
 def _daemon_errors(exc: BaseException) -> list[DaemonError]:

@@ -7,13 +7,17 @@
   they have a wider mode; ``--socket-group`` then hands one group 0660 (and
   traverse rights on the socket's own directory).
 - An existing socket is probed: if a daemon answers, it is never stolen; if
-  nobody answers it is stale and replaced.
+  nobody answers it is stale and replaced.  The notify socket's daemon also
+  holds an flock on ``<socket>.lock`` for its whole life, so two daemons
+  starting at once cannot both find the socket stale and unlink each
+  other's.  The lock file stays (removing it would reopen that race).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -111,12 +115,33 @@ def _probe(path: Path) -> bool:
     return True
 
 
+def _live(path: Path) -> DaemonError:
+    return DaemonError(f"{path}: a live daemon serves it: stop that one or choose another --socket")
+
+
+def _lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DaemonError(f"{lock_path}: a symlink: remove it") from None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _live(path) from None
+    return fd
+
+
 class Listener:
     """A bound, listening socket and what is needed to remove it safely."""
 
-    def __init__(self, sock: socket.socket, path: Path) -> None:
+    def __init__(self, sock: socket.socket, path: Path, lock_fd: int = -1) -> None:
         self.sock = sock
         self.path = path
+        self._lock_fd = lock_fd
         st = os.lstat(path)
         self._ident = (st.st_dev, st.st_ino)
 
@@ -126,21 +151,38 @@ class Listener:
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == self._ident:
-            os.unlink(self.path)
+            pass
+        else:
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def bind_listener(
-    path: Path, *, kind: int = socket.SOCK_SEQPACKET, gid: int | None = None
+    path: Path, *, kind: int = socket.SOCK_SEQPACKET, gid: int | None = None, lock: bool = False
 ) -> Listener:
     """Bind and listen on ``path`` with mode 0600 (0660 for ``gid``), non-blocking.
+
+    Args:
+        lock: hold ``<path>.lock`` until :meth:`Listener.close`.
 
     Raises:
         DaemonError: a live daemon serves ``path``, or it is not a socket.
     """
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise DaemonError(f"{path}: longer than {SUN_PATH_MAX} bytes: choose a shorter --socket")
+    lock_fd = _lock(path) if lock else -1
+    try:
+        return _bind(path, kind, gid, lock_fd)
+    except BaseException:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        raise
+
+
+def _bind(path: Path, kind: int, gid: int | None, lock_fd: int) -> Listener:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -149,20 +191,27 @@ def bind_listener(
         if not stat.S_ISSOCK(st.st_mode):
             raise DaemonError(f"{path}: exists and is not a socket: remove it")
         if _probe(path):
-            raise DaemonError(
-                f"{path}: a live daemon serves it: stop that one or choose another --socket"
-            )
+            raise _live(path)
         log.info("replacing stale socket %s", path)
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    bound = False
     try:
         with _umask(0o177):
-            sock.bind(os.fspath(path))
+            try:
+                sock.bind(os.fspath(path))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise _live(path) from None
+                raise
+        bound = True
         if gid is not None:
             os.chown(path, -1, gid, follow_symlinks=False)
             os.chmod(path, 0o660)
         sock.listen(BACKLOG)
-        return Listener(sock, path)
+        return Listener(sock, path, lock_fd)
     except BaseException:
         sock.close()
+        if bound:
+            os.unlink(path)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import shutil
@@ -186,3 +187,16 @@ def test_world_writable_socket_dir_is_refused(tmp_path, short_dir) -> None:
     open_dir.chmod(0o777)
     err = refused(tmp_path, "--socket", str(open_dir / "n.sock"))
     assert "writable by others without the sticky bit" in err
+
+
+def test_the_socket_lock_is_respected(tmp_path, short_dir) -> None:
+    # a daemon that is starting holds the lock before its socket exists
+    path = short_dir / "n.sock"
+    fd = os.open(short_dir / "n.sock.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        err = refused(tmp_path, "--socket", str(path))
+    finally:
+        os.close(fd)
+    assert "a live daemon serves it" in err
+    assert not path.exists()
