@@ -117,7 +117,8 @@ def test_dead_mount_of_something_else_is_reported_with_the_command(tmp_path: Pat
         unmount(mnt)
 
 
-def test_sigterm_with_replays_in_flight_leaves_no_mount(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_with_replays_in_flight_leaves_no_mount(tmp_path: Path, sig: int) -> None:
     need_fuse()
     backing, mnt = tmp_path / "backing", tmp_path / "mnt"
     backing.mkdir()
@@ -134,7 +135,7 @@ def test_sigterm_with_replays_in_flight_leaves_no_mount(tmp_path: Path) -> None:
                 recs += [feed.record(abi.TYPE_OPEN, ino), feed.record(abi.TYPE_READ, ino)]
             feed.send(recs)
             w.expect("f0", "OPEN")  # replays have begun
-            assert shim.stop(signal.SIGTERM) == 0
+            assert shim.stop(sig) == 0
         assert mount_type(str(mnt)) is None
         assert "unmounted" in shim.log()
 

@@ -286,3 +286,25 @@ def test_limit_umask_applies_under_a_default_acl(overlay) -> None:
         os.umask(old)
     # POSIX wants 0664 here (the default ACL, no umask)
     assert (backing / "shared" / "f").stat().st_mode & 0o777 == 0o600
+
+
+def test_tail_f_on_the_overlay_follows_appends_made_on_backing(overlay) -> None:
+    backing, mnt = overlay
+    (backing / "log").write_text("first\n")
+    # `timeout` ends tail, and so the blocking reads below, if lines never come
+    tail = subprocess.Popen(
+        ["timeout", "20", "tail", "-n", "+1", "-f", "-s", "0.1", str(mnt / "log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        assert tail.stdout.readline() == "first\n"
+        with open(backing / "log", "a") as f:
+            f.write("second\n")
+        # tail polls (FUSE counts as remote); the new size shows within the
+        # attribute timeout, and the read past the old size returns the data
+        assert tail.stdout.readline() == "second\n"
+    finally:
+        tail.kill()
+        tail.wait()
