@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import shutil
+import signal
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import trio
 
 from notifyd import abi
+from notifyd.client import Subscriber
 from notifyd.errors import DaemonError
+from notifyd.paths import stats_path_for
 from notifyd.source_scoutfs import ScoutfsSource
+from notifyd.stats import read_stats
 
 FSID = 0x1234ABCD5678EF00
 _DROPPED = struct.Struct("<Q")
@@ -146,3 +156,75 @@ async def test_drain_loop_batches_gaps_and_detach(tmp_path) -> None:
     assert ring.detached
     # every drain after the probe and the attaching call waited, bounded
     assert {flags for _, flags in ring.calls[2:-1]} == {abi.READ_NOTIFY_WAIT}
+
+
+# The real daemon process with its scoutfs source; only the ioctl is a stand-in
+# (nr 26 answers, 25 is ENOTTY), serving 3 x 100 records once TRIGGER exists.
+DAEMON_WITH_FAKE_RING = """
+import ctypes, errno, os, sys, time
+from notifyd import abi, daemon
+from notifyd.source_scoutfs import ScoutfsSource
+from notifyd.stats import read_stats
+
+TRIGGER, FSID = sys.argv[1], int(sys.argv[2])
+seq = 0
+
+def ioctl(fd, request, addr):
+    global seq
+    buf_ptr, buf_bytes, flags, timeout_ms, pad, _ = abi.READ_NOTIFY.unpack(
+        ctypes.string_at(addr, abi.READ_NOTIFY.size))
+    if request != abi.IOC_READ_NOTIFY_CANDIDATES[1]:
+        raise OSError(errno.ENOTTY, "")
+    if flags & abi.READ_NOTIFY_DETACH:
+        print("fake ring: DETACH", file=sys.stderr, flush=True)
+        return 0
+    if not flags & abi.READ_NOTIFY_WAIT or seq >= 300 or not os.path.exists(TRIGGER):
+        time.sleep(timeout_ms / 1000 if flags & abi.READ_NOTIFY_WAIT else 0)
+        return 0
+    data = b"".join(
+        abi.Record(seq + i + 1, 5, 0, 0, 1, 1, 0, 0, 0, abi.TYPE_READ).pack() for i in range(100))
+    seq += 100
+    ctypes.memmove(buf_ptr, data, len(data))
+    return 100
+
+daemon.make_source = lambda args: ScoutfsSource(args.path, ioctl=ioctl, statfs=lambda fd: (FSID, 1))
+sys.exit(daemon.main(sys.argv[3:]))
+"""
+
+
+def test_daemon_with_the_scoutfs_source(tmp_path) -> None:
+    run = Path(tempfile.mkdtemp(prefix="nfy-s-", dir="/tmp"))
+    trigger = tmp_path / "go"
+    sock = run / f"{FSID:016x}" / "notify.sock"
+    args = [str(trigger), str(FSID), str(tmp_path), "--run-dir", str(run)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DAEMON_WITH_FAKE_RING, *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        # the stats socket is bound after the notify socket listens
+        while not stats_path_for(sock).exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no socket in 30 s"
+            time.sleep(0.02)
+        with Subscriber(sock, timeout=20) as sub:
+            trigger.touch()
+            it = iter(sub)
+            got = [next(it) for _ in range(300)]
+        stats = read_stats(str(stats_path_for(sock)))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        shutil.rmtree(run, ignore_errors=True)
+    assert proc.returncode == 0, err
+    assert [r.seq for r in got] == list(range(1, 301))
+    assert stats["source"] == "scoutfs" and stats["fsid"] == f"{FSID:016x}"
+    assert stats["ioctl_nr"] == 26 and stats["records"] == 300
+    assert f"draining {tmp_path} (fsid {FSID:016x}) with ioctl nr 26" in err
+    assert "fake ring: DETACH" in err and "SIGTERM: shutting down" in err
+    assert not sock.exists()
