@@ -57,7 +57,8 @@ class Client:
         self.dropped = 0
         # records dropped since the last message that got through, for logs
         self.dropping = 0
-        self.cancel_scope = trio.CancelScope()
+        # why the connection ended, for the disconnect log line
+        self.end = "closed"
 
     def __str__(self) -> str:
         return f"client {self.id} (pid {self.pid} uid {self.uid})"
@@ -181,13 +182,11 @@ class Broadcaster:
             self._nursery.start_soon(self._serve_client, client)
 
     async def _serve_client(self, client: Client) -> None:
-        reason = "closed"
         try:
-            with client.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
-                    reason = await self._discard_input(client)
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
+                client.end = await self._discard_input(client)
+                nursery.cancel_scope.cancel()
         finally:
             del self.clients[client.id]
             client.send_channel.close()
@@ -197,7 +196,7 @@ class Broadcaster:
             log.info(
                 "%s disconnected (%s): %d records sent, %d dropped",
                 client,
-                reason,
+                client.end,
                 client.sent,
                 client.dropped,
             )
@@ -214,7 +213,8 @@ class Broadcaster:
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(sock)
                     continue
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    client.end = exc.strerror or "send failed"
                     scope.cancel()
                     return
                 client.sent += len(batch) // abi.RECORD_SIZE

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # One read(2) takes this much: ~2700 events, so a burst costs few syscalls.
 READ_BYTES = 64 * 1024
 
-_EVENT_FD_FLAGS = os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+# event fds are only fstat'ed and readlink'ed, never read
+_EVENT_FD_FLAGS = os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC
 
 
 def _fs_ids(pid: int) -> tuple[int, int]:
