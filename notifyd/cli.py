@@ -20,6 +20,8 @@ __all__ = ["PathResolver", "format_json", "format_text", "main"]
 
 # Inode -> path answers kept, so a burst of reads of one file costs one ioctl.
 PATH_CACHE_SIZE = 4096
+# What --resolve-paths prints for an inode without a path (deleted since).
+UNRESOLVED = "?"
 
 DESCRIPTION = """\
 Show file accesses on a scoutfs mount as scoutfs-notifyd relays them.
@@ -27,7 +29,8 @@ Show file accesses on a scoutfs mount as scoutfs-notifyd relays them.
   watch  prints one line per record, like `inotifywait -m`:
            TIME TYPE ino=INO [path=PATH] pid=PID uid=UID gid=GID [flags=F | pos=P count=C]
          TYPE is OPEN or READ; uid/gid print as ? when the process had gone
-         before the fanotify source looked it up. A line
+         before the fanotify source looked it up; path (--resolve-paths) as ?
+         when the file has no name left. A line
            TIME GAP lost=N after seq=S
          means N records were lost (kernel ring full, or this client too slow).
   stats  prints the daemon's counters: records drained, ring drops, clients
@@ -175,7 +178,10 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
                 for ev in sub.tracker.events(batch):
                     if isinstance(ev, abi.Record) and ev.type not in abi.TYPE_NAMES:
                         continue  # ABI.md: consumers skip types they do not know
-                    path = resolve(ev.ino) if resolve and isinstance(ev, abi.Record) else None
+                    path = None
+                    if resolve and resolve.fd >= 0 and isinstance(ev, abi.Record):
+                        # a file deleted since its access has no path left
+                        path = resolve(ev.ino) or UNRESOLVED
                     out.write(fmt(ev, path) + "\n")
                 out.flush()
     finally:
