@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import struct
 import subprocess
@@ -308,3 +309,16 @@ def test_tail_f_on_the_overlay_follows_appends_made_on_backing(overlay) -> None:
     finally:
         tail.kill()
         tail.wait()
+
+
+def test_o_direct_through_the_overlay(overlay) -> None:
+    backing, mnt = overlay
+    data = os.urandom(8192)
+    (backing / "d").write_bytes(data)
+    buf = mmap.mmap(-1, 8192)  # page aligned, as O_DIRECT wants
+    fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.readv(fd, [buf]) == 8192
+    finally:
+        os.close(fd)
+    assert bytes(buf) == data

@@ -63,6 +63,12 @@ def _renameat2(old: str, new: str, flags: int) -> None:
         raise OSError(err, os.strerror(err), old)
 
 
+def _backing_flags(flags: int) -> int:
+    # O_DIRECT is the kernel's business between the caller and the overlay:
+    # our reads go through Python buffers, which O_DIRECT would refuse.
+    return (flags & ~os.O_DIRECT) | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _fuse_errors(
     handler: Callable[P, Awaitable[R]],
 ) -> Callable[P, Awaitable[R]]:
@@ -390,7 +396,7 @@ class Overlay(pyfuse3.Operations):
         if expected is not None:
             return self._open_synthetic(inode, *expected)
         try:
-            fd = os.open(self._path(inode), flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self._path(inode), _backing_flags(flags))
         except OSError as exc:
             raise FUSEError(exc.errno) from None
         try:
@@ -420,7 +426,7 @@ class Overlay(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         try:
             path = self._child(parent_inode, name)
-            open_flags = flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            open_flags = _backing_flags(flags) | os.O_CREAT
             try:
                 fd = os.open(path, open_flags | os.O_EXCL, mode & ~ctx.umask)
                 created = True
