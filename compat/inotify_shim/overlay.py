@@ -197,10 +197,17 @@ class Overlay(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        path = self._child(parent_inode, name)
+        if name == b".":
+            path = self._path(parent_inode)
+        elif name == b"..":
+            # asked for with export support (NFS); BACKING's root is its own parent
+            parent = self._path(parent_inode)
+            path = parent if parent == self.backing else os.path.dirname(parent)
+        else:
+            path = self._child(parent_inode, name)
         entry = self._entry(os.lstat(path))
-        if name not in (b".", b".."):
-            self._add_path(entry.st_ino, path)
+        # every reply is a lookup the kernel counts, "." and ".." included
+        self._add_path(entry.st_ino, path)
         return entry
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
