@@ -236,3 +236,15 @@ def test_storm_of_records_for_gone_files_does_not_stall_the_rest(rig) -> None:
         return sum(int(n) for n in found)
 
     wait_for(lambda: unresolved_logged() == 500, EVENT_TIMEOUT, "500 unresolved logged")
+
+
+def test_two_cats_in_a_row_are_two_opens_and_closes(rig) -> None:
+    backing, mnt, feed, _ = rig
+    with watch(mnt) as w:
+        feed.access(backing / "dir" / "f")
+        feed.access(backing / "dir" / "f")
+        feed.access(backing / "sentinel")
+        w.expect("sentinel", "CLOSE_NOWRITE")
+        w.expect("dir/f", "CLOSE_NOWRITE")
+        w.drain(1.0)
+        assert w.sequence("dir/f") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"] * 2

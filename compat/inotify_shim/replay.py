@@ -91,6 +91,9 @@ class ReplayStats:
     def losses(self) -> tuple[int, ...]:
         return (self.overload, self.unresolved, self.gone, self.failed)
 
+    def __str__(self) -> str:
+        return ", ".join(f"{getattr(self, f.name)} {f.name}" for f in dataclasses.fields(self))
+
 
 @dataclasses.dataclass(eq=False)
 class _File:
