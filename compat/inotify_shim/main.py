@@ -45,6 +45,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -70,15 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--allow-other",
         action="store_true",
         help="let users other than root use the overlay (permissions are still "
-        "checked against BACKING's mode bits)",
+        "checked against BACKING's mode bits and ACLs)",
     )
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_positive_seconds,
         default=1.0,
         metavar="SECONDS",
         help="how long the kernel may cache names and attributes; changes made "
-        "directly on BACKING show after at most this long (default: 1)",
+        "directly on BACKING show after at most this long (default: 1; ABI.md "
+        "section 5 wants 1 or less)",
     )
     p.add_argument(
         "--close-after",
