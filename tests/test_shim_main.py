@@ -224,3 +224,17 @@ def test_ready_is_reported_to_systemd(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
             unmount(mnt)
+
+
+def test_mountpoint_with_spaces_is_seen_as_busy(tmp_path: Path) -> None:
+    """/proc/mounts escapes spaces (\\040): the busy check must still see the mount."""
+    need_fuse()
+    backing, mnt = tmp_path / "my backing", tmp_path / "my mnt"
+    backing.mkdir()
+    (backing / "f").write_text("spaced")
+    with run_shim(backing, mnt, tmp_path / "absent.sock"):
+        assert mount_type(str(mnt)) == FSTYPE
+        assert (mnt / "f").read_text() == "spaced"
+        out = _run(backing, mnt)
+        assert out.returncode == 1
+        assert "is busy" in out.stderr
