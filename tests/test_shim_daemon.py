@@ -11,6 +11,7 @@ import contextlib
 import os
 import queue
 import select
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -235,6 +236,7 @@ def test_inotifywait_command_line(bridge) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # killed as a group: `timeout` does not pass SIGKILL on
     )
     try:
         assert proc.stderr is not None and proc.stdout is not None
@@ -253,5 +255,5 @@ def test_inotifywait_command_line(bridge) -> None:
             [f"{mnt}/dir/sub/", "CLOSE_NOWRITE,CLOSE", "f"],
         ]
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

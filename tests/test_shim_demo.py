@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +25,21 @@ def test_demo_shows_inotifywait_reporting_direct_reads(tmp_path: Path) -> None:
     (tmp_path / "sub" / "deep.txt").write_text("deep\n")
     (tmp_path / "top.txt").write_text("top\n")
     before = _mounted_shims()
-    res = subprocess.run(
+    # its own session, so a hung demo is killed with everything it started
+    proc = subprocess.Popen(
         [sys.executable, "-m", "notifyd.demo", str(tmp_path)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stdout + res.stderr
     overlay = re.search(r"^demo: mounting the inotify shim over \S+ at (\S+)$", res.stdout, re.M)
     assert overlay, res.stdout

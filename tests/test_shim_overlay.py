@@ -9,6 +9,7 @@ import errno
 import hashlib
 import mmap
 import os
+import signal
 import struct
 import subprocess
 import tempfile
@@ -297,6 +298,7 @@ def test_tail_f_on_the_overlay_follows_appends_made_on_backing(overlay) -> None:
         ["timeout", "20", "tail", "-n", "+1", "-f", "-s", "0.1", str(mnt / "log")],
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # killed as a group: `timeout` does not pass SIGKILL on
     )
     try:
         assert tail.stdout is not None
@@ -307,7 +309,7 @@ def test_tail_f_on_the_overlay_follows_appends_made_on_backing(overlay) -> None:
         # attribute timeout, and the read past the old size returns the data
         assert tail.stdout.readline() == "second\n"
     finally:
-        tail.kill()
+        os.killpg(tail.pid, signal.SIGKILL)
         tail.wait()
 
 
