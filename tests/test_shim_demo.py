@@ -39,6 +39,9 @@ def test_demo_shows_inotifywait_reporting_direct_reads(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            # a killed shim leaves its mount: remove the ones this demo made
+            for line in set(_mounted_shims()) - set(before):
+                subprocess.run(["umount", "-l", line.split()[1]], check=False)
     res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stdout + res.stderr
     overlay = re.search(r"^demo: mounting the inotify shim over \S+ at (\S+)$", res.stdout, re.M)
