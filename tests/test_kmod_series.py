@@ -248,3 +248,21 @@ def test_nr_is_free_in_each_release(scoutfs_src: Path) -> None:
         pattern = f"SCOUTFS_IOCTL_MAGIC, {nr},"
         proc = run(["git", "-C", str(scoutfs_src), "grep", "-n", pattern, tag, "--", "kmod/src"])
         assert proc.returncode == 1, f"{tag} already uses ioctl nr {nr}:\n{proc.stdout}"
+
+
+@pytest.mark.scoutfs_src
+def test_ring_patch_builds_without_the_hooks(scoutfs_src: Path, tmp_path: Path) -> None:
+    """Each patch builds on its own: the first one, without the hooks, too."""
+    need_build_tools()
+    tree = clone_at(scoutfs_src, tmp_path / "scoutfs", UTILS_TAG)
+    ring = next((SERIES / UTILS_TAG).glob("0001-*.patch"))
+    proc = run(["git", "-C", str(tree), "am", "--3way", str(ring)])
+    assert proc.returncode == 0, proc.stderr
+    assert "scoutfs_file_open" not in (tree / "kmod/src/file.c").read_text()
+
+    out = tmp_path / "out"
+    cmd = [str(KMOD / "test" / "build-scoutfs"), "--kmod-only", str(tree), str(out)]
+    proc = run(cmd, timeout=BUILD_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    syms = run(["nm", str(out / "scoutfs.ko")]).stdout
+    assert re.search(r" T scoutfs_notify_ioctl_read$", syms, re.M)
