@@ -324,3 +324,23 @@ def test_o_direct_through_the_overlay(overlay) -> None:
     finally:
         os.close(fd)
     assert bytes(buf) == data
+
+
+def test_changes_on_backing_are_read_at_the_next_open_whatever_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """Close-to-open coherence: an open checks BACKING, not the attribute cache."""
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    # a timeout far longer than the test, so only the open-time check can help
+    with run_shim(backing, mnt, tmp_path / "absent.sock", "--timeout", "300"):
+        (backing / "r").write_text("aaaa")
+        assert (mnt / "r").read_text() == "aaaa"  # now in the overlay's caches
+        with open(backing / "r", "r+") as f:  # same size, new bytes
+            f.write("bbbb")
+        os.utime(backing / "r", ns=(0, 1))  # an mtime surely unlike the last one
+        assert (mnt / "r").read_text() == "bbbb"
+        with open(backing / "r", "a") as f:
+            f.write("cc")
+        assert (mnt / "r").read_text() == "bbbbcc"
