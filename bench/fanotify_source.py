@@ -58,9 +58,10 @@ def run(cfg: Config) -> Stage:
             "The real `scoutfs-notifyd --source fanotify` watches one copy of the directory "
             "(bind-mounted onto itself, so its mount mark sees nothing else), with one client "
             "(`bench/relay_client.py`) connected; the same workload on an identical, unwatched "
-            "copy is the baseline, runs alternating. Records/s is what the client received, over "
-            "the time from its first record to its last (at least the workload's runtime); its baseline is the accesses (opens + reads that returned "
-            "data) the workload made per second without the daemon."
+            "copy is the baseline, runs alternating. Records/s is what the client received "
+            "from its first record to its last (at least the workload's runtime); its baseline "
+            "is the accesses (opens + reads that returned data) the workload made per second "
+            "without the daemon."
         ),
     )
     files = cfg.pick(2000, 300)
