@@ -132,9 +132,9 @@ def run(cfg: Config) -> Stage:
     stage.add(
         Figure(
             STAGE,
-            "cpu_s_per_M_records",
+            "cpu_s_per_million_records",
             median(cpu),
-            "CPU s per 1e6 records",
+            "cpu_s/1e6_records",
             note="CPU of the daemon process",
         )
     )

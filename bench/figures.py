@@ -36,6 +36,11 @@ class Figure:
             return None
         return self.value / self.baseline
 
+    def __post_init__(self) -> None:
+        # the line is split on spaces: a unit with one would break every reader
+        if " " in self.unit:
+            raise ValueError(f"unit {self.unit!r} of {self.stage}.{self.name} has a space")
+
     def line(self) -> str:
         """A line a script can read: ``bench STAGE.NAME value=V unit=U ...``."""
         parts = [f"bench {self.stage}.{self.name}", f"value={self.value:.6g}", f"unit={self.unit}"]

@@ -246,12 +246,13 @@ def _throughput(cfg: Config, stage: Stage, tmp: Path, k: int) -> None:
     stage.add(
         Figure(
             STAGE,
-            f"cpu_s_per_M_records_{k}_clients",
+            f"cpu_s_per_million_records_{k}_clients",
             d_cpu,
-            "CPU s per 1e6 records published",
+            "cpu_s/1e6_records",
             b_cpu,
             "the socketpair sender loop",
-            note="CPU of the daemon process (all threads)",
+            note="CPU seconds of the daemon process (all threads) per million records "
+            "published, i.e. relayed to each of the clients",
         )
     )
 

@@ -1,0 +1,94 @@
+"""``python -m bench`` in its quick mode: the report's shape, never its timings."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# bench/ is run from the checkout (python -m bench), not installed
+sys.path.insert(0, str(ROOT))
+
+from bench.figures import Figure  # noqa: E402
+
+# bench STAGE.NAME value=V unit=U [baseline=B ratio=R] [runs=N] [target_met=yes|no]
+LINE = re.compile(r"^bench (?P<stage>[a-z_]+)\.(?P<name>[a-z0-9_]+)(?P<pairs>( [a-z_]+=\S+)+)$")
+KEYS = {"value", "unit", "baseline", "ratio", "runs", "target_met"}
+
+
+def parse(line: str) -> tuple[str, dict[str, str]]:
+    m = LINE.match(line)
+    assert m, f"malformed bench line: {line!r}"
+    pairs = dict(p.split("=", 1) for p in m["pairs"].split())
+    assert set(pairs) <= KEYS, line
+    assert {"value", "unit"} <= set(pairs), line
+    float(pairs["value"])
+    if "ratio" in pairs:
+        float(pairs["baseline"])
+        float(pairs["ratio"])
+    if "target_met" in pairs:
+        assert pairs["target_met"] in ("yes", "no")
+    return f"{m['stage']}.{m['name']}", pairs
+
+
+def test_figure_line_is_parseable():
+    fig = Figure("relay", "records_per_s_1_clients", 1.5e6, "records/s", 3e6, "pair", met=False)
+    name, pairs = parse(fig.line())
+    assert name == "relay.records_per_s_1_clients"
+    assert pairs["ratio"] == "0.5"
+    assert pairs["target_met"] == "no"
+
+
+def test_a_unit_with_a_space_is_refused():
+    with pytest.raises(ValueError):
+        Figure("ring", "x", 1.0, "ns per op")
+
+
+def test_quick_run_writes_lines_and_report(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("the fanotify stage bind-mounts and uses fanotify: run as root")
+    out = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--repeats",
+            "1",
+            "--stages",
+            "ring,fanotify",
+            "--output",
+            str(out),
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("bench ")]
+    figures = dict(parse(line) for line in lines)
+    stages = {name.split(".")[0] for name in figures}
+    assert stages == {"ring", "fanotify"}, proc.stdout
+    assert all("ratio" in p for n, p in figures.items() if n.startswith("ring."))
+
+    text = out.read_text()
+    for heading in ("# Benchmarks", "## Method", "## Machine", "## Targets"):
+        assert f"\n{heading}\n" in f"\n{text}", heading
+    for field in ("nproc", "cpu", "kernel", "python"):
+        assert f"| {field} |" in text, field
+    # every printed figure has its row in the report
+    for name in figures:
+        assert f"| `{name}` |" in text, name
+    # nothing left behind: scratch directories and mounts are gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("nfyb-")]
+    with open("/proc/self/mounts") as f:
+        assert str(tmp_path) not in f.read()
