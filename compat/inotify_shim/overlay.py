@@ -147,14 +147,13 @@ class Overlay(pyfuse3.Operations):
             self._paths[inode] = {val, path}
 
     def _drop_path(self, inode: int, path: str) -> None:
+        # An inode's last path stays until forget: the kernel may still ask
+        # about it, and a stale path fails cleanly with ENOENT.
         val = self._paths.get(inode)
         if isinstance(val, set):
             val.discard(path)
             if len(val) == 1:
                 self._paths[inode] = next(iter(val))
-        elif val == path:
-            # keep the inode known until forget: open handles may still use it
-            pass
 
     def _moved(self, old: str, new: str) -> None:
         """Rewrite every known path under ``old`` (a renamed file or tree)."""
