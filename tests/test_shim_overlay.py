@@ -344,3 +344,13 @@ def test_changes_on_backing_are_read_at_the_next_open_whatever_the_timeout(
         with open(backing / "r", "a") as f:
             f.write("cc")
         assert (mnt / "r").read_text() == "bbbbcc"
+
+
+def test_an_open_file_keeps_its_attributes_after_unlink(overlay) -> None:
+    backing, mnt = overlay
+    (backing / "u").write_text("12345")
+    with open(mnt / "u", "rb") as f:
+        (mnt / "u").unlink()
+        assert not (backing / "u").exists()
+        assert os.fstat(f.fileno()).st_size == 5
+        assert f.read() == b"12345"

@@ -114,6 +114,8 @@ class Overlay(pyfuse3.Operations):
         self._dirs: dict[int, tuple[int, list[str]]] = {}
         self._dir_fhs = itertools.count(1)
         self._replay_fhs: set[int] = set()
+        # real handles: backing fd -> inode, so an unlinked open file still has attributes
+        self._fd_inodes: dict[int, int] = {}
         self._next_replay_fh = itertools.count(_REPLAY_FH_BASE)
 
     # --- inode table ---------------------------------------------------------
@@ -223,7 +225,14 @@ class Overlay(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        return self._entry(os.lstat(self._path(inode)))
+        try:
+            return self._entry(os.lstat(self._path(inode)))
+        except FileNotFoundError:
+            # unlinked while open: the kernel still asks (fstat on an fd)
+            fd = next((fd for fd, ino in self._fd_inodes.items() if ino == inode), None)
+            if fd is None:
+                raise
+            return self._entry(os.fstat(fd))
 
     @_fuse_errors
     async def setattr(
@@ -408,7 +417,9 @@ class Overlay(pyfuse3.Operations):
         except OSError as exc:
             raise FUSEError(exc.errno) from None
         try:
-            return self._file_info(inode, fd)
+            info = self._file_info(inode, fd)
+            self._fd_inodes[fd] = inode
+            return info
         except OSError as exc:
             os.close(fd)
             raise FUSEError(exc.errno) from None
@@ -453,6 +464,7 @@ class Overlay(pyfuse3.Operations):
         except OSError as exc:
             raise FUSEError(exc.errno) from None
         self._add_path(entry.st_ino, path)
+        self._fd_inodes[fd] = entry.st_ino
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
 
     @_fuse_errors
@@ -481,6 +493,7 @@ class Overlay(pyfuse3.Operations):
         if fh in self._replay_fhs:
             self._replay_fhs.discard(fh)
             return
+        self._fd_inodes.pop(fh, None)
         os.close(fh)
 
     # --- the rest ------------------------------------------------------------
