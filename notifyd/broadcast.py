@@ -1,9 +1,15 @@
 """The relay core: hand every published batch to every connected client.
 
-Each client has a bounded queue of messages and its own sender task.  When a
-client's queue is full its batch is dropped (its stream shows a ``seq`` gap)
-and nobody else waits.  Batches are opaque bytes of whole records: the hot
-path never decodes them.
+A batch is any number of whole records in ``seq`` order (one drain of the
+source); it is queued by reference for every client and cut into messages of
+up to 64 records only as each client's sender task sends it, so the hot path
+costs one queue append per client per drain and one send(2) per message, and
+never decodes a record.
+
+Each client's queue is bounded in messages.  A batch that does not fit is
+dropped for that client alone (its stream shows a ``seq`` gap); nobody else
+waits.  An empty queue always takes the next batch, so a client holds at most
+its bound plus one batch.
 
 Ordering guarantee: a client whose ``connect()`` returned before a batch is
 published receives that batch.  ``publish`` first accepts every connection
@@ -21,6 +27,7 @@ import select
 import socket
 import struct
 import time
+from collections import deque
 from typing import Any
 
 import trio
@@ -53,7 +60,13 @@ class Client:
         self.id = ident
         self.pid, self.uid, self.gid = _peer_cred(sock)
         self.connected = time.time()
-        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](queue_messages)
+        self.limit = queue_messages
+        # batches not yet sent completely, the first one from byte `offset` on
+        self.queue: deque[bytes] = deque()
+        self.offset = 0
+        self.queued_messages = 0
+        # the sender parks here when its queue is empty
+        self.lot = trio.lowlevel.ParkingLot()
         self.sent = 0
         self.dropped = 0
         # records dropped since the last message that got through, for logs
@@ -73,7 +86,7 @@ class Client:
             "connected": self.connected,
             "records_sent": self.sent,
             "records_dropped": self.dropped,
-            "queued_messages": self.send_channel.statistics().current_buffer_used,
+            "queued_messages": self.queued_messages,
         }
 
 
@@ -124,26 +137,29 @@ class Broadcaster:
         }
 
     def publish(self, batch: bytes) -> None:
-        """Queue one message of whole records for every client; never blocks."""
+        """Queue a batch of whole records for every client; never blocks."""
         if self._nursery is not None and self._pending.poll(0):
             self.accept_pending()
         n = len(batch) // abi.RECORD_SIZE
+        if not n:
+            return
+        msgs = -(-n // abi.MAX_MESSAGE_RECORDS)
         self.records += n
-        self.messages += 1
+        self.messages += msgs
         for client in self.clients.values():
-            try:
-                client.send_channel.send_nowait(batch)
-            except trio.WouldBlock:
+            if client.queued_messages and client.queued_messages + msgs > client.limit:
                 if not client.dropping:
                     log.warning("%s: queue full, dropping its records", client)
                 client.dropping += n
                 client.dropped += n
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            else:
-                if client.dropping:
-                    log.warning("%s: resumed after %d records dropped", client, client.dropping)
-                    client.dropping = 0
+                continue
+            client.queue.append(batch)
+            client.queued_messages += msgs
+            if client.dropping:
+                log.warning("%s: resumed after %d records dropped", client, client.dropping)
+                client.dropping = 0
+            if client.lot:
+                client.lot.unpark()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept clients until cancelled; clients are served in this task's nursery."""
@@ -194,8 +210,7 @@ class Broadcaster:
                 nursery.cancel_scope.cancel()
         finally:
             del self.clients[client.id]
-            client.send_channel.close()
-            client.receive_channel.close()
+            client.queue.clear()
             trio.lowlevel.notify_closing(client.sock)
             client.sock.close()
             log.info(
@@ -208,25 +223,32 @@ class Broadcaster:
 
     async def _send_loop(self, client: Client, scope: trio.CancelScope) -> None:
         sock = client.sock
-        receive = client.receive_channel
+        queue = client.queue
+        step = abi.MAX_MESSAGE_BYTES
         while True:
-            batch = await receive.receive()
-            # send whatever else is queued without a trip through the scheduler
-            while True:
+            if not queue:
+                await client.lot.park()
+                continue
+            view = memoryview(queue[0])
+            end = len(view)
+            off = client.offset
+            while off < end:
                 try:
-                    sock.send(batch)
+                    sock.send(view[off : off + step])
                 except BlockingIOError:
+                    client.offset = off
                     await trio.lowlevel.wait_writable(sock)
                     continue
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     client.end = exc.strerror or "send failed"
                     scope.cancel()
                     return
-                client.sent += len(batch) // abi.RECORD_SIZE
-                try:
-                    batch = receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
+                sent = min(step, end - off)
+                off += sent
+                client.sent += sent // abi.RECORD_SIZE
+                client.queued_messages -= 1
+            queue.popleft()
+            client.offset = 0
 
     async def _discard_input(self, client: Client) -> str:
         """Read and drop whatever the client sends; return why it ended."""

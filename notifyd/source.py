@@ -1,9 +1,10 @@
 """What the relay needs from a source of records.
 
 A source turns some kernel facility into batches of whole 64-byte records in
-``seq`` order and hands each batch to ``publish``.  The relay never looks
-inside a batch, so a benchmark can drive it with an in-process source that
-publishes prebuilt bytes.
+``seq`` order and hands each batch to ``publish``, typically one batch per
+drain of the kernel.  The relay never looks inside a batch (it cuts it into
+messages of up to 64 records as it sends), so a benchmark can drive it with
+an in-process source that publishes prebuilt bytes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import trio
 
 __all__ = ["Publish", "Source"]
 
-# Receives one message: 1 to 64 whole records (abi.MAX_MESSAGE_BYTES at most).
-# Must not block; the relay queues or drops per client.
+# Receives one batch of whole records, any number of them.  The relay keeps a
+# reference, so the bytes must not change afterwards.  Never blocks; the relay
+# queues or drops per client.
 Publish = Callable[[bytes], None]
 
 

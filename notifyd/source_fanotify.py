@@ -123,8 +123,8 @@ class FanotifySource:
                 except BlockingIOError:
                     break
                 out = self._convert(buf)
-                for off in range(0, len(out), abi.MAX_MESSAGE_BYTES):
-                    publish(bytes(out[off : off + abi.MAX_MESSAGE_BYTES]))
+                if out:
+                    publish(bytes(out))
                 # let clients' senders run between large bursts
                 await trio.lowlevel.checkpoint()
 

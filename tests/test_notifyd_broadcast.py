@@ -107,6 +107,35 @@ async def test_a_stalled_client_loses_its_own_records_only(tmp_path) -> None:
     lst.close()
 
 
+async def test_a_large_batch_goes_out_as_messages_of_64(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst, queue_messages=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        sub = await AsyncSubscriber.connect(tmp_path / "n.sock")
+        await until(lambda: len(relay.clients) == 1, "the client")
+        # 16 messages into a queue of 4: an empty queue takes any one batch
+        relay.publish(batch(1, 1000))
+        sizes = []
+        with trio.fail_after(20):
+            while sum(sizes) < 1000:
+                sizes.append(len(await sub.recv_batch()) // abi.RECORD_SIZE)
+        assert sizes == [64] * 15 + [40]
+        # a full queue drops a whole batch; once drained, the next one fits
+        relay.publish(batch(1001, 64 * 3))
+        relay.publish(batch(1193, 64 * 2))
+        relay.publish(batch(1321, 1))
+        got = []
+        with trio.fail_after(20):
+            while not got or got[-1] != 1321:
+                got += [r[0] for r in abi.iter_fields(await sub.recv_batch())]
+        assert got == [*range(1001, 1193), 1321]
+        assert relay.clients[1].stats()["records_dropped"] == 128
+        await sub.aclose()
+        nursery.cancel_scope.cancel()
+    lst.close()
+
+
 async def test_connect_then_publish_is_never_missed(tmp_path) -> None:
     lst = listener(tmp_path)
     relay = Broadcaster(lst)
