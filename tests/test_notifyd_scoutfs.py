@@ -233,3 +233,17 @@ def test_daemon_with_the_scoutfs_source(tmp_path) -> None:
     assert f"draining {tmp_path} (fsid {FSID:016x}) with ioctl nr 26" in err
     assert "fake ring: DETACH" in err and "SIGTERM: shutting down" in err
     assert not sock.exists()
+
+
+def test_daemon_on_a_plain_directory_names_the_fix(tmp_path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "notifyd.daemon", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().endswith(
+        f"scoutfs-notifyd: {tmp_path}: not a scoutfs mount "
+        "(use --source fanotify for other filesystems)"
+    ), res.stderr
