@@ -42,7 +42,7 @@ watched by the fanotify source, or any --socket the daemon was given.
 """
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
+def _add_target(p: argparse.ArgumentParser, json_help: str) -> None:
     p.add_argument(
         "mount",
         nargs="?",
@@ -50,7 +50,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
         help="the scoutfs mount (or fanotify-watched directory) whose daemon to ask",
     )
     p.add_argument("--socket", metavar="PATH", help="the daemon's notify socket")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--json", action="store_true", help=json_help)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,15 +65,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print records as they arrive, until SIGINT",
         description="Print one line per record (or JSON lines) until SIGINT or the daemon stops.",
     )
-    _add_target(w)
+    _add_target(w, "one JSON object per record or gap, one per line")
     w.add_argument(
         "--resolve-paths",
         action="store_true",
         help="add each file's path (relative to MOUNT) with SCOUTFS_IOC_INO_PATH; "
         "needs MOUNT on scoutfs and CAP_DAC_READ_SEARCH",
     )
-    s = sub.add_parser("stats", help="print the daemon's counters", description="")
-    _add_target(s)
+    s = sub.add_parser(
+        "stats",
+        help="print the daemon's counters",
+        description="Print what the daemon has drained and relayed: records, drops in the "
+        "kernel ring or the fanotify queue, and every client with its own drops.",
+    )
+    _add_target(s, "the daemon's JSON document as it is")
     args = p.parse_args(argv)
     if not args.socket and not args.mount:
         p.error("give MOUNT or --socket PATH")
