@@ -142,13 +142,17 @@ async def serve(args: argparse.Namespace) -> None:
         listeners: list[Listener] = []
         try:
             source.open()
-            path = _socket_path(args, source, gid)
-            listener = bind_listener(path, gid=gid, lock=True)
-            listeners.append(listener)
-            stats_listener = bind_listener(
-                paths.stats_path_for(path), kind=socket.SOCK_STREAM, gid=gid
-            )
-            listeners.append(stats_listener)
+            try:
+                path = _socket_path(args, source, gid)
+                listener = bind_listener(path, gid=gid, lock=True)
+                listeners.append(listener)
+                stats_listener = bind_listener(
+                    paths.stats_path_for(path), kind=socket.SOCK_STREAM, gid=gid
+                )
+                listeners.append(stats_listener)
+            except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename else ""
+                raise DaemonError(f"cannot create the socket: {where}{exc.strerror}") from None
             relay = Broadcaster(
                 listener.sock, queue_messages=args.client_queue, max_clients=args.max_clients
             )

@@ -200,3 +200,8 @@ def test_the_socket_lock_is_respected(tmp_path, short_dir) -> None:
         os.close(fd)
     assert "a live daemon serves it" in err
     assert not path.exists()
+
+
+def test_an_unusable_run_dir_is_a_clear_error(tmp_path, short_dir) -> None:
+    err = refused(tmp_path, "--run-dir", str(short_dir / "missing" / "run"))
+    assert f"cannot create the socket: {short_dir / 'missing' / 'run'}: No such file" in err
