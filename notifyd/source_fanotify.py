@@ -62,6 +62,8 @@ class FanotifySource:
     def __init__(self, path: str | os.PathLike[str], *, mark_flags: int = 0) -> None:
         self.root = os.path.realpath(path)
         self._prefix = self.root.rstrip("/") + "/"
+        # on a mount's root the mount mark sees exactly the subtree: no path filter
+        self._whole_mount = False
         self._mark_flags = mark_flags or fanotify.FAN_MARK_MOUNT
         self._fd = -1
         self._pid = os.getpid()
@@ -94,7 +96,12 @@ class FanotifySource:
         except OSError as exc:
             self.close()
             raise DaemonError(f"cannot watch {self.root} with fanotify: {exc.strerror}") from None
-        log.info("fanotify: watching %s", self.root)
+        self._whole_mount = os.path.ismount(self.root)
+        log.info(
+            "fanotify: watching %s%s",
+            self.root,
+            " (a mount root)" if self._whole_mount else " (filtered from its mount)",
+        )
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -128,6 +135,10 @@ class FanotifySource:
                 # let clients' senders run between large bursts
                 await trio.lowlevel.checkpoint()
 
+    def _inside(self, fd: int) -> bool:
+        """Whether an event's file lies under the watched directory."""
+        return self._whole_mount or os.readlink(f"/proc/self/fd/{fd}").startswith(self._prefix)
+
     def _convert(self, buf: bytes) -> bytearray:
         """Turn one read of events into records, closing every event fd."""
         out = bytearray()
@@ -146,11 +157,10 @@ class FanotifySource:
                 if pid == self._pid:
                     continue
                 try:
-                    where = os.readlink(f"/proc/self/fd/{fd}")
                     st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or not self._inside(fd):
+                        continue
                 except OSError:
-                    continue
-                if not where.startswith(self._prefix) or not stat.S_ISREG(st.st_mode):
                     continue
             finally:
                 os.close(fd)

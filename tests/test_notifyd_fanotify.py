@@ -136,3 +136,28 @@ def test_open_errors_are_clear(tmp_path) -> None:
 
     with pytest.raises(DaemonError, match="not a directory"):
         FanotifySource(tmp_path / "missing").open()
+
+
+def test_a_mount_root_needs_no_path_filter(tmp_path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.decode().strip()}")
+    try:
+        (mnt / "f").write_text("data")
+        src = FanotifySource(mnt)
+        src.open()
+        try:
+            assert src._whole_mount
+            pid = read_in_child(mnt / "f")
+            recs = abi.decode(drain_now(src))
+        finally:
+            src.close()
+        ino = os.stat(mnt / "f").st_ino
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert [(r.pid, r.ino, r.type) for r in recs] == [
+        (pid, ino, abi.TYPE_OPEN),
+        (pid, ino, abi.TYPE_READ),
+    ]
