@@ -20,6 +20,7 @@ __all__ = [
     "rss_bytes",
     "spawn",
     "stop",
+    "tmpfs",
     "wait_ready",
 ]
 
@@ -123,6 +124,20 @@ def bind_self(path: Path) -> Iterator[Path]:
     """Bind-mount ``path`` onto itself: a mount of its own, so that a fanotify
     mount mark on it sees this benchmark's accesses and nothing else on the machine."""
     subprocess.run(["mount", "--bind", str(path), str(path)], check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "512m") -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` for the block; whatever is on it goes with the unmount."""
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield path
     finally:

@@ -47,15 +47,15 @@ TARGET_SHARE = 0.5
 RSS_FLAT = 1.05  # RSS at the end within 5% of RSS once the queues were full
 
 
-# Where the time goes, from py-spy profiles of the daemon in this benchmark
-# (py-spy record -p DAEMON during a burst).
+# Where the time goes, from a py-spy profile of the daemon during a one-client
+# burst (notifyd at commit 1a9fc97, which queues whole drains by reference).
 WHY_SLOW = (
-    "the daemon relays from one trio thread, and each message costs it per client one "
-    "send(2) of 4 KiB plus one scheduler pass (`Broadcaster._send_loop`, "
-    "notifyd/broadcast.py, takes one message per `async for` step), and once per message "
-    "an accept(2) that fails with EAGAIN (`Broadcaster.publish` calls `accept_pending` "
-    "every time: 14% of the busy samples with one client); the socketpair loop pays only "
-    "the send(2)"
+    "the daemon does everything on one trio thread: 59% of its busy samples are the send(2) "
+    "of each 4 KiB message itself (`Broadcaster._send_loop`, notifyd/broadcast.py), 10% the "
+    "scoutfs source copying each drain into a new bytes object (`ScoutfsSource._publish`, "
+    "notifyd/source_scoutfs.py), the rest trio's scheduling and epoll round trips each "
+    "time the client's socket buffer fills; the socketpair loop just blocks in send(2), and "
+    "its receiver runs on the other core while it does"
 )
 
 
@@ -287,7 +287,7 @@ def _memory(cfg: Config, stage: Stage, tmp: Path) -> None:
     stage.add(
         Figure(
             STAGE,
-            "rss_64_slow_clients_end",
+            "rss_64_slow_clients_last_third",
             end / mib,
             "MiB",
             at_bound / mib,

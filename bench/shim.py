@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .config import ROOT, Config
 from .figures import Figure, Stage, median
-from .procs import bind_self, notifyd
+from .procs import bind_self, notifyd, tmpfs
 
 __all__ = ["run"]
 
@@ -183,13 +183,25 @@ def _pct(values: list[float], q: float) -> float:
 
 
 class Names:
-    """Fresh file names, so that every access in a run is to a distinct file."""
+    """File names for runs: distinct within a run, taken round a pool of ``size``.
 
-    def __init__(self) -> None:
+    A file comes round again only after the rest of the pool, long after the
+    shim closed its synthetic open (``--close-after``), so its access raises
+    IN_OPEN again; a pool the size of the largest run keeps the number of
+    files (and the cleanup) small.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
         self.n = 0
 
+    def all(self) -> list[str]:
+        return [f"f{i:06d}" for i in range(self.size)]
+
     def take(self, count: int) -> list[str]:
-        out = [f"f{i:06d}" for i in range(self.n, self.n + count)]
+        if count > self.size:
+            raise ValueError(f"a run of {count} files from a pool of {self.size}")
+        out = [f"f{(self.n + i) % self.size:06d}" for i in range(count)]
         self.n += count
         return out
 
@@ -224,12 +236,14 @@ def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
 
 
 SUSTAINED_RATES = (1000, 2000, 5000, 10000, 20000)
+SUSTAINED_SECONDS = 1.0
+SUSTAINED_SECONDS_QUICK = 0.5
 SUSTAINED_RATES_QUICK = (1000, 5000)
 
 
 def _sustained(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
     rates = SUSTAINED_RATES_QUICK if cfg.quick else SUSTAINED_RATES
-    seconds = cfg.pick(2, 1) / 2
+    seconds = SUSTAINED_SECONDS_QUICK if cfg.quick else SUSTAINED_SECONDS
     best = {"overlay": 0.0, "local": 0.0}
     steps = []
     overlay_lost = False
@@ -336,48 +350,51 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
 
 
 @contextlib.contextmanager
-def _setup(cfg: Config, tmp: Path, total_names: int) -> Iterator[dict]:
+def _pipeline(cfg: Config, tmp: Path, backing: Path, tag: str) -> Iterator[tuple[Path, object]]:
+    """The real daemon and shim over ``backing`` (a mount of its own); yields (overlay, shim)."""
     support = _shim_support()
-    backing, local_dir, mnt = tmp / "backing", tmp / "local", tmp / "mnt"
-    backing.mkdir()
-    local_dir.mkdir()
-    all_names = Names().take(total_names)
-    _make_files(backing, all_names)
-    _make_files(local_dir, all_names)
-    big_size = cfg.pick(256, 16) << 20
-    with open(backing / "big.bin", "wb") as f:
-        for _ in range(big_size >> 20):
-            f.write(os.urandom(1 << 20))
+    work = tmp / tag
+    work.mkdir()
+    sock = work / "notify.sock"
+    args = ["--source", "fanotify", str(backing), "--socket", str(sock), "--log-level", "warning"]
+    with (
+        notifyd(cfg.env, work, args),
+        support.run_shim(backing, work / "mnt", sock, log=work / "shim.log") as shim,
+    ):
+        yield work / "mnt", shim
+
+
+@contextlib.contextmanager
+def _events_setup(cfg: Config, tmp: Path, names: Names) -> Iterator[dict]:
+    """BACKING and the local directory on tmpfs mounts of their own: many small files
+    come and go in no time, and only this benchmark's accesses reach the daemon."""
+    backing, local_dir = tmp / "backing", tmp / "local"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(bind_self(backing))
-        sock = tmp / "notify.sock"
-        args = [
-            "--source",
-            "fanotify",
-            str(backing),
-            "--socket",
-            str(sock),
-            "--log-level",
-            "warning",
-        ]
-        stack.enter_context(notifyd(cfg.env, tmp, args))
-        shim = stack.enter_context(support.run_shim(backing, mnt, sock, log=tmp / "shim.log"))
+        for d in (backing, local_dir):
+            d.mkdir()
+            stack.enter_context(tmpfs(d))
+            _make_files(d, names.all())
+        mnt, shim = stack.enter_context(_pipeline(cfg, tmp, backing, "events"))
         overlay = OpenStamps(mnt)
         stack.callback(overlay.close)
         local = OpenStamps(local_dir)
         stack.callback(local.close)
-        setup = dict(
-            backing=backing,
-            local_dir=local_dir,
-            mnt=mnt,
-            overlay=overlay,
-            local=local,
-            big_size=big_size,
-            shim=shim,
-        )
         # the first miss walks BACKING into the shim's inode index: not measured
-        _run_once(overlay, backing, ["big.bin"], 10)
-        yield setup
+        _run_once(overlay, backing, names.all()[:1], 10)
+        yield dict(backing=backing, local_dir=local_dir, overlay=overlay, local=local, shim=shim)
+
+
+@contextlib.contextmanager
+def _reads_setup(cfg: Config, tmp: Path) -> Iterator[dict]:
+    """One big file on the disk (so that cold means cold), BACKING bind-mounted onto itself."""
+    backing = tmp / "disk"
+    backing.mkdir()
+    big_size = cfg.pick(256, 16) << 20
+    with open(backing / "big.bin", "wb") as f:
+        for _ in range(big_size >> 20):
+            f.write(os.urandom(1 << 20))
+    with bind_self(backing), _pipeline(cfg, tmp, backing, "reads") as (mnt, shim):
+        yield dict(backing=backing, mnt=mnt, big_size=big_size, shim=shim)
 
 
 def _shim_losses(log: str) -> str:
@@ -394,33 +411,33 @@ def run(cfg: Config) -> Stage:
         STAGE,
         "inotify shim",
         method=(
-            "The real daemon (`--source fanotify`) watches BACKING, a directory bind-mounted "
-            "onto itself (so the mount mark sees only this benchmark); the real shim "
+            "The real daemon (`--source fanotify`) watches BACKING, a mount of its own (so "
+            "its mount mark sees only this benchmark): a tmpfs for the event figures, a "
+            "directory on the disk bind-mounted onto itself for the reads; the real shim "
             "(`scoutfs-notify-shim`, started by `tests/shim_support.run_shim`) mounts the "
             "overlay. A reader thread here stamps the first IN_OPEN per name on the overlay "
             "directory; the access (open, read 1 byte, close) is made on BACKING, paced, "
-            "each to a file not accessed before. Baseline: the same accesses to an identical "
-            "local directory watched directly by the same reader. Sustained rate: steps of "
+            "each to a different file (a pool the size of the largest run, used round). "
+            "Baseline: the same accesses to an identical local tmpfs directory watched "
+            "directly by the same reader. Sustained rate: steps of "
             "rising rates; the figure is the best delivered rate of a step in which no file "
             "went without its event. Reads: one file on BACKING (the daemon and shim "
             "running), read through the overlay vs directly; cold = after dropping the page "
             "cache, warm = the pass right after."
         ),
     )
-    names = Names()
     rates = SUSTAINED_RATES_QUICK if cfg.quick else SUSTAINED_RATES
-    rates_total = int(sum(rates) * cfg.pick(2, 1) / 2)
-    total = cfg.pick(3 * LATENCY_RATE, LATENCY_RATE) * cfg.repeats + rates_total + 100
+    seconds = SUSTAINED_SECONDS_QUICK if cfg.quick else SUSTAINED_SECONDS
+    names = Names(max(cfg.pick(3 * LATENCY_RATE, LATENCY_RATE), int(max(rates) * seconds)))
     why = _cannot_run()
     if why:
         stage.skipped = why
         return stage
-    with (
-        tempfile.TemporaryDirectory(prefix="nfyb-shim-", dir=cfg.workdir) as tmp,
-        _setup(cfg, Path(tmp), total) as setup,
-    ):
-        _latency(cfg, stage, setup, names)
-        _sustained(cfg, stage, setup, names)
-        _throughput(cfg, stage, setup)
-        stage.notes.append(_shim_losses(setup["shim"].log()))
+    with tempfile.TemporaryDirectory(prefix="nfyb-shim-", dir=cfg.workdir) as tmp:
+        with _events_setup(cfg, Path(tmp), names) as setup:
+            _latency(cfg, stage, setup, names)
+            _sustained(cfg, stage, setup, names)
+            stage.notes.append("events: " + _shim_losses(setup["shim"].log()))
+        with _reads_setup(cfg, Path(tmp)) as setup:
+            _throughput(cfg, stage, setup)
     return stage
