@@ -223,3 +223,15 @@ def test_help_explains() -> None:
         assert words in res.stdout
     res = subprocess.run([*CLI, "watch", "--help"], capture_output=True, text=True, check=True)
     assert "--resolve-paths" in res.stdout and "--json" in res.stdout
+
+
+def test_watch_ends_when_the_daemon_stops(fanotify_daemon, watch) -> None:
+    w = watch("--socket", str(fanotify_daemon.socket))
+    _connected(fanotify_daemon, 1)
+    fanotify_daemon.stop()
+    try:
+        _, err = w.proc.communicate(timeout=LINE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("watch did not notice the daemon stopping") from None
+    assert w.proc.returncode == 1
+    assert "scoutfs-notify: the daemon closed the connection" in err
