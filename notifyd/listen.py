@@ -5,7 +5,9 @@
   symlink or a directory owned by someone else is refused, never followed.
 - Sockets are bound under a restrictive umask, so there is no moment when
   they have a wider mode; ``--socket-group`` then hands one group 0660 (and
-  traverse rights on the socket's own directory).
+  traverse rights on the socket's own directory).  They are bound and
+  listening under a temporary name before being renamed into place, so a
+  socket path that exists always accepts connections.
 - An existing socket is probed: if a daemon answers, it is never stolen; if
   nobody answers it is stale and replaced.  The notify socket's daemon also
   holds an flock on ``<socket>.lock`` for its whole life, so two daemons
@@ -171,8 +173,9 @@ def bind_listener(
     Raises:
         DaemonError: a live daemon serves ``path``, or it is not a socket.
     """
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise DaemonError(f"{path}: longer than {SUN_PATH_MAX} bytes: choose a shorter --socket")
+    # bound as .NAME.new first (see _bind)
+    if len(os.fsencode(path)) + len(".new.") > SUN_PATH_MAX:
+        raise DaemonError(f"{path}: too long for a socket path: choose a shorter --socket")
     lock_fd = _lock(path) if lock else -1
     try:
         return _bind(path, kind, gid, lock_fd)
@@ -193,25 +196,29 @@ def _bind(path: Path, kind: int, gid: int | None, lock_fd: int) -> Listener:
         if _probe(path):
             raise _live(path)
         log.info("replacing stale socket %s", path)
-        os.unlink(path)
+    # Bound and listening under a temporary name, then renamed into place:
+    # the path never names a socket that refuses connections, and a stale one
+    # is replaced in one step.
+    tmp = path.with_name(f".{path.name}.new")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(tmp).st_mode):
+            raise DaemonError(f"{tmp}: exists and is not a socket: remove it")
+        os.unlink(tmp)  # left by a daemon that died while starting
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     bound = False
     try:
         with _umask(0o177):
-            try:
-                sock.bind(os.fspath(path))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise _live(path) from None
-                raise
+            sock.bind(os.fspath(tmp))
         bound = True
         if gid is not None:
-            os.chown(path, -1, gid, follow_symlinks=False)
-            os.chmod(path, 0o660)
+            os.chown(tmp, -1, gid, follow_symlinks=False)
+            os.chmod(tmp, 0o660)
         sock.listen(BACKLOG)
+        os.rename(tmp, path)
+        bound = False
         return Listener(sock, path, lock_fd)
     except BaseException:
         sock.close()
         if bound:
-            os.unlink(path)
+            os.unlink(tmp)
         raise

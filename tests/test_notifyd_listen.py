@@ -205,3 +205,13 @@ def test_the_socket_lock_is_respected(tmp_path, short_dir) -> None:
 def test_an_unusable_run_dir_is_a_clear_error(tmp_path, short_dir) -> None:
     err = refused(tmp_path, "--run-dir", str(short_dir / "missing" / "run"))
     assert f"cannot create the socket: {short_dir / 'missing' / 'run'}: No such file" in err
+
+
+def test_a_half_made_socket_is_cleaned_up(notifyd_factory, short_dir) -> None:
+    # a daemon that died between bind and rename leaves .NAME.new behind
+    path = short_dir / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.bind(str(short_dir / ".n.sock.new"))
+    notifyd_factory(None, socket=path)
+    assert connects(path)
+    assert sorted(p.name for p in short_dir.iterdir()) == ["n.sock", "n.sock.lock", "n.sock.stats"]
