@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .config import ROOT, Config
 from .figures import Figure, Stage, median
-from .procs import bind_self, notifyd, tmpfs
+from .procs import bind_self, cpu_seconds, notifyd, tmpfs
 
 __all__ = ["run"]
 
@@ -209,10 +209,29 @@ class Names:
 def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
     count = cfg.pick(3 * LATENCY_RATE, LATENCY_RATE)
     runs = {"overlay": [], "local": []}
+    shim = setup["shim"]
+    cpu = {"shim": 0.0, "daemon": 0.0}
     for _ in range(cfg.repeats):
         batch = names.take(count)
+        before = {"shim": cpu_seconds(shim.proc.pid), "daemon": cpu_seconds(shim.daemon_pid)}
         runs["overlay"].append(_run_once(setup["overlay"], setup["backing"], batch, LATENCY_RATE))
+        cpu["shim"] += cpu_seconds(shim.proc.pid) - before["shim"]
+        cpu["daemon"] += cpu_seconds(shim.daemon_pid) - before["daemon"]
         runs["local"].append(_run_once(setup["local"], setup["local_dir"], batch, LATENCY_RATE))
+    events = sum(len(r[0]) for r in runs["overlay"]) or 1
+    stage.add(
+        Figure(
+            STAGE,
+            "shim_cpu_us_per_event",
+            cpu["shim"] / events * 1e6,
+            "us",
+            note=(
+                "CPU of the shim process (all threads) per event replayed during the latency "
+                f"runs, so at most {events / max(cpu['shim'], 1e-9):,.0f} events/s on a whole "
+                f"core; the daemon used {cpu['daemon'] / events * 1e6:.0f} us per access"
+            ),
+        )
+    )
     for q in (50, 99):
         value = median(_pct(r[0], q) for r in runs["overlay"])
         base = median(_pct(r[0], q) for r in runs["local"])
@@ -358,9 +377,10 @@ def _pipeline(cfg: Config, tmp: Path, backing: Path, tag: str) -> Iterator[tuple
     sock = work / "notify.sock"
     args = ["--source", "fanotify", str(backing), "--socket", str(sock), "--log-level", "warning"]
     with (
-        notifyd(cfg.env, work, args),
+        notifyd(cfg.env, work, args) as daemon,
         support.run_shim(backing, work / "mnt", sock, log=work / "shim.log") as shim,
     ):
+        shim.daemon_pid = daemon.pid
         yield work / "mnt", shim
 
 
