@@ -59,13 +59,15 @@ def run(cfg: Config) -> Stage:
         "Kernel ring (userspace harness)",
         method=(
             "`bench/ring_bench.c` compiled with the real `kmod/src/notify.c` against the "
-            "harness's kernel API shim (`kmod/test/harness/shim`), `-O2`. The shim's spinlock "
-            "is a pthread mutex, `copy_to_user` a `process_vm_writev(2)` of the process itself "
-            "(so a drain pays a syscall the kernel's copy does not), counters are atomics and "
-            "the wait queue a condvar. The clock is read around whole loops. Baselines, same "
-            "process: a no-op `noinline` call; a 64-byte `memcpy` into a 1024-slot ring under "
-            "the same mutex; that same plain ring with 1 and 2 emitting threads while a "
-            "thread drains it. Drain: a full ring (1024 records) per call, time per record."
+            "harness's kernel API shim (`kmod/test/harness/shim`), `-O2`. The shim's spinlock is "
+            "a pthread mutex, `copy_to_user` a `process_vm_writev(2)` of the process itself (so a"
+            " drain pays a syscall the kernel's copy does not), counters are atomics and the wait"
+            " queue a condvar. The clock is read around whole loops; the nanosecond loops (no "
+            "reader, the empty call, the clock) report the fastest of 5 chunks, so that one "
+            "preemption on a shared machine does not make the figure. Baselines, same process: a "
+            "no-op `noinline` call; a 64-byte `memcpy` into a 1024-slot ring under the same "
+            "mutex; that same plain ring with 1 and 2 emitting threads while a thread drains it. "
+            "Drain: a full ring (1024 records) per call, time per record."
         ),
     )
     ops = cfg.pick(10_000_000, 1_000_000)
