@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from . import abi
+from .droplog import DropLog
 
 __all__ = ["Broadcaster", "Client"]
 
@@ -69,8 +70,7 @@ class Client:
         self.lot = trio.lowlevel.ParkingLot()
         self.sent = 0
         self.dropped = 0
-        # records dropped since the last message that got through, for logs
-        self.dropping = 0
+        self.drops = DropLog(log, str(self))
         # why the connection ended, for the disconnect log line
         self.end = "closed"
 
@@ -148,16 +148,11 @@ class Broadcaster:
         self.messages += msgs
         for client in self.clients.values():
             if client.queued_messages and client.queued_messages + msgs > client.limit:
-                if not client.dropping:
-                    log.warning("%s: queue full, dropping its records", client)
-                client.dropping += n
                 client.dropped += n
+                client.drops.add(n, ", its queue is full")
                 continue
             client.queue.append(batch)
             client.queued_messages += msgs
-            if client.dropping:
-                log.warning("%s: resumed after %d records dropped", client, client.dropping)
-                client.dropping = 0
             if client.lot:
                 client.lot.unpark()
 

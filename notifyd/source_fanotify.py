@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from . import abi, fanotify, paths
+from .droplog import DropLog
 from .errors import DaemonError
 from .source import Publish
 
@@ -70,6 +71,7 @@ class FanotifySource:
         self.seq = 0
         self.records = 0
         self.overflows = 0
+        self._overflows = DropLog(log, "fanotify", unit="queue overflows")
 
     def default_socket_path(self, run_dir: str) -> str:
         return str(paths.socket_path_for_dir(self.root, run_dir))
@@ -104,6 +106,7 @@ class FanotifySource:
         )
 
     def close(self) -> None:
+        self._overflows.flush()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -150,7 +153,7 @@ class FanotifySource:
                 # at least one event lost: a gap of one is all we can prove
                 self.seq += 1
                 self.overflows += 1
-                log.warning("fanotify: kernel queue overflowed, events lost (seq %d)", self.seq)
+                self._overflows.add(1, f", events lost (seq {self.seq} skipped)")
             if fd < 0:
                 continue
             try:

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from . import abi, ioctls, paths
+from .droplog import DropLog
 from .errors import DaemonError
 from .source import Publish
 
@@ -103,6 +104,7 @@ class ScoutfsSource:
         self.ring_dropped = 0
         self.seq_lost = 0
         self.last_seq: int | None = None
+        self._ring_drops = DropLog(log, f"scoutfs {self.path}")
 
     def default_socket_path(self, run_dir: str) -> str:
         assert self.fsid is not None, "open() first"
@@ -177,11 +179,7 @@ class ScoutfsSource:
             raise OSError(errno.EIO, f"READ_NOTIFY returned {n} records")
         dropped = abi.READ_NOTIFY.unpack_from(self._arg)[5]
         if dropped > self.ring_dropped:
-            log.warning(
-                "scoutfs: ring full, %d records dropped (%d since attach)",
-                dropped - self.ring_dropped,
-                dropped,
-            )
+            self._ring_drops.add(dropped - self.ring_dropped, " in the kernel ring (full)")
             self.ring_dropped = dropped
         return n
 
@@ -231,6 +229,7 @@ class ScoutfsSource:
         """DETACH (stop emission, empty the ring), then close the mount fd."""
         if self._fd < 0:
             return
+        self._ring_drops.flush(" in the kernel ring (full)")
         if self.request is not None:
             try:
                 self._call(self.request, abi.READ_NOTIFY_DETACH, 0)
