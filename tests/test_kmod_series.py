@@ -10,9 +10,12 @@ import filecmp
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -34,6 +37,9 @@ GIT_ENV = {
 
 # A kmod build takes ~35 s on an idle 2-core machine; allow for a loaded one.
 BUILD_TIMEOUT = 900
+# The probe's guest run takes ~1 min under tcg; a hang fails after this.
+GUEST_TIMEOUT = 600
+VM_KERNEL_SH = KMOD / "test" / "vm" / "kernel.sh"
 
 
 def read_bases() -> list[tuple[str, int]]:
@@ -173,42 +179,102 @@ def ioctl_number(tree: Path, tmp_path: Path) -> int:
     return int(run([str(exe)]).stdout)
 
 
+class Build(NamedTuple):
+    tree: Path
+    out: Path
+    apply: subprocess.CompletedProcess[str]
+    build: subprocess.CompletedProcess[str] | None
+
+
+@pytest.fixture(scope="module")
+def build_release(scoutfs_src: Path, tmp_path_factory: pytest.TempPathFactory):
+    """build(tag): the tag's series applied and built, once per module (the VM test reuses it)."""
+    done: dict[str, Build] = {}
+
+    def build(tag: str) -> Build:
+        if tag not in done:
+            need_build_tools()
+            tmp = tmp_path_factory.mktemp(f"build-{tag}")
+            tree = clone_at(scoutfs_src, tmp / "scoutfs", tag)
+            applied = run([str(KMOD / "apply.sh"), str(tree)])
+            built = None
+            if applied.returncode == 0:
+                cmd = [str(KMOD / "test" / "build-scoutfs"), str(tree), str(tmp / "out")]
+                if tag != UTILS_TAG:
+                    cmd.insert(1, "--kmod-only")
+                built = run(cmd, timeout=BUILD_TIMEOUT)
+            done[tag] = Build(tree, tmp / "out", applied, built)
+        return done[tag]
+
+    return build
+
+
 @pytest.mark.scoutfs_src
 @pytest.mark.parametrize("tag", TAGS)
-def test_series_applies_and_builds(scoutfs_src: Path, tag: str, tmp_path: Path) -> None:
-    need_build_tools()
+def test_series_applies_and_builds(build_release, tag: str, tmp_path: Path) -> None:
     nr = dict(BASES)[tag]
-    tree = clone_at(scoutfs_src, tmp_path / "scoutfs", tag)
-
-    proc = run([str(KMOD / "apply.sh"), str(tree)])
-    assert proc.returncode == 0, proc.stderr
-    log = run(["git", "-C", str(tree), "log", "--format=%s", f"{tag}..HEAD"]).stdout
+    b = build_release(tag)
+    assert b.apply.returncode == 0, b.apply.stderr
+    log = run(["git", "-C", str(b.tree), "log", "--format=%s", f"{tag}..HEAD"]).stdout
     assert log.splitlines() == [
         "Emit notifications for regular file opens and reads",
         "Add a per-mount file access notification ring",
     ]
-    assert (tree / "kmod/src/notify.c").read_text() == (KMOD / "src/notify.c").read_text()
+    assert (b.tree / "kmod/src/notify.c").read_text() == (KMOD / "src/notify.c").read_text()
     want = abi.IOC_READ_NOTIFY_CANDIDATES[0 if nr == 25 else 1]
-    assert ioctl_number(tree, tmp_path) == want
+    assert ioctl_number(b.tree, tmp_path) == want
 
-    out = tmp_path / "out"
-    cmd = [str(KMOD / "test" / "build-scoutfs"), str(tree), str(out)]
-    if tag != UTILS_TAG:
-        cmd.insert(1, "--kmod-only")
-    proc = run(cmd, timeout=BUILD_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-    release = (out / "kernel-release").read_text().strip()
+    assert b.build is not None
+    assert b.build.returncode == 0, b.build.stdout[-4000:] + b.build.stderr[-4000:]
+    release = (b.out / "kernel-release").read_text().strip()
     assert re.fullmatch(r"6\.1\.\d+-\d+-amd64", release), release
     modinfo = shutil.which("modinfo") or "/sbin/modinfo"
-    info = run([modinfo, "-F", "vermagic", str(out / "scoutfs.ko")])
+    info = run([modinfo, "-F", "vermagic", str(b.out / "scoutfs.ko")])
     assert info.stdout.split()[0] == release
-    syms = run(["nm", str(out / "scoutfs.ko")]).stdout
+    syms = run(["nm", str(b.out / "scoutfs.ko")]).stdout
     for sym in ("scoutfs_notify_ioctl_read", "scoutfs_notify_setup", "scoutfs_file_open"):
         assert re.search(rf" T {sym}$", syms, re.M), f"{sym} missing from scoutfs.ko"
-    assert (out / "scoutfs").exists() == (tag == UTILS_TAG)
+    assert (b.out / "scoutfs").exists() == (tag == UTILS_TAG)
     # the build copies the checkout: it must leave it as it was
-    assert run(["git", "-C", str(tree), "status", "--porcelain"]).stdout == ""
+    assert run(["git", "-C", str(b.tree), "status", "--porcelain"]).stdout == ""
+
+
+def vm_missing() -> str:
+    """Why this host can't boot the 6.1 test kernel under qemu, or ''."""
+    if os.geteuid() != 0:
+        return "the guest shares the host root: run as root"
+    proc = run(["bash", "-c", f'. "{VM_KERNEL_SH}"; vm_missing "$(vm_kernel_release)"'])
+    return proc.stdout.strip()
+
+
+@pytest.mark.vm
+@pytest.mark.scoutfs_src
+def test_ioctl_contract_in_qemu(build_release, tmp_path: Path) -> None:
+    """ABI.md section 3 on a real mount: kmod/test/ioctl-probe.py in the guest."""
+    why = vm_missing()
+    if why:
+        pytest.skip(f"cannot boot the 6.1 test kernel: {why}")
+    b = build_release(UTILS_TAG)
+    if b.build is None or b.build.returncode != 0:
+        pytest.fail(f"the {UTILS_TAG} build failed: see test_series_applies_and_builds")
+    log = tmp_path / "guest.log"
+    cmd = [str(KMOD / "test" / "vm" / "run-guest"), "--work", str(tmp_path / "work")]
+    cmd += ["--timeout", str(GUEST_TIMEOUT), "--disk", "16G", "--disk", "16G"]
+    cmd += ["--env", f"SCOUTFS_BUILD={b.out}", "--"]
+    cmd += [str(KMOD / "test" / "ioctl-probe.sh"), sys.executable]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=GUEST_TIMEOUT + 60)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text(errors="replace")
+    assert rc == 0, f"guest exited {rc}:\n{text[-6000:]}"
+    assert "probe done" in text, text[-6000:]
 
 
 @pytest.mark.scoutfs_src
