@@ -62,20 +62,26 @@ _Static_assert(sizeof(struct scoutfs_notify_record) == 64,
  * and records are emitted from then on.
  *
  * @buf_ptr: user address of an array of struct scoutfs_notify_record.
- * @buf_bytes: size of that array, a non-zero multiple of the record size.
+ * @buf_bytes: size of that array, a non-zero multiple of the record
+ * size, checked for DETACH too.
  * @flags: WAIT sleeps until a record is available, a signal arrives, or
  * @timeout_ms passes (0 waits without a timeout).  DETACH stops
  * emission and empties the ring, no records are copied.
  * @dropped: out, records dropped on a full ring since this reader
- * attached.
+ * attached, written on every successful call.
  *
- * Returns the number of records copied, 0 only after a WAIT timeout or
- * without WAIT on an empty ring.
+ * Returns the number of records copied, 0 only after a WAIT timeout,
+ * without WAIT on an empty ring, for DETACH, or when another thread of
+ * the reader detached while this one waited.  Records are only
+ * consumed once they and @dropped have been copied, so EFAULT loses
+ * nothing.  Sequence numbers are per mount: a new reader continues
+ * from where the last one left off, and takes over the records that
+ * an exited reader left in the ring.
  *
  * EPERM: the caller doesn't have CAP_SYS_ADMIN.
  * EINVAL: bad @buf_bytes, unknown @flags, or non-zero @__pad.
- * EFAULT: the buffer couldn't be written.
- * EBUSY: another live process is the reader.
+ * EFAULT: the argument or the buffer couldn't be copied.
+ * EBUSY: another live process is the reader (for DETACH too).
  * EINTR: a signal interrupted a WAIT.
  */
 struct scoutfs_ioctl_read_notify {
