@@ -213,18 +213,26 @@ class Names:
         return out
 
 
-def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
-    count = cfg.pick(3 * LATENCY_RATE, LATENCY_RATE)
-    runs = {"overlay": [], "local": []}
+def _latency_runs(
+    cfg: Config, setup: dict, names: Names, rate: int, count: int
+) -> tuple[dict[str, list], dict[str, float]]:
+    """Runs of ``count`` accesses at ``rate``/s on both arms; (runs, CPU s of shim and daemon)."""
+    runs: dict[str, list] = {"overlay": [], "local": []}
     shim = setup["shim"]
     cpu = {"shim": 0.0, "daemon": 0.0}
     for _ in range(cfg.repeats):
         batch = names.take(count)
         before = {"shim": cpu_seconds(shim.proc.pid), "daemon": cpu_seconds(shim.daemon_pid)}
-        runs["overlay"].append(_run_once(setup["overlay"], setup["backing"], batch, LATENCY_RATE))
+        runs["overlay"].append(_run_once(setup["overlay"], setup["backing"], batch, rate))
         cpu["shim"] += cpu_seconds(shim.proc.pid) - before["shim"]
         cpu["daemon"] += cpu_seconds(shim.daemon_pid) - before["daemon"]
-        runs["local"].append(_run_once(setup["local"], setup["local_dir"], batch, LATENCY_RATE))
+        runs["local"].append(_run_once(setup["local"], setup["local_dir"], batch, rate))
+    return runs, cpu
+
+
+def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
+    count = cfg.pick(3 * LATENCY_RATE, LATENCY_RATE)
+    runs, cpu = _latency_runs(cfg, setup, names, LATENCY_RATE, count)
     events = sum(len(r[0]) for r in runs["overlay"]) or 1
     setup["cpu_us"] = {k: v / events * 1e6 for k, v in cpu.items()}
     stage.add(
@@ -240,25 +248,41 @@ def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
             ),
         )
     )
+    _latency_figures(stage, runs, count, LATENCY_RATE, "", setup)
+    # the same at a tenth of the rate: the path's own latency, without a backlog
+    slow = LATENCY_RATE // 10
+    count = cfg.pick(3 * slow, slow)
+    runs, _ = _latency_runs(cfg, setup, names, slow, count)
+    _latency_figures(stage, runs, count, slow, f"_at_{slow}_per_s", None)
+
+
+def _latency_figures(
+    stage: Stage, runs: dict[str, list], count: int, rate: int, suffix: str, setup: dict | None
+) -> None:
     for q in (50, 99):
         value = median(_pct(r[0], q) for r in runs["overlay"])
         base = median(_pct(r[0], q) for r in runs["local"])
         lost = sum(r[1] for r in runs["overlay"])
         fig = Figure(
             STAGE,
-            f"latency_p{q}_ms",
+            f"latency_p{q}_ms{suffix}",
             value,
             "ms",
             base,
             "the same access on a local directory watched directly",
             runs=[_pct(r[0], q) for r in runs["overlay"]],
             note=f"access on BACKING -> IN_OPEN on the overlay, {count} distinct files at "
-            f"{LATENCY_RATE}/s a run; {lost} without an event",
+            f"{rate}/s a run; {lost} without an event",
         )
-        if q == 99:
-            fig.target = f"< {LATENCY_TARGET_MS:g} ms at {LATENCY_RATE} events/s"
+        if q == 99 and setup is not None:
+            fig.target = f"< {LATENCY_TARGET_MS:g} ms at {rate} events/s"
             fig.met = value < LATENCY_TARGET_MS and lost == 0
             fig.why = WHY_CPU.format(**setup["cpu_us"])
+            if base >= LATENCY_TARGET_MS:
+                fig.why += (
+                    f". The direct watch's own p99 here ({base:.1f} ms) is above the target "
+                    "too: this machine's load alone misses it"
+                )
         stage.add(fig)
 
 
