@@ -40,22 +40,23 @@ SEQ_CHUNK = 1 << 20
 RAND_CHUNK = 4096
 
 # Where the time goes (py-spy on the shim at 1000 accesses/s, and the CPU
-# figures of this stage): the shim's one trio thread serves every FUSE request
-# its own replays make (a never-seen file costs LOOKUP, OPEN, READ and RELEASE:
-# overlay.py's handlers, dispatched by pyfuse3, a third of its samples and
-# more), while its replay threads (replay.py `_apply`) wait on those requests.
+# figures of this stage): of the samples of the shim's one trio thread, about
+# three quarters are inside pyfuse3's session loop (compiled code: reading
+# requests from /dev/fuse and writing replies), about 5% in overlay.py's
+# handlers, 7% taking records in (follow.py), the rest trio's epoll; the
+# replay threads (replay.py `_apply`) wait on the FUSE requests they cause.
 WHY_CPU = (
     "the shim spends {shim:.0f} us of CPU per replayed access and the daemon {daemon:.0f} us "
     "per access at this rate (one fanotify read, a readlink and fstat per event, one publish, "
     "per wakeup: notifyd/source_fanotify.py `_convert`); on this 2-core machine, loaded as "
     "the load averages show, they fall behind and the backlog grows through the run (once "
     "the daemon's 256-message queue for the shim is full its records are dropped: see the "
-    "shim log note). The shim's cost "
-    "is its one trio thread serving the FUSE requests of its own replays (a never-seen file "
-    "costs LOOKUP, OPEN, READ and RELEASE: `Overlay.lookup`, `Overlay.open`/"
-    "`_open_synthetic`, `read`, `release` in compat/inotify_shim/overlay.py, a third or more "
-    "of its samples in pyfuse3's dispatch), while the replay threads (`_apply` in "
-    "compat/inotify_shim/replay.py) wait on them"
+    "shim log note). In the shim, the cost is the FUSE round trips of its own replays, all "
+    "served by its one trio thread: a never-seen file costs LOOKUP, OPEN, READ and RELEASE "
+    "(`_apply` in compat/inotify_shim/replay.py), and about three quarters of that thread's "
+    "samples are in pyfuse3's compiled session loop (reading /dev/fuse, writing replies), "
+    "only ~5% in the Python handlers of compat/inotify_shim/overlay.py; fewer requests per "
+    "replay, or replies from more than one thread, is where time can be won"
 )
 WHY_SEQ = (
     "every FUSE read request (at most 128 KiB) is a round trip to the shim's Python "
