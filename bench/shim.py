@@ -40,11 +40,8 @@ SEQ_CHUNK = 1 << 20
 RAND_CHUNK = 4096
 
 # Where the time goes (py-spy on the shim at 1000 accesses/s, and the CPU
-# figures of this stage): of the samples of the shim's one trio thread, about
-# three quarters are inside pyfuse3's session loop (compiled code: reading
-# requests from /dev/fuse and writing replies), about 5% in overlay.py's
-# handlers, 7% taking records in (follow.py), the rest trio's epoll; the
-# replay threads (replay.py `_apply`) wait on the FUSE requests they cause.
+# figures of this stage), summed in WHY_CPU; the replay threads (replay.py
+# `_apply`) wait on the FUSE requests they cause.
 WHY_CPU = (
     "the shim spends {shim:.0f} us of CPU per replayed access and the daemon {daemon:.0f} us "
     "per access at this rate (one fanotify read, a readlink and fstat per event, one publish, "
@@ -53,10 +50,11 @@ WHY_CPU = (
     "the daemon's 256-message queue for the shim is full its records are dropped: see the "
     "shim log note). In the shim, the cost is the FUSE round trips of its own replays, all "
     "served by its one trio thread: a never-seen file costs LOOKUP, OPEN, READ and RELEASE "
-    "(`_apply` in compat/inotify_shim/replay.py), and about three quarters of that thread's "
-    "samples are in pyfuse3's compiled session loop (reading /dev/fuse, writing replies), "
-    "only ~5% in the Python handlers of compat/inotify_shim/overlay.py; fewer requests per "
-    "replay, or replies from more than one thread, is where time can be won"
+    "(`_apply` in compat/inotify_shim/replay.py), and 73% of that thread's busy samples are "
+    "under pyfuse3's session loop: 46% in its compiled code (reading /dev/fuse, writing "
+    "replies), 6% in the Python handlers of compat/inotify_shim/overlay.py, the rest trio's "
+    "machinery per request (taking records in, follow.py, is 6%); fewer requests per "
+    "replay, or requests served by more than one thread, is where time can be won"
 )
 WHY_SEQ = (
     "every FUSE read request (at most 128 KiB) is a round trip to the shim's Python "
