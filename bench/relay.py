@@ -351,6 +351,11 @@ def run(cfg: Config) -> Stage:
         "keeps sending to the clients that can take more, so a ratio above 1 is possible."
     )
     stage.notes.append(
+        "No scoutfs mount here (the kernel patches run only in the qemu guest, under TCG, "
+        "which would measure the emulator): the synthetic ring stands in for the ioctl, and "
+        "the ring's own cost is the `ring` stage."
+    )
+    stage.notes.append(
         "The throughput runs give each client a queue that holds a whole burst; with the "
         "default `--client-queue 256` a source that outruns a client drops that client's "
         "records instead (see the memory figures, where 64 slow clients lose almost all)."
