@@ -93,8 +93,9 @@ def vm_build(
     tag: str = request.param
     build = tmp_path_factory.mktemp(f"vm-build-{tag}")
     t0 = time.monotonic()
+    args = ["--tag", tag, "--parts", "build", "--build-dir", str(build), "--out", f"{build}/out"]
     rc = run_vm_e2e(
-        ["--tag", tag, "--parts", "build", "--build-dir", str(build), "--venv", str(venv_dir())],
+        [*args, "--venv", str(venv_dir())],
         vm_env,
         BUILD_TIMEOUT_S,
     )
