@@ -9,8 +9,10 @@ headers, boots that kernel under qemu and runs, inside the guest:
   then patched with a notify reader attached to every mount; the results
   must be the same and all passes.
 
-Tags: v1.30, or the space-separated list in SCOUTFS_NOTIFY_VM_TAGS.  Every
-run keeps its console logs and results under artifacts/vm-e2e/ (printed).
+Tags: v1.30, or the space-separated list in SCOUTFS_NOTIFY_VM_TAGS; the
+run-tests.sh subset: vm-e2e's eight, or the list in SCOUTFS_NOTIFY_VM_TESTS.
+Every run keeps its console logs and results under artifacts/vm-e2e/
+(printed).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ VM_E2E = ROOT / "kmod" / "test" / "vm-e2e"
 KERNEL_SH = ROOT / "kmod" / "test" / "vm" / "kernel.sh"
 ARTIFACTS = ROOT / "artifacts" / "vm-e2e"
 TAGS = os.environ.get("SCOUTFS_NOTIFY_VM_TAGS", "v1.30").split()
+UPSTREAM_TESTS = os.environ.get("SCOUTFS_NOTIFY_VM_TESTS", "").split()
 
 # backstops only: run-guest bounds each guest itself (900 s e2e, 1800 s per
 # run-tests.sh pass) and kills it when that runs out
@@ -113,6 +116,8 @@ def test_vm(part: str, vm_build: tuple[str, Path], vm_env: dict[str, str]) -> No
     print(f"artifacts (console logs, results): {out}")
     t0 = time.monotonic()
     args = ["--tag", tag, "--parts", part, "--build-dir", str(build), "--out", str(out)]
+    if UPSTREAM_TESTS:
+        args += ["--tests", " ".join(UPSTREAM_TESTS)]
     rc = run_vm_e2e(
         [*args, "--venv", str(venv_dir())],
         vm_env,
