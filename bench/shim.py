@@ -369,37 +369,39 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
     offsets = [rng.randrange(size // RAND_CHUNK) * RAND_CHUNK for _ in range(cfg.pick(2048, 256))]
     paths = {"overlay": setup["mnt"] / "big.bin", "backing": setup["backing"] / "big.bin"}
     res: dict[tuple[str, str, str], list[float]] = {}
-    for _ in range(cfg.repeats):
-        for arm, path in paths.items():
-            for kind, fn in (
-                ("seq", lambda p=path: _seq(p)),
-                ("rand", lambda p=path: _rand(p, offsets)),
-            ):
+    for r in range(cfg.repeats):
+        for kind, fn in (("seq", _seq), ("rand", lambda p: _rand(p, offsets))):
+            # the two arms back to back, in turns first: the disk is shared, and
+            # whatever else loads it should weigh on both alike
+            arms = list(paths.items())
+            for arm, path in arms if r % 2 else arms[::-1]:
                 _drop_caches()
-                res.setdefault((arm, kind, "cold"), []).append(fn())
-                res.setdefault((arm, kind, "warm"), []).append(fn())
+                res.setdefault((arm, kind, "cold"), []).append(fn(path))
+                res.setdefault((arm, kind, "warm"), []).append(fn(path))
     for kind, what in (("seq", "1 MiB sequential reads"), ("rand", "4 KiB random preads")):
         for temp in ("cold", "warm"):
-            value = median(res[("overlay", kind, temp)])
-            base = median(res[("backing", kind, temp)])
+            over, back = res[("overlay", kind, temp)], res[("backing", kind, temp)]
+            paired = median(o / b for o, b in zip(over, back, strict=True))
             fig = Figure(
                 STAGE,
                 f"read_{kind}_{temp}_mb_s",
-                value,
+                median(over),
                 "MB/s",
-                base,
+                median(back),
                 "the same reads on BACKING directly",
-                runs=res[("overlay", kind, temp)],
+                runs=over,
                 note=f"{what} of a {size >> 20} MiB file"
                 + (
                     ", after echo 3 > /proc/sys/vm/drop_caches"
                     if temp == "cold"
                     else ", right after the cold pass"
-                ),
+                )
+                + f"; median of the per-run overlay/BACKING ratios {paired:.3g}",
             )
             if (kind, temp) == ("seq", "cold"):
-                fig.target = f">= {SEQ_COLD_TARGET:.0%} of BACKING"
-                fig.met = value >= SEQ_COLD_TARGET * base
+                # judged on the paired ratios, steadier than a ratio of medians
+                fig.target = f">= {SEQ_COLD_TARGET:.0%} of BACKING (median of per-run ratios)"
+                fig.met = paired >= SEQ_COLD_TARGET
                 fig.why = WHY_SEQ
             stage.add(fig)
 
