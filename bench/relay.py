@@ -38,8 +38,8 @@ STAGE = "relay"
 CLIENT_COUNTS = (1, 16, 64)
 # the daemon's default --client-queue, in messages of up to 64 records
 QUEUE_MESSAGES = 256
-# records per burst (full run, quick run): about a second of the baseline each
-BURST = {1: (1_000_000, 100_000), 16: (250_000, 30_000), 64: (100_000, 15_000)}
+# records per burst (full run, quick run): the better part of a second each here
+BURST = {1: (4_000_000, 200_000), 16: (500_000, 30_000), 64: (150_000, 15_000)}
 # a burst's reports must all be in by then (a bound on a hang)
 REPORT_TIMEOUT = 120.0
 SLOW_CLIENT_SLEEP = 0.01  # s per message: 100 messages/s, far below the feed
