@@ -138,6 +138,7 @@ def run(cfg: Config) -> Stage:
             "cpu_s_per_million_records",
             median(cpu),
             "cpu_s/1e6_records",
+            runs=cpu,
             note="CPU of the daemon process",
         )
     )
