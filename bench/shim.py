@@ -59,14 +59,14 @@ WHY_CPU = (
     "replay, or requests served by more than one thread, is where time can be won"
 )
 WHY_SEQ = (
-    "every FUSE read request is 128 KiB (the shim's preads of BACKING are 131072 bytes, seen "
-    "with strace) and a round trip to the shim's Python `read` handler, which does a blocking "
-    "os.pread of BACKING on its one trio thread (`Overlay.read`, "
-    "compat/inotify_shim/overlay.py), so requests are served one at a time; and the overlay's "
-    "readahead is the FUSE default of 128 KiB (/sys/class/bdi/<fuse dev>/read_ahead_kb) where "
-    "the disk's is 8 MiB. Raising the overlay's read_ahead_kb to 8192 after mounting gave "
-    "1.5-2x on cold reads in a trial here; preads in worker threads would let requests "
-    "overlap; pyfuse3 has no FUSE passthrough"
+    "every FUSE read request is a round trip to the shim's Python `read` handler, which does "
+    "a blocking os.pread of BACKING on its one trio thread (`Overlay.read`, "
+    "compat/inotify_shim/overlay.py), so requests are served one at a time and the figure "
+    "follows the CPU that thread gets on this loaded machine. The shim raises the overlay's "
+    "readahead to 8 MiB (--read-ahead), so requests are 1 MiB rather than 128 KiB: in A/B "
+    "runs here that moved cold reads by 0-15%, within the noise. Preads in worker threads "
+    "(trio.to_thread, 2 to 8 of them) measured no better, often worse: each hand-off costs "
+    "thread wakeups on a machine short of CPU. pyfuse3 has no FUSE passthrough"
 )
 
 
