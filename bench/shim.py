@@ -63,8 +63,10 @@ WHY_SEQ = (
     "a blocking os.pread of BACKING on its one trio thread (`Overlay.read`, "
     "compat/inotify_shim/overlay.py), so requests are served one at a time and the figure "
     "follows the CPU that thread gets on this loaded machine. The shim raises the overlay's "
-    "readahead to 8 MiB (--read-ahead), so requests are 1 MiB rather than 128 KiB: in A/B "
-    "runs here that moved cold reads by 0-15%, within the noise. Preads in worker threads "
+    "readahead to 8 MiB (--read-ahead), so requests are 1 MiB rather than 128 KiB: in two "
+    "A/B pairs of this stage the overlay's cold figure went from 399 and 381 MB/s to 704 "
+    "and 692 MB/s (toggling the knob on one mount with a dd-like loop showed 0-15%, so "
+    "this machine's noise is large). Preads in worker threads "
     "(trio.to_thread, 2 to 8 of them) measured no better, often worse: each hand-off costs "
     "thread wakeups on a machine short of CPU. pyfuse3 has no FUSE passthrough"
 )
