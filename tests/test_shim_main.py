@@ -23,7 +23,7 @@ from shim_support import (
     watch,
 )
 
-from compat.inotify_shim.mounts import FSTYPE, mount_type
+from compat.inotify_shim.mounts import FSTYPE, mount_device, mount_type
 from notifyd import abi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +238,30 @@ def test_mountpoint_with_spaces_is_seen_as_busy(tmp_path: Path) -> None:
         out = _run(backing, mnt)
         assert out.returncode == 1
         assert "is busy" in out.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [((), 8192), (("--read-ahead", "512"), 512)])
+def test_read_ahead_is_set_once_the_session_runs(
+    tmp_path: Path, args: tuple[str, ...], expected: int
+) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    with run_shim(backing, mnt, None, *args) as shim:
+        shim.wait_log("overlay readahead:")
+        dev = mount_device(str(mnt))
+        knob = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+        assert int(knob.read_text()) == expected
+
+
+def test_read_ahead_zero_leaves_the_fuse_default(tmp_path: Path) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    (backing / "f").write_text("x")
+    with run_shim(backing, mnt, None, "--read-ahead", "0") as shim:
+        # a request answered means INIT is done: the kernel's figure stays
+        assert (mnt / "f").read_text() == "x"
+        dev = mount_device(str(mnt))
+        assert int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text()) == 128
+        assert "overlay readahead" not in shim.log()
