@@ -8,9 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from notifyd import sdnotify
 
 __all__ = [
     "bind_self",
@@ -73,21 +74,10 @@ def spawn(cmd: Sequence[str], **kwargs) -> Iterator[subprocess.Popen]:
 
 def wait_ready(notify: socket.socket, proc: subprocess.Popen, log: Path) -> None:
     """Wait for READY=1 on a bound ``$NOTIFY_SOCKET`` datagram socket (sd_notify)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    notify.settimeout(0.2)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{proc.args[0]} exited with {proc.returncode} before READY=1:\n"
-                + log.read_text(errors="replace")
-            )
-        try:
-            msg = notify.recv(4096)
-        except TimeoutError:
-            continue
-        if b"READY=1" in msg.split(b"\n"):
-            return
-    raise RuntimeError(f"no READY=1 in {READY_TIMEOUT} s:\n" + log.read_text(errors="replace"))
+    try:
+        sdnotify.wait_ready(notify, proc, READY_TIMEOUT)
+    except (ChildProcessError, TimeoutError) as exc:
+        raise RuntimeError(f"{proc.args[0]} {exc}:\n" + log.read_text(errors="replace")) from None
 
 
 @contextlib.contextmanager

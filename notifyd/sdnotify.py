@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import time
 
-__all__ = ["sd_notify"]
+__all__ = ["sd_notify", "wait_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +34,28 @@ def sd_notify(state: str) -> bool:
         log.warning("cannot notify the service manager at %s: %s", addr, exc.strerror)
         return False
     return True
+
+
+def wait_ready(listener: socket.socket, proc: subprocess.Popen, timeout: float) -> None:
+    """The service manager's half: wait for READY=1 from ``proc``.
+
+    ``listener`` is the bound datagram socket that ``proc``'s $NOTIFY_SOCKET
+    names; tests and benchmarks that start a daemon themselves use this to
+    know its socket listens.
+
+    Raises:
+        ChildProcessError: ``proc`` exited first.
+        TimeoutError: no READY=1 within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    listener.settimeout(0.2)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ChildProcessError(f"exited with status {proc.returncode} before READY=1")
+        try:
+            msg = listener.recv(4096)
+        except TimeoutError:
+            continue
+        if b"READY=1" in msg.split(b"\n"):
+            return
+    raise TimeoutError(f"sent no READY=1 in {timeout} s")

@@ -9,12 +9,12 @@ import socket as socketlib
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from notifyd.paths import socket_path_for_dir
+from notifyd.sdnotify import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,26 +115,14 @@ class NotifydProcess:
 
 
 def _wait_ready(notify: socketlib.socket, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + NOTIFYD_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"notifyd exited with status {proc.returncode} before READY=1:\n"
-                + log_path.read_text(errors="replace")
-            )
-        notify.settimeout(0.2)
-        try:
-            msg = notify.recv(4096)
-        except TimeoutError:
-            continue
-        if b"READY=1" in msg.split(b"\n"):
-            return
-    proc.kill()
-    proc.wait()
-    pytest.fail(
-        f"notifyd sent no READY=1 in {NOTIFYD_START_TIMEOUT} s:\n"
-        + log_path.read_text(errors="replace")
-    )
+    try:
+        wait_ready(notify, proc, NOTIFYD_START_TIMEOUT)
+    except ChildProcessError as exc:
+        pytest.fail(f"notifyd {exc}:\n" + log_path.read_text(errors="replace"))
+    except TimeoutError as exc:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"notifyd {exc}:\n" + log_path.read_text(errors="replace"))
 
 
 @pytest.fixture
