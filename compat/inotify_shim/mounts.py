@@ -48,30 +48,33 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_type(path: str) -> str | None:
-    """The filesystem type mounted at exactly ``path`` (the top one), or None."""
-    found = None
-    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and _unescape(fields[1]) == path:
-                found = fields[2]
-    return found
+def _top_mount(path: str) -> tuple[str, str] | None:
+    """``(major:minor, fstype)`` of the filesystem mounted at exactly ``path``.
 
-
-def mount_device(path: str) -> str | None:
-    """``major:minor`` of the filesystem mounted at exactly ``path`` (the top one).
-
-    Read from /proc/self/mountinfo, so it costs the mount no request: a stat
-    of a FUSE mount point waits for its server.
+    The top one, when several are stacked there.  Read from
+    /proc/self/mountinfo, so it costs the mount no request: a stat of a FUSE
+    mount point waits for its server (forever, if the server is dead).
     """
     found = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             if len(fields) >= 5 and _unescape(fields[4]) == path:
-                found = fields[2]
+                # optional fields end at "-"; the type follows it
+                found = (fields[2], fields[fields.index("-", 6) + 1])
     return found
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type mounted at exactly ``path`` (the top one), or None."""
+    top = _top_mount(path)
+    return top[1] if top else None
+
+
+def mount_device(path: str) -> str | None:
+    """``major:minor`` of the filesystem mounted at exactly ``path`` (the top one), or None."""
+    top = _top_mount(path)
+    return top[0] if top else None
 
 
 def set_read_ahead(mountpoint: str, kb: int) -> None:
