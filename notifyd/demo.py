@@ -31,6 +31,7 @@ from pathlib import Path
 from compat.inotify_shim import demo as shim_demo
 
 from . import ioctls
+from .sdnotify import wait_ready
 
 __all__ = ["main"]
 
@@ -87,17 +88,14 @@ class Daemon:
                     stderr=logf,
                     env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
                 )
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                notify.settimeout(0.2)
-                with contextlib.suppress(TimeoutError):
-                    if b"READY=1" in notify.recv(4096).split(b"\n"):
-                        return
         except BaseException:
             notify.close()
             raise
-        self.stop()
-        raise RuntimeError(f"the daemon did not start:\n{log.read_text()}")
+        try:
+            wait_ready(notify, self.proc, START_TIMEOUT)
+        except (ChildProcessError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"the daemon did not start ({exc}):\n{log.read_text()}") from None
 
     def clients(self) -> int:
         out = subprocess.run(
