@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import paths, watch
+from . import doctor, paths, watch
 from .stats import read_stats
 from .watch import PathResolver, format_json, format_text
 
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "kernel ring or the fanotify queue, and every client with its own drops.",
     )
     _add_target(s, "the daemon's JSON document as it is")
+    doctor.add_arguments(
+        sub.add_parser("doctor", help="check one mount's notification path; say how to fix it")
+    )
     return p
 
 
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = p.parse_args(argv)
+        if args.command == "doctor":
+            return args
         if not args.socket and not args.mount:
             p.error("give MOUNT or --socket PATH")
         if args.command == "watch":
@@ -105,6 +110,8 @@ def _print_stats(doc: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "doctor":
+        return doctor.run(args)
     try:
         sock_path = _socket_path(args)
     except OSError as exc:
