@@ -120,6 +120,8 @@ class Broadcaster:
         self.messages = 0
         self.clients_total = 0
         self.clients_refused = 0
+        # every client's drops, also of clients gone since (a counter for metrics)
+        self.client_records_dropped = 0
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         # publish() asks this whether connections wait: a poll(0) costs a
@@ -133,6 +135,7 @@ class Broadcaster:
             "messages_published": self.messages,
             "clients_total": self.clients_total,
             "clients_refused": self.clients_refused,
+            "client_records_dropped": self.client_records_dropped,
             "clients": [c.stats() for c in self.clients.values()],
         }
 
@@ -149,6 +152,7 @@ class Broadcaster:
         for client in self.clients.values():
             if client.queued_messages and client.queued_messages + msgs > client.limit:
                 client.dropped += n
+                self.client_records_dropped += n
                 client.drops.add(n, ", its queue is full")
                 continue
             client.queue.append(batch)

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="connections beyond this are closed at once (default: %(default)s)",
     )
     p.add_argument(
+        "--metrics",
+        metavar="[ADDR:]PORT",
+        type=_listen_address,
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT listens "
+        "on 127.0.0.1; default: off)",
+    )
+    p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
@@ -96,6 +104,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_clients < 1:
         p.error("--max-clients must be at least 1")
     return args
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    from .metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def make_source(args: argparse.Namespace) -> Source:
@@ -163,7 +180,10 @@ async def serve(args: argparse.Namespace) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(relay.serve)
                 await nursery.start(serve_stats, stats_listener.sock, snapshot)
-                await nursery.start(source.run, relay.publish)
+                publish = relay.publish
+                if args.metrics:
+                    publish = await _start_metrics(nursery, args, snapshot, publish)
+                await nursery.start(source.run, publish)
                 log.info("ready: %s source on %s, serving %s", source.name, args.path, path)
                 sd_notify(f"READY=1\nSTATUS=serving {path}")
                 async for signum in signals:
@@ -182,6 +202,25 @@ async def serve(args: argparse.Namespace) -> None:
                 source.close()
                 for item in listeners:
                     item.close()
+
+
+async def _start_metrics(
+    nursery: trio.Nursery,
+    args: argparse.Namespace,
+    snapshot: Callable[[], dict[str, Any]],
+    publish: Callable[[bytes], None],
+) -> Callable[[bytes], None]:
+    """Serve --metrics; returns ``publish`` wrapped to observe batch sizes."""
+    from .metrics import DaemonMetrics, kmod_counters_dir, serve_metrics
+
+    kmod = kmod_counters_dir(args.path) if args.source == "scoutfs" else None
+    metrics = DaemonMetrics(snapshot, kmod)
+    try:
+        await nursery.start(serve_metrics, args.metrics, metrics.registry)
+    except OSError as exc:
+        host, port = args.metrics
+        raise DaemonError(f"--metrics {host}:{port}: {exc.strerror}") from None
+    return metrics.wrap_publish(publish)
 
 
 def _daemon_errors(exc: BaseException) -> list[DaemonError]:

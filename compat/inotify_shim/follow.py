@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from typing import NoReturn
 
 import trio
@@ -35,13 +36,15 @@ async def follow(
     replayer: Replayer,
     own_pid: int | None = None,
     *,
+    on_event: Callable[[abi.Record | Gap, bool], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Replay every record from ``socket_path`` until cancelled.
 
     Records from ``own_pid`` (default: this process) are skipped: they are
     the shim's own passthrough accesses to BACKING, for which the kernel has
-    already raised the events on the overlay.
+    already raised the events on the overlay.  ``on_event`` (metrics) sees
+    every record and gap, with whether the record is the shim's own.
     """
     own = os.getpid() if own_pid is None else own_pid
     backoff = BACKOFF_MIN
@@ -64,7 +67,7 @@ async def follow(
         waiting_logged = None
         try:
             async with sub:
-                await _pump(sub, replayer, own)
+                await _pump(sub, replayer, own, on_event)
         except abi.ABIError as exc:
             log.error("dropping the connection to %s: %s", socket_path, exc)
         except OSError as exc:
@@ -74,9 +77,16 @@ async def follow(
         await trio.sleep(backoff)
 
 
-async def _pump(sub: AsyncSubscriber, replayer: Replayer, own: int) -> None:
+async def _pump(
+    sub: AsyncSubscriber,
+    replayer: Replayer,
+    own: int,
+    on_event: Callable[[abi.Record | Gap, bool], None] | None = None,
+) -> None:
     submit = replayer.submit
     async for ev in sub:
+        if on_event is not None:
+            on_event(ev, isinstance(ev, abi.Record) and ev.pid == own)
         if isinstance(ev, Gap):
             log.warning(
                 "lost %d records (seq %d to %d): their events will not appear",

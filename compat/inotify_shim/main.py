@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -11,6 +13,7 @@ import sys
 import pyfuse3
 import trio
 
+from notifyd.metrics import MetricsServer, ShimMetrics, parse_listen
 from notifyd.paths import default_socket_path
 from notifyd.sdnotify import sd_notify
 
@@ -140,8 +143,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"default of 128 (default: {DEFAULT_READ_AHEAD_KB}, as for a disk; above 128 "
         "sequential reads reach the overlay in 1 MiB requests instead of 128 KiB)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="[ADDR:]PORT",
+        type=_listen_address,
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT listens "
+        "on 127.0.0.1; default: off)",
+    )
     p.add_argument("--debug", action="store_true", help="log every replay")
     return p.parse_args(argv)
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tell_systemd(state: str) -> None:
@@ -185,7 +202,11 @@ def _tune(mountpoint: str, read_ahead_kb: int) -> None:
 
 
 async def serve(
-    overlay: Overlay, mountpoint: str, socket_path: str, args: argparse.Namespace
+    overlay: Overlay,
+    mountpoint: str,
+    socket_path: str,
+    args: argparse.Namespace,
+    metrics: ShimMetrics | None = None,
 ) -> None:
     """Run the FUSE session and the bridge until a signal or an unmount.
 
@@ -211,7 +232,12 @@ async def serve(
         async with trio.open_nursery() as bridge:
             bridge.start_soon(_until_signal, bridge.cancel_scope)
             await bridge.start(replayer.run)
-            await bridge.start(follow, socket_path, replayer)
+            on_event = None
+            if metrics is not None:
+                metrics.attach(lambda: dataclasses.asdict(replayer.stats))
+                replayer.on_replayed = metrics.on_replayed
+                on_event = metrics.on_event
+            await bridge.start(functools.partial(follow, on_event=on_event), socket_path, replayer)
             log.info(
                 "serving %s at %s; records from %s (%s)",
                 overlay.backing,
@@ -242,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     # mask what they ask for a second time
     os.umask(0)
     socket_path = os.fspath(args.socket or default_socket_path(backing))
+    metrics = server = None
+    if args.metrics:
+        metrics = ShimMetrics()
+        try:
+            server = MetricsServer(args.metrics, metrics.registry)
+        except OSError as exc:
+            log.error("--metrics %s:%d: %s", *args.metrics, exc.strerror)
+            return 1
     overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout)
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if args.allow_other:
@@ -252,9 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("mounting %s failed: %s", mountpoint, exc)
         return 1
     try:
-        trio.run(serve, overlay, mountpoint, socket_path, args)
+        trio.run(serve, overlay, mountpoint, socket_path, args, metrics)
     finally:
         pyfuse3.close(unmount=True)
+        if server is not None:
+            server.close()
     log.info("unmounted %s", mountpoint)
     return 0
 

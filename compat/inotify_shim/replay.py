@@ -27,6 +27,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import trio
 
@@ -160,6 +161,8 @@ class Replayer:
         self._send, self._recv = trio.open_memory_channel[_File](max_pending)
         self._warned = self.stats.losses()
         self._next_warn = -math.inf
+        # metrics: called with a file's inode once its pending records are replayed
+        self.on_replayed: Callable[[int], None] | None = None
 
     # --- intake (trio thread) ------------------------------------------------
 
@@ -295,6 +298,8 @@ class Replayer:
     def _finish(self, job: _Job) -> None:
         f = job.file
         self.stats.replayed += job.done
+        if job.done and self.on_replayed is not None:
+            self.on_replayed(f.ino)
         log.debug("replayed %d of %s on %s", job.done, job.actions, job.path)
         left = job.actions[job.done :]
         if left:
