@@ -27,6 +27,10 @@ Show file accesses on a scoutfs mount as scoutfs-notifyd relays them.
          means N records were lost (kernel ring full, or this client too slow).
   stats  prints the daemon's counters: records drained, ring drops, clients
          and each client's drops.
+  doctor checks a mount's whole notification path (kernel, daemon, socket
+         modes, shim, losses) and says how to fix what is wrong.
+
+Each command has its own --help (watch: filters, --format and exit statuses).
 
 The socket is /run/scoutfs/<fsid>/notify.sock for a scoutfs MOUNT (the fsid of
 `scoutfs statfs`), /run/scoutfs/local-<hash>/notify.sock for a directory

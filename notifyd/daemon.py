@@ -28,7 +28,7 @@ from .sdnotify import sd_notify
 from .source import Source
 from .stats import serve_stats
 
-__all__ = ["main", "make_source", "parse_args", "serve"]
+__all__ = ["build_parser", "main", "make_source", "parse_args", "serve"]
 
 log = logging.getLogger("scoutfs-notifyd")
 
@@ -36,7 +36,8 @@ DEFAULT_CLIENT_QUEUE = 256
 DEFAULT_MAX_CLIENTS = 1024
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, without running anything (man pages are made from it)."""
     p = argparse.ArgumentParser(
         prog="scoutfs-notifyd",
         description=(
@@ -98,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="info",
         help="(default: %(default)s)",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.client_queue < 1:
         p.error("--client-queue must be at least 1")

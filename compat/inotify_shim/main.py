@@ -23,7 +23,7 @@ from .overlay import Overlay
 from .replay import Replayer, ReplayThreads
 from .resolve import DEFAULT_INDEX_LIMIT, Resolver
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("scoutfs-notify-shim")
 
@@ -74,7 +74,8 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, without running anything (man pages are made from it)."""
     p = argparse.ArgumentParser(
         prog="scoutfs-notify-shim",
         description=DESCRIPTION,
@@ -151,7 +152,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on 127.0.0.1; default: off)",
     )
     p.add_argument("--debug", action="store_true", help="log every replay")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _listen_address(text: str) -> tuple[str, int]:
