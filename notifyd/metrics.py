@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The *_created samples (when each series began) double every scrape of a
+# histogram and say nothing a process start time does not.
+disable_created_metrics()
 
 # A bare port listens here: metrics say what a mount's users do, so they are
 # not for the network unless the admin says so.

@@ -15,6 +15,7 @@ repo=$2
 log() { echo "guest: $*"; }
 die() {
 	echo "guest: FAIL: $*"
+	systemctl status --no-pager 'scoutfs-notify*' || true
 	journalctl -b --no-pager -n 60 -o short-monotonic || true
 	exit 1
 }
@@ -62,14 +63,15 @@ ExecStart=
 ExecStart=/usr/local/bin/scoutfs-notifyd --source fanotify %f
 EOF
 systemctl daemon-reload
-sock=$("$bin/python" -c 'import sys; from notifyd.paths import default_socket_path as p; print(p(sys.argv[1]))' "$mnt")
+# the fanotify source's socket (the directory does not exist until mounted)
+sock=$("$bin/python" -c 'import sys; from notifyd.paths import socket_path_for_dir as p; print(p(sys.argv[1]))' "$mnt")
 
 # --- the daemon ---------------------------------------------------------------
 
 ! mountpoint -q "$mnt" || die "$mnt is mounted before the daemon starts"
 systemctl show -p RequiresMountsFor --value "$daemon" | grep -qw "$mnt" ||
 	die "$daemon has no RequiresMountsFor=$mnt"
-systemctl start "$daemon"
+systemctl start "$daemon" || die "systemctl start $daemon failed"
 # start returns once the unit is active: for Type=notify, once READY=1 came
 [ "$(systemctl is-active "$daemon")" = active ] || die "$daemon is not active after start"
 mountpoint -q "$mnt" || die "$mnt was not mounted for $daemon"
@@ -118,7 +120,7 @@ ok "kill -9 of pid $pid: restarted as pid $(systemctl show -p MainPID --value "$
 # --- the shim -----------------------------------------------------------------
 
 overlay=$mnt.inotify
-systemctl start "$shim"
+systemctl start "$shim" || die "systemctl start $shim failed"
 [ "$(systemctl is-active "$shim")" = active ] || die "$shim is not active after start"
 [ "$(findmnt -n -o FSTYPE "$overlay")" = fuse.scoutfs-notify-shim ] || die "$overlay is not mounted"
 shim_journal=$(journalctl -b --no-pager -o cat _PID=1 + _SYSTEMD_UNIT="$shim")
@@ -146,11 +148,11 @@ wait_until "$shim to restart after kill -9" shim_restarted
 ls "$overlay" >/dev/null || die "$overlay is dead after the restart"
 ok "kill -9 of shim pid $shim_pid: restarted, the dead overlay replaced by a live one"
 
-systemctl stop "$shim"
+systemctl stop "$shim" || die "systemctl stop $shim failed"
 ! findmnt -n "$overlay" >/dev/null || die "systemctl stop left $overlay mounted"
 ok "systemctl stop $shim unmounted $overlay"
 
-systemctl stop "$daemon"
+systemctl stop "$daemon" || die "systemctl stop $daemon failed"
 [ ! -e "$sock" ] || die "systemctl stop left $sock behind"
 journalctl -b --no-pager -o cat -u "$daemon" | grep -q "SIGTERM: shutting down" ||
 	die "the journal has no shutdown line of $daemon"
