@@ -70,7 +70,8 @@ class Record(NamedTuple):
     ino: int
     time_ns: int
     pos: int
-    count: int
+    # the ABI's name for the field; it hides tuple.count, which no caller needs
+    count: int  # type: ignore[assignment]
     pid: int
     uid: int
     gid: int

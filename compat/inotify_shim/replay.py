@@ -330,7 +330,7 @@ class Replayer:
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
-            due = []
+            due: list[_File] = []
             excess = len(self._open) - self._max_open
             for f in self._open.values():
                 if f.close_at > now and len(due) >= excess:
