@@ -67,7 +67,9 @@ class FakeRing:
             raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
         if self.error:
             raise OSError(self.error, "fake")
-        assert pad == 0 and buf_bytes and buf_bytes % abi.RECORD_SIZE == 0
+        assert pad == 0
+        assert buf_bytes
+        assert buf_bytes % abi.RECORD_SIZE == 0
         assert not flags & ~(abi.READ_NOTIFY_WAIT | abi.READ_NOTIFY_DETACH)
         if flags & abi.READ_NOTIFY_DETACH:
             self.detached = True
@@ -140,11 +142,11 @@ async def test_drain_loop_batches_gaps_and_detach(tmp_path) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(src.run, got.append)
-            while sum(len(b) for b in got) < 100 * abi.RECORD_SIZE:
+            while sum(len(b) for b in got) < 100 * abi.RECORD_SIZE:  # noqa: ASYNC110 - polled list
                 await trio.sleep(0.01)
             # seqs 101 and 102 lost in the ring; the kernel says so in `dropped`
             ring.push(103, 104, dropped=2)
-            while sum(len(b) for b in got) < 102 * abi.RECORD_SIZE:
+            while sum(len(b) for b in got) < 102 * abi.RECORD_SIZE:  # noqa: ASYNC110 - polled list
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     finally:
@@ -192,8 +194,10 @@ def ioctl(fd, request, addr):
     ctypes.memmove(buf_ptr, data, len(data))
     return 100
 
-daemon.make_source = lambda args: ScoutfsSource(args.path, ioctl=ioctl, statfs=lambda fd: (FSID, 1))
-sys.exit(daemon.main(sys.argv[3:]))
+def source(args):
+    return ScoutfsSource(args.path, ioctl=ioctl, statfs=lambda fd: (FSID, 1))
+
+sys.exit(daemon.main(sys.argv[3:], source_factory=source))
 """
 
 
@@ -228,10 +232,13 @@ def test_daemon_with_the_scoutfs_source(tmp_path) -> None:
         shutil.rmtree(run, ignore_errors=True)
     assert proc.returncode == 0, err
     assert [r.seq for r in got] == list(range(1, 301))
-    assert stats["source"] == "scoutfs" and stats["fsid"] == f"{FSID:016x}"
-    assert stats["ioctl_nr"] == 26 and stats["records"] == 300
+    assert stats["source"] == "scoutfs"
+    assert stats["fsid"] == f"{FSID:016x}"
+    assert stats["ioctl_nr"] == 26
+    assert stats["records"] == 300
     assert f"draining {tmp_path} (fsid {FSID:016x}) with ioctl nr 26" in err
-    assert "fake ring: DETACH" in err and "SIGTERM: shutting down" in err
+    assert "fake ring: DETACH" in err
+    assert "SIGTERM: shutting down" in err
     assert not sock.exists()
 
 
