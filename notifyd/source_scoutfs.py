@@ -1,6 +1,6 @@
 """The scoutfs source: drain a mount's notify ring with SCOUTFS_IOC_READ_NOTIFY.
 
-The ioctl is issued on the mount's root directory (ABI.md section 3).
+The ioctl is issued on the mount's root directory (docs/ABI.md section 3).
 Its number is probed: 25 on v1.28-v1.30, 26 on series for v1.31 and later;
 a wrong number answers ENOTTY.  The first successful call makes this
 process the ring's only reader.

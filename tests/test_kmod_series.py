@@ -251,7 +251,7 @@ def vm_missing() -> str:
 @pytest.mark.vm
 @pytest.mark.scoutfs_src
 def test_ioctl_contract_in_qemu(build_release, tmp_path: Path) -> None:
-    """ABI.md section 3 on a real mount: kmod/test/ioctl-probe.py in the guest."""
+    """docs/ABI.md section 3 on a real mount: kmod/test/ioctl-probe.py in the guest."""
     why = vm_missing()
     if why:
         pytest.skip(f"cannot boot the 6.1 test kernel: {why}")

@@ -1,4 +1,4 @@
-"""Socket and directory safety of the real daemon (ABI.md section 4), in a private run dir."""
+"""Socket and directory safety of the real daemon (docs/ABI.md section 4), in a private run dir."""
 
 from __future__ import annotations
 
