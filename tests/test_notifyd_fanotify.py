@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import select
 import subprocess
 import sys
 from pathlib import Path
@@ -29,17 +29,6 @@ def read_in_child(*paths: Path) -> int:
         check=True,
     )
     return int(res.stdout)
-
-
-def drain_now(src: FanotifySource) -> bytearray:
-    """Convert every event queued right now (the source's loop is not running)."""
-    out = bytearray()
-    while select.select([src._fd], [], [], 0)[0]:
-        try:
-            out += src._convert(os.read(src._fd, 64 * 1024))
-        except BlockingIOError:
-            break
-    return out
 
 
 async def test_only_other_processes_under_the_watched_dir(tmp_path) -> None:
@@ -81,7 +70,7 @@ def test_uid_unknown_once_the_process_has_gone(tmp_path) -> None:
     try:
         # the child has exited and been reaped before its events are read
         pid = read_in_child(tmp_path / "f")
-        recs = abi.decode(drain_now(src))
+        recs = abi.decode(src.read_pending())
     finally:
         src.close()
     assert [(r.pid, r.uid, r.gid) for r in recs] == [(pid, abi.UNKNOWN_ID, abi.UNKNOWN_ID)] * 2
@@ -104,11 +93,11 @@ def test_queue_overflow_is_a_seq_gap(tmp_path) -> None:
         # distinct files so that fanotify cannot merge the events
         code = "import os, sys\nfor e in os.scandir(sys.argv[1]): os.close(os.open(e.path, 0))"
         subprocess.run([sys.executable, "-c", code, str(files)], check=True)
-        out = drain_now(src)
+        out = bytearray(src.read_pending())
         assert src.overflows == 1
         # the gap shows on the first record after the overflow
         pid = read_in_child(files / "0")
-        out += drain_now(src)
+        out += src.read_pending()
     finally:
         src.close()
     events = SeqTracker().events(out)
@@ -141,7 +130,8 @@ def test_open_errors_are_clear(tmp_path) -> None:
         FanotifySource(tmp_path / "missing").open()
 
 
-def test_a_mount_root_needs_no_path_filter(tmp_path) -> None:
+def test_a_mount_root_needs_no_path_filter(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="notifyd.source_fanotify")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
@@ -152,9 +142,9 @@ def test_a_mount_root_needs_no_path_filter(tmp_path) -> None:
         src = FanotifySource(mnt)
         src.open()
         try:
-            assert src._whole_mount
+            assert f"fanotify: watching {mnt} (a mount root)" in caplog.text
             pid = read_in_child(mnt / "f")
-            recs = abi.decode(drain_now(src))
+            recs = abi.decode(src.read_pending())
         finally:
             src.close()
         ino = os.stat(mnt / "f").st_ino

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,12 +47,34 @@ async def test_the_overlay_table_wins_then_a_walk_finds_new_files(tmp_path: Path
     assert resolver.cached(later_ino) == "later"
 
 
+@pytest.fixture
+def fake_scoutfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A mount of its own (a tmpfs) that the resolver takes for scoutfs.
+
+    Only STATFS_MORE is faked; the mount root the resolver finds is real.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.decode().strip()}")
+    monkeypatch.setattr(resolve, "statfs_more", lambda fd: (1, 1))
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 async def test_scoutfs_paths_are_taken_under_backing_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_scoutfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """INO_PATH answers relative to the mount root; BACKING may be a subdirectory."""
-    resolver = Resolver(str(tmp_path), lambda ino: None, trio.CapacityLimiter(1))
-    resolver._scoutfs_prefix = "sub/dir"  # as if BACKING were <mount>/sub/dir
+    backing = fake_scoutfs / "sub" / "dir"
+    backing.mkdir(parents=True)
+    resolver = Resolver(str(backing), lambda ino: None, trio.CapacityLimiter(1))
+    assert resolver.on_scoutfs
     answers = {7: ["other/f", "sub/dir/a/f", "sub/dir/b/f"], 8: ["other/g"]}
     monkeypatch.setattr(resolve, "ino_paths", lambda fd, ino: answers.get(ino, []))
     assert await resolver.resolve(7, since=0.0) == "a/f"
@@ -60,10 +84,10 @@ async def test_scoutfs_paths_are_taken_under_backing_only(
 
 
 async def test_scoutfs_errors_lose_the_record_not_the_shim(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_scoutfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    resolver = Resolver(str(tmp_path), lambda ino: None, trio.CapacityLimiter(1))
-    resolver._scoutfs_prefix = ""
+    resolver = Resolver(str(fake_scoutfs), lambda ino: None, trio.CapacityLimiter(1))
+    assert resolver.on_scoutfs
 
     def denied(fd: int, ino: int) -> list[str]:
         raise PermissionError(1, "Operation not permitted")
