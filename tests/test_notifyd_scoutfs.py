@@ -13,19 +13,17 @@ import errno
 import itertools
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from notifyd import abi
+from notifyd import abi, procs
 from notifyd.client import Subscriber
 from notifyd.errors import DaemonError
 from notifyd.paths import stats_path_for
@@ -209,31 +207,22 @@ def test_daemon_with_the_scoutfs_source(tmp_path) -> None:
     trigger = tmp_path / "go"
     sock = run / f"{FSID:016x}" / "notify.sock"
     args = [str(trigger), str(FSID), str(tmp_path), "--run-dir", str(run)]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DAEMON_WITH_FAKE_RING, *args],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        deadline = time.monotonic() + 30
-        # the stats socket is bound after the notify socket listens
-        while not stats_path_for(sock).exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no socket in 30 s"
-            time.sleep(0.02)
-        with Subscriber(sock, timeout=20) as sub:
-            trigger.touch()
-            it = iter(sub)
-            got = [next(it) for _ in range(300)]
-        stats = read_stats(str(stats_path_for(sock)))
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        daemon = procs.start_ready(
+            [sys.executable, "-c", DAEMON_WITH_FAKE_RING, *args], run / "sd", tmp_path / "log"
+        )
+        try:
+            with Subscriber(sock, timeout=20) as sub:
+                trigger.touch()
+                it = iter(sub)
+                got = [next(it) for _ in range(300)]
+            stats = read_stats(str(stats_path_for(sock)))
+        finally:
+            rc = daemon.stop()
+        err = daemon.log()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
         shutil.rmtree(run, ignore_errors=True)
-    assert proc.returncode == 0, err
+    assert rc == 0, err
     assert [r.seq for r in got] == list(range(1, 301))
     assert stats["source"] == "scoutfs"
     assert stats["fsid"] == f"{FSID:016x}"
