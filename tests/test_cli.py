@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from notifyd import abi
+from notifyd import abi, procs
 from notifyd.cli import format_json, format_text
 from notifyd.client import Gap
 
@@ -33,20 +32,15 @@ class Watch:
             stderr=subprocess.PIPE,
             text=True,
         )
-        # lines are split here, not by a buffered reader that select() cannot see into
-        self.buf = b""
+        # lines are split from the fd, not by a buffered reader that select() cannot see into
+        self.lines = procs.LineReader(self.proc.stdout.fileno())
 
     def line(self) -> str:
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buf:
-            ready, _, _ = select.select([fd], [], [], LINE_TIMEOUT)
-            if not ready:
-                raise AssertionError(f"no output from watch in {LINE_TIMEOUT} s")
-            chunk = os.read(fd, 65536)
-            assert chunk, f"watch ended: {self.proc.stderr.read()}"
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line.decode()
+        line = self.lines.next(time.monotonic() + LINE_TIMEOUT)
+        if line is None:
+            assert not self.lines.eof, f"watch ended: {self.proc.stderr.read()}"
+            raise AssertionError(f"no output from watch in {LINE_TIMEOUT} s")
+        return line
 
     def lines_until(self, pred) -> list[str]:
         got = []
@@ -84,18 +78,17 @@ def watch():
 
 def _connected(daemon, n: int) -> None:
     """Wait until the daemon serves ``n`` clients (watch has subscribed)."""
-    deadline = time.monotonic() + LINE_TIMEOUT
-    while time.monotonic() < deadline:
+
+    def clients() -> int:
         st = subprocess.run(
             [*CLI, "stats", "--json", "--socket", str(daemon.socket)],
             capture_output=True,
             text=True,
             check=True,
         )
-        if len(json.loads(st.stdout)["clients"]) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"watch did not connect in {LINE_TIMEOUT} s")
+        return len(json.loads(st.stdout)["clients"])
+
+    procs.wait_until(lambda: clients() >= n, LINE_TIMEOUT, f"{n} watch client(s) to connect")
 
 
 READ_AND_SAY_PID = "import os, sys; open(sys.argv[1]).read(); print(os.getpid())"

@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from notifyd import abi
+from notifyd import abi, procs
 from notifyd.client import Gap, Subscriber
 from notifyd.stats import read_stats
 
@@ -89,10 +88,9 @@ def _stats(daemon) -> dict:
 
 
 def _wait_clients(daemon, n: int) -> None:
-    deadline = time.monotonic() + RECV_TIMEOUT
-    while len(_stats(daemon)["clients"]) != n:
-        assert time.monotonic() < deadline, f"daemon never had {n} clients: {_stats(daemon)}"
-        time.sleep(0.02)
+    procs.wait_until(
+        lambda: len(_stats(daemon)["clients"]) == n, RECV_TIMEOUT, f"the daemon to have {n} clients"
+    )
 
 
 def test_sixteen_clients_get_identical_streams(fanotify_daemon) -> None:
