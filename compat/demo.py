@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("dir", nargs="?", help="a scoutfs mount or local directory (default: a new one)")
     args = p.parse_args(argv)
+    if args.dir and not os.path.isdir(args.dir):
+        p.error(f"{args.dir}: not a directory")
     if os.geteuid() != 0:
         _log("run as root: fanotify and the scoutfs drain ioctl need CAP_SYS_ADMIN")
         return 1
