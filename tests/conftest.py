@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,23 @@ def scoutfs_src() -> Path:
     if src is None:
         pytest.skip(why)
     return src
+
+
+@pytest.fixture
+def tmpfs_mount(tmp_path: Path) -> Iterator[Path]:
+    """A fresh tmpfs mounted at ``tmp_path/mnt``: a mount of its own, unmounted after.
+
+    Skips with the reason when it cannot be mounted (not root, no tmpfs).
+    """
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # --- notifyd: the real daemon as a subprocess ---------------------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,23 +46,13 @@ async def test_the_overlay_table_wins_then_a_walk_finds_new_files(tmp_path: Path
 
 
 @pytest.fixture
-def fake_scoutfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def fake_scoutfs(tmpfs_mount: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A mount of its own (a tmpfs) that the resolver takes for scoutfs.
 
     Only STATFS_MORE is faked; the mount root the resolver finds is real.
     """
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {res.stderr.decode().strip()}")
     monkeypatch.setattr(resolve, "statfs_more", lambda fd: (1, 1))
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs_mount
 
 
 async def test_scoutfs_paths_are_taken_under_backing_only(
