@@ -120,20 +120,6 @@ class FanotifySource:
             "source_overflows": self.overflows,
         }
 
-    def read_pending(self) -> bytes:
-        """The records of every event queued now, without waiting.
-
-        For a caller that drives the source itself instead of :meth:`run`
-        (a test that lets the kernel's queue fill first).
-        """
-        out = bytearray()
-        while True:
-            try:
-                buf = os.read(self._fd, READ_BYTES)
-            except BlockingIOError:
-                return bytes(out)
-            out += self._convert(buf)
-
     async def run(
         self, publish: Publish, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
