@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,7 @@ def scoutfs_src() -> Path:
 
 
 @pytest.fixture
-def tmpfs_mount(tmp_path: Path) -> Iterator[Path]:
+def tmpfs_mount(tmp_path: Path) -> Generator[Path, None, None]:
     """A fresh tmpfs mounted at ``tmp_path/mnt``: a mount of its own, unmounted after.
 
     Skips with the reason when it cannot be mounted (not root, no tmpfs).
