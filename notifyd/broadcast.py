@@ -16,6 +16,16 @@ published receives that batch.  ``publish`` first accepts every connection
 already queued on the listening socket, so a consumer that connects and then
 makes an access never misses its own record because the accept loop had not
 run yet.
+
+Connection churn: a client that closed counts against ``max_clients`` only
+until its task reads the end of its stream, and a burst of connect/close
+cycles can outrun those tasks.  So before refusing anyone, the broadcaster
+asks the kernel which clients have hung up (one ``poll(2)`` over them all)
+and forgets those at once; refusals are logged at a bounded rate.
+
+A client that half-closes (``shutdown(SHUT_WR)``, as ``socat ... </dev/null``
+does) has only said it will send nothing more: it keeps receiving until it
+closes for good (``POLLHUP``) or a send fails.
 """
 
 from __future__ import annotations
@@ -73,6 +83,8 @@ class Client:
         self.drops = DropLog(log, str(self))
         # why the connection ended, for the disconnect log line
         self.end = "closed"
+        # cancelled to end the client early (it hung up before its task noticed)
+        self.scope = trio.CancelScope()
 
     def __str__(self) -> str:
         return f"client {self.id} (pid {self.pid} uid {self.uid})"
@@ -120,6 +132,7 @@ class Broadcaster:
         self.messages = 0
         self.clients_total = 0
         self.clients_refused = 0
+        self._refusals = DropLog(log, "client limit", unit="connections refused")
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         # publish() asks this whether connections wait: a poll(0) costs a
@@ -163,12 +176,47 @@ class Broadcaster:
             try:
                 task_status.started()
                 while True:
-                    await trio.lowlevel.wait_readable(self.listener)
+                    listener = self.listener
+                    try:
+                        await trio.lowlevel.wait_readable(listener)
+                    except trio.ClosedResourceError:
+                        if listener is self.listener:
+                            raise
+                        continue  # replace_listener() swapped it
                     if not self.accept_pending():
                         await trio.sleep(ACCEPT_CAPACITY_SLEEP)
             finally:
                 self._nursery = None
+                self._refusals.flush(f", already serving {self.max_clients}")
                 nursery.cancel_scope.cancel()
+
+    def replace_listener(self, sock: socket.socket) -> None:
+        """Serve ``sock`` from now on (the old socket's path was removed).
+
+        Connections already queued on the old socket are accepted first; the
+        caller closes the old socket afterwards.
+        """
+        old = self.listener
+        if self._nursery is not None:
+            self.accept_pending()
+        self._pending.unregister(old)
+        self._pending.register(sock, select.POLLIN)
+        self.listener = sock
+        trio.lowlevel.notify_closing(old)
+
+    def _forget_hung_up(self) -> int:
+        """Forget every client whose peer has closed; return how many."""
+        by_fd = {c.sock.fileno(): c for c in self.clients.values()}
+        hup = select.poll()
+        for fd in by_fd:
+            hup.register(fd, 0)  # POLLHUP and POLLERR are always reported
+        gone = 0
+        for fd, _ in hup.poll(0):
+            client = by_fd[fd]
+            del self.clients[client.id]
+            client.scope.cancel()
+            gone += 1
+        return gone
 
     def accept_pending(self) -> bool:
         """Accept every queued connection; False if out of fds or memory."""
@@ -186,9 +234,9 @@ class Broadcaster:
                     return False
                 raise
             sock.setblocking(False)
-            if len(self.clients) >= self.max_clients:
+            if len(self.clients) >= self.max_clients and not self._forget_hung_up():
                 self.clients_refused += 1
-                log.warning("refusing a client: already serving %d", self.max_clients)
+                self._refusals.add(1, f", already serving {self.max_clients}")
                 sock.close()
                 continue
             client = Client(sock, self.queue_messages, next(self._ids))
@@ -199,12 +247,13 @@ class Broadcaster:
 
     async def _serve_client(self, client: Client) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
-                client.end = await self._discard_input(client)
-                nursery.cancel_scope.cancel()
+            with client.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
+                    client.end = await self._discard_input(client)
+                    nursery.cancel_scope.cancel()
         finally:
-            del self.clients[client.id]
+            self.clients.pop(client.id, None)
             client.queue.clear()
             trio.lowlevel.notify_closing(client.sock)
             client.sock.close()
@@ -258,8 +307,23 @@ class Broadcaster:
             except ConnectionResetError:
                 return "reset"
             if not data:
-                return "closed"
+                return await _hang_up(client)
             received += len(data)
             if received > FLOOD_BYTES:
                 log.warning("%s: sent %d bytes, disconnecting a flooding client", client, received)
                 return "flood"
+
+
+async def _hang_up(client: Client) -> str:
+    """The client's input ended: wait until it closes for good, if it has not yet.
+
+    After a half-close the socket stays readable (end of input), so waiting
+    on it would spin; an epoll set that asks for no event at all still
+    reports ``EPOLLHUP``, which only the full close raises.
+    """
+    with select.epoll(1) as hup:
+        hup.register(client.sock.fileno(), 0)
+        if not hup.poll(0):
+            log.info("%s half-closed: it keeps receiving", client)
+            await trio.lowlevel.wait_readable(hup.fileno())
+    return "closed"
