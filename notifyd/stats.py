@@ -16,6 +16,8 @@ from typing import Any
 
 import trio
 
+from .listen import Listener
+
 __all__ = ["read_stats", "serve_stats"]
 
 log = logging.getLogger(__name__)
@@ -25,17 +27,27 @@ SEND_TIMEOUT = 2.0
 
 
 async def serve_stats(
-    listener: socket.socket,
+    listener: Listener,
     snapshot: Callable[[], dict[str, Any]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer every connection on ``listener`` (SOCK_STREAM) with ``snapshot()``."""
+    """Answer every connection on ``listener`` (SOCK_STREAM) with ``snapshot()``.
+
+    ``listener.sock`` is read anew each time: :meth:`Listener.rebind` may
+    replace it, and wakes this task with ``notify_closing`` on the old one.
+    """
     task_status.started()
     while True:
-        await trio.lowlevel.wait_readable(listener)
+        sock = listener.sock
         try:
-            conn, _ = listener.accept()
+            await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:
+            if sock is listener.sock:
+                raise
+            continue
+        try:
+            conn, _ = sock.accept()
         except (BlockingIOError, ConnectionAbortedError):
             continue
         doc = (json.dumps(snapshot(), indent=2) + "\n").encode()
