@@ -61,11 +61,19 @@ async def serve_stats(
 
 
 def read_stats(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Fetch one stats document from the daemon at stats socket ``path``."""
+    """Fetch one stats document from the daemon at stats socket ``path``.
+
+    Raises:
+        OSError: cannot connect, or no answer within ``timeout``.
+        ValueError: the answer is not a JSON object (not a daemon's socket).
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+    doc = json.loads(b"".join(chunks))
+    if not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not a stats document")
+    return doc
