@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--client-queue must be at least 1")
     if args.max_clients < 1:
         p.error("--max-clients must be at least 1")
+    # an empty path would mean the current directory
+    if args.path == "":
+        p.error("the watched path is empty: give a mount or directory")
     if args.socket == "":
         p.error("--socket: give a path")
     if args.run_dir == "":
