@@ -25,7 +25,10 @@ and forgets those at once; refusals are logged at a bounded rate.
 
 A client that half-closes (``shutdown(SHUT_WR)``, as ``socat ... </dev/null``
 does) has only said it will send nothing more: it keeps receiving until it
-closes for good (``POLLHUP``) or a send fails.
+closes for good or a send fails.  Its socket stays readable (end of input),
+so waiting on it would spin; one epoll set for all such clients, asking for
+no event at all, still reports ``EPOLLHUP``, which only the full close
+raises.
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # How long to pause accepting after running out of fds or memory.
 ACCEPT_CAPACITY_SLEEP = 0.1
+# Connections the accept loop takes before it lets client tasks run: without
+# a bound, a steady stream of connect/close cycles keeps the queue non-empty
+# and the loop never yields.
+ACCEPT_BATCH = 64
+
+
+def _accept_queue_bound() -> int:
+    """The most connections a listening socket can hold queued (net.core.somaxconn + 1)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read()) + 1
+    except (OSError, ValueError):
+        return socket.SOMAXCONN + 1
+
 
 _UCRED = struct.Struct("=iII")
 
@@ -135,10 +152,14 @@ class Broadcaster:
         self._refusals = DropLog(log, "client limit", unit="connections refused")
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        # half-closed clients by fd, and the epoll set that reports their hangups
+        self._half_closed: dict[int, Client] = {}
+        self._hangups: select.epoll | None = None
         # publish() asks this whether connections wait: a poll(0) costs a
         # fraction of an accept(2) that fails with EAGAIN (and its exception)
         self._pending = select.poll()
         self._pending.register(listener, select.POLLIN)
+        self._queue_bound = _accept_queue_bound()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -152,7 +173,8 @@ class Broadcaster:
     def publish(self, batch: bytes) -> None:
         """Queue a batch of whole records for every client; never blocks."""
         if self._nursery is not None and self._pending.poll(0):
-            self.accept_pending()
+            # as many as the queue can hold: every connection queued before this call
+            self.accept_pending(self._queue_bound)
         n = len(batch) // abi.RECORD_SIZE
         if not n:
             return
@@ -173,7 +195,9 @@ class Broadcaster:
         """Accept clients until cancelled; clients are served in this task's nursery."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._hangups = select.epoll()
             try:
+                nursery.start_soon(self._watch_hangups, self._hangups)
                 task_status.started()
                 while True:
                     listener = self.listener
@@ -183,12 +207,24 @@ class Broadcaster:
                         if listener is self.listener:
                             raise
                         continue  # replace_listener() swapped it
-                    if not self.accept_pending():
+                    if not self.accept_pending(ACCEPT_BATCH):
                         await trio.sleep(ACCEPT_CAPACITY_SLEEP)
             finally:
                 self._nursery = None
                 self._refusals.flush(f", already serving {self.max_clients}")
                 nursery.cancel_scope.cancel()
+        self._hangups.close()
+        self._hangups = None
+
+    async def _watch_hangups(self, hangups: select.epoll) -> None:
+        """End half-closed clients once they close for good."""
+        while True:
+            await trio.lowlevel.wait_readable(hangups.fileno())
+            for fd, _ in hangups.poll(0):
+                hangups.unregister(fd)
+                client = self._half_closed.pop(fd, None)
+                if client is not None:
+                    client.scope.cancel()
 
     def replace_listener(self, sock: socket.socket) -> None:
         """Serve ``sock`` from now on (the old socket's path was removed).
@@ -198,7 +234,7 @@ class Broadcaster:
         """
         old = self.listener
         if self._nursery is not None:
-            self.accept_pending()
+            self.accept_pending(self._queue_bound)
         self._pending.unregister(old)
         self._pending.register(sock, select.POLLIN)
         self.listener = sock
@@ -214,14 +250,18 @@ class Broadcaster:
         for fd, _ in hup.poll(0):
             client = by_fd[fd]
             del self.clients[client.id]
+            # its task closes the socket when it next runs; closing it here
+            # could pull it from under a task already woken to read it
             client.scope.cancel()
             gone += 1
         return gone
 
-    def accept_pending(self) -> bool:
-        """Accept every queued connection; False if out of fds or memory."""
+    def accept_pending(self, limit: int | None = None) -> bool:
+        """Accept queued connections, at most ``limit``; False if out of fds or memory."""
         assert self._nursery is not None
-        while True:
+        if limit is None:
+            limit = self._queue_bound
+        for _ in range(limit):
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
@@ -230,7 +270,9 @@ class Broadcaster:
                 if exc.errno in _ACCEPT_TRANSIENT:
                     continue
                 if exc.errno in _ACCEPT_CAPACITY:
-                    log.warning("cannot accept a client: %s", exc.strerror)
+                    # clients that hung up free their fds once their tasks run
+                    if not self._forget_hung_up():
+                        log.warning("cannot accept a client: %s", exc.strerror)
                     return False
                 raise
             sock.setblocking(False)
@@ -244,9 +286,12 @@ class Broadcaster:
             self.clients_total += 1
             log.info("%s connected", client)
             self._nursery.start_soon(self._serve_client, client)
+        return True
 
     async def _serve_client(self, client: Client) -> None:
         try:
+            if client.scope.cancel_called:
+                return  # forgotten before this task ran
             with client.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
@@ -255,8 +300,7 @@ class Broadcaster:
         finally:
             self.clients.pop(client.id, None)
             client.queue.clear()
-            trio.lowlevel.notify_closing(client.sock)
-            client.sock.close()
+            self._release(client)
             log.info(
                 "%s disconnected (%s): %d records sent, %d dropped",
                 client,
@@ -264,6 +308,14 @@ class Broadcaster:
                 client.sent,
                 client.dropped,
             )
+
+    def _release(self, client: Client) -> None:
+        """Close a client's socket and forget its fd."""
+        fd = client.sock.fileno()
+        if self._half_closed.pop(fd, None) is not None and self._hangups is not None:
+            self._hangups.unregister(fd)
+        trio.lowlevel.notify_closing(client.sock)
+        client.sock.close()
 
     async def _send_loop(self, client: Client, scope: trio.CancelScope) -> None:
         sock = client.sock
@@ -307,23 +359,20 @@ class Broadcaster:
             except ConnectionResetError:
                 return "reset"
             if not data:
-                return await _hang_up(client)
+                return await self._hang_up(client)
             received += len(data)
             if received > FLOOD_BYTES:
                 log.warning("%s: sent %d bytes, disconnecting a flooding client", client, received)
                 return "flood"
 
-
-async def _hang_up(client: Client) -> str:
-    """The client's input ended: wait until it closes for good, if it has not yet.
-
-    After a half-close the socket stays readable (end of input), so waiting
-    on it would spin; an epoll set that asks for no event at all still
-    reports ``EPOLLHUP``, which only the full close raises.
-    """
-    with select.epoll(1) as hup:
-        hup.register(client.sock.fileno(), 0)
-        if not hup.poll(0):
+    async def _hang_up(self, client: Client) -> str:
+        """The client's input ended: wait until it closes for good, if it has not yet."""
+        hup = select.poll()
+        hup.register(client.sock, 0)  # POLLHUP is always reported
+        if not hup.poll(0) and self._hangups is not None:
             log.info("%s half-closed: it keeps receiving", client)
-            await trio.lowlevel.wait_readable(hup.fileno())
-    return "closed"
+            fd = client.sock.fileno()
+            self._half_closed[fd] = client
+            self._hangups.register(fd, 0)
+            await trio.sleep_forever()  # until _watch_hangups cancels client.scope
+        return "closed"

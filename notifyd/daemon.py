@@ -17,6 +17,7 @@ import argparse
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -44,6 +45,10 @@ DEFAULT_MAX_CLIENTS = 1024
 # How often the daemon checks that its socket files still exist: the longest
 # a client finds no socket after an operator (or a tmpfiles cleaner) removed it.
 SOCKET_CHECK_INTERVAL = 1.0
+# Descriptors the daemon needs besides one per client: sockets, epoll sets,
+# the log, connections accepted but not yet counted, and the fanotify
+# source's event fds (one per event in a 64 KiB read).
+RESERVED_FDS = 8192
 # chown(2) takes (gid_t)-1 as "leave the group", so the largest usable gid is one less.
 MAX_GID = 2**32 - 2
 
@@ -116,6 +121,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.run_dir == "":
         p.error("--run-dir: give a directory")
     return args
+
+
+def _fit_fd_limit(max_clients: int) -> int:
+    """Raise the open-file limit as far as allowed; return how many clients it holds.
+
+    The usual soft limit (1024) is below the default --max-clients plus the
+    daemon's own descriptors and a full accept queue: accept(2) (or the
+    fanotify source's read, which opens one fd per event) would fail with
+    EMFILE first.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit to %d: %s", hard, exc)
+    if soft == resource.RLIM_INFINITY or soft >= max_clients + RESERVED_FDS:
+        return max_clients
+    fit = max(1, soft - RESERVED_FDS)
+    log.warning(
+        "--max-clients %d does not fit the open-file limit (%d): serving at most %d clients",
+        max_clients,
+        soft,
+        fit,
+    )
+    return fit
 
 
 def make_source(args: argparse.Namespace) -> Source:
@@ -217,7 +249,9 @@ async def serve(args: argparse.Namespace) -> None:
                 where = f"{exc.filename}: " if exc.filename else ""
                 raise DaemonError(f"cannot create the socket: {where}{exc.strerror}") from None
             relay = Broadcaster(
-                listener.sock, queue_messages=args.client_queue, max_clients=args.max_clients
+                listener.sock,
+                queue_messages=args.client_queue,
+                max_clients=_fit_fd_limit(args.max_clients),
             )
 
             def snapshot() -> dict[str, Any]:

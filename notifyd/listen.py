@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 # sun_path is 108 bytes including the terminating NUL
 SUN_PATH_MAX = 107
-BACKLOG = 128
+# Connections the kernel queues before the daemon accepts them.  A burst of
+# connect/close cycles fills this queue with connections already closed;
+# once it is full, a client's non-blocking connect (any socket with a
+# timeout) fails with EAGAIN.  The kernel caps it at net.core.somaxconn.
+BACKLOG = socket.SOMAXCONN
 
 
 @contextlib.contextmanager
