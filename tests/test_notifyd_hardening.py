@@ -214,8 +214,7 @@ def test_socat_with_stdin_at_eof_keeps_receiving(notifyd_factory) -> None:
         ino = _access(_sentinel(d))
         got = b""
         while not any(
-            r.ino == ino and r.type == abi.TYPE_READ
-            for r in abi.decode(got[: len(got) // 64 * 64])
+            r.ino == ino and r.type == abi.TYPE_READ for r in abi.decode(got[: len(got) // 64 * 64])
         ):
             chunk = proc.stdout.read1(4096)
             assert chunk, "socat's stream ended"
