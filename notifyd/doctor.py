@@ -17,11 +17,12 @@ import shlex
 import socket
 import stat
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import abi, ioctls, libc, paths
 from .stats import read_stats
@@ -29,10 +30,16 @@ from .stats import read_stats
 __all__ = ["DESCRIPTION", "Finding", "add_arguments", "diagnose", "run"]
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "FAIL"
+T = TypeVar("T")
 # What a loss must be measured over: long enough for a busy mount to show one.
 DEFAULT_INTERVAL = 1.0
 SHIM_FSTYPE = "fuse.scoutfs-notify-shim"
 SHIM_COMMANDS = ("scoutfs-notify-shim", "compat.inotify_shim.main", "compat.inotify_shim")
+# /proc/PID/comm of a shim: its console script (15 characters of it) or python
+SHIM_COMMS = ("scoutfs-notify-", "python")
+# How long one look at /proc or at an overlay may take before doctor gives up on it.
+PROC_TIMEOUT = 2.0
+OVERLAY_TIMEOUT = 5.0
 
 DESCRIPTION = """\
 Check, for one mount, everything the notification path needs, and print one
@@ -266,29 +273,71 @@ def _mounts() -> dict[str, str]:
     return out
 
 
+def _bounded(fn: Callable[[], T], timeout: float) -> T:
+    """``fn()`` in a thread; TimeoutError if it has not returned within ``timeout``.
+
+    For what can block for good on a shared machine: reading the cmdline of a
+    process stuck in a page fault, or stat(2) on an overlay whose shim is
+    stopped.  Both kernel waits are killable, so an abandoned thread never
+    keeps this process from exiting.
+    """
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no answer in {timeout:g} s")
+    if errors:
+        raise errors[0]
+    return box[0]
+
+
+def _read_cmdline(pid: str) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+
+
 def _shims(mount: str, mounts: dict[str, str]) -> dict[str, int]:
-    """Mount point -> pid of each running shim whose BACKING is ``mount``."""
-    real = os.path.realpath(mount)
+    """Mount point -> pid of each running shim whose BACKING is ``mount``.
+
+    Paths in a shim's command line are compared as written (made absolute),
+    never resolved: resolving would stat other people's overlays, which hang
+    when their shim is stopped.
+    """
     found: dict[str, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+            # comm needs no lock on the process's memory, unlike cmdline
+            with open(f"/proc/{entry.name}/comm", encoding="utf-8", errors="replace") as f:
+                comm = f.read().strip()
         except OSError:
+            continue
+        if not comm.startswith(SHIM_COMMS):
+            continue
+        try:
+            argv = _bounded(lambda pid=entry.name: _read_cmdline(pid), PROC_TIMEOUT)
+        except (OSError, TimeoutError):
             continue
         if not any(a.endswith(SHIM_COMMANDS) for a in argv[:3]):
             continue
-        args = [a for a in argv[1:] if not a.startswith("-")]
+        args = [os.path.abspath(a) for a in argv[1:] if not a.startswith("-")]
         for i, arg in enumerate(args):
-            if os.path.realpath(arg) != real:
+            if arg != mount:
                 continue
             # the mount point is the positional after BACKING that is a shim mount
             for later in args[i + 1 :]:
-                point = os.path.realpath(later)
-                if mounts.get(point) == SHIM_FSTYPE or later == args[-1]:
-                    found.setdefault(point, int(entry.name))
+                if mounts.get(later) == SHIM_FSTYPE or later == args[-1]:
+                    found.setdefault(later, int(entry.name))
                     break
     return found
 
@@ -296,9 +345,9 @@ def _shims(mount: str, mounts: dict[str, str]) -> dict[str, int]:
 def _shim(mount: str, overlays: list[str] | None, doc: dict[str, Any] | None) -> Iterator[Finding]:
     mounts = _mounts()
     running = _shims(mount, mounts)
-    points = {os.path.realpath(p) for p in overlays or []}
+    points = {os.path.abspath(p) for p in overlays or []}
     points |= set(running)
-    default = os.path.realpath(mount) + ".inotify"
+    default = mount + ".inotify"
     if not overlays and mounts.get(default) == SHIM_FSTYPE:
         points.add(default)
     unit = f"scoutfs-notify-shim@$(systemd-escape -p {shlex.quote(mount)})"
@@ -318,7 +367,15 @@ def _shim(mount: str, overlays: list[str] | None, doc: dict[str, Any] | None) ->
             yield Finding(FAIL, "shim", f"{why}{point} is not mounted", f"systemctl restart {unit}")
             continue
         try:
-            os.stat(point)
+            _bounded(lambda p=point: os.stat(p), OVERLAY_TIMEOUT)
+        except TimeoutError:
+            yield Finding(
+                FAIL,
+                "shim",
+                f"{point} does not answer in {OVERLAY_TIMEOUT:g} s (its shim is stopped or stuck)",
+                f"systemctl restart {unit}",
+            )
+            continue
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 yield Finding(FAIL, "shim", f"{point}: {exc.strerror}", f"systemctl restart {unit}")

@@ -525,7 +525,7 @@ def check_arguments(args: argparse.Namespace) -> Filters:
     if args.format and "%f" in args.format.replace("%%", ""):
         uses_path = True
     if uses_path and not args.mount:
-        raise ValueError("paths (--include/--exclude, %f, --csv, --resolve-paths) need MOUNT")
+        raise ValueError("a path (for --include/--exclude, %f, --csv, --resolve-paths) needs MOUNT")
     return filters
 
 
@@ -588,7 +588,7 @@ def run(args: argparse.Namespace, sock_path: Path, filters: Filters) -> int:
                     path = None
                     if isinstance(ev, abi.Record):
                         if ev.type not in abi.TYPE_NAMES:
-                            continue  # ABI.md: consumers skip types they do not know
+                            continue  # docs/ABI.md: consumers skip types they do not know
                         if not filters.wants(ev):
                             continue
                         if resolve is not None:

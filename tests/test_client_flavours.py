@@ -56,21 +56,34 @@ def server(tmp_path):
     s.close()
 
 
+def _read_all_blocking(sub: Subscriber, got: list[abi.Record | Gap]) -> None:
+    got.extend(sub)
+
+
 def test_blocking(server) -> None:
     got: list[abi.Record | Gap] = []
     with Subscriber(server.path, timeout=10) as sub, pytest.raises(abi.ABIError):
-        for ev in sub:
+        _read_all_blocking(sub, got)
+    assert got == EXPECTED
+    assert sub.tracker.lost == 1 + 3
+
+
+async def _read_all_trio(
+    path: str, got: list[abi.Record | Gap], subs: list[AsyncSubscriber]
+) -> None:
+    async with await AsyncSubscriber.connect(path) as sub:
+        subs.append(sub)
+        async for ev in sub:
             got.append(ev)
-    assert got == EXPECTED and sub.tracker.lost == 1 + 3
 
 
 async def test_trio(server) -> None:
     got: list[abi.Record | Gap] = []
+    subs: list[AsyncSubscriber] = []
     with trio.fail_after(10), pytest.raises(abi.ABIError):
-        async with await AsyncSubscriber.connect(server.path) as sub:
-            async for ev in sub:
-                got.append(ev)
-    assert got == EXPECTED and sub.tracker.lost == 1 + 3
+        await _read_all_trio(server.path, got, subs)
+    assert got == EXPECTED
+    assert subs[0].tracker.lost == 1 + 3
 
 
 def test_asyncio(server) -> None:

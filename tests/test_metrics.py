@@ -120,7 +120,8 @@ def test_daemon_metrics_port_in_use_says_so(tmp_path) -> None:
         capture_output=True,
         text=True,
     )
-    assert res.returncode == 2 and "the port must be a number" in res.stderr
+    assert res.returncode == 2
+    assert "the port must be a number" in res.stderr
 
 
 def test_shim_metrics_move_with_accesses(fanotify_daemon, tmp_path) -> None:

@@ -249,7 +249,9 @@ def test_csv_quotes_and_carries_the_path(daemon, watch, reader) -> None:
     assert [row[1] for row in rows] == ["OPEN", "READ"]
     for row in rows:
         assert len(row) == 12
-        assert row[2] == str(f) and row[3] == str(os.stat(f).st_ino) and row[4] == str(r.pid)
+        assert row[2] == str(f)
+        assert row[3] == str(os.stat(f).st_ino)
+        assert row[4] == str(r.pid)
         assert row[11] == "0"
 
 
@@ -263,7 +265,8 @@ def test_timeout_exit_statuses(daemon, watch, reader) -> None:
     rc, out, err = none.finish()
     assert (rc, out) == (2, ""), err
     rc, out, err = some.finish()
-    assert rc == 0 and " OPEN ino=" in out, err
+    assert rc == 0, err
+    assert " OPEN ino=" in out, err
 
 
 def test_quiet(daemon, watch, reader) -> None:
@@ -273,9 +276,12 @@ def test_quiet(daemon, watch, reader) -> None:
     silent = watch(daemon, "-qq", "-c", "1")
     reader().do("open", f)
     rc, out, err = loud.finish()
-    assert rc == 0 and "watching" in err and " OPEN " in out
+    assert rc == 0
+    assert "watching" in err
+    assert " OPEN " in out
     rc, out, err = quiet.finish()
-    assert (rc, err) == (0, "") and " OPEN " in out
+    assert (rc, err) == (0, "")
+    assert " OPEN " in out
     assert silent.finish() == (0, "", "")
 
 
@@ -289,14 +295,15 @@ def test_usage_errors_exit_1_and_say_why(daemon) -> None:
         (["-c", "0"], "at least 1"),
         (["-c", "x"], "invalid int value"),
         (["--format", "%q"], "unknown conversion %q"),
-        (["--include", "x"], "need MOUNT"),
+        (["--include", "x"], "needs MOUNT"),
         (["--csv", "--json"], "not allowed with"),
     ]:
         res = subprocess.run(
             [*CLI, "watch", "--socket", str(daemon.socket), *args], capture_output=True, text=True
         )
         assert res.returncode == 1, (args, res.stderr)
-        assert why in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+        assert why in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr, (args, res.stderr)
 
 
 def test_gaps_show_in_every_format(notifyd_factory, watch, reader) -> None:
