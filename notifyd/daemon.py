@@ -288,7 +288,7 @@ async def serve(args: argparse.Namespace, source_factory: SourceFactory = make_s
                 await nursery.start(watch_mount, args.path)
                 await nursery.start(relay.serve)
                 await nursery.start(serve_stats, stats_listener, snapshot)
-                publish = relay.publish
+                publish: Callable[[bytes], None] = relay.publish
                 if args.metrics:
                     publish = await _start_metrics(nursery, args, snapshot, publish)
                 await nursery.start(source.run, publish)

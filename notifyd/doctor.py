@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import functools
 import os
 import re
 import shlex
@@ -325,7 +326,7 @@ def _shims(mount: str, mounts: dict[str, str]) -> dict[str, int]:
         if not comm.startswith(SHIM_COMMS):
             continue
         try:
-            argv = _bounded(lambda pid=entry.name: _read_cmdline(pid), PROC_TIMEOUT)
+            argv = _bounded(functools.partial(_read_cmdline, entry.name), PROC_TIMEOUT)
         except (OSError, TimeoutError):
             continue
         if not any(a.endswith(SHIM_COMMANDS) for a in argv[:3]):
@@ -367,7 +368,7 @@ def _shim(mount: str, overlays: list[str] | None, doc: dict[str, Any] | None) ->
             yield Finding(FAIL, "shim", f"{why}{point} is not mounted", f"systemctl restart {unit}")
             continue
         try:
-            _bounded(lambda p=point: os.stat(p), OVERLAY_TIMEOUT)
+            _bounded(functools.partial(os.stat, point), OVERLAY_TIMEOUT)
         except TimeoutError:
             yield Finding(
                 FAIL,

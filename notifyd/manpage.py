@@ -62,7 +62,8 @@ def _block(text: str, raw: bool) -> Iterator[str]:
 
 
 def _raw(parser: argparse.ArgumentParser) -> bool:
-    return issubclass(parser.formatter_class, argparse.RawDescriptionHelpFormatter)
+    cls = parser.formatter_class
+    return isinstance(cls, type) and issubclass(cls, argparse.RawDescriptionHelpFormatter)
 
 
 def _invocation(action: argparse.Action) -> str:

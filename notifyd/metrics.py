@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # The *_created samples (when each series began) double every scrape of a
 # histogram and say nothing a process start time does not.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # A bare port listens here: metrics say what a mount's users do, so they are
 # not for the network unless the admin says so.
