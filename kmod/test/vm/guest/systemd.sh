@@ -26,9 +26,9 @@ ok() { log "ok $*"; }
 WAIT=120
 
 wait_until() { # wait_until WHAT COMMAND...
-	local what=$1 i
+	local what=$1 end=$((SECONDS + WAIT))
 	shift
-	for ((i = 0; i < WAIT * 5; i++)); do
+	while ((SECONDS < end)); do
 		"$@" && return 0
 		sleep 0.2
 	done
@@ -83,10 +83,10 @@ accepts() {
 }
 # watch_start UNIT CHECK...: start UNIT, and fail if it is ever active while CHECK fails
 watch_start() {
-	local unit=$1 state seen=""
+	local unit=$1 state seen="" end=$((SECONDS + WAIT))
 	shift
 	systemctl start --no-block "$unit"
-	for ((i = 0; i < WAIT * 5; i++)); do
+	while ((SECONDS < end)); do
 		state=$(systemctl is-active "$unit" || true)
 		case "$state" in
 		active)
