@@ -79,6 +79,12 @@ def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+def _only_drops_setid(old: int, new: int) -> bool:
+    """Whether mode ``new`` is ``old`` less some of its set-user/group-ID bits."""
+    setid = stat.S_ISUID | stat.S_ISGID
+    return new != old and new & ~old == 0 and (old & ~new) & ~setid == 0
+
+
 def _backing_flags(flags: int) -> int:
     # O_DIRECT is the kernel's business between the caller and the overlay:
     # our reads go through Python buffers, which O_DIRECT would refuse.
@@ -378,18 +384,27 @@ class Overlay(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
         handle = self._handles.get(fh) if fh is not None else None
-        is_link = node.kind == stat.S_IFLNK
-        with self._acting(self._creds(ctx)):
+        creds = self._creds(ctx)
+        if fields.update_mode:
+            if node.kind == stat.S_IFLNK:
+                # Linux has no mode on symlinks (fchmodat refuses it too)
+                raise FUSEError(errno.EOPNOTSUPP)
+            mode = stat.S_IMODE(attr.st_mode)
+            if _only_drops_setid(stat.S_IMODE(os.fstat(node.fd).st_mode), mode):
+                # the kernel's own "kill suid/sgid" after a write or chown by
+                # a non-owner (it skips the owner check for it): BACKING would
+                # refuse the caller a chmod, and dropping privilege is safe
+                with self._acting(None):
+                    os.chmod(_proc(node.fd), mode)
+            else:
+                with self._acting(creds):
+                    if handle is not None:
+                        os.fchmod(handle.fd, mode)
+                    else:
+                        os.chmod(_proc(node.fd), mode)
+        with self._acting(creds):
             if fields.update_size:
                 self._truncate(node, handle, attr.st_size)
-            if fields.update_mode:
-                if is_link:
-                    # Linux has no mode on symlinks (fchmodat refuses it too)
-                    raise FUSEError(errno.EOPNOTSUPP)
-                if handle is not None:
-                    os.fchmod(handle.fd, stat.S_IMODE(attr.st_mode))
-                else:
-                    os.chmod(_proc(node.fd), stat.S_IMODE(attr.st_mode))
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
