@@ -40,8 +40,8 @@ import os
 import resource
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -92,7 +92,9 @@ def _backing_flags(flags: int) -> int:
     return (flags & ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_CLOEXEC
 
 
-def _handler(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _handler(
+    handler: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     """Every failure becomes an errno reply: pyfuse3 ends its session on any other exception.
 
     An OSError keeps its errno; anything else is a bug, logged with its
@@ -345,10 +347,10 @@ class Overlay(pyfuse3.Operations):
             with self._acting(self._creds(ctx)):
                 fd, st = self._open_path(self._inode(parent_inode), name)
             os.close(fd)
-            node = self._inodes.get(self._fuse_ino(st.st_ino))
-            if node is None:
+            held = self._inodes.get(self._fuse_ino(st.st_ino))
+            if held is None:
                 raise FUSEError(errno.ENOENT)
-            node.lookups += 1
+            held.lookups += 1
             return self._entry(st)
         with self._acting(self._creds(ctx)):
             return self._lookup_entry(parent_inode, name)
