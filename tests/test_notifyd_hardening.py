@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from notifyd import abi
+from notifyd import abi, procs
 from notifyd.droplog import DROP_LOG_INTERVAL
 from notifyd.paths import socket_path_for_dir, stats_path_for
 from notifyd.stats import read_stats
@@ -80,13 +80,9 @@ def _receives(sock: socket.socket, ino: int) -> bool:
             return True
 
 
-def _until(pred, what: str, timeout: float = RECV_TIMEOUT, poll: float = 0.01) -> None:
+def _until(pred, what: str) -> None:
     """Wait for the sentinel ``pred()``; the timeout bounds a hang, it is no timing."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
+    procs.wait_until(pred, RECV_TIMEOUT, what)
 
 
 def _sentinel(daemon) -> Path:
