@@ -76,7 +76,7 @@ def read_stats(path: str, timeout: float = 5.0) -> dict[str, Any]:
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    doc = json.loads(b"".join(chunks))
+    doc: dict[str, Any] = json.loads(b"".join(chunks))
     if not isinstance(doc, dict):
         raise ValueError(f"a JSON {type(doc).__name__}, not a stats document")
     return doc
