@@ -169,8 +169,9 @@ class Daemon:
 
     def start(self, record: bool = True) -> Stream | None:
         self.runs += 1
-        # READY=1 says the socket listens; a killed daemon's socket stays behind
-        notify_path = self.out / f"sd-{self.name}"
+        # READY=1 says the socket listens; a killed daemon's socket stays behind.
+        # Not in OUTDIR: that is the host's 9p share, where no socket can be bound.
+        notify_path = self.sock.parent / "sd"
         notify_path.unlink(missing_ok=True)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
