@@ -211,6 +211,15 @@ class Daemon:
     def stats(self) -> dict[str, Any]:
         return daemon_stats(self.sock)
 
+    def ensure(self) -> Stream:
+        """Running with a recorder: what a fault that failed may not have left."""
+        if self.proc is None or self.proc.poll() is not None or self.stream is None:
+            if self.proc is not None and self.proc.poll() is None:
+                self.kill()
+            self.start()
+        assert self.stream is not None
+        return self.stream
+
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None
         rc = stop(self.proc, f"daemon {self.name}", sig)
@@ -408,8 +417,7 @@ class Faults:
         )
 
     def stress(self) -> str:
-        sa, sb = self.daemon_a.stream, self.daemon_b.stream
-        assert sa is not None and sb is not None
+        sa, sb = self.daemon_a.ensure(), self.daemon_b.ensure()
         c0 = {"a": counters(self.da), "b": counters(self.db)}
         drops0 = {m: self.client_drops(d) for m, d in (("a", self.daemon_a), ("b", self.daemon_b))}
         files_a = [f"{self.a}/f{i}" for i in range(16)]
@@ -469,6 +477,8 @@ class Faults:
 
     def umount_lazy(self) -> str:
         check(self.db.exists(), "B's sysfs dir is already gone")
+        self.daemon_a.ensure()
+        self.daemon_b.ensure()
         um = subprocess.run(["umount", "-l", self.b], capture_output=True, text=True)
         check(um.returncode == 0, f"umount -l {self.b}: {um.stderr.strip()}")
         check(
