@@ -3,7 +3,8 @@
 #
 #   bash bootstrap.sh demo [DIR]   the main job: daemon + inotify shim over DIR
 #                                  (a scoutfs mount, or any local directory)
-#   bash bootstrap.sh test [ARGS]  ruff, then the whole pytest suite (ARGS go to pytest)
+#   bash bootstrap.sh test [ARGS]  ruff, mypy --strict, then the whole pytest suite
+#                                  (ARGS go to pytest)
 #
 # Needs root: it installs Debian packages, mounts FUSE and uses fanotify.
 set -euo pipefail
@@ -12,7 +13,8 @@ cd "$(dirname "$(readlink -f "$0")")"
 # base toolchain and FUSE for the project itself; inotify-tools and socat for
 # the watcher tests; sparse, headers and linux-source for the kmod build and
 # checkpatch; qemu, a 6.1 kernel and the scoutfs utils' libraries for the VM test,
-# bc and hexdump (bsdextrautils) for the scoutfs tests it runs
+# bc and hexdump (bsdextrautils) for the scoutfs tests it runs; autoconf, automake
+# and libacl1-dev to build pjdfstest (tests/build-pjdfstest)
 APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc make pkg-config git
 	fuse3 libfuse3-dev inotify-tools socat psmisc
@@ -20,6 +22,7 @@ APT_PACKAGES=(
 	qemu-system-x86 linux-image-amd64 busybox-static cpio kmod
 	uuid-dev libssl-dev libblkid-dev attr xfsprogs uuid-runtime dmsetup bc bsdextrautils
 	systemd
+	autoconf automake libacl1-dev
 )
 
 need_root() {
@@ -54,13 +57,14 @@ case "$cmd" in
 demo)
 	install_packages
 	install_venv
-	exec .venv/bin/python -m notifyd.demo "$@"
+	exec .venv/bin/python -m compat.demo "$@"
 	;;
 test)
 	install_packages
 	install_venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 	rc=0
 	.venv/bin/pytest "$@" || rc=$?
 	if [ "$rc" = 5 ]; then
