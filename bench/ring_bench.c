@@ -124,12 +124,12 @@ static struct plain_ring plain;
 
 static void plain_emit(const struct scoutfs_ioctl_notify_record *rec)
 {
-	spin_lock_irq(&plain.lock);
+	spin_lock(&plain.lock);
 	if (plain.tail - plain.head < RING_NR) {
 		memcpy(&plain.ring[plain.tail % RING_NR], rec, REC_SIZE);
 		plain.tail++;
 	}
-	spin_unlock_irq(&plain.lock);
+	spin_unlock(&plain.lock);
 }
 
 static long plain_drain(void)
@@ -137,12 +137,12 @@ static long plain_drain(void)
 	long n;
 	long i;
 
-	spin_lock_irq(&plain.lock);
+	spin_lock(&plain.lock);
 	n = plain.tail - plain.head;
 	for (i = 0; i < n; i++)
 		memcpy(&drained[i], &plain.ring[(plain.head + i) % RING_NR], REC_SIZE);
 	plain.head = plain.tail;
-	spin_unlock_irq(&plain.lock);
+	spin_unlock(&plain.lock);
 	return n;
 }
 

@@ -86,11 +86,6 @@ typedef pthread_mutex_t spinlock_t;
 #define spin_lock_init(l)	pthread_mutex_init((l), NULL)
 #define spin_lock(l)		pthread_mutex_lock(l)
 #define spin_unlock(l)		pthread_mutex_unlock(l)
-#define spin_lock_irq(l)	pthread_mutex_lock(l)
-#define spin_unlock_irq(l)	pthread_mutex_unlock(l)
-#define spin_lock_irqsave(l, f)	do { (f) = 0; pthread_mutex_lock(l); } while (0)
-#define spin_unlock_irqrestore(l, f) \
-	do { (void)(f); pthread_mutex_unlock(l); } while (0)
 
 struct mutex {
 	pthread_mutex_t m;
