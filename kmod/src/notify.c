@@ -45,10 +45,11 @@
  * attaches and the hooks only test a flag until then.
  *
  * Emitting is called from the open and read paths so it never sleeps,
- * allocates, or waits for the reader.  Everything runs in process
- * context, in the syscalls of the accessing tasks and of the reader, so
- * the spinlock doesn't disable interrupts.  When the ring is full the record is dropped
- * but its sequence number is still consumed so the reader sees a gap.
+ * allocates, or waits for the reader.  When the ring is full the record
+ * is dropped but its sequence number is still consumed so the reader
+ * sees a gap.  Everything runs in process context, in the syscalls of
+ * the accessing tasks and of the reader, so the spinlock doesn't
+ * disable interrupts.
  *
  * The drainer copies records to userspace straight out of the ring
  * without holding the spinlock.  That's safe because emitters only
