@@ -105,7 +105,8 @@ def test_series_carry_kmod_src_verbatim() -> None:
         # diff may place the blank line that separates it at either end
         assert added_text(ring, "kmod/src/ioctl.h").strip("\n") == want.strip("\n"), tag
         handler = (KMOD / "src" / "ioctl-read-notify.c").read_text()
-        assert handler.startswith("/*\n") and "static long scoutfs_ioc_read_notify(" in handler
+        assert handler.startswith("/*\n")
+        assert "static long scoutfs_ioc_read_notify(" in handler
         assert added_text(ring, "kmod/src/ioctl.c").startswith('#include "notify.h"\n')
         assert "\n".join("+" + ln for ln in handler.splitlines()) in ring, tag
         for name in ("src/read_notify.c", "tests/notify-basic.sh", "golden/notify-basic"):
@@ -181,7 +182,8 @@ def test_committed_series_is_what_gen_series_makes(scoutfs_src: Path, tmp_path: 
     assert proc.returncode == 0, proc.stderr
     for tag in TAGS:
         cmp = filecmp.dircmp(SERIES / tag, tmp_path / tag)
-        assert not (cmp.left_only or cmp.right_only), f"{tag}: run kmod/gen-series"
+        assert not cmp.left_only, f"{tag}: run kmod/gen-series"
+        assert not cmp.right_only, f"{tag}: run kmod/gen-series"
         for name in cmp.common_files:
             assert (SERIES / tag / name).read_text() == (tmp_path / tag / name).read_text(), (
                 f"kmod/series/{tag}/{name} is stale: run kmod/gen-series and commit it"
@@ -292,7 +294,7 @@ def vm_missing() -> str:
 @pytest.mark.vm
 @pytest.mark.scoutfs_src
 def test_ioctl_contract_in_qemu(build_release, tmp_path: Path) -> None:
-    """ABI.md section 3 on a real mount: kmod/test/ioctl-probe.py in the guest."""
+    """docs/ABI.md section 3 on a real mount: kmod/test/ioctl-probe.py in the guest."""
     why = vm_missing()
     if why:
         pytest.skip(f"cannot boot the 6.1 test kernel: {why}")
