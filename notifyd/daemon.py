@@ -142,9 +142,12 @@ def _fit_fd_limit(max_clients: int) -> int:
             soft = hard
         except (OSError, ValueError) as exc:
             log.warning("cannot raise the open-file limit to %d: %s", hard, exc)
-    if soft == resource.RLIM_INFINITY or soft >= max_clients + RESERVED_FDS:
+    if soft == resource.RLIM_INFINITY:
         return max_clients
-    fit = max(1, soft - RESERVED_FDS)
+    # under a low hard limit, keep half of it for the daemon's own needs
+    fit = max(1, soft - min(RESERVED_FDS, soft // 2))
+    if max_clients <= fit:
+        return max_clients
     log.warning(
         "--max-clients %d does not fit the open-file limit (%d): serving at most %d clients",
         max_clients,

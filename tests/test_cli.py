@@ -398,3 +398,50 @@ def test_every_bad_input_of_the_three_commands_is_one_clear_line(tmp_path) -> No
         assert want in err, (args, err)
     assert not os.path.lexists("/tmp/nfy-bad-input.sock")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
+
+
+# A user who may write a directory binds the names a daemon would serve there,
+# answers every connection with a forged record or stats, and says "ready".
+SQUATTER = """
+import socket, sys, threading
+path = sys.argv[1]
+forged = bytes(64)
+def serve(kind, name, answer):
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(name)
+    s.listen(8)
+    def loop():
+        while True:
+            c, _ = s.accept()
+            c.send(answer)
+    threading.Thread(target=loop, daemon=True).start()
+serve(socket.SOCK_SEQPACKET, path, forged)
+serve(socket.SOCK_STREAM, path + ".stats", b'{"clients": [], "records": 0}')
+print("ready", flush=True)
+sys.stdin.read()
+"""
+NOBODY = 65534
+
+
+def test_watch_and_stats_refuse_a_socket_another_user_serves(tmp_path) -> None:
+    open_dir = Path(tempfile.mkdtemp(prefix="nfy-sq-", dir="/tmp"))
+    try:
+        open_dir.chmod(0o1777)
+        path = open_dir / "notify.sock"
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        squatter = subprocess.Popen(
+            [*as_nobody, sys.executable, "-c", SQUATTER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert squatter.stdout.readline() == "ready\n"
+            for command in ("watch", "stats"):
+                err = _fails_cleanly([*CLI, command, "--socket", str(path)])
+                assert f"is served by uid {NOBODY} (pid {squatter.pid}), not by root" in err
+        finally:
+            squatter.stdin.close()
+            squatter.wait(FAIL_TIMEOUT)
+    finally:
+        shutil.rmtree(open_dir)
