@@ -16,6 +16,7 @@ import os
 import pwd
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +24,10 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from shim_support import need_fuse, run_shim
+from shim_support import START_TIMEOUT, feeder, need_fuse, run_shim, wait_for, watch
 
 from compat.inotify_shim import overlay as overlay_mod
+from notifyd import abi
 
 # A uid and gid with no passwd entry: a user nobody configured, who owns nothing.
 ATTACKER = 54321
@@ -315,3 +317,62 @@ def test_an_unexpected_exception_in_a_handler_is_an_eio_reply(
         assert trio.run(call, refused) == errno.EACCES
     assert "broken failed; answered EIO" in caplog.text
     assert "NotImplementedError: a bug" in caplog.text
+
+
+def test_a_replay_never_opens_a_fifo_that_took_a_files_name(tmp_path: Path) -> None:
+    # A writer blocked opening a FIFO through the overlay must stay blocked:
+    # a replay that opened the FIFO would wake it and then discard its data.
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    (backing / "p").write_text("regular")
+    ino = (backing / "p").stat().st_ino
+    writer_code = f"""
+import os
+fd = os.open({str(mnt / "p")!r}, os.O_WRONLY)
+print("opened", flush=True)
+os.write(fd, b"writer data")
+"""
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path, "--timeout", "0.2"),
+    ):
+        feed.wait_client()
+        # an open file keeps the inode, and the name the overlay knows for it, alive
+        held = open(mnt / "p")  # noqa: SIM115
+        # a name sorting after "p": the overlay's table would offer either
+        os.link(backing / "p", backing / "z")
+        (backing / "p").unlink()
+        os.mkfifo(backing / "p")
+        wait_for(
+            lambda: stat.S_ISFIFO(os.stat(mnt / "p").st_mode),
+            START_TIMEOUT,
+            "the overlay to show the FIFO",
+        )
+        writer = subprocess.Popen(
+            [sys.executable, "-c", writer_code], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            # the writer waits in open() for a reader (fs/pipe.c: wait_for_partner)
+            wait_for(
+                lambda: Path(f"/proc/{writer.pid}/wchan").read_text() == "wait_for_partner",
+                START_TIMEOUT,
+                "the writer to block opening the FIFO",
+            )
+            with watch(mnt) as w:
+                feed.send([feed.record(abi.TYPE_OPEN, ino)])
+                # the sentinel: the record was replayed, on the name that still has the file
+                w.expect("z", "OPEN")
+                assert w.sequence("p") == []
+            assert writer.poll() is None, "a replay opened the FIFO and woke its writer"
+            fd = os.open(mnt / "p", os.O_RDONLY)
+            try:
+                assert writer.stdout is not None
+                assert writer.stdout.readline() == "opened\n"
+                assert os.read(fd, 100) == b"writer data"
+            finally:
+                os.close(fd)
+        finally:
+            writer.kill()
+            writer.wait()
+            held.close()
