@@ -346,6 +346,8 @@ def _daemon_bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*src, "--socket", "/tmp/nfy-bad-input.sock"], "writable by other users"),
         ([*src, "--run-dir", "/tmp"], "writable by other users"),
         ([*src, "--socket", str(tmp / "x" / "n.sock")], "not a directory or a symlink"),
+        ([*src, "--socket", "/dev/null"], "is a character device, not a socket"),
+        ([*src, "--socket", str(tmp / "b")], "is a directory: give the socket's own path"),
     ]
 
 
