@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from typing import Protocol
 
 __all__ = ["UntrustedPeerError", "check_peer", "peer_cred"]
 
@@ -22,15 +23,23 @@ class UntrustedPeerError(Exception):
     """The socket is served by a user who is neither root nor the caller."""
 
 
-def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
-    """The (pid, uid, gid) of the process on the other end of ``sock``."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+def peer_cred(sock: _HasFileno) -> tuple[int, int, int]:
+    """The (pid, uid, gid) of the process on the other end of ``sock``.
+
+    ``sock`` is anything with ``fileno()``: a ``socket.socket`` or a trio socket.
+    """
+    with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+        pid, uid, gid = _UCRED.unpack(
+            dup.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
     return pid, uid, gid
 
 
-def check_peer(sock: socket.socket, path: str | os.PathLike[str]) -> None:
+def check_peer(sock: _HasFileno, path: str | os.PathLike[str]) -> None:
     """Raise unless root or the caller's own user serves ``sock``.
 
     Raises:

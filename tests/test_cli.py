@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from shim_support import need_fuse, run_shim
 
 from notifyd import abi, procs
 from notifyd.cli import format_json, format_text
@@ -346,6 +347,8 @@ def _daemon_bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*src, "--socket", "/tmp/nfy-bad-input.sock"], "writable by other users"),
         ([*src, "--run-dir", "/tmp"], "writable by other users"),
         ([*src, "--socket", str(tmp / "x" / "n.sock")], "not a directory or a symlink"),
+        ([*src, "--socket", "/dev/null"], "is a character device, not a socket"),
+        ([*src, "--socket", str(tmp / "b")], "is a directory: give the socket's own path"),
     ]
 
 
@@ -445,3 +448,32 @@ def test_watch_and_stats_refuse_a_socket_another_user_serves(tmp_path) -> None:
             squatter.wait(FAIL_TIMEOUT)
     finally:
         shutil.rmtree(open_dir)
+
+
+def test_the_shim_refuses_a_socket_another_user_serves(tmp_path) -> None:
+    need_fuse()
+    open_dir = Path(tempfile.mkdtemp(prefix="nfy-sq-", dir="/tmp"))
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    try:
+        open_dir.chmod(0o1777)
+        path = open_dir / "notify.sock"
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        squatter = subprocess.Popen(
+            [*as_nobody, sys.executable, "-c", SQUATTER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert squatter.stdout.readline() == "ready\n"
+            with run_shim(backing, tmp_path / "mnt", path, ready_log="not by root") as shim:
+                log = shim.log()
+        finally:
+            squatter.stdin.close()
+            squatter.wait(FAIL_TIMEOUT)
+    finally:
+        shutil.rmtree(open_dir)
+    assert f"is served by uid {NOBODY} (pid {squatter.pid}), not by root" in log
+    assert "subscribed to" not in log
+    assert "Traceback" not in log

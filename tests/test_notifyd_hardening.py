@@ -255,7 +255,7 @@ def test_a_removed_socket_is_bound_again(notifyd_factory) -> None:
     assert (os.stat(d.socket).st_mode & 0o777) == 0o600
 
 
-def test_a_removed_socket_directory_is_made_again(notifyd_factory, short_run) -> None:
+def test_a_removed_socket_directory_is_made_again(short_run, notifyd_factory) -> None:
     d = notifyd_factory(run_dir=short_run)
     shutil.rmtree(d.socket.parent)
     _until(lambda: d.socket.exists(), "the socket again")
@@ -263,6 +263,27 @@ def test_a_removed_socket_directory_is_made_again(notifyd_factory, short_run) ->
         assert _receives(c, _access(_sentinel(d)))
     assert (os.stat(d.socket.parent).st_mode & 0o777) == 0o700
     assert (d.socket.parent / "notify.sock.lock").exists()
+
+
+def test_a_socket_that_cannot_be_bound_again_is_retried(short_run, notifyd_factory) -> None:
+    # --socket's directory is the operator's: the daemon never makes it again
+    short_run.mkdir(mode=0o700)
+    d = notifyd_factory(None, socket=short_run / "n.sock")
+    with _connect(d.socket) as c:
+        shutil.rmtree(short_run)
+        _until(
+            lambda: f"cannot bind {d.socket} again: {short_run}: no such directory" in d.log(),
+            "the failure",
+        )
+        assert _receives(c, _access(_sentinel(d)))  # connected clients are still served
+        short_run.mkdir(mode=0o700)
+        _until(lambda: d.socket.exists() and d.stats_socket.exists(), "the sockets again")
+        with _connect(d.socket) as again:
+            ino = _access(_sentinel(d))
+            assert _receives(again, ino)
+            assert _receives(c, ino)
+    assert f"{d.socket} is bound again" in d.log()
+    assert d.log().count("cannot bind") <= 2  # once per socket, not once per look
 
 
 @pytest.fixture
@@ -325,13 +346,14 @@ def test_a_watched_subdirectory_of_an_unmounted_mount(notifyd_factory, mountpoin
     assert "was unmounted" in d.log()
 
 
-def test_the_default_run_dir_layout_survives_a_restart(notifyd_factory, short_run) -> None:
+def test_the_default_run_dir_layout_survives_a_restart(short_run, notifyd_factory) -> None:
     # the run dir the first daemon made is the second one's to keep as it is
     first = notifyd_factory(run_dir=short_run)
     first.stop()
     again = notifyd_factory(first.backing, run_dir=short_run)
     assert again.socket == socket_path_for_dir(first.backing, short_run)
     assert (os.stat(short_run).st_mode & 0o777) == 0o700
+    again.stop()  # before teardown looks for the first one's socket, which is the same path
 
 
 # --- the open-file limit -------------------------------------------------------
