@@ -442,3 +442,51 @@ except PermissionError:
                 os.getxattr(mnt / "granted", "system.posix_acl_access")
             assert exc.value.errno == errno.EOPNOTSUPP
     assert out.stdout.split() == (["granted"] if acl else ["denied"]), out.stderr
+
+
+def test_limit_directory_search_permission_is_checked_on_cached_attributes(top: Path) -> None:
+    # Known limit (README): the kernel checks a directory's search permission
+    # with the attributes it cached; BACKING checks the file itself at once.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    (backing / "d").mkdir()
+    (backing / "d" / "f").write_text("f")
+    (backing / "d" / "g").write_text("g")
+    probe = f"""
+for name in ("f", "g"):
+    try:
+        print(open({str(mnt / "d")!r} + "/" + name).read())
+    except PermissionError:
+        print("denied")
+"""
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other", "--timeout", "60"):
+        assert _as_attacker(probe).stdout.split() == ["f", "g"]
+        os.chmod(backing / "d", 0o700)
+        os.chmod(backing / "d" / "g", 0o600)
+        out = _as_attacker(probe)
+    # f: the directory's new mode is not seen yet; g: its own mode is, at once
+    assert out.stdout.split() == ["f", "denied"], out.stderr
+
+
+def test_a_writer_who_is_not_the_owner_may_touch_but_not_set_times(top: Path) -> None:
+    # pyfuse3 hands UTIME_NOW over as a timestamp; the overlay applies a time
+    # that close to the clock as "now", which BACKING grants to anyone who may
+    # write.  An explicit time, even one close to now, needs the owner: the
+    # kernel refuses it before the overlay sees it.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    (backing / "shared").write_text("x")
+    os.chmod(backing / "shared", 0o666)
+    probe = f"""
+import os, time
+p = {str(mnt / "shared")!r}
+for t in (None, time.time(), 1_000_000):
+    try:
+        os.utime(p, None if t is None else (t, t))
+        print("ok")
+    except PermissionError:
+        print("denied")
+"""
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other"):
+        out = _as_attacker(probe)
+    assert out.stdout.split() == ["ok", "denied", "denied"], out.stderr
