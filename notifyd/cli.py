@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import doctor, paths, watch
+from .peer import UntrustedPeerError
 from .stats import read_stats
 from .watch import PathResolver, format_json, format_text
 
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 _print_stats(doc)
             return 0
         return watch.run(args, sock_path, args.filters)
+    except UntrustedPeerError as exc:
+        return _say(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import abi, ioctls, libc, paths
+from .peer import UntrustedPeerError, check_peer
 from .stats import read_stats
 
 __all__ = ["DESCRIPTION", "Finding", "add_arguments", "diagnose", "run"]
@@ -204,6 +205,11 @@ def _daemon(mount: str, sock: Path, scoutfs: bool) -> Iterator[Finding | dict[st
             return
         except OSError as exc:
             yield Finding(FAIL, "daemon", f"{sock}: {exc.strerror}", start)
+            return
+        try:
+            check_peer(s, sock)
+        except UntrustedPeerError as exc:
+            yield Finding(FAIL, "daemon", str(exc), f"rm {sock}; {start}")
             return
     stats_path = paths.stats_path_for(sock)
     try:

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from . import abi, ioctls
 from .client import Gap, Subscriber
+from .peer import check_peer
 
 __all__ = [
     "EXIT_ERROR",
@@ -555,7 +556,8 @@ def _formatter(
 def run(args: argparse.Namespace, sock_path: Path, filters: Filters) -> int:
     """Print records from ``sock_path`` until a limit, SIGINT or end of stream.
 
-    Raises the OSError of a failed connect for the dispatcher to explain.
+    Raises the OSError of a failed connect for the dispatcher to explain, and
+    UntrustedPeerError when anyone but root (or the caller) serves the socket.
     """
     out = sys.stdout
     mount = os.path.abspath(args.mount) if args.mount else ""
@@ -570,6 +572,7 @@ def run(args: argparse.Namespace, sock_path: Path, filters: Filters) -> int:
     quiet = args.quiet
     try:
         with Subscriber(sock_path, timeout=args.timeout or None) as sub:
+            check_peer(sub.sock, sock_path)
             if not quiet:
                 print(f"scoutfs-notify: watching {sock_path}", file=sys.stderr)
             while True:
