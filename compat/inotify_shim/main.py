@@ -140,6 +140,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"default of 128 (default: {DEFAULT_READ_AHEAD_KB}, as for a disk; above 128 "
         "sequential reads reach the overlay in 1 MiB requests instead of 128 KiB)",
     )
+    p.add_argument(
+        "--read-byte",
+        action="store_true",
+        help="replay a READ as a 1-byte read through the overlay (one FUSE request) "
+        "instead of a zero-length read (none); by default the first READ checks that "
+        "a zero-length read raises IN_ACCESS and falls back to this by itself",
+    )
     p.add_argument("--debug", action="store_true", help="log every replay")
     return p.parse_args(argv)
 
@@ -203,6 +210,7 @@ async def serve(
         workers=args.workers,
         max_pending=args.max_pending,
         close_after=args.close_after,
+        zero_read=not args.read_byte,
     )
     async with trio.open_nursery() as outer:
         outer.start_soon(_fuse_session, outer.cancel_scope)

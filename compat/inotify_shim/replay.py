@@ -3,10 +3,19 @@
 A FUSE server cannot inject an inotify event; but an open or a read made
 *through* the overlay raises one, on the right name, for every watcher.  So
 for each record a worker thread opens the file through the mount point
-(IN_OPEN), reads one byte (IN_ACCESS) and, once the file has been quiet for
+(IN_OPEN), reads nothing (IN_ACCESS) and, once the file has been quiet for
 ``close_after`` seconds, closes it (IN_CLOSE_NOWRITE).  The overlay answers
 those requests without touching BACKING: it knows them by the requesting
 thread id, registered in :class:`ReplayThreads` for the duration.
+
+The read is a vectored read of zero bytes: the kernel raises IN_ACCESS for
+any vectored read that does not fail, and with nothing to read it never asks
+the filesystem, so it costs no FUSE request.  That is a detail of the VFS
+(``do_iter_read``), so the first READ replayed checks it with an inotify
+watch of its own, and the replayer falls back to a one-byte read (one READ
+request, answered by the overlay without touching BACKING) where it does
+not hold.  A replayed open therefore costs LOOKUP (when the kernel has no
+fresh entry for the name), OPEN, and RELEASE once the file is quiet.
 
 Why threads: the mount point is served by the trio thread, and an ``open``
 of it from that same thread waits forever for its own reply.
@@ -25,16 +34,18 @@ import errno
 import logging
 import math
 import os
+import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import trio
 
-from notifyd import abi
+from notifyd import abi, libc
 
 from .resolve import Resolver
 
-__all__ = ["ReplayStats", "ReplayThreads", "Replayer"]
+__all__ = ["ReplayStats", "ReplayThreads", "Replayer", "zero_read_raises_access"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,47 @@ LOSS_WARN_INTERVAL = 5.0
 BATCH = 16
 
 _SYNTHETIC_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+
+# <sys/inotify.h>
+_IN_ACCESS = 0x00000001
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+# struct inotify_event: wd mask cookie len, then len bytes of name
+_INOTIFY_EVENT = struct.Struct("=iIII")
+
+
+def _read_nothing(fd: int) -> None:
+    os.preadv(fd, [bytearray(0)], 0)
+
+
+def _read_a_byte(fd: int) -> None:
+    os.pread(fd, 1, 0)
+
+
+def zero_read_raises_access(path: str, fd: int) -> bool:
+    """Whether a zero-length ``preadv`` of ``fd`` raises IN_ACCESS on ``path``.
+
+    ``fd`` must be open on ``path``; the read it makes is the replay's own
+    IN_ACCESS when the answer is yes.  The event is queued before the read
+    returns, so no waiting is involved.
+    """
+    ifd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    try:
+        libc.inotify_add_watch(ifd, path, _IN_ACCESS)
+        _read_nothing(fd)
+        try:
+            buf = os.read(ifd, 4096)
+        except BlockingIOError:
+            return False
+    finally:
+        os.close(ifd)
+    off = 0
+    while off + _INOTIFY_EVENT.size <= len(buf):
+        _wd, mask, _cookie, name_len = _INOTIFY_EVENT.unpack_from(buf, off)
+        if mask & _IN_ACCESS:
+            return True
+        off += _INOTIFY_EVENT.size + name_len
+    return False
 
 
 class ReplayThreads:
@@ -129,6 +181,8 @@ class Replayer:
         close_after: seconds a synthetic open stays open after its last
             action; ABI.md section 5 wants the close within a second.
         max_open: synthetic opens held at once; the oldest close early.
+        zero_read: raise IN_ACCESS with a zero-length read where the first
+            READ shows it works; False always reads one byte.
     """
 
     def __init__(
@@ -142,6 +196,7 @@ class Replayer:
         max_pending: int = 8192,
         close_after: float = 0.25,
         max_open: int = 512,
+        zero_read: bool = True,
     ) -> None:
         if not 0 < close_after <= 1:
             raise ValueError("close_after must be in (0, 1] seconds (ABI.md section 5)")
@@ -158,6 +213,9 @@ class Replayer:
         # files holding a synthetic open, oldest activity first
         self._open: OrderedDict[int, _File] = OrderedDict()
         self._send, self._recv = trio.open_memory_channel[_File](max_pending)
+        # how a READ is replayed; None until the first READ has checked
+        self._reader: Callable[[int], None] | None = None if zero_read else _read_a_byte
+        self._reader_lock = threading.Lock()
         self._warned = self.stats.losses()
         self._next_warn = -math.inf
 
@@ -320,9 +378,33 @@ class Replayer:
         try:
             for job in jobs:
                 self._threads.expect(job.file.ino, os.path.join(self._backing, job.path))
-                _apply(job, self.mountpoint)
+                _apply(job, self.mountpoint, self._read)
         finally:
             self._threads.done()
+
+    def _read(self, full: str, fd: int) -> None:
+        """Worker thread: one replayed READ on synthetic fd ``fd`` of ``full``."""
+        reader = self._reader
+        if reader is not None:
+            reader(fd)
+            return
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader(fd)
+                return
+            try:
+                works = zero_read_raises_access(full, fd)
+            except OSError as exc:
+                # no inotify to check with (limits reached): the safe choice
+                log.warning("cannot check zero-length reads on %s: %s", full, exc)
+                works = False
+            if works:
+                log.info("zero-length reads raise IN_ACCESS here: a replayed READ costs no request")
+                self._reader = _read_nothing
+            else:
+                log.info("zero-length reads raise no IN_ACCESS here: READs are 1-byte reads")
+                self._reader = _read_a_byte
+                _read_a_byte(fd)
 
     async def _closer(self) -> None:
         # polling at a quarter of the linger keeps every close within 1.25x of it
@@ -354,7 +436,7 @@ class Replayer:
 _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESTALE})
 
 
-def _apply(job: _Job, mountpoint: str) -> None:
+def _apply(job: _Job, mountpoint: str, read: Callable[[str, int], None]) -> None:
     f = job.file
     full = os.path.join(mountpoint, job.path)
     for act in job.actions:
@@ -365,7 +447,7 @@ def _apply(job: _Job, mountpoint: str) -> None:
                     f.fd = None
                 f.fd = os.open(full, _SYNTHETIC_OPEN_FLAGS)
             if act == READ:
-                os.pread(f.fd, 1, 0)
+                read(full, f.fd)
         except OSError as exc:
             job.errno = exc.errno or errno.EIO
             return
