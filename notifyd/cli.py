@@ -34,7 +34,8 @@ Show file accesses on a scoutfs mount as scoutfs-notifyd relays them.
            TIME GAP lost=N after seq=S
          means N records were lost (kernel ring full, or this client too slow).
   stats  prints the daemon's counters: records drained, ring drops, clients
-         and each client's drops.
+         and each client's drops; with --shim MOUNTPOINT, the inotify shim's:
+         records replayed, and every record not replayed, by cause.
 
 The socket is /run/scoutfs/<fsid>/notify.sock for a scoutfs MOUNT (the fsid of
 `scoutfs statfs`), /run/scoutfs/local-<hash>/notify.sock for a directory
@@ -79,8 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "kernel ring or the fanotify queue, and every client with its own drops.",
     )
     _add_target(s, "the daemon's JSON document as it is")
+    s.add_argument(
+        "--shim",
+        metavar="MOUNTPOINT",
+        help="ask the scoutfs-notify-shim mounted at MOUNTPOINT instead of a daemon",
+    )
     args = p.parse_args(argv)
-    if not args.socket and not args.mount:
+    if getattr(args, "shim", None):
+        if args.socket or args.mount:
+            p.error("--shim takes the place of MOUNT and --socket")
+    elif not args.socket and not args.mount:
         p.error("give MOUNT or --socket PATH")
     if getattr(args, "resolve_paths", False) and not args.mount:
         p.error("--resolve-paths needs MOUNT (paths are relative to it)")
@@ -197,6 +206,12 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
 
 
 def _print_stats(doc: dict[str, Any]) -> None:
+    if "clients" not in doc:
+        # the shim's document: flat counters
+        width = max(map(len, doc), default=0)
+        for key, value in doc.items():
+            print(f"{key:<{width}}  {value}")
+        return
     clients = doc.pop("clients", [])
     width = max(map(len, doc), default=0)
     for key, value in doc.items():
@@ -213,13 +228,18 @@ def _print_stats(doc: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        sock_path = _socket_path(args)
+        if getattr(args, "shim", None):
+            sock_path = paths.shim_stats_path(args.shim)
+        else:
+            sock_path = _socket_path(args)
     except OSError as exc:
         print(f"scoutfs-notify: {args.mount}: {exc.strerror}", file=sys.stderr)
         return 1
     try:
         if args.command == "stats":
-            doc = read_stats(str(paths.stats_path_for(sock_path)))
+            shim = getattr(args, "shim", None)
+            stats_path = sock_path if shim else paths.stats_path_for(sock_path)
+            doc = read_stats(str(stats_path))
             if args.json:
                 print(json.dumps(doc))
             else:
@@ -227,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _watch(args, sock_path)
     except FileNotFoundError:
+        if getattr(args, "shim", None):
+            print(
+                f"scoutfs-notify: no shim stats socket at {sock_path}: is "
+                f"scoutfs-notify-shim mounted at {args.shim}?",
+                file=sys.stderr,
+            )
+            return 1
         hint = f" for {args.mount}" if args.mount else ""
         print(
             f"scoutfs-notify: no daemon socket at {sock_path}: is scoutfs-notifyd running{hint}?",

@@ -11,8 +11,11 @@ the sentinel's.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,7 +160,62 @@ def test_gap_is_logged_with_its_size(rig) -> None:
         feed.send([feed.record(abi.TYPE_OPEN, ino)])
         feed.send([feed.record(abi.TYPE_READ, ino, skip=5)])
         w.expect("sentinel", "ACCESS")
-    shim.wait_log("lost 5 records")
+    shim.wait_log("5 lost before the shim got them (seq gaps from the daemon)")
+
+
+def shim_stats(mnt: Path) -> dict:
+    """``scoutfs-notify stats --shim MNT --json``, the operator's view."""
+    out = subprocess.run(
+        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(mnt), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out)
+
+
+def test_every_record_not_replayed_is_counted_by_cause(rig) -> None:
+    backing, mnt, feed, shim = rig
+    gone = backing / "dir" / "gone"
+    gone.write_text("x")
+    gone_ino = gone.stat().st_ino
+    gone.unlink()
+    with watch(mnt) as w:
+        feed.send([feed.record(abi.TYPE_OPEN, gone_ino)])  # unresolved
+        feed.send([feed.record(abi.TYPE_READ, 1 << 60, skip=3)])  # a gap of 3, unresolved
+        feed.access(backing / "sentinel", reads=2)  # the second READ collapses
+        feed.access(backing / "dir" / "f", pid=shim.proc.pid)  # the shim's own
+        w.expect("sentinel", "CLOSE_NOWRITE")
+    doc = wait_for(
+        lambda: (d := shim_stats(mnt))["own_skipped"] == 2 and d,
+        EVENT_TIMEOUT,
+        "the shim's own records counted",
+    )
+    assert doc["connected"] is True
+    assert doc["submitted"] == 5
+    assert (doc["replayed"], doc["collapsed"]) == (2, 1)
+    assert (doc["unresolved"], doc["gap"]) == (2, 3)
+    assert (doc["overload"], doc["gone"], doc["failed"]) == (0, 0, 0)
+    assert doc["read_by"] == "zero-length read"
+    text = subprocess.run(
+        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(r"^unresolved\s+2$", text, re.M), text
+    shim.wait_log("2 with no file under BACKING")
+
+
+def test_stats_of_a_shim_that_is_not_there(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1
+    assert "is scoutfs-notify-shim mounted at" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_many_files_each_reported(rig) -> None:

@@ -131,17 +131,25 @@ class ReplayThreads:
 
 @dataclasses.dataclass
 class ReplayStats:
-    """What happened to the records handed to the replayer."""
+    """What happened to the records handed to the replayer.
 
+    Every record ``submitted`` ends in exactly one of ``replayed``,
+    ``collapsed``, ``overload``, ``unresolved``, ``gone`` or ``failed`` (or
+    is still pending); ``gap`` counts records the daemon says were lost
+    before the shim got them.
+    """
+
+    submitted: int = 0  # OPEN and READ records taken from the daemon
     replayed: int = 0  # actions that raised their event
     collapsed: int = 0  # READs merged into a pending READ
     overload: int = 0  # dropped: too many files waiting
     unresolved: int = 0  # no file under BACKING has the inode
     gone: int = 0  # the file disappeared before its replay
     failed: int = 0  # any other error from the synthetic access
+    gap: int = 0  # never received: seq gaps in the daemon's stream
 
     def losses(self) -> tuple[int, ...]:
-        return (self.overload, self.unresolved, self.gone, self.failed)
+        return (self.overload, self.unresolved, self.gone, self.failed, self.gap)
 
     def __str__(self) -> str:
         return ", ".join(f"{getattr(self, f.name)} {f.name}" for f in dataclasses.fields(self))
@@ -223,6 +231,7 @@ class Replayer:
 
     def submit(self, rec_type: int, ino: int) -> None:
         """Queue the replay of one OPEN or READ record; never blocks."""
+        self.stats.submitted += 1
         f = self._files.get(ino)
         if f is None:
             f = self._files[ino] = _File(ino)
@@ -251,6 +260,11 @@ class Replayer:
             return
         f.queued = True
 
+    def lost_in_gap(self, count: int) -> None:
+        """Count ``count`` records the daemon lost before this shim got them."""
+        self.stats.gap += count
+        self._warn_losses()
+
     def _warn_losses(self) -> None:
         """Say what was lost since the last warning, at most every LOSS_WARN_INTERVAL."""
         now = trio.current_time()
@@ -258,18 +272,31 @@ class Replayer:
         if now < self._next_warn or losses == self._warned:
             return
         self._next_warn = now + LOSS_WARN_INTERVAL
-        overload, unresolved, gone, failed = (
+        overload, unresolved, gone, failed, gap = (
             a - b for a, b in zip(losses, self._warned, strict=True)
         )
         self._warned = losses
         log.warning(
             "records not replayed: %d dropped on overload (raise --max-pending or "
-            "--workers), %d with no file under BACKING, %d for files gone, %d failed",
+            "--workers), %d with no file under BACKING, %d for files gone, %d failed, "
+            "%d lost before the shim got them (seq gaps from the daemon)",
             overload,
             unresolved,
             gone,
             failed,
+            gap,
         )
+
+    def snapshot(self) -> dict[str, object]:
+        """The counters and the state of the queue, for the stats socket."""
+        doc: dict[str, object] = dataclasses.asdict(self.stats)
+        doc["files_waiting"] = sum(f.queued for f in self._files.values())
+        doc["synthetic_opens"] = len(self._open)
+        if self._reader is None:
+            doc["read_by"] = "not checked yet"
+        else:
+            doc["read_by"] = "zero-length read" if self._reader is _read_nothing else "1-byte read"
+        return doc
 
     def _settle(self, f: _File) -> None:
         """After a worker or the closer let go of ``f``: requeue, park or forget it."""
