@@ -64,6 +64,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError("must be from 0 to 10 seconds")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -156,6 +163,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "stats --shim MOUNTPOINT` reads)",
     )
     p.add_argument(
+        "--new-dir-wait",
+        type=_non_negative_seconds,
+        default=0.2,
+        metavar="SECONDS",
+        help="before replaying an access inside directories the overlay has never "
+        "shown, raise IN_CREATE for each of them (so inotifywait -r and watchdog add "
+        "watches) and wait up to this long for a watcher to look each one up; 0 "
+        "turns that off (default: 0.2)",
+    )
+    p.add_argument(
         "--read-byte",
         action="store_true",
         help="replay a READ as a 1-byte read through the overlay (one FUSE request) "
@@ -242,6 +259,8 @@ async def serve(
         max_pending=args.max_pending,
         close_after=args.close_after,
         zero_read=not args.read_byte,
+        kernel_knows=overlay.knows if args.new_dir_wait > 0 else None,
+        new_dir_wait=args.new_dir_wait,
     )
     following = FollowState()
 

@@ -129,6 +129,13 @@ class Overlay(pyfuse3.Operations):
             return min(val)
         return val
 
+    def knows(self, st_ino: int) -> bool:
+        """Whether the kernel holds an entry for BACKING inode ``st_ino``.
+
+        Called from replay threads: one dict lookup, atomic under the GIL.
+        """
+        return st_ino == self._root_ino or st_ino in self._paths
+
     def _path(self, inode: int) -> str:
         path = self.path_of(inode)
         if path is None:
@@ -198,6 +205,9 @@ class Overlay(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
+        announced = self._announced_name(parent_inode, name, ctx)
+        if announced:
+            raise FUSEError(errno.ENOENT)
         if name == b".":
             path = self._path(parent_inode)
         elif name == b"..":
@@ -208,6 +218,32 @@ class Overlay(pyfuse3.Operations):
             path = self._child(parent_inode, name)
         entry = self._entry(os.lstat(path))
         # every reply is a lookup the kernel counts, "." and ".." included
+        self._add_path(entry.st_ino, path)
+        if ctx is not None and self.replay_threads.looked_up(entry.st_ino, ctx.pid):
+            entry.entry_timeout = 0
+        return entry
+
+    def _announced_name(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None
+    ) -> bool:
+        """Whether a replay thread is announcing ``name`` (see replay._announce_dirs).
+
+        To it the name does not exist yet, so that its ``mkdir`` reaches us.
+        """
+        if ctx is None:
+            return False
+        what = self.replay_threads.announcing(ctx.pid)
+        return what is not None and what.parent == parent_inode and what.name == name
+
+    def _mkdir_announced(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """A replay thread's ``mkdir``: BACKING's directory as if just made."""
+        path = self._child(parent_inode, name)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise FUSEError(errno.ESTALE)
+        entry = self._entry(st)
+        # a watcher adding its watch then looks it up: the sign it did
+        entry.entry_timeout = 0
         self._add_path(entry.st_ino, path)
         return entry
 
@@ -314,6 +350,8 @@ class Overlay(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self._announced_name(parent_inode, name, ctx):
+            return self._mkdir_announced(parent_inode, name)
         path = self._child(parent_inode, name)
         os.mkdir(path, mode & ~ctx.umask)
         return self._created(path, ctx)

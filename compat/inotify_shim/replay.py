@@ -34,18 +34,28 @@ import errno
 import logging
 import math
 import os
+import stat
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+import pyfuse3
 import trio
 
 from notifyd import abi, libc
 
 from .resolve import Resolver
 
-__all__ = ["ReplayStats", "ReplayThreads", "Replayer", "zero_read_raises_access"]
+__all__ = [
+    "Announce",
+    "Looks",
+    "ReplayStats",
+    "ReplayThreads",
+    "Replayer",
+    "zero_read_raises_access",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,11 @@ MAX_ACTIONS = 8
 
 # Losses are logged when they happen, but at most this often (seconds).
 LOSS_WARN_INTERVAL = 5.0
+
+# A watcher told of a new directory has added its watch once it has not
+# looked the directory up for this long (seconds): inotifywait lists it and
+# then adds the watch, a few system calls apart.
+NEW_DIR_QUIET = 0.03
 
 # Files one worker takes per trip to its thread: amortises the hand-off.
 BATCH = 16
@@ -117,6 +132,9 @@ class ReplayThreads:
 
     def __init__(self) -> None:
         self._expect: dict[int, tuple[int, str]] = {}
+        self._announce: dict[int, Announce] = {}
+        # inode -> set once a thread that is not ours has looked it up
+        self._awaited: dict[int, Looks] = {}
 
     def expected(self, tid: int) -> tuple[int, str] | None:
         """(inode, BACKING path) thread ``tid`` is opening, if it is a replay thread."""
@@ -127,6 +145,84 @@ class ReplayThreads:
 
     def done(self) -> None:
         self._expect.pop(threading.get_native_id(), None)
+
+    # --- directories made known to watchers (see .announce) -------------------
+
+    def announcing(self, tid: int) -> Announce | None:
+        """The directory thread ``tid`` is making the kernel see as created, if any."""
+        return self._announce.get(tid)
+
+    def announce(self, what: Announce) -> Looks:
+        """Register this thread's synthetic ``mkdir``; :meth:`looked_up` counts on it."""
+        self._announce[threading.get_native_id()] = what
+        looks = self._awaited[what.ino] = Looks()
+        return looks
+
+    def announced(self, ino: int) -> None:
+        """This thread's synthetic ``mkdir`` is over; stop counting lookups of ``ino``."""
+        self._announce.pop(threading.get_native_id(), None)
+        self._awaited.pop(ino, None)
+
+    def looked_up(self, ino: int, tid: int) -> bool:
+        """The overlay answers a LOOKUP of ``ino`` for thread ``tid``.
+
+        Returns whether ``ino`` is being announced: its entry must then not be
+        cached, so that every path walk through it by a watcher is seen.
+        """
+        if not self._awaited:
+            return False
+        looks = self._awaited.get(ino)
+        if looks is None:
+            return False
+        if tid not in self._expect and tid not in self._announce:
+            looks.add()
+        return True
+
+
+class Looks:
+    """Lookups of an announced directory by threads that are not replaying.
+
+    Counted on the trio thread, waited for by a replay thread.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._event = threading.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        self._event.set()
+
+    def settled(self, first: float, quiet: float) -> bool:
+        """Wait up to ``first`` s for a lookup, then until none came for ``quiet`` s.
+
+        A watcher may walk the new directory before it adds its watch
+        (inotifywait lists it first): its last lookup, not its first, is the
+        sign.  The quiet waits end by ``first`` after the first lookup at the
+        latest.  Returns whether any lookup came.
+        """
+        if not self._event.wait(first):
+            return False
+        deadline = time.monotonic() + first
+        while time.monotonic() < deadline:
+            before = self.count
+            time.sleep(quiet)
+            if self.count == before:
+                break
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Announce:
+    """A directory on BACKING the kernel is told of by a synthetic ``mkdir``.
+
+    ``parent`` is the FUSE inode of its parent, ``name`` its name there,
+    ``ino`` the inode BACKING has for it.
+    """
+
+    parent: int
+    name: bytes
+    ino: int
 
 
 @dataclasses.dataclass
@@ -147,6 +243,8 @@ class ReplayStats:
     gone: int = 0  # the file disappeared before its replay
     failed: int = 0  # any other error from the synthetic access
     gap: int = 0  # never received: seq gaps in the daemon's stream
+    dirs_announced: int = 0  # directories the kernel was told of (IN_CREATE)
+    dirs_watched: int = 0  # ... that someone looked up within new_dir_wait
 
     def losses(self) -> tuple[int, ...]:
         return (self.overload, self.unresolved, self.gone, self.failed, self.gap)
@@ -191,6 +289,12 @@ class Replayer:
         max_open: synthetic opens held at once; the oldest close early.
         zero_read: raise IN_ACCESS with a zero-length read where the first
             READ shows it works; False always reads one byte.
+        kernel_knows: whether the overlay has told the kernel of a BACKING
+            inode (it has an entry for it); directories it has not are made
+            known to recursive watchers before a replay inside them (see
+            :meth:`_announce_dirs`).  None: never.
+        new_dir_wait: how long a replay waits, per directory made known,
+            for a watcher to look it up (add its watch) before going on.
     """
 
     def __init__(
@@ -205,6 +309,8 @@ class Replayer:
         close_after: float = 0.25,
         max_open: int = 512,
         zero_read: bool = True,
+        kernel_knows: Callable[[int], bool] | None = None,
+        new_dir_wait: float = 0.2,
     ) -> None:
         if not 0 < close_after <= 1:
             raise ValueError("close_after must be in (0, 1] seconds (ABI.md section 5)")
@@ -224,6 +330,8 @@ class Replayer:
         # how a READ is replayed; None until the first READ has checked
         self._reader: Callable[[int], None] | None = None if zero_read else _read_a_byte
         self._reader_lock = threading.Lock()
+        self._kernel_knows = kernel_knows
+        self._new_dir_wait = new_dir_wait
         self._warned = self.stats.losses()
         self._next_warn = -math.inf
 
@@ -405,9 +513,59 @@ class Replayer:
         try:
             for job in jobs:
                 self._threads.expect(job.file.ino, os.path.join(self._backing, job.path))
-                _apply(job, self.mountpoint, self._read)
+                _apply(job, self.mountpoint, self._read, self._announce_dirs)
         finally:
             self._threads.done()
+
+    def _announce_dirs(self, rel: str) -> None:
+        """Worker thread: make the directories above ``rel`` known to watchers.
+
+        A recursive watcher (``inotifywait -r``, watchdog) watches the
+        directories it listed at start and those it is told were created.
+        One made on BACKING since is news to it, and to the kernel: the
+        overlay has never given the kernel an entry for it.  For each such
+        directory, top down, this thread makes a ``mkdir`` through the
+        overlay, which answers with BACKING's existing directory without
+        touching BACKING: the kernel raises IN_CREATE|IN_ISDIR on the parent,
+        and the watcher adds a watch, which the overlay sees as a LOOKUP from
+        another thread.  The replay goes on once that LOOKUP came or after
+        ``new_dir_wait``.  A directory the kernel already has an entry for is
+        left alone: whoever looked it up could watch it.
+        """
+        knows = self._kernel_knows
+        if knows is None:
+            return
+        parts = rel.split("/")[:-1]
+        if not parts:
+            return
+        parent = pyfuse3.ROOT_INODE
+        path = self._backing
+        for i, name in enumerate(parts):
+            path = os.path.join(path, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return  # gone or renamed: the open fails and is counted
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            if not knows(st.st_ino):
+                what = Announce(parent, os.fsencode(name), st.st_ino)
+                looks = self._threads.announce(what)
+                try:
+                    os.mkdir(os.path.join(self.mountpoint, *parts[: i + 1]))
+                except FileExistsError:
+                    pass  # the kernel learnt of it meanwhile, from someone else
+                except OSError as exc:
+                    log.debug("announcing %s: %s", path, exc)
+                    self._threads.announced(st.st_ino)
+                    return
+                else:
+                    self.stats.dirs_announced += 1
+                    if looks.settled(self._new_dir_wait, NEW_DIR_QUIET):
+                        self.stats.dirs_watched += 1
+                finally:
+                    self._threads.announced(st.st_ino)
+            parent = st.st_ino
 
     def _read(self, full: str, fd: int) -> None:
         """Worker thread: one replayed READ on synthetic fd ``fd`` of ``full``."""
@@ -463,9 +621,16 @@ class Replayer:
 _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESTALE})
 
 
-def _apply(job: _Job, mountpoint: str, read: Callable[[str, int], None]) -> None:
+def _apply(
+    job: _Job,
+    mountpoint: str,
+    read: Callable[[str, int], None],
+    announce_dirs: Callable[[str], None],
+) -> None:
     f = job.file
     full = os.path.join(mountpoint, job.path)
+    if f.fd is None:
+        announce_dirs(job.path)
     for act in job.actions:
         try:
             if act == OPEN or f.fd is None:
