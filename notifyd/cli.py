@@ -191,7 +191,7 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
             while (batch := sub.recv_batch()) is not None:
                 for ev in sub.tracker.events(batch):
                     if isinstance(ev, abi.Record) and ev.type not in abi.TYPE_NAMES:
-                        continue  # ABI.md: consumers skip types they do not know
+                        continue  # docs/ABI.md: consumers skip types they do not know
                     path = None
                     if resolve and resolve.fd >= 0 and isinstance(ev, abi.Record):
                         # a file deleted since its access has no path left

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .sdnotify import sd_notify
 from .source import Source
 from .stats import serve_stats
 
-__all__ = ["main", "make_source", "parse_args", "serve"]
+__all__ = ["SourceFactory", "main", "make_source", "parse_args", "serve"]
 
 log = logging.getLogger("scoutfs-notifyd")
 
@@ -98,7 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Builds the source the daemon drains from its parsed command line.
+SourceFactory = Callable[[argparse.Namespace], Source]
+
+
 def make_source(args: argparse.Namespace) -> Source:
+    """The source ``--source`` names, on ``args.path``: the daemon's default factory."""
     if args.source == "fanotify":
         from .source_fanotify import FanotifySource
 
@@ -133,12 +139,12 @@ def _socket_path(args: argparse.Namespace, source: Source, gid: int | None) -> P
     return path
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
+async def serve(args: argparse.Namespace, source_factory: SourceFactory = make_source) -> None:
+    """Run the daemon until SIGTERM/SIGINT, relaying what ``source_factory(args)`` gives."""
     # from the start, so a signal during startup still ends in the cleanup below
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         gid = _group_id(args.socket_group)
-        source = make_source(args)
+        source = source_factory(args)
         listeners: list[Listener] = []
         try:
             source.open()
@@ -178,10 +184,10 @@ async def serve(args: argparse.Namespace) -> None:
                 st["clients_total"],
             )
         finally:
-            with trio.CancelScope(shield=True):
-                source.close()
-                for item in listeners:
-                    item.close()
+            # plain calls: nothing here awaits, so cancellation cannot cut it short
+            source.close()
+            for item in listeners:
+                item.close()
 
 
 def _daemon_errors(exc: BaseException) -> list[DaemonError]:
@@ -192,7 +198,14 @@ def _daemon_errors(exc: BaseException) -> list[DaemonError]:
     return []
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, source_factory: SourceFactory = make_source) -> int:
+    """The ``scoutfs-notifyd`` command; its exit status.
+
+    ``source_factory`` builds the source from the parsed arguments: a
+    benchmark or test passes one to run the real daemon on a source of its
+    own (e.g. a :class:`~notifyd.source_scoutfs.ScoutfsSource` with a
+    stand-in ioctl); the command line's ``--source`` is then not consulted.
+    """
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        trio.run(serve, args)
+        trio.run(serve, args, source_factory)
     except BaseException as exc:
         errors = _daemon_errors(exc)
         if not errors:

@@ -1,4 +1,4 @@
-"""Create the daemon's sockets safely (ABI.md section 4).
+"""Create the daemon's sockets safely (docs/ABI.md section 4).
 
 - Directories the daemon creates (``/run/scoutfs`` and ``<fsid>`` under it)
   are made 0700 and then checked through an ``O_NOFOLLOW`` descriptor: a

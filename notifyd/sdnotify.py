@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+from typing import Any
 
 __all__ = ["sd_notify", "wait_ready"]
 
@@ -36,7 +37,7 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-def wait_ready(listener: socket.socket, proc: subprocess.Popen, timeout: float) -> None:
+def wait_ready(listener: socket.socket, proc: subprocess.Popen[Any], timeout: float) -> None:
     """The service manager's half: wait for READY=1 from ``proc``.
 
     ``listener`` is the bound datagram socket that ``proc``'s $NOTIFY_SOCKET

@@ -9,7 +9,7 @@ name (``readlink`` of ``/proc/self/fd/N`` fails with ENAMETOOLONG past 4,095
 bytes) cannot be checked against the subtree: such an event is kept when its
 file is on the watched directory's filesystem, so no access is lost for a
 long path; watch a mount's root to filter exactly.  Fields fanotify cannot
-know are set as ABI.md section 1 says: ``pos``, ``count`` and ``flags`` are 0,
+know are set as docs/ABI.md section 1 says: ``pos``, ``count`` and ``flags`` are 0,
 ``time_ns`` is when the event was read, and ``uid``/``gid`` come from
 ``/proc/<pid>/status`` or are UNKNOWN_ID once the process is gone.
 

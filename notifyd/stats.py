@@ -56,4 +56,5 @@ def read_stats(path: str, timeout: float = 5.0) -> dict[str, Any]:
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+    doc: dict[str, Any] = json.loads(b"".join(chunks))
+    return doc

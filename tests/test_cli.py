@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from notifyd import abi
+from notifyd import abi, procs
 from notifyd.cli import format_json, format_text
 from notifyd.client import Gap
 
@@ -33,20 +32,15 @@ class Watch:
             stderr=subprocess.PIPE,
             text=True,
         )
-        # lines are split here, not by a buffered reader that select() cannot see into
-        self.buf = b""
+        # lines are split from the fd, not by a buffered reader that select() cannot see into
+        self.lines = procs.LineReader(self.proc.stdout.fileno())
 
     def line(self) -> str:
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buf:
-            ready, _, _ = select.select([fd], [], [], LINE_TIMEOUT)
-            if not ready:
-                raise AssertionError(f"no output from watch in {LINE_TIMEOUT} s")
-            chunk = os.read(fd, 65536)
-            assert chunk, f"watch ended: {self.proc.stderr.read()}"
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line.decode()
+        line = self.lines.next(time.monotonic() + LINE_TIMEOUT)
+        if line is None:
+            assert not self.lines.eof, f"watch ended: {self.proc.stderr.read()}"
+            raise AssertionError(f"no output from watch in {LINE_TIMEOUT} s")
+        return line
 
     def lines_until(self, pred) -> list[str]:
         got = []
@@ -84,18 +78,17 @@ def watch():
 
 def _connected(daemon, n: int) -> None:
     """Wait until the daemon serves ``n`` clients (watch has subscribed)."""
-    deadline = time.monotonic() + LINE_TIMEOUT
-    while time.monotonic() < deadline:
+
+    def clients() -> int:
         st = subprocess.run(
             [*CLI, "stats", "--json", "--socket", str(daemon.socket)],
             capture_output=True,
             text=True,
             check=True,
         )
-        if len(json.loads(st.stdout)["clients"]) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"watch did not connect in {LINE_TIMEOUT} s")
+        return len(json.loads(st.stdout)["clients"])
+
+    procs.wait_until(lambda: clients() >= n, LINE_TIMEOUT, f"{n} watch client(s) to connect")
 
 
 READ_AND_SAY_PID = "import os, sys; open(sys.argv[1]).read(); print(os.getpid())"
@@ -142,7 +135,8 @@ def test_watch_text_and_json(fanotify_daemon, watch) -> None:
 
     for w in (text, js):
         rc, err = w.stop()
-        assert rc == 130 and "Traceback" not in err, err
+        assert rc == 130, err
+        assert "Traceback" not in err, err
 
 
 def test_watch_exits_cleanly_on_epipe(fanotify_daemon, watch) -> None:
@@ -182,9 +176,11 @@ def test_watch_without_a_daemon_says_so(tmp_path) -> None:
         [*CLI, "watch", "--socket", str(tmp_path / "none.sock")], capture_output=True, text=True
     )
     assert res.returncode == 1
-    assert "no daemon socket at" in res.stderr and "Traceback" not in res.stderr
+    assert "no daemon socket at" in res.stderr
+    assert "Traceback" not in res.stderr
     res = subprocess.run([*CLI, "watch"], capture_output=True, text=True)
-    assert res.returncode == 2 and "give MOUNT or --socket PATH" in res.stderr
+    assert res.returncode == 2
+    assert "give MOUNT or --socket PATH" in res.stderr
 
 
 def test_resolve_paths_off_scoutfs_says_why(fanotify_daemon, watch) -> None:
@@ -197,7 +193,8 @@ def test_resolve_paths_off_scoutfs_says_why(fanotify_daemon, watch) -> None:
     assert all("path=" not in line for line in lines)
     rc, err = w.stop()
     assert rc == 130
-    assert "--resolve-paths: " in err and "is not scoutfs: printing inode numbers" in err
+    assert "--resolve-paths: " in err
+    assert "is not scoutfs: printing inode numbers" in err
 
 
 def test_stats_text(fanotify_daemon, watch) -> None:
@@ -222,7 +219,8 @@ def test_help_explains() -> None:
     for words in ("watch", "stats", "GAP lost=N", "/run/scoutfs/<fsid>/notify.sock"):
         assert words in res.stdout
     res = subprocess.run([*CLI, "watch", "--help"], capture_output=True, text=True, check=True)
-    assert "--resolve-paths" in res.stdout and "--json" in res.stdout
+    assert "--resolve-paths" in res.stdout
+    assert "--json" in res.stdout
 
 
 def test_watch_ends_when_the_daemon_stops(fanotify_daemon, watch) -> None:

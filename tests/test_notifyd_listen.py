@@ -1,4 +1,4 @@
-"""Socket and directory safety of the real daemon (ABI.md section 4), in a private run dir."""
+"""Socket and directory safety of the real daemon (docs/ABI.md section 4), in a private run dir."""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def test_sigint_removes_both_sockets(notifyd_factory) -> None:
     d = notifyd_factory()
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(REFUSE_TIMEOUT) == 0
-    assert not d.socket.exists() and not stats_path_for(d.socket).exists()
+    assert not d.socket.exists()
+    assert not stats_path_for(d.socket).exists()
     assert "SIGINT: shutting down" in d.log()
 
 

@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         metavar="SECONDS",
         help="how long the kernel may cache names and attributes; changes made "
-        "directly on BACKING show after at most this long (default: 1; ABI.md "
+        "directly on BACKING show after at most this long (default: 1; docs/ABI.md "
         "section 5 wants 1 or less)",
     )
     p.add_argument(
