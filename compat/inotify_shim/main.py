@@ -31,9 +31,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("scoutfs-notify-shim")
 
-# The overlay's readahead (KiB): FUSE starts at 128, the benchmark machine's disk has
-# 8 MiB (/sys/class/bdi/*/read_ahead_kb).  Above 128 the kernel's READ requests
-# for sequential reads are 1 MiB instead of 128 KiB: fewer round trips.
+# The overlay's readahead (KiB): FUSE starts at 128, where a disk commonly has
+# several MiB (/sys/class/bdi/*/read_ahead_kb).  Above 128 the kernel's READ
+# requests for sequential reads are 1 MiB instead of 128 KiB: fewer round trips.
 DEFAULT_READ_AHEAD_KB = 8192
 
 DESCRIPTION = """\
