@@ -538,6 +538,13 @@ class Replayer:
         parts = rel.split("/")[:-1]
         if not parts:
             return
+        try:
+            st = os.lstat(os.path.join(self._backing, *parts))
+        except OSError:
+            return
+        if knows(st.st_ino):
+            # the kernel's entries pin their parents': every directory above is known too
+            return
         parent = pyfuse3.ROOT_INODE
         path = self._backing
         for i, name in enumerate(parts):
