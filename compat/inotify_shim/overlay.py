@@ -895,10 +895,11 @@ class Overlay(pyfuse3.Operations):
 
 
 def _raise_fd_limit() -> None:
-    # One O_PATH fd per inode the kernel holds: a big directory listing needs
-    # as many as it has entries.  Root may raise the hard limit up to
-    # fs.nr_open; a failure leaves the limits as they were (EMFILE then
-    # answers the request that ran out).
+    # One O_PATH fd per inode the kernel looked up.  Root may raise the hard
+    # limit up to fs.nr_open unless its capabilities are bounded (a
+    # container); then the soft limit goes up to the hard one.  Past the
+    # limit a lookup is served fd-less, and a call that needs an fd it cannot
+    # open fails with EMFILE; the shim goes on serving.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = _FD_LIMIT
     try:
@@ -906,8 +907,13 @@ def _raise_fd_limit() -> None:
             want = min(want, int(f.read()))
     except (OSError, ValueError):
         want = hard
-    want = max(want, hard) if hard != resource.RLIM_INFINITY else hard
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-    except (OSError, ValueError) as exc:
-        log.warning("cannot raise the open-file limit to %d (%s): stays %d", want, exc, soft)
+    if hard == resource.RLIM_INFINITY or want <= hard:
+        want = hard
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        except (OSError, ValueError):
+            continue
+        log.debug("open-file limit: %d", limit)
+        return
+    log.warning("cannot raise the open-file limit: stays %d", soft)
