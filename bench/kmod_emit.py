@@ -75,6 +75,8 @@ def run(cfg: Config) -> Stage:
     repeats = max(cfg.repeats, 3)
     rounds = cfg.pick(20, 4)
     chunk = 256
+    # the daemon on a vCPU of its own, as on any multi-core host; 1: it shares the workload's
+    smp = int(os.environ.get("BENCH_KMOD_SMP", "2"))
     nfiles = cfg.pick(200, 50)
     stage = Stage(
         STAGE,
@@ -82,13 +84,18 @@ def run(cfg: Config) -> Stage:
         method=(
             f"scoutfs {tag} built unpatched and with the notify series against Debian's 6.1 "
             "headers (`kmod/test/vm-e2e --parts build`); one guest of the 6.1 kernel under "
-            "`qemu -accel tcg -smp 1` (`kmod/test/vm/guest/emit_bench.sh`) times "
+            f"`qemu -accel tcg -smp {smp}` (`kmod/test/vm/guest/emit_bench.sh`) times "
             f"`bench/emit_workload.c` ({nfiles} files of 16 KiB, opened and read in "
             f"{chunk}-byte reads, {rounds} rounds, page cache warm: "
             f"{rounds * nfiles * (16384 // chunk)} reads a run) on one filesystem, mounted "
             "with the unpatched module, with the patched module and no reader, and with the "
-            "patched module while `scoutfs-notifyd` drains it (its CPU shares the guest's "
-            f"one vCPU with the workload). {repeats} repeats, the variants' order alternating; "
+            "patched module while `scoutfs-notifyd` drains it ("
+            + (
+                "the workload pinned to vCPU 0, the daemon to vCPU 1"
+                if smp > 1
+                else "the daemon sharing the guest's one vCPU with the workload"
+            )
+            + f"; `BENCH_KMOD_SMP`). {repeats} repeats, the variants' order alternating; "
             "each figure is the median, its baseline the unpatched median of the same guest. "
             "tcg slows everything alike: only the ratios mean anything."
         ),
@@ -112,7 +119,8 @@ def run(cfg: Config) -> Stage:
         exe = _compile(tmp)
         out = tmp / "guest"
         venv_bin = Path(sys.executable).parent
-        args = ["--work", str(out), "--timeout", "3000", "--disk", "16G", "--disk", "16G"]
+        args = ["--work", str(out), "--timeout", "3000", "--smp", str(smp)]
+        args += ["--disk", "16G", "--disk", "16G"]
         args += ["--env", f"SCOUTFS_BUILD={build / 'unpatched'}"]
         args += ["--env", f"PATCHED_BUILD={build / 'patched'}"]
         args += ["--", str(GUEST), str(venv_bin), str(exe), str(out)]
@@ -172,15 +180,15 @@ def run(cfg: Config) -> Stage:
             runs=secs,
         )
         if not met:
-            fig.why = (
-                "the daemon's drain and relay run on the guest's only vCPU, between the "
-                "workload's reads"
-                if variant == "patched-daemon"
-                else "outside the spread of the unpatched runs"
-            )
+            if variant == "patched-no-reader":
+                fig.why = "outside the spread of the unpatched runs"
+            elif smp == 1:
+                fig.why = "the daemon's drain and relay share the guest's only vCPU"
+            else:
+                fig.why = "the daemon on the other vCPU still slows the reader (see the runs)"
         stage.add(fig)
     stage.notes.append(
-        f"guest: `qemu-system-x86_64 -accel tcg -smp 1`; host load average at the end "
+        f"guest: `qemu-system-x86_64 -accel tcg -smp {smp}`; host load average at the end "
         f"{os.getloadavg()[0]:.1f}"
     )
     return stage

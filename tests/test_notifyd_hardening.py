@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from notifyd import abi
+from notifyd import abi, procs
 from notifyd.broadcast import CLIENT_LOG_BURST, CLIENT_LOG_INTERVAL
 from notifyd.droplog import DROP_LOG_INTERVAL
 from notifyd.paths import socket_path_for_dir, stats_path_for
@@ -85,13 +85,9 @@ def _receives(sock: socket.socket, ino: int) -> bool:
             return True
 
 
-def _until(pred, what: str, timeout: float = RECV_TIMEOUT, poll: float = 0.01) -> None:
+def _until(pred, what: str) -> None:
     """Wait for the sentinel ``pred()``; the timeout bounds a hang, it is no timing."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
+    procs.wait_until(pred, RECV_TIMEOUT, what)
 
 
 def _sentinel(daemon) -> Path:
@@ -386,11 +382,11 @@ def limited_daemon(tmp_path):
     CAP_SYS_RESOURCE.  Gives (process, socket, log path, watched directory);
     stopped after.
     """
-    procs: list[subprocess.Popen[bytes]] = []
+    started: list[subprocess.Popen[bytes]] = []
     top = Path(tempfile.mkdtemp(prefix="nfy-r-", dir="/tmp"))
 
     def start(soft: int, hard: int) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
-        n = len(procs)
+        n = len(started)
         backing = tmp_path / f"rb{n}"
         backing.mkdir()
         sock, log = top / f"{n}.sock", tmp_path / f"rd{n}.log"
@@ -404,12 +400,12 @@ def limited_daemon(tmp_path):
                     env={**os.environ, "NOTIFY_SOCKET": str(top / f"{n}.sd")},
                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
                 )
-            procs.append(proc)
+            started.append(proc)
             wait_ready(notify, proc, EXIT_TIMEOUT)
         return proc, sock, log, backing
 
     yield start
-    for proc in procs:
+    for proc in started:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(EXIT_TIMEOUT) == 0
     shutil.rmtree(top, ignore_errors=True)

@@ -15,7 +15,9 @@ the guest:
   must be the same and all passes; on SCOUTFS_NOTIFY_VM_FULL_TAG, with
   vm-e2e's subset or the list in SCOUTFS_NOTIFY_VM_TESTS.
 
-Each tag is built once per session and reused by its parts.  Every run keeps
+Each tag is built once per session and reused by its parts; with
+SCOUTFS_NOTIFY_VM_BUILD_ROOT set, in ROOT/TAG, reused across sessions as it is
+(remove it after changing the series or scoutfs).  Every run keeps
 its console logs and results under artifacts/vm-e2e/ (printed).
 """
 
@@ -118,7 +120,10 @@ class Builds:
         the unpatched module and run-tests.sh trees too."""
         if tag in self.dirs and (not full or tag in self.full):
             return self.dirs[tag]
-        build = self.dirs.get(tag) or self.tmp.mktemp(f"vm-build-{tag}")
+        keep = os.environ.get("SCOUTFS_NOTIFY_VM_BUILD_ROOT")
+        build = self.dirs.get(tag) or (
+            Path(keep) / tag if keep else self.tmp.mktemp(f"vm-build-{tag}")
+        )
         t0 = time.monotonic()
         part = "build" if full else "build-patched"
         args = ["--tag", tag, "--parts", part, "--build-dir", str(build), "--out", f"{build}/out"]

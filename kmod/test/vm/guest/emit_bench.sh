@@ -10,7 +10,9 @@
 # PATCHED_BUILD the patched one.  OUTDIR/emit.tsv gets one line per run:
 # "variant<TAB>seconds<TAB>opens<TAB>reads<TAB>emitted<TAB>dropped" (the last
 # two: the mount's notify counters moved by that run).
-# Disks: /dev/vda (meta), /dev/vdb (data).
+# Disks: /dev/vda (meta), /dev/vdb (data).  With two vCPUs or more the
+# workload runs on CPU 0 and the daemon on CPU 1, as a daemon on a core of
+# its own would; with one they share it.
 here=$(dirname "$(readlink -f "$0")")
 . "$here/lib.sh"
 bin=$1
@@ -26,6 +28,12 @@ mkdir -p "$out"
 tsv=$out/emit.tsv
 : >"$tsv"
 mnt=/mnt/bench
+on_workload_cpu=()
+on_daemon_cpu=()
+if [ "$(nproc)" -ge 2 ]; then
+	on_workload_cpu=(taskset -c 0)
+	on_daemon_cpu=(taskset -c 1)
+fi
 list=/tmp/files
 
 modprobe -a virtio_blk libcrc32c loop dm_mod
@@ -52,7 +60,7 @@ run() { # VARIANT
 	local e0 d0 r
 	e0=$(counter notify_emitted)
 	d0=$(counter notify_dropped_ring_full)
-	r=$("$workload" "$rounds" "$chunk" <"$list") || die "workload failed"
+	r=$("${on_workload_cpu[@]}" "$workload" "$rounds" "$chunk" <"$list") || die "workload failed"
 	printf '%s\t%s\t%s\t%s\n' "$1" "$(echo "$r" | tr ' ' '\t')" \
 		"$(($(counter notify_emitted) - e0))" \
 		"$(($(counter notify_dropped_ring_full) - d0))" >>"$tsv"
@@ -70,12 +78,12 @@ done
 ls -d "$mnt"/files/* >"$list"
 sync
 down
-log "filesystem with $nfiles files of 16 KiB; $repeats repeats of $rounds rounds, $chunk-byte reads"
+log "filesystem with $nfiles files of 16 KiB; $repeats repeats of $rounds rounds, $chunk-byte reads; $(nproc) vCPU"
 
 sock=/run/emit-bench/notify.sock
 mkdir -p /run/emit-bench
 with_daemon() {
-	"$bin/scoutfs-notifyd" "$mnt" --socket "$sock" --log-level warning \
+	"${on_daemon_cpu[@]}" "$bin/scoutfs-notifyd" "$mnt" --socket "$sock" --log-level warning \
 		>>"$out/daemon.log" 2>&1 &
 	local pid=$!
 	local n=0
