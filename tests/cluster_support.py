@@ -211,9 +211,7 @@ def forwarders(tmp_path: Path) -> Iterator[list[Forwarder]]:
             f.kill()
 
 
-def start_forwarder(
-    started: list[Forwarder], tmp_path: Path, path: Path, *args: str
-) -> Forwarder:
+def start_forwarder(started: list[Forwarder], tmp_path: Path, path: Path, *args: str) -> Forwarder:
     name = f"fwd{len(started)}"
     f = Forwarder([*args, str(path)], tmp_path / f"{name}.log", tmp_path, name)
     started.append(f)

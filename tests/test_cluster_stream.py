@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster_support import forwarders, nats_servers, start_forwarder
 
 from notifyd import abi
 from notifyd.client import Subscriber
-from cluster_support import forwarders, nats_servers, start_forwarder
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify daemons need root")
 
@@ -124,6 +124,21 @@ def sentinel(d: Path, name: str = "sentinel") -> int:
     return f.stat().st_ino
 
 
+def wait_some_sentinel(watch: Watch, node: str, d: Path) -> int:
+    """Read a new sentinel every half second until the watch prints one; return its ino."""
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    inos: list[int] = []
+    while time.monotonic() < deadline:
+        inos.append(sentinel(d, f"probe{len(inos)}"))
+        for _ in range(25):
+            seen = {r["ino"] for r in watch.records(node)}
+            for ino in inos:
+                if ino in seen:
+                    return ino
+            time.sleep(0.02)
+    raise AssertionError(f"none of {len(inos)} sentinels of {node} reached the watch")
+
+
 def wait_truth(truth: Truth, ino: int) -> None:
     deadline = time.monotonic() + EVENT_TIMEOUT
     while not truth.seqs_of(ino):
@@ -156,14 +171,15 @@ def fwd_args(url: str, daemon, node: str, *extra: str) -> list[str]:
     return ["--nats", url, "--socket", str(daemon.socket), "--fsid", FSID, "--node", node, *extra]
 
 
-def test_three_server_cluster_two_nodes_watch_sees_both_in_order(
-    tmp_path: Path, nodes
-) -> None:
+def test_three_server_cluster_two_nodes_watch_sees_both_in_order(tmp_path: Path, nodes) -> None:
     with nats_servers(tmp_path / "nats", 3) as servers, forwarders(tmp_path) as fwds:
         urls = [s.url for s in servers]
         for (name, daemon, _), url in zip(nodes, urls, strict=False):
             start_forwarder(
-                fwds, tmp_path, daemon.backing, *fwd_args(url, daemon, name, "--replicas", "3", "--max-bytes", "64M")
+                fwds,
+                tmp_path,
+                daemon.backing,
+                *fwd_args(url, daemon, name, "--replicas", "3", "--max-bytes", "64M"),
             )
         watch = Watch(urls[2], "--all", "--fsid", FSID)
         try:
@@ -181,3 +197,192 @@ def test_three_server_cluster_two_nodes_watch_sees_both_in_order(
             assert not watch.gaps(name)
         for f in fwds:
             assert f.stop() == 0, f.log()
+
+
+def connected_port(fwd) -> int:
+    """The server port the forwarder logged it publishes through."""
+    for line in fwd.log().splitlines():
+        if " forwarding " in line and " on 127.0.0.1:" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise AssertionError(f"the forwarder did not say where it is connected:\n{fwd.log()}")
+
+
+def test_killing_the_forwarders_server_loses_and_duplicates_nothing(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 3) as servers, forwarders(tmp_path) as fwds:
+        urls = ",".join(s.url for s in servers)
+        fwd = start_forwarder(
+            fwds,
+            tmp_path,
+            daemon.backing,
+            *fwd_args(urls, daemon, name, "--replicas", "3", "--max-bytes", "64M"),
+        )
+        victim = next(s for s in servers if s.port == connected_port(fwd))
+        stop = threading.Event()
+
+        def flow() -> None:
+            i = 0
+            while not stop.is_set():
+                f = daemon.backing / f"flow{i % 50}"
+                f.write_bytes(b"y")
+                f.read_bytes()
+                i += 1
+                time.sleep(0.002)
+
+        reader = threading.Thread(target=flow)
+        reader.start()
+        try:
+            deadline = time.monotonic() + EVENT_TIMEOUT
+            while len(truth.records) < 200:
+                assert time.monotonic() < deadline, "no records flow"
+                time.sleep(0.02)
+            victim.kill()
+            seen = len(truth.records)
+            while len(truth.records) < seen + 300:
+                assert time.monotonic() < deadline, "records stopped flowing"
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            reader.join()
+        last = sentinel(daemon.backing)
+        wait_truth(truth, last)
+        alive = [s for s in servers if s is not victim]
+        watch = Watch(alive[0].url, "--all", "--fsid", FSID)
+        try:
+            watch.wait_ino(name, last, "the sentinel")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        assert "reconnected" in fwd.log(), fwd.log()
+        seqs = assert_per_node_exact(watch, name, truth, last)
+        assert len(seqs) > 500
+        assert not watch.gaps(name)
+        assert fwd.stop() == 0, fwd.log()
+
+
+def test_forwarder_killed_and_restarted_reports_the_exact_loss(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        args = fwd_args(servers[0].url, daemon, name)
+        fwd = start_forwarder(fwds, tmp_path, daemon.backing, *args)
+        watch = Watch(servers[0].url, "--all")
+        try:
+            read_files(daemon.backing, 20, "before")
+            s1 = sentinel(daemon.backing, "s1")
+            watch.wait_ino(name, s1, "the first sentinel")
+            fwd.kill()
+            read_files(daemon.backing, 20, "missed")
+            s2 = sentinel(daemon.backing, "s2")
+            wait_truth(truth, s2)
+            fwd2 = start_forwarder(fwds, tmp_path, daemon.backing, *args)
+            read_files(daemon.backing, 20, "after")
+            s3 = sentinel(daemon.backing, "s3")
+            wait_truth(truth, s3)
+            watch.wait_ino(name, s3, "the last sentinel")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        got = [d["seq"] for d in watch.records(name)]
+        assert got == sorted(set(got)), "duplicated or out of order"
+        last_before = max(truth.seqs_of(s1))
+        first_after = min(s for s in got if s > last_before)
+        missed = [r.seq for r in truth.records if last_before < r.seq < first_after]
+        # every record the daemon relayed while no forwarder ran, and only those
+        assert len(missed) >= 42  # 20 files open + read, and s2's
+        assert max(truth.seqs_of(s2)) in missed
+        gaps = watch.gaps(name)
+        assert [(g["lost"], g["next_seq"]) for g in gaps] == [(len(missed), first_after)]
+        want = [r.seq for r in truth.records if r.seq <= max(truth.seqs_of(s3))]
+        assert sorted(got + missed) == want
+        assert f"{len(missed)} records of {name} lost" in fwd2.log()
+
+
+def test_durable_watch_stopped_and_restarted_gets_exactly_the_rest(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        url = servers[0].url
+        start_forwarder(fwds, tmp_path, daemon.backing, *fwd_args(url, daemon, name))
+        read_files(daemon.backing, 30, "first")
+        s1 = sentinel(daemon.backing, "s1")
+        first = Watch(url, "--durable", "archiver", "--all")
+        try:
+            first.wait_ino(name, s1, "the first sentinel")
+        finally:
+            assert first.stop() == 0, first.stderr()
+        read_files(daemon.backing, 30, "second")
+        s2 = sentinel(daemon.backing, "s2")
+        wait_truth(truth, s2)
+        # no start option: the durable continues where it stopped
+        second = Watch(url, "--durable", "archiver")
+        try:
+            second.wait_ino(name, s2, "the second sentinel")
+        finally:
+            assert second.stop() == 0, second.stderr()
+        a = [d["seq"] for d in first.records(name)]
+        b = [d["seq"] for d in second.records(name)]
+        assert a and b
+        assert max(a) < min(b), "the restarted consumer repeated records"
+        want = [r.seq for r in truth.records if r.seq <= max(truth.seqs_of(s2))]
+        assert a + b == want
+        assert not first.gaps(name) and not second.gaps(name)
+
+
+def test_nats_down_backlog_arrives_in_order_and_past_the_bound_a_loss_marker(
+    tmp_path: Path, nodes
+) -> None:
+    name, daemon, truth = nodes[0]
+    backlog = 200
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        server = servers[0]
+        fwd = start_forwarder(
+            fwds,
+            tmp_path,
+            daemon.backing,
+            *fwd_args(server.url, daemon, name, "--backlog", str(backlog)),
+        )
+        read_files(daemon.backing, 10, "up")
+        s1 = sentinel(daemon.backing, "s1")
+        wait_truth(truth, s1)
+        # down: fewer records than the bound are held and arrive in order
+        server.stop()
+        read_files(daemon.backing, 40, "held")
+        s2 = sentinel(daemon.backing, "s2")
+        wait_truth(truth, s2)
+        server.start()
+        watch = Watch(server.url, "--all")
+        try:
+            watch.wait_ino(name, s2, "the held sentinel")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        upto_s2 = assert_per_node_exact(watch, name, truth, s2)
+        assert not watch.gaps(name)
+        # down again, and more records than the bound: a loss marker
+        server.stop()
+        before = len(truth.records)
+        read_files(daemon.backing, 300, "over")
+        s3 = sentinel(daemon.backing, "s3")
+        wait_truth(truth, s3)
+        over = len(truth.records) - before
+        assert over > backlog
+        server.start()
+        # s3 came while the backlog was full, and so may the next few: read
+        # fresh sentinels until one arrives (the backlog has gone out then)
+        watch = Watch(server.url, "--all")
+        try:
+            s4 = wait_some_sentinel(watch, name, daemon.backing)
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        got = [d["seq"] for d in watch.records(name)]
+        assert got == sorted(set(got)), "duplicated or out of order"
+        assert got[: len(upto_s2)] == upto_s2
+        want = [r.seq for r in truth.records if r.seq <= max(truth.seqs_of(s4))]
+        dropped = sorted(set(want) - set(got))
+        # all but what the backlog held, and the message in flight (<= 64)
+        assert len(dropped) >= over - backlog - abi.MAX_MESSAGE_RECORDS
+        gaps = watch.gaps(name)
+        assert gaps, "no loss marker"
+        assert sum(g["lost"] for g in gaps) == len(dropped)
+        for g in gaps:
+            assert list(range(g["next_seq"] - g["lost"], g["next_seq"])) == [
+                s for s in dropped if g["next_seq"] - g["lost"] <= s < g["next_seq"]
+            ]
+        assert "backlog full" in fwd.log()
+        assert fwd.stop() == 0, fwd.log()

@@ -294,6 +294,7 @@ class Forwarder:
         hdrs = wire.headers_for(self.ident.fsid, self.ident.node, epoch, first, last, lost)
         failing = False
         while True:
+            log.debug("publishing seq %d-%d (%d records, lost %d)", first, last, count, lost)
             try:
                 ack = await self.js.publish(
                     self.ident.subject,
