@@ -60,12 +60,15 @@ class Credentials:
 
 def add_connection_args(p: argparse.ArgumentParser, *, url_required: bool = True) -> None:
     """The NATS options every cluster command takes."""
+    env_url = os.environ.get("NATS_URL") if url_required else None
     p.add_argument(
         "--nats",
         metavar="URL",
-        required=url_required,
-        help="NATS server(s), comma-separated (nats://host:4222,...); never put a "
-        "password in it: use --user-file or NATS_USER/NATS_PASSWORD",
+        default=env_url,
+        required=url_required and not env_url,
+        help="NATS server(s), comma-separated (nats://host:4222,...)"
+        + (", default: $NATS_URL" if url_required else "")
+        + "; never put a password in it: use --user-file or NATS_USER/NATS_PASSWORD",
     )
     p.add_argument(
         "--creds",
