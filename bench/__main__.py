@@ -12,7 +12,7 @@ from . import report
 from .config import ROOT, Config
 from .figures import Stage
 
-STAGES = ("ring", "relay", "fanotify", "shim")
+STAGES = ("ring", "relay", "fanotify", "shim", "cluster")
 
 
 def _stage_runner(name: str):
@@ -23,6 +23,8 @@ def _stage_runner(name: str):
         from .relay import run
     elif name == "fanotify":
         from .fanotify_source import run
+    elif name == "cluster":
+        from .cluster import run
     else:
         from .shim import run
     return run

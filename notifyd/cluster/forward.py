@@ -57,6 +57,8 @@ DUPLICATE_WINDOW = 120.0
 PUBLISH_TIMEOUT = 5.0
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
+# Messages read from the daemon's socket before the publisher gets a turn.
+READ_BURST = 1024
 # Reconnect backoff to the local daemon's socket.
 DAEMON_BACKOFF_MIN = 0.1
 DAEMON_BACKOFF_MAX = 5.0
@@ -140,6 +142,12 @@ def identify(path: str, socket_path: Path, fsid: str | None, node: str | None) -
 def socket_epoch(socket_path: Path) -> str:
     """The fanotify source's seq space: its socket, made anew by each daemon."""
     return f"{os.stat(socket_path).st_ctime_ns:x}"
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    # the loop may call a reader again before the waiting task has run
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass
@@ -226,8 +234,7 @@ class Forwarder:
             self.connected.set()
             backoff, logged = DAEMON_BACKOFF_MIN, None
             try:
-                while msg := await loop.sock_recv(sock, abi.MAX_MESSAGE_BYTES):
-                    self._take(epoch, msg)
+                await self._drain_socket(loop, sock, epoch)
             except OSError as exc:
                 log.warning("connection to %s failed: %s", self.socket_path, exc)
             else:
@@ -236,6 +243,35 @@ class Forwarder:
                 sock.close()
             self.connected.clear()
             await asyncio.sleep(backoff)
+
+    async def _drain_socket(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, epoch: str
+    ) -> None:
+        """Read messages until the daemon closes the connection.
+
+        Every message the socket holds is read in one go once it is readable:
+        one event-loop round trip per message (``loop.sock_recv``) would cap
+        the intake at a few thousand messages a second.  The publisher gets
+        the loop every READ_BURST messages.
+        """
+        recv = sock.recv
+        while True:
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            for _ in range(READ_BURST):
+                try:
+                    msg = recv(abi.MAX_MESSAGE_BYTES)
+                except BlockingIOError:
+                    break
+                if not msg:
+                    return
+                self._take(epoch, msg)
+            else:
+                await asyncio.sleep(0)
 
     def _take(self, epoch: str, msg: bytes) -> None:
         try:
