@@ -30,6 +30,10 @@ __all__ = ["add_watch_args", "format_cluster", "run_watch"]
 
 log = logging.getLogger("scoutfs-notify")
 
+# How long creating the consumer may keep timing out (a leader election after
+# a server died takes seconds) before watch gives up.
+SUBSCRIBE_RETRY_FOR = 30.0
+
 
 def _since(text: str) -> datetime.datetime:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -131,10 +135,7 @@ async def _watch(args: argparse.Namespace, out: TextIO) -> int:
         start=_start(args),
     )
     try:
-        try:
-            await sub.subscribe()
-        except nats_errors() as exc:
-            raise ClusterError(f"cannot consume from the stream {args.stream}: {exc}") from None
+        await _subscribe(sub, args.stream)
         print(
             f"scoutfs-notify: watching {sub.subject} in {args.stream}"
             + (f" as {args.durable}" if args.durable else ""),
@@ -166,11 +167,32 @@ async def _watch(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def nats_errors() -> tuple[type[BaseException], ...]:
+async def _subscribe(sub: ClusterSubscriber, stream: str) -> None:
+    """Create the consumer; retry while the cluster elects leaders (a server just died)."""
     import nats.errors
     import nats.js.errors
 
-    return (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+    deadline = asyncio.get_running_loop().time() + SUBSCRIBE_RETRY_FOR
+    while True:
+        try:
+            await sub.subscribe()
+            return
+        except nats.js.errors.NotFoundError:
+            raise ClusterError(
+                f"no stream {stream}: start scoutfs-notify-forward first (it creates it), "
+                "or give --stream"
+            ) from None
+        except (
+            nats.errors.TimeoutError,
+            TimeoutError,
+            nats.js.errors.ServiceUnavailableError,
+        ) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ClusterError(f"cannot consume from the stream {stream}: {exc}") from None
+            log.warning("creating the consumer timed out (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            raise ClusterError(f"cannot consume from the stream {stream}: {exc}") from None
 
 
 def run_watch(args: argparse.Namespace) -> int:
