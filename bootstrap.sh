@@ -3,7 +3,8 @@
 #
 #   bash bootstrap.sh demo [DIR]   the main job: daemon + inotify shim over DIR
 #                                  (a scoutfs mount, or any local directory)
-#   bash bootstrap.sh test [ARGS]  ruff, then the whole pytest suite (ARGS go to pytest)
+#   bash bootstrap.sh test [ARGS]  ruff, mypy --strict, then the whole pytest suite
+#                                  (ARGS go to pytest)
 #
 # Needs root: it installs Debian packages, mounts FUSE and uses fanotify.
 set -euo pipefail
@@ -54,13 +55,14 @@ case "$cmd" in
 demo)
 	install_packages
 	install_venv
-	exec .venv/bin/python -m notifyd.demo "$@"
+	exec .venv/bin/python -m compat.demo "$@"
 	;;
 test)
 	install_packages
 	install_venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 	rc=0
 	.venv/bin/pytest "$@" || rc=$?
 	if [ "$rc" = 5 ]; then

@@ -198,17 +198,17 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
             rundir = work / f"run{run}"
             rundir.mkdir()
             sock = rundir / "feed.sock"
-            feeder = subprocess.Popen(
-                [sys.executable, "-m", "bench.cluster", "feed", str(sock), str(records)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
+            feeder = await asyncio.create_subprocess_exec(
+                *[sys.executable, "-m", "bench.cluster", "feed", str(sock), str(records)],
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
                 cwd=ROOT,
                 env=cfg.env,
             )
             try:
-                assert feeder.stdout and feeder.stdin
-                feeder.stdout.readline()
+                assert feeder.stdout
+                assert feeder.stdin
+                await feeder.stdout.readline()
                 args = [
                     "--nats", url, "--socket", str(sock), "--fsid", "bench", "--node", node,
                     "--stream", f"SCOUTFS_NOTIFY_R{replicas}", "--backlog", str(records),
@@ -216,15 +216,13 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
                 ]  # fmt: skip
                 with notifyd(cfg.env, rundir, args, module="notifyd.cluster.forward"):
                     t0 = time.perf_counter()
-                    feeder.stdin.write("go\n")
-                    feeder.stdin.flush()
+                    feeder.stdin.write(b"go\n")
+                    await feeder.stdin.drain()
                     t1 = await _wait_last(js, f"SCOUTFS_NOTIFY_R{replicas}", subject, records)
                     fwd_rates.append(records / (t1 - t0))
-                    feeder.stdin.write("done\n")
-                    feeder.stdin.flush()
             finally:
                 feeder.kill()
-                feeder.wait()
+                await feeder.wait()
             bare_rates.append(await _bare_loop(js, stream, f"bench{replicas}.{node}", records))
     finally:
         await nc.close()

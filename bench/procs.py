@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from notifyd import sdnotify
+from notifyd.procs import spawn, start_ready, stop
 
 __all__ = [
     "bind_self",
@@ -22,17 +20,12 @@ __all__ = [
     "spawn",
     "stop",
     "tmpfs",
-    "wait_ready",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-# Bounds on a hang, not measurements.
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -49,37 +42,6 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
-    """Signal ``proc``, then SIGKILL it if it has not exited within STOP_TIMEOUT."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-@contextlib.contextmanager
-def spawn(cmd: Sequence[str], **kwargs) -> Iterator[subprocess.Popen]:
-    """Popen that is stopped (SIGTERM, then SIGKILL) when the block ends, however it ends."""
-    proc = subprocess.Popen(list(cmd), **kwargs)
-    try:
-        yield proc
-    finally:
-        stop(proc)
-
-
-def wait_ready(notify: socket.socket, proc: subprocess.Popen, log: Path) -> None:
-    """Wait for READY=1 on a bound ``$NOTIFY_SOCKET`` datagram socket (sd_notify)."""
-    try:
-        sdnotify.wait_ready(notify, proc, READY_TIMEOUT)
-    except (ChildProcessError, TimeoutError) as exc:
-        raise RuntimeError(f"{proc.args[0]} {exc}:\n" + log.read_text(errors="replace")) from None
-
-
 @contextlib.contextmanager
 def notifyd(
     cfg_env: dict[str, str], tmp: Path, args: Sequence[str], module: str = "notifyd.daemon"
@@ -89,18 +51,12 @@ def notifyd(
     Its log is ``tmp/MODULE.log``.
     """
     log = tmp / f"{module}.log"
-    sd = tmp / f"{module}.sd"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(sd))
-    env = {**cfg_env, "NOTIFY_SOCKET": str(sd)}
     cmd = [sys.executable, "-m", module, *args]
-    with (
-        notify,
-        open(log, "wb") as out,
-        spawn(cmd, stdout=out, stderr=out, env=env, cwd=ROOT) as proc,
-    ):
-        wait_ready(notify, proc, log)
-        yield proc
+    ready = start_ready(cmd, tmp / f"{module}.sd", log, env=cfg_env, cwd=ROOT)
+    try:
+        yield ready.proc
+    finally:
+        ready.stop()
 
 
 def mounted(target: str) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from notifyd import abi
 from notifyd.paths import stats_path_for
+from notifyd.procs import LineReader, wait_until
 from notifyd.stats import read_stats
 
 from .config import ROOT, Config
@@ -76,6 +76,21 @@ class Clients:
 
     def __init__(self, procs: list[subprocess.Popen]) -> None:
         self.procs = procs
+        self._lines = [LineReader(p.stdout.fileno()) for p in procs]
+
+    def _readline(self, i: int, timeout: float) -> str:
+        line = self._lines[i].next(time.monotonic() + timeout)
+        if line is None:
+            proc = self.procs[i]
+            if self._lines[i].eof:
+                raise RuntimeError(f"relay client {proc.pid} exited with {proc.wait()}")
+            raise RuntimeError(f"no report from relay client {proc.pid} in {timeout} s")
+        return line.strip()
+
+    def wait_started(self) -> None:
+        for i in range(len(self.procs)):
+            if self._readline(i, 30.0) != "ready":
+                raise RuntimeError("a relay client failed to start")
 
     @classmethod
     @contextlib.contextmanager
@@ -89,24 +104,12 @@ class Clients:
                         spawn(cmd, stdout=subprocess.PIPE, text=True, env=cfg.env, cwd=ROOT, **kw)
                     )
                 )
-            for p in procs:
-                if _readline(p, 30.0) != "ready":
-                    raise RuntimeError("a relay client failed to start")
-            yield cls(procs)
+            clients = cls(procs)
+            clients.wait_started()
+            yield clients
 
     def reports(self) -> list[dict]:
-        return [json.loads(_readline(p, REPORT_TIMEOUT)) for p in self.procs]
-
-
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise RuntimeError(f"no report from relay client {proc.pid} in {timeout} s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"relay client {proc.pid} exited with {proc.wait()}")
-    return line.strip()
+        return [json.loads(self._readline(i, REPORT_TIMEOUT)) for i in range(len(self.procs))]
 
 
 def _burst(go, pid: int, clients: Clients, n: int) -> Burst:
@@ -143,13 +146,9 @@ def _daemon(cfg: Config, tmp: Path, *extra: str) -> Iterator[tuple[subprocess.Po
             os.close(ctl)
 
 
-def _wait_clients(sock: Path, count: int) -> dict:
-    deadline = time.monotonic() + 30
-    while True:
-        st = read_stats(str(stats_path_for(sock)))
-        if len(st["clients"]) >= count or time.monotonic() > deadline:
-            return st
-        time.sleep(0.05)
+def _wait_clients(sock: Path, count: int) -> None:
+    stats = str(stats_path_for(sock))
+    wait_until(lambda: len(read_stats(stats)["clients"]) >= count, 30, f"{count} relay clients")
 
 
 @contextlib.contextmanager
@@ -185,9 +184,7 @@ def _pair_sender(cfg: Config, k: int) -> Iterator[tuple[subprocess.Popen, Client
                 a.close()
                 b.close()
             clients = Clients(procs)
-            for p in procs:
-                if _readline(p, 30.0) != "ready":
-                    raise RuntimeError("a baseline client failed to start")
+            clients.wait_started()
             assert sender.stdin is not None
 
             def go(n: int) -> None:

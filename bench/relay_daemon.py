@@ -4,7 +4,8 @@
 
 Everything is the daemon's own code (``notifyd.daemon.main``, the scoutfs
 source's drain thread and publish loop, the broadcaster) except the ioctl,
-which copies records out of memory instead of a kernel ring.  The ring is
+which copies records out of memory instead of a kernel ring; the source
+reaches the daemon through ``main``'s ``source_factory``.  The ring is
 empty until the benchmark writes ``+N`` (a line) to CONTROL_FIFO: the next
 N records are then handed out as fast as the source drains, 1024 a call,
 like a kernel ring that is always full.  ``stop`` empties it.
@@ -12,6 +13,7 @@ like a kernel ring that is always full.  ``stop`` empties it.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import errno
 import os
@@ -74,11 +76,10 @@ def main(argv: list[str]) -> int:
     control = os.open(argv[0], os.O_RDWR | os.O_CLOEXEC)  # RDWR: never EOF
     ring = SyntheticRing(control)
 
-    def make_source(args):  # the daemon's own hook for choosing a source
+    def source(args: argparse.Namespace) -> ScoutfsSource:
         return ScoutfsSource(args.path, ioctl=ring, statfs=lambda fd: (FSID, 1))
 
-    daemon.make_source = make_source
-    return daemon.main(argv[1:])
+    return daemon.main(argv[1:], source_factory=source)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The real daemon (fanotify source) watches BACKING, bind-mounted onto itself so
 that its mount mark sees this benchmark and nothing else on the machine; the
-real shim mounts the overlay (``tests/shim_support.run_shim``).  An inotify
+real shim mounts the overlay (``compat.procs.run_shim``).  An inotify
 reader thread in this process stamps the first IN_OPEN per name; the access
 (open, read 1 byte, close) is made on BACKING.  The baseline is the same
 access on a plain local directory watched directly by the same reader.
@@ -22,7 +22,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import ROOT, Config
+from compat.procs import run_shim
+
+from .config import Config
 from .figures import Figure, Stage, median
 from .procs import bind_self, cpu_seconds, notifyd, tmpfs
 
@@ -70,14 +72,6 @@ WHY_SEQ = (
     "(trio.to_thread, 2 to 8 of them) measured no better, often worse: each hand-off costs "
     "thread wakeups on a machine short of CPU. pyfuse3 has no FUSE passthrough"
 )
-
-
-def _shim_support():
-    # the test suite's helpers start, watch and always unmount the shim
-    sys.path.insert(0, str(ROOT / "tests"))
-    import shim_support
-
-    return shim_support
 
 
 def _cannot_run() -> str:
@@ -429,14 +423,13 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
 @contextlib.contextmanager
 def _pipeline(cfg: Config, tmp: Path, backing: Path, tag: str) -> Iterator[tuple[Path, object]]:
     """The real daemon and shim over ``backing`` (a mount of its own); yields (overlay, shim)."""
-    support = _shim_support()
     work = tmp / tag
     work.mkdir()
     sock = work / "notify.sock"
     args = ["--source", "fanotify", str(backing), "--socket", str(sock), "--log-level", "warning"]
     with (
         notifyd(cfg.env, work, args) as daemon,
-        support.run_shim(backing, work / "mnt", sock, log=work / "shim.log") as shim,
+        run_shim(backing, work / "mnt", sock, log=work / "shim.log") as shim,
     ):
         shim.daemon_pid = daemon.pid
         yield work / "mnt", shim
@@ -492,7 +485,7 @@ def run(cfg: Config) -> Stage:
             "The real daemon (`--source fanotify`) watches BACKING, a mount of its own (so "
             "its mount mark sees only this benchmark): a tmpfs for the event figures, a "
             "directory on the disk bind-mounted onto itself for the reads; the real shim "
-            "(`scoutfs-notify-shim`, started by `tests/shim_support.run_shim`) mounts the "
+            "(`scoutfs-notify-shim`, started by `compat/procs.run_shim`) mounts the "
             "overlay. A reader thread here stamps the first IN_OPEN per name on the overlay "
             "directory; the access (open, read 1 byte, close) is made on BACKING, paced, "
             "each to a different file (a pool the size of the largest run, used round). "

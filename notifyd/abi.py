@@ -1,6 +1,6 @@
 """The scoutfs-notify ABI, version 1: record layout, ioctls and socket limits.
 
-This module is the only Python statement of ``shared/design/ABI.md``; the C
+This module is the only Python statement of ``docs/ABI.md``; the C
 statement is ``kmod/src/notify_ioctl.h``, and ``tests/test_abi.py`` compiles
 that header to prove the two agree.  Nothing else re-declares a layout or an
 ioctl number.
@@ -45,7 +45,7 @@ class ABIError(ValueError):
     """A buffer that cannot hold whole records."""
 
 
-# --- the record (ABI.md section 1) -----------------------------------------
+# --- the record (docs/ABI.md section 1) ------------------------------------
 
 VERSION = 1
 TYPE_OPEN = 1
@@ -70,7 +70,8 @@ class Record(NamedTuple):
     ino: int
     time_ns: int
     pos: int
-    count: int
+    # the ABI's name for the field; it hides tuple.count, which no caller needs
+    count: int  # type: ignore[assignment]
     pid: int
     uid: int
     gid: int
@@ -126,13 +127,13 @@ def seq_range(buf: bytes | bytearray | memoryview) -> tuple[int, int]:
     return _SEQ.unpack_from(buf, 0)[0], _SEQ.unpack_from(buf, (n - 1) * RECORD_SIZE)[0]
 
 
-# --- the socket (ABI.md section 4) -------------------------------------------
+# --- the socket (docs/ABI.md section 4) --------------------------------------
 
 MAX_MESSAGE_RECORDS = 64
 MAX_MESSAGE_BYTES = MAX_MESSAGE_RECORDS * RECORD_SIZE
 
 
-# --- ioctls (ABI.md section 3, and the scoutfs ioctls the project uses) ------
+# --- ioctls (docs/ABI.md section 3, and the scoutfs ioctls the project uses) -
 
 _IOC_NRBITS = 8
 _IOC_TYPEBITS = 8

@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections import OrderedDict
@@ -84,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_target(s, "the daemon's JSON document as it is")
     args = p.parse_args(argv)
     if not args.socket and not args.mount and not getattr(args, "nats", None):
-        p.error("give MOUNT, --socket PATH or --nats URL")
+        p.error(
+            "give MOUNT or --socket PATH" + (" (or --nats URL)" if args.command == "watch" else "")
+        )
     if getattr(args, "resolve_paths", False) and not args.mount:
         p.error("--resolve-paths needs MOUNT (paths are relative to it)")
     return args
@@ -185,7 +188,7 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
             while (batch := sub.recv_batch()) is not None:
                 for ev in sub.tracker.events(batch):
                     if isinstance(ev, abi.Record) and ev.type not in abi.TYPE_NAMES:
-                        continue  # ABI.md: consumers skip types they do not know
+                        continue  # docs/ABI.md: consumers skip types they do not know
                     path = None
                     if resolve and resolve.fd >= 0 and isinstance(ev, abi.Record):
                         # a file deleted since its access has no path left
@@ -213,6 +216,40 @@ def _print_stats(doc: dict[str, Any]) -> None:
         )
 
 
+def _say(msg: str) -> int:
+    print(f"scoutfs-notify: {msg}", file=sys.stderr)
+    return 1
+
+
+def _explain(exc: OSError, where: Path, args: argparse.Namespace) -> str:
+    """What went wrong talking to the daemon at ``where``, and the fix."""
+    hint = f" for {args.mount}" if args.mount else ""
+    if isinstance(exc, FileNotFoundError):
+        return f"no daemon socket at {where}: is scoutfs-notifyd running{hint}?"
+    if isinstance(exc, PermissionError):
+        return (
+            f"permission denied on {where}: run as root, or as a member of the daemon's "
+            "--socket-group"
+        )
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(where).st_mode)
+    except OSError:
+        is_socket = True
+    if not is_socket:
+        return f"{where} is not a socket: give the daemon's notify socket"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing listens on {where}: restart scoutfs-notifyd"
+    if exc.errno == errno.EPROTOTYPE:
+        # watch on the .stats socket, or stats on a socket that is not a daemon's
+        return (
+            f"{where} is not a scoutfs-notifyd notify socket (wrong socket type): give the "
+            "notify socket, not its .stats"
+        )
+    if isinstance(exc, TimeoutError):
+        return f"{where}: the daemon did not answer: is it stuck?"
+    return f"{where}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "watch" and args.nats:
@@ -222,34 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sock_path = _socket_path(args)
     except OSError as exc:
-        print(f"scoutfs-notify: {args.mount}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return _say(f"{args.mount}: {exc.strerror}")
+    where = paths.stats_path_for(sock_path) if args.command == "stats" else sock_path
+    if args.command == "stats" and sock_path.name.endswith(".stats"):
+        # the one the operator gave is the stats socket itself
+        where = sock_path
     try:
         if args.command == "stats":
-            doc = read_stats(str(paths.stats_path_for(sock_path)))
+            doc = read_stats(str(where))
             if args.json:
                 print(json.dumps(doc))
             else:
                 _print_stats(doc)
             return 0
         return _watch(args, sock_path)
-    except FileNotFoundError:
-        hint = f" for {args.mount}" if args.mount else ""
-        print(
-            f"scoutfs-notify: no daemon socket at {sock_path}: is scoutfs-notifyd running{hint}?",
-            file=sys.stderr,
-        )
-    except ConnectionRefusedError:
-        print(
-            f"scoutfs-notify: nothing listens on {sock_path}: restart scoutfs-notifyd",
-            file=sys.stderr,
-        )
-    except PermissionError:
-        print(
-            f"scoutfs-notify: permission denied on {sock_path}: run as root, or as a member "
-            "of the daemon's --socket-group",
-            file=sys.stderr,
-        )
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -257,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    return 1
+    except OSError as exc:
+        return _say(_explain(exc, where, args))
+    except ValueError as exc:
+        # JSON that is not a stats document, or a malformed record message
+        return _say(f"{where} does not speak scoutfs-notifyd's protocol: {exc}")
 
 
 if __name__ == "__main__":

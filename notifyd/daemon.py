@@ -1,8 +1,14 @@
 """scoutfs-notifyd: drain records from a source and relay them to socket clients.
 
-One root nursery runs the broadcaster, the stats socket and the source; a
-SIGTERM or SIGINT cancels it, and cleanup (detach from the ring, unlink the
-sockets) runs on the way out whatever ended the run.
+One root nursery runs the broadcaster, the stats socket, the source and two
+watchers; a SIGTERM, SIGINT or SIGHUP cancels it, and cleanup (detach from
+the ring, unlink the sockets) runs on the way out whatever ended the run.
+
+- A socket file removed under the running daemon is noticed within
+  ``SOCKET_CHECK_INTERVAL`` and bound again (connected clients keep their
+  connections).
+- The watched mount unmounted under the running daemon ends it with status
+  1 and a log line, so that systemd restarts it (:mod:`notifyd.mountwatch`).
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ import argparse
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +31,26 @@ from . import paths
 from .broadcast import Broadcaster
 from .errors import DaemonError
 from .listen import Listener, bind_listener, prepare_dir
+from .mountwatch import watch_mount
 from .sdnotify import sd_notify
 from .source import Source
 from .stats import serve_stats
 
-__all__ = ["main", "make_source", "parse_args", "serve"]
+__all__ = ["SourceFactory", "main", "make_source", "parse_args", "serve"]
 
 log = logging.getLogger("scoutfs-notifyd")
 
 DEFAULT_CLIENT_QUEUE = 256
 DEFAULT_MAX_CLIENTS = 1024
+# How often the daemon checks that its socket files still exist: the longest
+# a client finds no socket after an operator (or a tmpfiles cleaner) removed it.
+SOCKET_CHECK_INTERVAL = 1.0
+# Descriptors the daemon needs besides one per client: sockets, epoll sets,
+# the log, connections accepted but not yet counted, and the fanotify
+# source's event fds (one per event in a 64 KiB read).
+RESERVED_FDS = 8192
+# chown(2) takes (gid_t)-1 as "leave the group", so the largest usable gid is one less.
+MAX_GID = 2**32 - 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,10 +113,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--client-queue must be at least 1")
     if args.max_clients < 1:
         p.error("--max-clients must be at least 1")
+    # an empty path would mean the current directory
+    if args.path == "":
+        p.error("the watched path is empty: give a mount or directory")
+    if args.socket == "":
+        p.error("--socket: give a path")
+    if args.run_dir == "":
+        p.error("--run-dir: give a directory")
     return args
 
 
+# Builds the source the daemon drains from its parsed command line.
+SourceFactory = Callable[[argparse.Namespace], Source]
+
+
+def _fit_fd_limit(max_clients: int) -> int:
+    """Raise the open-file limit as far as allowed; return how many clients it holds.
+
+    The usual soft limit (1024) is below the default --max-clients plus the
+    daemon's own descriptors and a full accept queue: accept(2) (or the
+    fanotify source's read, which opens one fd per event) would fail with
+    EMFILE first.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit to %d: %s", hard, exc)
+    if soft == resource.RLIM_INFINITY or soft >= max_clients + RESERVED_FDS:
+        return max_clients
+    fit = max(1, soft - RESERVED_FDS)
+    log.warning(
+        "--max-clients %d does not fit the open-file limit (%d): serving at most %d clients",
+        max_clients,
+        soft,
+        fit,
+    )
+    return fit
+
+
 def make_source(args: argparse.Namespace) -> Source:
+    """The source ``--source`` names, on ``args.path``: the daemon's default factory."""
     if args.source == "fanotify":
         from .source_fanotify import FanotifySource
 
@@ -114,9 +171,17 @@ def _group_id(name: str | None) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        if name.isdigit():
-            return int(name)
+        pass
+    if not name.isdecimal():
         raise DaemonError(f"--socket-group {name}: no such group") from None
+    gid = int(name)
+    if gid > MAX_GID:
+        raise DaemonError(f"--socket-group {name}: not a group id (at most {MAX_GID})")
+    try:
+        grp.getgrgid(gid)
+    except KeyError:
+        log.warning("--socket-group %d: no group has this id; granting it anyway", gid)
+    return gid
 
 
 def _socket_path(args: argparse.Namespace, source: Source, gid: int | None) -> Path:
@@ -128,17 +193,52 @@ def _socket_path(args: argparse.Namespace, source: Source, gid: int | None) -> P
     run_dir = Path(args.run_dir)
     path = Path(source.default_socket_path(str(run_dir)))
     # group members need to traverse the run dir, never to list it
-    prepare_dir(run_dir, create=True, mode=0o711 if gid is not None else 0o700, widen_only=True)
+    run_mode = 0o711 if gid is not None else 0o700
+    prepare_dir(run_dir, create=True, mode=run_mode, shared=True, gid=gid)
     prepare_dir(path.parent, create=True, mode=0o710 if gid is not None else 0o700, gid=gid)
     return path
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
+async def _keep_sockets(
+    listeners: list[Listener],
+    relay: Broadcaster,
+    prepare: Callable[[], object],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind a socket again when its file is removed under the running daemon.
+
+    Raises:
+        DaemonError: it cannot be bound again (its directory is gone and
+            cannot be made again, or something else holds the path).
+    """
+    task_status.started()
+    while True:
+        await trio.sleep(SOCKET_CHECK_INTERVAL)
+        for item in listeners:
+            if item.present():
+                continue
+            log.warning("%s was removed: binding it again", item.path)
+            try:
+                prepare()
+                old = item.rebind()
+            except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename else ""
+                raise DaemonError(f"cannot bind the socket again: {where}{exc.strerror}") from None
+            if old is relay.listener:
+                relay.replace_listener(item.sock)
+            else:
+                # the stats server waits on the old socket: wake it onto the new one
+                trio.lowlevel.notify_closing(old)
+            old.close()
+
+
+async def serve(args: argparse.Namespace, source_factory: SourceFactory = make_source) -> None:
+    """Run the daemon until SIGTERM, SIGINT or SIGHUP, relaying ``source_factory(args)``."""
     # from the start, so a signal during startup still ends in the cleanup below
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         gid = _group_id(args.socket_group)
-        source = make_source(args)
+        source = source_factory(args)
         listeners: list[Listener] = []
         try:
             source.open()
@@ -154,16 +254,22 @@ async def serve(args: argparse.Namespace) -> None:
                 where = f"{exc.filename}: " if exc.filename else ""
                 raise DaemonError(f"cannot create the socket: {where}{exc.strerror}") from None
             relay = Broadcaster(
-                listener.sock, queue_messages=args.client_queue, max_clients=args.max_clients
+                listener.sock,
+                queue_messages=args.client_queue,
+                max_clients=_fit_fd_limit(args.max_clients),
             )
 
             def snapshot() -> dict[str, Any]:
                 return {"pid": os.getpid(), "socket": str(path), **source.stats(), **relay.stats()}
 
             async with trio.open_nursery() as nursery:
+                await nursery.start(watch_mount, args.path)
                 await nursery.start(relay.serve)
-                await nursery.start(serve_stats, stats_listener.sock, snapshot)
+                await nursery.start(serve_stats, stats_listener, snapshot)
                 await nursery.start(source.run, relay.publish)
+                await nursery.start(
+                    _keep_sockets, listeners, relay, lambda: _socket_path(args, source, gid)
+                )
                 log.info("ready: %s source on %s, serving %s", source.name, args.path, path)
                 sd_notify(f"READY=1\nSTATUS=serving {path}")
                 async for signum in signals:
@@ -178,10 +284,10 @@ async def serve(args: argparse.Namespace) -> None:
                 st["clients_total"],
             )
         finally:
-            with trio.CancelScope(shield=True):
-                source.close()
-                for item in listeners:
-                    item.close()
+            # plain calls: nothing here awaits, so cancellation cannot cut it short
+            source.close()
+            for item in listeners:
+                item.close()
 
 
 def _daemon_errors(exc: BaseException) -> list[DaemonError]:
@@ -192,7 +298,14 @@ def _daemon_errors(exc: BaseException) -> list[DaemonError]:
     return []
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, source_factory: SourceFactory = make_source) -> int:
+    """The ``scoutfs-notifyd`` command; its exit status.
+
+    ``source_factory`` builds the source from the parsed arguments: a
+    benchmark or test passes one to run the real daemon on a source of its
+    own (e.g. a :class:`~notifyd.source_scoutfs.ScoutfsSource` with a
+    stand-in ioctl); the command line's ``--source`` is then not consulted.
+    """
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -200,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        trio.run(serve, args)
+        trio.run(serve, args, source_factory)
     except BaseException as exc:
         errors = _daemon_errors(exc)
         if not errors:

@@ -90,7 +90,7 @@ def _raise_errno(what: str) -> None:
 
 def fanotify_init(flags: int, event_f_flags: int) -> int:
     """fanotify_init(2); returns the new fanotify fd.  Needs CAP_SYS_ADMIN."""
-    fd = _libc.fanotify_init(flags, event_f_flags)
+    fd: int = _libc.fanotify_init(flags, event_f_flags)
     if fd < 0:
         _raise_errno("fanotify_init")
     return fd

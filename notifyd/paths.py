@@ -21,7 +21,7 @@ SOCKET_NAME = "notify.sock"
 
 
 def socket_path_for_fsid(fsid: int, run_dir: str | os.PathLike[str] = RUN_DIR) -> Path:
-    """ABI.md section 4: ``/run/scoutfs/<16 lowercase hex digits>/notify.sock``."""
+    """docs/ABI.md section 4: ``/run/scoutfs/<16 lowercase hex digits>/notify.sock``."""
     return Path(run_dir) / f"{fsid:016x}" / SOCKET_NAME
 
 
@@ -50,7 +50,7 @@ def default_socket_path(
 def stats_path_for(socket_path: str | os.PathLike[str]) -> Path:
     """The daemon's read-only stats socket, beside its notify socket.
 
-    A separate socket keeps the record stream one-way (ABI.md section 4: the
+    A separate socket keeps the record stream one-way (docs/ABI.md section 4: the
     daemon never reads from clients); ``scoutfs-notify stats`` connects here.
     """
     p = Path(socket_path)

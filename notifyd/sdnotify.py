@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+from typing import Any
 
 __all__ = ["sd_notify", "wait_ready"]
 
@@ -28,7 +29,8 @@ def sd_notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(addr)
-            sock.sendall(state.encode())
+            # a path in STATUS= may hold bytes that are not UTF-8 (os.fsencode's rule)
+            sock.sendall(state.encode(errors="surrogateescape"))
     except OSError as exc:
         # the manager going away must not take the daemon down with it
         log.warning("cannot notify the service manager at %s: %s", addr, exc.strerror)
@@ -36,7 +38,7 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-def wait_ready(listener: socket.socket, proc: subprocess.Popen, timeout: float) -> None:
+def wait_ready(listener: socket.socket, proc: subprocess.Popen[Any], timeout: float) -> None:
     """The service manager's half: wait for READY=1 from ``proc``.
 
     ``listener`` is the bound datagram socket that ``proc``'s $NOTIFY_SOCKET

@@ -36,7 +36,7 @@ class Source(Protocol):
         """
 
     def default_socket_path(self, run_dir: str) -> str:
-        """Where this source's socket lives under ``run_dir`` (ABI.md section 4)."""
+        """Where this source's socket lives under ``run_dir`` (docs/ABI.md section 4)."""
 
     async def run(
         self, publish: Publish, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

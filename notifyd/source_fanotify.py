@@ -3,7 +3,7 @@
 It stands in for the scoutfs ring where there is none (CI, the demo, other
 filesystems).  A mount mark sees the whole mount, so events are filtered to
 the watched subtree by the path of their event fd.  Fields fanotify cannot
-know are set as ABI.md section 1 says: ``pos``, ``count`` and ``flags`` are 0,
+know are set as docs/ABI.md section 1 says: ``pos``, ``count`` and ``flags`` are 0,
 ``time_ns`` is when the event was read, and ``uid``/``gid`` come from
 ``/proc/<pid>/status`` or are UNKNOWN_ID once the process is gone.
 

@@ -1,16 +1,16 @@
 """The scoutfs source: drain a mount's notify ring with SCOUTFS_IOC_READ_NOTIFY.
 
-The ioctl is issued on the mount's root directory (ABI.md section 3).  Its
-number is probed: 25 on v1.28-v1.30, 26 on series for v1.31 and later; a
-wrong number answers ENOTTY.  The first successful call makes this process
-the ring's only reader.
+The ioctl is issued on the mount's root directory (docs/ABI.md section 3).
+Its number is probed: 25 on v1.28-v1.30, 26 on series for v1.31 and later;
+a wrong number answers ENOTTY.  The first successful call makes this
+process the ring's only reader.
 
-The blocking WAIT call runs in a worker thread through ctypes, which drops
-the GIL for the call (``fcntl.ioctl`` would hold it and stall the trio
-loop).  Each call waits at most ``wait_ms``, so a cancelled drain returns
-within that bound and the fd is never used by an abandoned thread.  Records
-lost in the ring show both in the ``dropped`` field and as ``seq`` gaps;
-both are counted and logged.
+The blocking WAIT call runs in a worker thread through :func:`libc.ioctl`
+(ctypes), which drops the GIL for the call (``fcntl.ioctl`` would hold it
+and stall the trio loop).  Each call waits at most ``wait_ms``, so a
+cancelled drain returns within that bound and the fd is never used by an
+abandoned thread.  Records lost in the ring show both in the ``dropped``
+field and as ``seq`` gaps; both are counted and logged.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 
 import trio
 
-from . import abi, ioctls, paths
+from . import abi, ioctls, libc, paths
 from .droplog import DropLog
 from .errors import DaemonError
 from .source import Publish
 
-__all__ = ["Ioctl", "ScoutfsSource", "libc_ioctl"]
+__all__ = ["Ioctl", "ScoutfsSource"]
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,6 @@ Ioctl = Callable[[int, int, int], int]
 BUF_RECORDS = 1024
 # Upper bound on one WAIT call: how long a shutdown waits for the drain thread.
 WAIT_MS = 500
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc.ioctl.restype = ctypes.c_int
-
-
-def libc_ioctl(fd: int, request: int, arg: int) -> int:
-    """ioctl(2) through ctypes: the GIL is released while the kernel waits."""
-    ret = _libc.ioctl(fd, request, arg)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
 
 
 def _other_drainers() -> list[int]:
@@ -86,7 +73,7 @@ class ScoutfsSource:
         self,
         path: str | os.PathLike[str],
         *,
-        ioctl: Ioctl = libc_ioctl,
+        ioctl: Ioctl = libc.ioctl,
         statfs: Callable[[int], tuple[int, int]] = ioctls.statfs_more,
         wait_ms: int = WAIT_MS,
     ) -> None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket as socketlib
 import subprocess
 import sys
 import tempfile
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
+from notifyd import procs
 from notifyd.paths import socket_path_for_dir
-from notifyd.sdnotify import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +53,23 @@ def scoutfs_src() -> Path:
     return src
 
 
+@pytest.fixture
+def tmpfs_mount(tmp_path: Path) -> Generator[Path, None, None]:
+    """A fresh tmpfs mounted at ``tmp_path/mnt``: a mount of its own, unmounted after.
+
+    Skips with the reason when it cannot be mounted (not root, no tmpfs).
+    """
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 # --- notifyd: the real daemon as a subprocess ---------------------------------
 
 # How long a daemon may take to report READY=1, or to exit after SIGTERM.
@@ -72,14 +89,13 @@ class NotifydProcess:
         log_path: the daemon's log file.
     """
 
-    def __init__(self, backing: Path, socket: Path, proc: subprocess.Popen, log_path: Path):
+    def __init__(self, backing: Path, socket: Path, ready: procs.ReadyProcess) -> None:
         self.backing = backing
         self.socket = socket
         self.stats_socket = Path(str(socket) + ".stats")
-        self.proc = proc
-        self.log_path = log_path
-        # the daemon's $NOTIFY_SOCKET, open until stop() so STOPPING=1 lands too
-        self.notify: socketlib.socket | None = None
+        self.proc = ready.proc
+        self.log_path = ready.log_path
+        self._ready = ready
         self.killed = False
 
     def log(self) -> str:
@@ -87,42 +103,21 @@ class NotifydProcess:
 
     def kill(self) -> None:
         """SIGKILL (no cleanup, the socket stays): teardown then expects nothing."""
-        self.proc.kill()
-        self.proc.wait()
+        self._ready.stop(signal.SIGKILL)
         self.killed = True
 
     def stop(self) -> int:
         """SIGTERM, wait; fail the test if it does not exit 0 and remove its socket."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(NOTIFYD_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                pytest.fail(f"notifyd ignored SIGTERM for {NOTIFYD_STOP_TIMEOUT} s:\n{self.log()}")
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
-        rc = self.proc.returncode
+        rc = self._ready.stop(timeout=NOTIFYD_STOP_TIMEOUT)
         if self.killed:
             return rc
+        if rc == -signal.SIGKILL:
+            pytest.fail(f"notifyd ignored SIGTERM for {NOTIFYD_STOP_TIMEOUT} s:\n{self.log()}")
         if rc != 0:
             pytest.fail(f"notifyd exited with status {rc}:\n{self.log()}")
         if self.socket.exists():
             pytest.fail(f"notifyd left its socket {self.socket} behind:\n{self.log()}")
         return rc
-
-
-def _wait_ready(notify: socketlib.socket, proc: subprocess.Popen, log_path: Path) -> None:
-    try:
-        wait_ready(notify, proc, NOTIFYD_START_TIMEOUT)
-    except ChildProcessError as exc:
-        pytest.fail(f"notifyd {exc}:\n" + log_path.read_text(errors="replace"))
-    except TimeoutError as exc:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"notifyd {exc}:\n" + log_path.read_text(errors="replace"))
 
 
 @pytest.fixture
@@ -164,30 +159,16 @@ def notifyd_factory(tmp_path: Path):
                 socket = sockdir / f"{n}.sock"
             where = ["--socket", str(socket)]
         log_path = tmp_path / f"notifyd{n}.log"
-        notify_path = sockdir / f"{n}.sd"
-        notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+        cmd = [sys.executable, "-m", "notifyd.daemon", "--source", source]
+        cmd += [str(backing), *where, *extra_args]
         try:
-            if notify_path.exists():
-                notify_path.unlink()
-            notify.bind(str(notify_path))
-            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-            with open(log_path, "ab") as log:
-                cmd = [sys.executable, "-m", "notifyd.daemon", "--source", source]
-                cmd += [str(backing), *where, *extra_args]
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                )
-            daemon = NotifydProcess(backing, socket, proc, log_path)
-            daemon.notify = notify
-            started.append(daemon)
-        except BaseException:
-            notify.close()
-            raise
-        _wait_ready(notify, proc, log_path)
+            ready = procs.start_ready(
+                cmd, sockdir / f"{n}.sd", log_path, timeout=NOTIFYD_START_TIMEOUT
+            )
+        except procs.NotReadyError as exc:
+            pytest.fail(f"notifyd did not start: {exc}")
+        daemon = NotifydProcess(backing, socket, ready)
+        started.append(daemon)
         return daemon
 
     yield start

@@ -1,6 +1,7 @@
 """Real processes for the shim's tests: the shim itself, inotifywait, a record feeder.
 
-Every helper is a context manager that cleans up on failure too: the shim is
+Every helper is a context manager that cleans up on failure too: the shim
+(:func:`compat.procs.run_shim`, shared with the demo and the benchmarks) is
 stopped (SIGTERM, then SIGKILL) and its mount removed (``fusermount3 -u``,
 then ``umount -l``); watchers are killed.
 """
@@ -11,19 +12,35 @@ import contextlib
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from compat.inotify_shim.mounts import FSTYPE, mount_type
+from compat.procs import ShimProcess as Shim
+from compat.procs import run_shim, shim_command, unmount
 from notifyd import abi
+from notifyd.procs import wait_until as wait_for
+
+__all__ = [
+    "EVENT_TIMEOUT",
+    "START_TIMEOUT",
+    "Feeder",
+    "Shim",
+    "Watcher",
+    "feeder",
+    "need_fuse",
+    "need_inotifywait",
+    "run_shim",
+    "shim_command",
+    "unmount",
+    "wait_for",
+    "watch",
+]
 
 # Generous deadlines: they bound a hang, they do not measure anything.
 START_TIMEOUT = 30.0
@@ -40,89 +57,6 @@ def need_fuse() -> None:
 def need_inotifywait() -> None:
     if shutil.which("inotifywait") is None:
         pytest.skip("inotifywait not installed (Debian package inotify-tools)")
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def unmount(mountpoint: Path) -> None:
-    """Remove any mount at ``mountpoint``, however dead."""
-    for cmd in (["fusermount3", "-u", "-q"], ["umount", "-l"]):
-        if mount_type(str(mountpoint)) is None:
-            return
-        subprocess.run([*cmd, str(mountpoint)], capture_output=True, check=False)
-
-
-class Shim:
-    """A running ``scoutfs-notify-shim`` process."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], mountpoint: Path, log: Path) -> None:
-        self.proc = proc
-        self.mountpoint = mountpoint
-        self.log_path = log
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = START_TIMEOUT, after: int = 0) -> None:
-        wait_for(lambda: text in self.log()[after:], timeout, f"{text!r} in the shim's log")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"shim ignored signal {sig}:\n{self.log()}") from None
-
-
-def shim_command(backing: Path, mountpoint: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "compat.inotify_shim.main", *args, str(backing), str(mountpoint)]
-
-
-@contextlib.contextmanager
-def run_shim(
-    backing: Path, mountpoint: Path, socket_path: Path | None, *args: str, log: Path | None = None
-) -> Iterator[Shim]:
-    """Mount the shim; yields once it is mounted and, with a socket, waiting on it.
-
-    A mount already at ``mountpoint`` (a test of stale mounts) is left for the
-    shim to judge.
-    """
-    if mount_type(str(mountpoint)) is None:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-    log = log or mountpoint.parent / f"shim-{mountpoint.name}.log"
-    extra = ["--socket", str(socket_path)] if socket_path else []
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            shim_command(backing, mountpoint, *extra, *args), stdout=out, stderr=out
-        )
-    shim = Shim(proc, mountpoint, log)
-    try:
-        wait_for(
-            lambda: mount_type(str(mountpoint)) == FSTYPE or proc.poll() is not None,
-            START_TIMEOUT,
-            "the shim to mount",
-        )
-        if proc.poll() is not None:
-            raise AssertionError(f"the shim exited with {proc.returncode}:\n{shim.log()}")
-        if socket_path:
-            shim.wait_log(str(socket_path))
-        yield shim
-    finally:
-        with contextlib.suppress(AssertionError):
-            shim.stop()
-        unmount(mountpoint)
 
 
 class Watcher:

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-# bench/ is run from the checkout (python -m bench), not installed
-sys.path.insert(0, str(ROOT))
+from bench.figures import Figure
 
-from bench.figures import Figure  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # bench STAGE.NAME value=V unit=U [baseline=B ratio=R] [runs=N] [target_met=yes|no]
 LINE = re.compile(r"^bench (?P<stage>[a-z_]+)\.(?P<name>[a-z0-9_]+)(?P<pairs>( [a-z_]+=\S+)+)$")
@@ -45,7 +43,7 @@ def test_figure_line_is_parseable():
 
 
 def test_a_unit_with_a_space_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="space"):
         Figure("ring", "x", 1.0, "ns per op")
 
 

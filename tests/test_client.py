@@ -18,7 +18,8 @@ def test_tracker_reports_gaps_within_and_across_batches() -> None:
     t = SeqTracker()
     first = t.events(abi.encode([_rec(5), _rec(6), _rec(9)]))
     assert [type(e).__name__ for e in first] == ["Record", "Record", "Gap", "Record"]
-    assert first[2] == Gap(6, 9) and first[2].lost == 2
+    assert first[2] == Gap(6, 9)
+    assert first[2].lost == 2
     second = t.events(abi.encode([_rec(10), _rec(20)]))
     assert second[1] == Gap(10, 20)
     assert t.lost == 2 + 9

@@ -111,7 +111,7 @@ def watch_nats(*args: str) -> subprocess.CompletedProcess[str]:
 def lone_dir(tmp_path: Path) -> Iterator[Path]:
     d = tmp_path / "data"
     d.mkdir()
-    yield d
+    return d
 
 
 def test_forwarder_and_watch_refuse_a_2_9_server_by_its_info_line(lone_dir: Path) -> None:
@@ -126,7 +126,8 @@ def test_forwarder_and_watch_refuse_a_2_9_server_by_its_info_line(lone_dir: Path
         assert "Traceback" not in r.stderr
         w = watch_nats("--nats", url)
         assert w.returncode == 1
-        assert "needs 2.10.0 or later" in w.stderr and "Traceback" not in w.stderr
+        assert "needs 2.10.0 or later" in w.stderr
+        assert "Traceback" not in w.stderr
     finally:
         lsock.close()
 
@@ -200,7 +201,8 @@ def test_user_password_from_a_file_or_the_environment(tmp_path: Path, notifyd_fa
     try:
         r = forward(*common, str(daemon.backing))
         assert r.returncode == 1
-        assert "cannot connect" in r.stderr and "Traceback" not in r.stderr
+        assert "cannot connect" in r.stderr
+        assert "Traceback" not in r.stderr
         secret = tmp_path / "nats-user"
         secret.write_text("scoutfs:s3cret-pw\n")
         secret.chmod(0o600)

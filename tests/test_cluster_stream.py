@@ -318,11 +318,13 @@ def test_durable_watch_stopped_and_restarted_gets_exactly_the_rest(tmp_path: Pat
             assert second.stop() == 0, second.stderr()
         a = [d["seq"] for d in first.records(name)]
         b = [d["seq"] for d in second.records(name)]
-        assert a and b
+        assert a
+        assert b
         assert max(a) < min(b), "the restarted consumer repeated records"
         want = [r.seq for r in truth.records if r.seq <= max(truth.seqs_of(s2))]
         assert a + b == want
-        assert not first.gaps(name) and not second.gaps(name)
+        assert not first.gaps(name)
+        assert not second.gaps(name)
 
 
 def test_nats_down_backlog_arrives_in_order_and_past_the_bound_a_loss_marker(

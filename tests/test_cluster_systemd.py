@@ -19,7 +19,8 @@ def test_forward_unit_verifies(tmp_path: Path) -> None:
     if analyze is None:
         pytest.skip("systemd-analyze not installed (Debian package systemd)")
     text = UNIT.read_text()
-    assert "Type=notify" in text and "Restart=on-failure" in text
+    assert "Type=notify" in text
+    assert "Restart=on-failure" in text
     assert "After=scoutfs-notifyd@%i.service" in text
     assert f"ExecStart={INSTALLED_EXEC} $FORWARD_ARGS %f" in text
     # credentials come from the environment file, never the command line
@@ -40,7 +41,8 @@ def test_forward_unit_verifies(tmp_path: Path) -> None:
         [analyze, "verify", str(instance)], capture_output=True, text=True, timeout=120
     )
     ours = [line for line in res.stderr.splitlines() if "scoutfs-notify" in line]
-    assert res.returncode == 0 and not ours, res.stderr
+    assert res.returncode == 0, res.stderr
+    assert not ours, res.stderr
 
 
 def test_nats_url_from_the_environment_as_the_unit_gives_it() -> None:

@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from notifyd import abi
+from notifyd import abi, procs
 from notifyd.client import Gap, Subscriber
 from notifyd.stats import read_stats
 
@@ -77,8 +76,11 @@ def test_cat_gives_open_then_read(notifyd_factory, tmp_path) -> None:
     assert [r.type for r in theirs] == [abi.TYPE_OPEN, abi.TYPE_READ]
     for r in theirs:
         assert (r.pid, r.uid, r.gid) == (reader.pid, NOBODY, NOBODY)
-        assert r.pos == 0 and r.count == 0 and r.flags == 0
-        assert r.version == abi.VERSION and r.reserved == 0
+        assert r.pos == 0
+        assert r.count == 0
+        assert r.flags == 0
+        assert r.version == abi.VERSION
+        assert r.reserved == 0
 
 
 def _stats(daemon) -> dict:
@@ -86,10 +88,9 @@ def _stats(daemon) -> dict:
 
 
 def _wait_clients(daemon, n: int) -> None:
-    deadline = time.monotonic() + RECV_TIMEOUT
-    while len(_stats(daemon)["clients"]) != n:
-        assert time.monotonic() < deadline, f"daemon never had {n} clients: {_stats(daemon)}"
-        time.sleep(0.02)
+    procs.wait_until(
+        lambda: len(_stats(daemon)["clients"]) == n, RECV_TIMEOUT, f"the daemon to have {n} clients"
+    )
 
 
 def test_sixteen_clients_get_identical_streams(fanotify_daemon) -> None:
@@ -143,9 +144,13 @@ def test_daemon_disconnects_a_flooder_and_serves_the_rest(fanotify_daemon) -> No
         flood = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         flood.settimeout(RECV_TIMEOUT)
         flood.connect(str(fanotify_daemon.socket))
-        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+
+        def flood_until_closed() -> None:
             for _ in range(1000):
                 flood.send(b"x" * 4096)
+
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            flood_until_closed()
         flood.close()
         subprocess.run(["cat", str(f)], capture_output=True, check=True)
         records_until(good, lambda g: any(r.type == abi.TYPE_READ for r in g))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from notifyd import abi
 from notifyd.broadcast import FLOOD_BYTES, Broadcaster
@@ -27,10 +28,14 @@ def listener(tmp_path: Path) -> socket.socket:
     return sock
 
 
-async def until(pred, what: str, timeout: float = 20.0, poll: float = 0.005) -> None:
-    """Wait for ``pred()``; the timeout is a bound against hangs, not a timing."""
-    with trio.move_on_after(timeout):
-        while not pred():
+# A bound against hangs, not a timing.
+UNTIL_BOUND = 20.0
+
+
+async def until(pred, what: str, poll: float = 0.005) -> None:
+    """Wait for ``pred()``, a state of the broadcaster that no event announces."""
+    with trio.move_on_after(UNTIL_BOUND):
+        while not pred():  # noqa: ASYNC110 - polled state, nothing to wait on
             await trio.sleep(poll)
         return
     raise AssertionError(f"timed out waiting for {what}")
@@ -55,7 +60,7 @@ async def test_sixteen_clients_get_identical_streams(tmp_path) -> None:
             nursery.start_soon(collect, sub, stream, nb * 64)
         for i in range(nb):
             relay.publish(batch(1 + i * 64))
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         await until(lambda: all(s[-1:] == [nb * 64] for s in streams), "all streams")
         for sub in subs:
             await sub.aclose()
@@ -102,7 +107,8 @@ async def test_a_stalled_client_loses_its_own_records_only(tmp_path) -> None:
         await sub.aclose()
     assert all(s == list(range(1, nb * 64 + 1)) for s in streams)
     gaps = [e for e in events if isinstance(e, Gap)]
-    assert gaps and sum(g.lost for g in gaps) == st_stalled["records_dropped"]
+    assert gaps
+    assert sum(g.lost for g in gaps) == st_stalled["records_dropped"]
     assert events[0].seq == 1
     lst.close()
 
@@ -164,7 +170,8 @@ async def test_garbage_is_ignored_and_floods_disconnect(tmp_path) -> None:
         await until(lambda: len(relay.clients) == 2, "2 clients")
         await chatty.sock.send(b"\xff" * 100)
         await chatty.sock.send(b"hello?")
-        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+
+        async def flood_until_closed() -> None:
             for _ in range(4 * FLOOD_BYTES // 4096):
                 with trio.fail_after(20):
                     await flood.sock.send(b"x" * 4096)
@@ -172,6 +179,9 @@ async def test_garbage_is_ignored_and_floods_disconnect(tmp_path) -> None:
             with trio.fail_after(20):
                 assert await flood.recv_batch() is None
                 raise BrokenPipeError
+
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            await flood_until_closed()
         await until(lambda: len(relay.clients) == 1, "the flooder gone")
         relay.publish(batch(1, 3))
         with trio.fail_after(20):
@@ -195,7 +205,7 @@ async def test_connect_disconnect_cycles_leak_no_fds(tmp_path) -> None:
             if i % 3 == 0:
                 relay.publish(batch(1 + i, 1))
             if i % 5 == 0:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             c.close()
         await until(lambda: not relay.clients, "all disconnects seen")
         assert len(os.listdir("/proc/self/fd")) == before

@@ -25,7 +25,8 @@ def test_losses_are_summed_between_lines(caplog) -> None:
     assert [r.getMessage() for r in caplog.records][1:] == [
         "client 3: 101 records lost: queue full (111 in all)"
     ]
-    assert drops.total == 111 and drops.pending == 0
+    assert drops.total == 111
+    assert drops.pending == 0
 
 
 def test_flush_reports_the_rest(caplog) -> None:

@@ -61,7 +61,7 @@ async def test_only_other_processes_under_the_watched_dir(tmp_path) -> None:
             # then the access that must be seen; events are queued in order
             pid = read_in_child(inside / "sub" / "f", inside / "f")
             with trio.fail_after(TIMEOUT):
-                while sum(r.type == abi.TYPE_READ for b in got for r in abi.decode(b)) < 2:
+                while sum(r.type == abi.TYPE_READ for b in got for r in abi.decode(b)) < 2:  # noqa: ASYNC110 - polled list
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     finally:
@@ -113,9 +113,12 @@ def test_queue_overflow_is_a_seq_gap(tmp_path) -> None:
         src.close()
     events = SeqTracker().events(out)
     gaps = [e for e in events if isinstance(e, Gap)]
-    assert len(gaps) == 1 and gaps[0].lost == 1
+    assert len(gaps) == 1
+    assert gaps[0].lost == 1
     # an empty file: its open gives an OPEN, its read of 0 bytes no READ
-    assert events[-2] == gaps[0] and events[-1].pid == pid and events[-1].type == abi.TYPE_OPEN
+    assert events[-2] == gaps[0]
+    assert events[-1].pid == pid
+    assert events[-1].type == abi.TYPE_OPEN
     # the queue also held events outside the directory (the child's python startup)
     assert limit // 2 < len(events) - 2 < limit
 

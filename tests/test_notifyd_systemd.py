@@ -18,7 +18,8 @@ def test_unit_verifies(tmp_path) -> None:
     if analyze is None:
         pytest.skip("systemd-analyze not installed (Debian package systemd)")
     text = UNIT.read_text()
-    assert "Type=notify" in text and "Restart=on-failure" in text
+    assert "Type=notify" in text
+    assert "Restart=on-failure" in text
     assert f"ExecStart={INSTALLED_EXEC} %f" in text
     # verify insists that ExecStart exists: point it at this environment's script
     script = Path(sys.executable).with_name("scoutfs-notifyd")
@@ -33,7 +34,8 @@ def test_unit_verifies(tmp_path) -> None:
     )
     # unknown keys are only warnings (exit 0): any line about our unit fails too
     ours = [line for line in res.stderr.splitlines() if "scoutfs-notifyd" in line]
-    assert res.returncode == 0 and not ours, res.stderr
+    assert res.returncode == 0, res.stderr
+    assert not ours, res.stderr
 
 
 def test_instance_is_the_escaped_mount_path() -> None:

@@ -239,7 +239,8 @@ def test_inotifywait_command_line(bridge) -> None:
         start_new_session=True,  # killed as a group: `timeout` does not pass SIGKILL on
     )
     try:
-        assert proc.stderr is not None and proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout is not None
         for line in proc.stderr:
             if "Watches established" in line:
                 break

@@ -27,7 +27,7 @@ def test_demo_shows_inotifywait_reporting_direct_reads(tmp_path: Path) -> None:
     before = _mounted_shims()
     # its own session, so a hung demo is killed with everything it started
     proc = subprocess.Popen(
-        [sys.executable, "-m", "notifyd.demo", str(tmp_path)],
+        [sys.executable, "-m", "compat.demo", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -86,7 +86,7 @@ def test_stale_mount_of_a_killed_shim_is_recovered(tmp_path: Path) -> None:
         with run_shim(backing, mnt, tmp_path / "absent.sock") as shim:
             shim.stop(signal.SIGKILL)
             assert mount_type(str(mnt)) == FSTYPE
-            with pytest.raises(OSError) as exc:
+            with pytest.raises(OSError, match="not connected") as exc:
                 os.stat(mnt)
             assert exc.value.errno == errno.ENOTCONN
             with run_shim(backing, mnt, tmp_path / "absent.sock") as again:

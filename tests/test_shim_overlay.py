@@ -62,7 +62,7 @@ def test_read_write_namespace_and_xattrs(overlay) -> None:
     assert os.getxattr(backing / "e" / "g", "user.k") == b"v"
     assert "user.k" in os.listxattr(mnt / "e" / "g")
     os.removexattr(mnt / "e" / "g", "user.k")
-    with pytest.raises(OSError) as exc:
+    with pytest.raises(OSError, match="No data available") as exc:
         os.getxattr(mnt / "e" / "g", "user.k")
     assert exc.value.errno == errno.ENODATA
 

@@ -45,12 +45,24 @@ async def test_the_overlay_table_wins_then_a_walk_finds_new_files(tmp_path: Path
     assert resolver.cached(later_ino) == "later"
 
 
+@pytest.fixture
+def fake_scoutfs(tmpfs_mount: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A mount of its own (a tmpfs) that the resolver takes for scoutfs.
+
+    Only STATFS_MORE is faked; the mount root the resolver finds is real.
+    """
+    monkeypatch.setattr(resolve, "statfs_more", lambda fd: (1, 1))
+    return tmpfs_mount
+
+
 async def test_scoutfs_paths_are_taken_under_backing_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_scoutfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """INO_PATH answers relative to the mount root; BACKING may be a subdirectory."""
-    resolver = Resolver(str(tmp_path), lambda ino: None, trio.CapacityLimiter(1))
-    resolver._scoutfs_prefix = "sub/dir"  # as if BACKING were <mount>/sub/dir
+    backing = fake_scoutfs / "sub" / "dir"
+    backing.mkdir(parents=True)
+    resolver = Resolver(str(backing), lambda ino: None, trio.CapacityLimiter(1))
+    assert resolver.on_scoutfs
     answers = {7: ["other/f", "sub/dir/a/f", "sub/dir/b/f"], 8: ["other/g"]}
     monkeypatch.setattr(resolve, "ino_paths", lambda fd, ino: answers.get(ino, []))
     assert await resolver.resolve(7, since=0.0) == "a/f"
@@ -60,10 +72,10 @@ async def test_scoutfs_paths_are_taken_under_backing_only(
 
 
 async def test_scoutfs_errors_lose_the_record_not_the_shim(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_scoutfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    resolver = Resolver(str(tmp_path), lambda ino: None, trio.CapacityLimiter(1))
-    resolver._scoutfs_prefix = ""
+    resolver = Resolver(str(fake_scoutfs), lambda ino: None, trio.CapacityLimiter(1))
+    assert resolver.on_scoutfs
 
     def denied(fd: int, ino: int) -> list[str]:
         raise PermissionError(1, "Operation not permitted")

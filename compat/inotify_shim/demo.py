@@ -10,18 +10,17 @@ starts is stopped and unmounted before it returns.
 from __future__ import annotations
 
 import contextlib
-import os
-import select
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from .mounts import FSTYPE, mount_type
+from notifyd import procs
+
+from ..procs import ShimExitedError, run_shim
+from .mounts import mount_type
 
 __all__ = ["run"]
 
@@ -33,84 +32,13 @@ EVENT_TIMEOUT = 20.0
 SHOWN_FILES = 5
 
 
-def _wait(check: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def pick_files(directory: Path, count: int = SHOWN_FILES) -> list[Path]:
-    """A few regular files under ``directory``, shallowest first."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(root) / name
-            if path.is_file() and not path.is_symlink():
-                found.append(path)
-                if len(found) == count:
-                    return found
-    return found
-
-
-@contextlib.contextmanager
-def _shim(directory: Path, mountpoint: Path, socket_path: Path, log: Path) -> Iterator[None]:
-    cmd = [sys.executable, "-m", "compat.inotify_shim.main", "--socket", str(socket_path)]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([*cmd, str(directory), str(mountpoint)], stdout=out, stderr=out)
-    try:
-        _wait(
-            lambda: proc.poll() is not None or "subscribed to" in log.read_text(errors="replace"),
-            START_TIMEOUT,
-            "the shim to mount and subscribe",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"the shim exited with {proc.returncode}; its log is {log}")
-        yield
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if mount_type(str(mountpoint)) == FSTYPE:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        if proc.returncode != 0:
-            print(f"demo: the shim exited with {proc.returncode}; its log:", file=sys.stderr)
-            sys.stderr.write(log.read_text(errors="replace"))
-
-
-class _Lines:
-    """Lines from a pipe, with a deadline, without a reader thread."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = b""
-
-    def next(self, deadline: float) -> str | None:
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                return None
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode(errors="replace")
-
-
 def run(directory: Path, socket_path: Path, out: TextIO = sys.stdout) -> int:
     """Show accesses on ``directory`` reported by inotifywait on the overlay.
 
     Returns 0 when every access was reported, 1 otherwise.
     """
     directory = directory.resolve()
-    files = pick_files(directory)
+    files = procs.pick_files(directory, SHOWN_FILES)
     if not files:
         print(f"demo: no regular files under {directory} to read", file=out)
         return 1
@@ -122,6 +50,9 @@ def run(directory: Path, socket_path: Path, out: TextIO = sys.stdout) -> int:
     log = workdir / "shim.log"
     try:
         return _show(directory, files, mountpoint, socket_path, log, out)
+    except (ShimExitedError, TimeoutError) as exc:
+        print(f"demo: {exc}", file=out)
+        return 1
     finally:
         if mount_type(str(mountpoint)) is None:
             print(f"demo: unmounted {mountpoint}", file=out)
@@ -142,7 +73,7 @@ def _show(
     out: TextIO,
 ) -> int:
     print(f"demo: mounting the inotify shim over {directory} at {mountpoint}", file=out)
-    with _shim(directory, mountpoint, socket_path, log):
+    with run_shim(directory, mountpoint, socket_path, log=log, ready_log="subscribed to") as shim:
         command = [
             "inotifywait",
             "-m",
@@ -159,8 +90,9 @@ def _show(
             stderr=subprocess.PIPE,
         )
         try:
-            assert watcher.stdout is not None and watcher.stderr is not None
-            errors = _Lines(watcher.stderr.fileno())
+            assert watcher.stdout is not None
+            assert watcher.stderr is not None
+            errors = procs.LineReader(watcher.stderr.fileno())
             deadline = time.monotonic() + START_TIMEOUT
             while (line := errors.next(deadline)) is not None and "Watches established" not in line:
                 pass
@@ -173,22 +105,25 @@ def _show(
                 print(f"demo: reading {path} (on {directory}, not the overlay)", file=out)
                 path.read_bytes()
             waiting = {str(mountpoint / p.relative_to(directory)) for p in files}
-            events = _Lines(watcher.stdout.fileno())
+            events = procs.LineReader(watcher.stdout.fileno())
             deadline = time.monotonic() + EVENT_TIMEOUT
             while waiting and (line := events.next(deadline)) is not None:
                 print(f"inotifywait: {line}", file=out, flush=True)
-                path, _, names = line.rpartition(" ")
+                shown_path, _, names = line.rpartition(" ")
                 if "CLOSE_NOWRITE" in names.split(","):
-                    waiting.discard(path)
+                    waiting.discard(shown_path)
         finally:
             watcher.kill()
             watcher.wait()
+    if shim.proc.returncode:
+        print(f"demo: the shim exited with {shim.proc.returncode}; its log:", file=sys.stderr)
+        sys.stderr.write(shim.log())
     reported = len(files) - len(waiting)
     print(
         f"demo: inotifywait on the overlay reported {reported} of {len(files)} "
         f"files read directly on {directory}",
         file=out,
     )
-    for path in sorted(waiting):
-        print(f"demo: not reported: {path}", file=out)
+    for missing in sorted(waiting):
+        print(f"demo: not reported: {missing}", file=out)
     return 0 if not waiting else 1

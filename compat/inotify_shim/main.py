@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -53,20 +54,27 @@ def _seconds(text: str) -> float:
 
 def _positive_seconds(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return value
@@ -98,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         metavar="SECONDS",
         help="how long the kernel may cache names and attributes; changes made "
-        "directly on BACKING show after at most this long (default: 1; ABI.md "
+        "directly on BACKING show after at most this long (default: 1; docs/ABI.md "
         "section 5 wants 1 or less)",
     )
     p.add_argument(
@@ -143,7 +151,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--debug", action="store_true", help="log every replay")
     add_cluster_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # an empty path would mean the current directory
+    for name, value in (("BACKING", args.backing), ("MOUNTPOINT", args.mountpoint)):
+        if not value:
+            p.error(f"{name} is empty: give a directory")
+    if args.socket == "":
+        p.error("--socket is empty: give a path, or leave it out for the default")
+    return args
 
 
 def _tell_systemd(state: str) -> None:

@@ -31,8 +31,8 @@ import logging
 import os
 import stat
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -70,8 +70,8 @@ def _backing_flags(flags: int) -> int:
 
 
 def _fuse_errors(
-    handler: Callable[P, Awaitable[R]],
-) -> Callable[P, Awaitable[R]]:
+    handler: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn an OSError from BACKING into the same errno for the caller."""
 
     @functools.wraps(handler)
@@ -415,14 +415,14 @@ class Overlay(pyfuse3.Operations):
         try:
             fd = os.open(self._path(inode), _backing_flags(flags))
         except OSError as exc:
-            raise FUSEError(exc.errno) from None
+            raise FUSEError(exc.errno or errno.EIO) from None
         try:
             info = self._file_info(inode, fd)
             self._fd_inodes[fd] = inode
             return info
         except OSError as exc:
             os.close(fd)
-            raise FUSEError(exc.errno) from None
+            raise FUSEError(exc.errno or errno.EIO) from None
 
     def _open_synthetic(self, inode: int, expected: int, backing_path: str) -> pyfuse3.FileInfo:
         # The name the replay thread opened may lead to another file now
@@ -462,7 +462,7 @@ class Overlay(pyfuse3.Operations):
                 os.close(fd)
                 raise
         except OSError as exc:
-            raise FUSEError(exc.errno) from None
+            raise FUSEError(exc.errno or errno.EIO) from None
         self._add_path(entry.st_ino, path)
         self._fd_inodes[fd] = entry.st_ino
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry

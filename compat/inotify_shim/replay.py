@@ -127,7 +127,7 @@ class Replayer:
         workers: concurrent batches of synthetic accesses.
         max_pending: files that may wait for a worker before records drop.
         close_after: seconds a synthetic open stays open after its last
-            action; ABI.md section 5 wants the close within a second.
+            action; docs/ABI.md section 5 wants the close within a second.
         max_open: synthetic opens held at once; the oldest close early.
     """
 
@@ -144,7 +144,7 @@ class Replayer:
         max_open: int = 512,
     ) -> None:
         if not 0 < close_after <= 1:
-            raise ValueError("close_after must be in (0, 1] seconds (ABI.md section 5)")
+            raise ValueError("close_after must be in (0, 1] seconds (docs/ABI.md section 5)")
         self.mountpoint = mountpoint
         self.stats = ReplayStats()
         self._resolver = resolver
@@ -330,7 +330,7 @@ class Replayer:
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
-            due = []
+            due: list[_File] = []
             excess = len(self._open) - self._max_open
             for f in self._open.values():
                 if f.close_at > now and len(due) >= excess:

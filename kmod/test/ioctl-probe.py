@@ -1,4 +1,4 @@
-"""The READ_NOTIFY contract (ABI.md section 3) checked on a real patched mount.
+"""The READ_NOTIFY contract (docs/ABI.md section 3) checked on a real patched mount.
 
 Runs in the qemu guest as root, on a freshly mounted scoutfs with no reader:
 

@@ -368,10 +368,10 @@ class Forwarder:
         self.counters.messages += 1
         self.last_epoch, self.last_seq = epoch, last
 
-    async def drain(self, timeout: float) -> bool:
-        """Publish what the backlog holds, for at most ``timeout`` seconds."""
+    async def drain(self, seconds: float) -> bool:
+        """Publish what the backlog holds, for at most ``seconds``."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 while self.backlog:
                     await self.publish_one()
         except TimeoutError:

@@ -1,6 +1,6 @@
 """The README's main job: the daemon over a directory, and what a watcher sees.
 
-``python -m notifyd.demo [DIR]`` starts ``scoutfs-notifyd`` over DIR (the
+``python -m compat.demo [DIR]`` starts ``scoutfs-notifyd`` over DIR (the
 scoutfs source when DIR is a scoutfs mount, else the fanotify source; a
 fresh directory with a few files when DIR is not given), subscribes with
 ``scoutfs-notify watch``, reads a few files in a child process, prints the
@@ -17,10 +17,8 @@ import argparse
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,10 +26,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from compat.inotify_shim import demo as shim_demo
+from notifyd import ioctls, procs
 
-from . import ioctls
-from .sdnotify import wait_ready
+from .inotify_shim import demo as shim_demo
 
 __all__ = ["main"]
 
@@ -56,46 +53,17 @@ def is_scoutfs(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def pick_files(root: Path, n: int = FILES_TO_READ) -> list[Path]:
-    """The first ``n`` readable regular files under ``root``, shallowest first."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath, name)
-            if p.is_file() and not p.is_symlink() and os.access(p, os.R_OK):
-                found.append(p)
-                if len(found) == n:
-                    return found
-    return found
-
-
 class Daemon:
     """``scoutfs-notifyd`` as a child process, ready once it sent READY=1."""
 
     def __init__(self, source: str, path: Path, sock: Path, log: Path) -> None:
         self.socket = sock
         self.log = log
-        notify_path = sock.with_name("sd_notify")
-        # kept open until stop(): the daemon also reports STOPPING=1
-        self._notify = notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
+        cmd = [*_PY, "notifyd.daemon", "--source", source, str(path), "--socket", str(sock)]
         try:
-            with open(log, "wb") as logf:
-                self.proc = subprocess.Popen(
-                    [*_PY, "notifyd.daemon", "--source", source, str(path), "--socket", str(sock)],
-                    stdin=subprocess.DEVNULL,
-                    stderr=logf,
-                    env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
-                )
-        except BaseException:
-            notify.close()
-            raise
-        try:
-            wait_ready(notify, self.proc, START_TIMEOUT)
-        except (ChildProcessError, TimeoutError) as exc:
-            self.stop()
-            raise RuntimeError(f"the daemon did not start ({exc}):\n{log.read_text()}") from None
+            self._ready = procs.start_ready(cmd, sock.with_name("sd_notify"), log)
+        except procs.NotReadyError as exc:
+            raise RuntimeError(f"the daemon did not start: {exc}") from None
 
     def clients(self) -> int:
         out = subprocess.run(
@@ -107,15 +75,7 @@ class Daemon:
         return len(json.loads(out)["clients"])
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._notify.close()
-        return self.proc.returncode
+        return self._ready.stop()
 
 
 class Watcher:
@@ -126,33 +86,23 @@ class Watcher:
             [*_PY, "notifyd.cli", "watch", "--socket", str(sock)],
             stdout=subprocess.PIPE,
         )
-        self._buf = b""
+        assert self.proc.stdout is not None
+        self._lines = procs.LineReader(self.proc.stdout.fileno())
         self.lines: list[str] = []
 
     def pump(self, timeout: float) -> None:
-        """Echo whatever complete lines arrive within ``timeout``."""
-        fd = self.proc.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
+        """Echo the next line, if one arrives within ``timeout``."""
+        line = self._lines.next(time.monotonic() + timeout)
+        if line is None:
+            if self._lines.eof:
+                raise RuntimeError("scoutfs-notify watch ended early")
             return
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            raise RuntimeError("scoutfs-notify watch ended early")
-        self._buf += chunk
-        *done, self._buf = self._buf.split(b"\n")
-        for raw in done:
-            line = raw.decode(errors="replace")
-            self.lines.append(line)
-            print(line, flush=True)
+        self.lines.append(line)
+        print(line, flush=True)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        # SIGINT: watch's own way to end, as Ctrl-C would
+        procs.stop(self.proc, signal.SIGINT)
 
 
 def read_in_child(files: list[Path]) -> int:
@@ -184,7 +134,7 @@ def demo_dir(arg: str | None) -> Iterator[Path]:
 
 def run(directory: Path, workdir: Path) -> bool:
     source = "scoutfs" if is_scoutfs(directory) else "fanotify"
-    files = pick_files(directory)
+    files = procs.pick_files(directory, FILES_TO_READ)
     if not files:
         _log(f"no readable files under {directory}: nothing to show")
         return False
@@ -193,11 +143,7 @@ def run(directory: Path, workdir: Path) -> bool:
     watcher = None
     try:
         watcher = Watcher(daemon.socket)
-        deadline = time.monotonic() + START_TIMEOUT
-        while daemon.clients() < 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError("scoutfs-notify watch did not connect")
-            time.sleep(0.05)
+        procs.wait_until(daemon.clients, START_TIMEOUT, "scoutfs-notify watch to connect")
         _log(f"reading {', '.join(f.name for f in files)} in a child process; watch prints:")
         pid = read_in_child(files)
         inos = {os.stat(f).st_ino for f in files}
@@ -229,9 +175,13 @@ def run(directory: Path, workdir: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m notifyd.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m compat.demo", description=(__doc__ or "").split("\n")[0]
+    )
     p.add_argument("dir", nargs="?", help="a scoutfs mount or local directory (default: a new one)")
     args = p.parse_args(argv)
+    if args.dir and not os.path.isdir(args.dir):
+        p.error(f"{args.dir}: not a directory")
     if os.geteuid() != 0:
         _log("run as root: fanotify and the scoutfs drain ioctl need CAP_SYS_ADMIN")
         return 1
@@ -239,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with demo_dir(args.dir) as directory:
             ok = run(directory, workdir)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, TimeoutError) as exc:
         _log(str(exc))
         ok = False
     except KeyboardInterrupt:

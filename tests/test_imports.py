@@ -1,0 +1,69 @@
+"""Imports run one way: ``compat`` builds on ``notifyd``, never the reverse."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTIFYD_MODULES = sorted((ROOT / "notifyd").rglob("*.py"))
+
+
+def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, absolute name) of everything ``source``, a module of ``package``, imports.
+
+    ``from pkg import name`` counts as importing ``pkg`` and ``pkg.name``
+    (name may be a module); relative imports are resolved against ``package``.
+    """
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if module:
+                found.append((node.lineno, module))
+            found += [(node.lineno, ".".join(filter(None, [module, a.name]))) for a in node.names]
+    return found
+
+
+def compat_imports(source: str, package: str) -> list[str]:
+    return [
+        f"line {line}: {name}"
+        for line, name in imported_modules(source, package)
+        if name == "compat" or name.startswith("compat.")
+    ]
+
+
+def test_the_check_finds_absolute_relative_and_from_imports() -> None:
+    source = (
+        "import os\n"
+        "import compat.demo\n"
+        "from compat.inotify_shim import demo\n"
+        "from .. import compat\n"
+        "from .abi import Record\n"
+        "def f():\n"
+        "    import compat\n"
+    )
+    assert compat_imports(source, "notifyd") == [
+        "line 2: compat.demo",
+        "line 3: compat.inotify_shim",
+        "line 3: compat.inotify_shim.demo",
+        "line 4: compat",
+        "line 7: compat",
+    ]
+
+
+def test_notifyd_has_modules_to_check() -> None:
+    assert any(p.name == "daemon.py" for p in NOTIFYD_MODULES)
+
+
+@pytest.mark.parametrize("path", NOTIFYD_MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_notifyd_never_imports_compat(path: Path) -> None:
+    package = ".".join(path.relative_to(ROOT).parent.parts)
+    bad = compat_imports(path.read_text(), package)
+    assert not bad, f"{path.relative_to(ROOT)} imports compat (compat builds on notifyd): {bad}"
