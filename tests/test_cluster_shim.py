@@ -54,6 +54,8 @@ def test_shim_with_nats_replays_reads_made_on_another_node(tmp_path: Path, notif
             ("nodeC", mount_c, "otherfs"),
         ):
             d = notifyd_factory(mount)
+            # before its mount goes: a daemon whose mount vanishes exits 1
+            stack.callback(d.stop)
             daemons[node] = d
             start_forwarder(
                 fwds,
