@@ -110,18 +110,20 @@ def feed(path: str, records: int) -> int:
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     lsock.bind(path)
     lsock.listen(1)
+    # every message is built before "go": the feeder must outrun the forwarder
+    now = time.time_ns()
+    pack = abi.RECORD.pack
+    msgs = []
+    for first in range(1, records + 1, abi.MAX_MESSAGE_RECORDS):
+        last = min(first + abi.MAX_MESSAGE_RECORDS - 1, records)
+        msgs.append(
+            b"".join(pack(s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
+        )
     print("listening", flush=True)
     conn, _ = lsock.accept()
     sys.stdin.readline()
-    msg = bytearray(abi.MAX_MESSAGE_BYTES)
-    seq = 1
-    now = time.time_ns()
-    while seq <= records:
-        n = min(abi.MAX_MESSAGE_RECORDS, records - seq + 1)
-        for i in range(n):
-            abi.RECORD.pack_into(msg, i * 64, seq + i, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0)
-        conn.sendall(msg[: n * 64])
-        seq += n
+    for m in msgs:
+        conn.sendall(m)
     print("sent", flush=True)
     sys.stdin.readline()
     return 0

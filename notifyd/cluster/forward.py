@@ -117,14 +117,16 @@ def identify(path: str, socket_path: Path, fsid: str | None, node: str | None) -
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise ClusterError(f"cannot open {path}: {exc.strerror}") from None
+    scoutfs_ids: tuple[int, int] | None
     try:
-        real_fsid, rid = ioctls.statfs_more(fd)
+        scoutfs_ids = ioctls.statfs_more(fd)
     except ioctls.NotScoutfsError:
-        real_fsid = rid = None
+        scoutfs_ids = None
     finally:
         os.close(fd)
     try:
-        if real_fsid is not None and rid is not None:
+        if scoutfs_ids is not None:
+            real_fsid, rid = scoutfs_ids
             if fsid and fsid != f"{real_fsid:016x}":
                 raise ClusterError(
                     f"{path} is scoutfs {real_fsid:016x}: --fsid is for other sources"
