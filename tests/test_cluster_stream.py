@@ -10,6 +10,7 @@ with its forwarder and node name; they share one --fsid.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -70,8 +71,24 @@ class Watch:
             text=True,
         )
         self.lines: list[dict] = []
+        self.err_lines: list[str] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+        self.err_thread = threading.Thread(target=self._read_err, daemon=True)
+        self.err_thread.start()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.err_lines.append(line)
+
+    def wait_watching(self) -> None:
+        """Until the consumer exists (watch says so on stderr)."""
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while not any("watching" in line for line in self.err_lines):
+            assert self.proc.poll() is None, f"watch exited: {self.stderr()}"
+            assert time.monotonic() < deadline, "watch never started watching"
+            time.sleep(0.05)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -101,8 +118,8 @@ class Watch:
         return self.proc.returncode
 
     def stderr(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+        self.err_thread.join(5)
+        return "".join(self.err_lines)
 
 
 def read_files(d: Path, n: int, prefix: str) -> list[Path]:
@@ -388,3 +405,41 @@ def test_nats_down_backlog_arrives_in_order_and_past_the_bound_a_loss_marker(
             ]
         assert "backlog full" in fwd.log()
         assert fwd.stop() == 0, fwd.log()
+
+
+def test_watch_since_and_new_start_where_asked(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        url = servers[0].url
+        start_forwarder(fwds, tmp_path, daemon.backing, *fwd_args(url, daemon, name))
+        read_files(daemon.backing, 10, "old")
+        s1 = sentinel(daemon.backing, "s1")
+        every = Watch(url, "--all")
+        every.wait_ino(name, s1, "the first sentinel")
+        # the stream stamps messages in whole microseconds: step past the last one
+        time.sleep(0.01)
+        since = datetime.datetime.now(datetime.UTC).isoformat()
+        time.sleep(0.01)
+        read_files(daemon.backing, 10, "later")
+        s2 = sentinel(daemon.backing, "s2")
+        every.wait_ino(name, s2, "the second sentinel")
+        later = Watch(url, "--since", since)
+        new = Watch(url, "--new")
+        try:
+            later.wait_ino(name, s2, "the second sentinel")
+            new.wait_watching()
+            # --new started after s2: it must see the third batch whole, nothing before
+            s3 = sentinel(daemon.backing, "s3")
+            new.wait_ino(name, s3, "the third sentinel")
+            every.wait_ino(name, s3, "the third sentinel")
+        finally:
+            for w in (every, later, new):
+                assert w.stop() == 0, w.stderr()
+        last1 = max(truth.seqs_of(s1))
+        last2 = max(truth.seqs_of(s2))
+        got_later = [d["seq"] for d in later.records(name) if d["seq"] <= last2]
+        assert got_later == [d["seq"] for d in every.records(name) if last1 < d["seq"] <= last2]
+        assert min(d["seq"] for d in new.records(name)) > last2
+        assert [d["seq"] for d in new.records(name)] == [
+            d["seq"] for d in every.records(name) if d["seq"] > last2
+        ]
