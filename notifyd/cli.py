@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from . import abi, ioctls, paths
 from .client import Gap, Subscriber
+from .peer import UntrustedPeerError, check_peer
 from .stats import read_stats
 
 __all__ = ["PathResolver", "format_json", "format_text", "main"]
@@ -185,6 +186,7 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
     out = sys.stdout
     try:
         with Subscriber(sock_path) as sub:
+            check_peer(sub.sock, sock_path)
             while (batch := sub.recv_batch()) is not None:
                 for ev in sub.tracker.events(batch):
                     if isinstance(ev, abi.Record) and ev.type not in abi.TYPE_NAMES:
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 _print_stats(doc)
             return 0
         return _watch(args, sock_path)
+    except UntrustedPeerError as exc:
+        return _say(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

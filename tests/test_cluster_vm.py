@@ -5,21 +5,22 @@ scoutfs, a daemon and a forwarder per mount, the venv's nats-server, the
 shim with --nats on mount A; a read on mount B must reach ``inotifywait -m
 -r`` on A's overlay as IN_OPEN and IN_ACCESS, and each mount's records must
 be on the subject of its own rid.  Builds and skips as tests/test_vm_e2e.py
-does (whose fixtures it uses).
+does (whose session fixtures it shares, so a tag is built once).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from test_vm_e2e import (  # noqa: F401 (fixtures)
     ARTIFACTS,
+    TAGS,
     UNAVAILABLE,
+    Builds,
     run_vm_e2e,
     venv_dir,
-    vm_build,
+    vm_builds,
     vm_env,
 )
 
@@ -29,8 +30,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.scoutfs_src]
 CLUSTER_TIMEOUT_S = 1500
 
 
-def test_vm_cluster(vm_build: tuple[str, Path], vm_env: dict[str, str]) -> None:  # noqa: F811
-    tag, build = vm_build
+@pytest.mark.parametrize("tag", TAGS)
+def test_vm_cluster(tag: str, vm_builds: Builds, vm_env: dict[str, str]) -> None:  # noqa: F811
+    build = vm_builds.get(tag)
     out = ARTIFACTS / f"{tag}-cluster-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     print(f"artifacts (console log, every process's log): {out}")
     args = ["--tag", tag, "--parts", "cluster", "--build-dir", str(build), "--out", str(out)]

@@ -97,8 +97,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--allow-other",
         action="store_true",
-        help="let users other than root use the overlay (permissions are still "
-        "checked against BACKING's mode bits and ACLs)",
+        help="let users other than root use the overlay (each call is made with the "
+        "caller's identity, so BACKING decides what they may do)",
+    )
+    p.add_argument(
+        "--acl",
+        action="store_true",
+        help="pass POSIX ACLs through: the kernel honours ACLs that grant more than "
+        "the mode bits, and getfacl/setfacl work on the overlay, at one request per "
+        "file for `ls -l` (default: ACLs are not visible through the overlay; BACKING "
+        "still enforces them, since every call is made as the calling user)",
     )
     p.add_argument(
         "--timeout",
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if why := check_cluster_args(args, backing, socket_path):
         log.error("--nats: %s", why)
         return 1
-    overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout)
+    overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout, acl=args.acl)
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if args.allow_other:
         options.add("allow_other")
