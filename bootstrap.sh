@@ -13,7 +13,9 @@ cd "$(dirname "$(readlink -f "$0")")"
 # base toolchain and FUSE for the project itself; inotify-tools and socat for
 # the watcher tests; sparse, headers and linux-source for the kmod build and
 # checkpatch; qemu, a 6.1 kernel and the scoutfs utils' libraries for the VM test,
-# bc and hexdump (bsdextrautils) for the scoutfs tests it runs
+# bc and hexdump (bsdextrautils) for the scoutfs tests it runs; autoconf, automake
+# and libacl1-dev to build pjdfstest (tests/build-pjdfstest); acl and sudo for
+# the ACL tests of scoutfs's sequence (basic-posix-acl, basic-acl-consistency)
 APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc make pkg-config git
 	fuse3 libfuse3-dev inotify-tools socat psmisc
@@ -21,6 +23,8 @@ APT_PACKAGES=(
 	qemu-system-x86 linux-image-amd64 busybox-static cpio kmod
 	uuid-dev libssl-dev libblkid-dev attr xfsprogs uuid-runtime dmsetup bc bsdextrautils
 	systemd
+	autoconf automake libacl1-dev
+	acl sudo
 )
 
 need_root() {

@@ -16,6 +16,19 @@ published receives that batch.  ``publish`` first accepts every connection
 already queued on the listening socket, so a consumer that connects and then
 makes an access never misses its own record because the accept loop had not
 run yet.
+
+Connection churn: a client that closed counts against ``max_clients`` only
+until its task reads the end of its stream, and a burst of connect/close
+cycles can outrun those tasks.  So before refusing anyone, the broadcaster
+asks the kernel which clients have hung up (one ``poll(2)`` over them all)
+and forgets those at once; refusals are logged at a bounded rate.
+
+A client that half-closes (``shutdown(SHUT_WR)``, as ``socat ... </dev/null``
+does) has only said it will send nothing more: it keeps receiving until it
+closes for good or a send fails.  Its socket stays readable (end of input),
+so waiting on it would spin; one epoll set for all such clients, asking for
+no event at all, still reports ``EPOLLHUP``, which only the full close
+raises.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -49,8 +63,62 @@ _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # How long to pause accepting after running out of fds or memory.
 ACCEPT_CAPACITY_SLEEP = 0.1
+# Connect and disconnect lines logged per CLIENT_LOG_INTERVAL; clients beyond
+# that are counted in one line, so a connect/close churn cannot flood the log.
+CLIENT_LOG_BURST = 20
+CLIENT_LOG_INTERVAL = 5.0
+# Connections the accept loop takes before it lets client tasks run: without
+# a bound, a steady stream of connect/close cycles keeps the queue non-empty
+# and the loop never yields.
+ACCEPT_BATCH = 64
+
+
+def _accept_queue_bound() -> int:
+    """The most connections a listening socket can hold queued (net.core.somaxconn + 1)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read()) + 1
+    except (OSError, ValueError):
+        return socket.SOMAXCONN + 1
+
 
 _UCRED = struct.Struct("=iII")
+
+
+class _LogBudget:
+    """Allows ``burst`` clients' lines per ``interval``; counts the others and says how many."""
+
+    def __init__(
+        self, burst: int, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock
+        self.used = 0
+        self.unlogged = 0
+        self._window_end = 0.0
+
+    def allow(self) -> bool:
+        now = self.clock()
+        if now >= self._window_end:
+            self.flush()
+            self._window_end = now + self.interval
+            self.used = 0
+        if self.used < self.burst:
+            self.used += 1
+            return True
+        self.unlogged += 1
+        return False
+
+    def flush(self) -> None:
+        if self.unlogged:
+            log.info(
+                "%d more clients connected without a log line (more than %d in %.0f s)",
+                self.unlogged,
+                self.burst,
+                self.interval,
+            )
+            self.unlogged = 0
 
 
 class Client:
@@ -73,6 +141,10 @@ class Client:
         self.drops = DropLog(log, str(self))
         # why the connection ended, for the disconnect log line
         self.end = "closed"
+        # cancelled to end the client early (it hung up before its task noticed)
+        self.scope = trio.CancelScope()
+        # whether its connect, half-close and disconnect are logged (see _LogBudget)
+        self.logged = True
 
     def __str__(self) -> str:
         return f"client {self.id} (pid {self.pid} uid {self.uid})"
@@ -120,12 +192,18 @@ class Broadcaster:
         self.messages = 0
         self.clients_total = 0
         self.clients_refused = 0
+        self._refusals = DropLog(log, "client limit", unit="connections refused")
+        self._client_lines = _LogBudget(CLIENT_LOG_BURST, CLIENT_LOG_INTERVAL)
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        # half-closed clients by fd, and the epoll set that reports their hangups
+        self._half_closed: dict[int, Client] = {}
+        self._hangups: select.epoll | None = None
         # publish() asks this whether connections wait: a poll(0) costs a
         # fraction of an accept(2) that fails with EAGAIN (and its exception)
         self._pending = select.poll()
         self._pending.register(listener, select.POLLIN)
+        self._queue_bound = _accept_queue_bound()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -139,7 +217,8 @@ class Broadcaster:
     def publish(self, batch: bytes) -> None:
         """Queue a batch of whole records for every client; never blocks."""
         if self._nursery is not None and self._pending.poll(0):
-            self.accept_pending()
+            # as many as the queue can hold: every connection queued before this call
+            self.accept_pending(self._queue_bound)
         n = len(batch) // abi.RECORD_SIZE
         if not n:
             return
@@ -160,20 +239,74 @@ class Broadcaster:
         """Accept clients until cancelled; clients are served in this task's nursery."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._hangups = select.epoll()
             try:
+                nursery.start_soon(self._watch_hangups, self._hangups)
                 task_status.started()
                 while True:
-                    await trio.lowlevel.wait_readable(self.listener)
-                    if not self.accept_pending():
+                    listener = self.listener
+                    try:
+                        await trio.lowlevel.wait_readable(listener)
+                    except trio.ClosedResourceError:
+                        if listener is self.listener:
+                            raise
+                        continue  # replace_listener() swapped it
+                    if not self.accept_pending(ACCEPT_BATCH):
                         await trio.sleep(ACCEPT_CAPACITY_SLEEP)
             finally:
                 self._nursery = None
+                self._refusals.flush(f", already serving {self.max_clients}")
+                self._client_lines.flush()
                 nursery.cancel_scope.cancel()
+        self._hangups.close()
+        self._hangups = None
 
-    def accept_pending(self) -> bool:
-        """Accept every queued connection; False if out of fds or memory."""
-        assert self._nursery is not None
+    async def _watch_hangups(self, hangups: select.epoll) -> None:
+        """End half-closed clients once they close for good."""
         while True:
+            await trio.lowlevel.wait_readable(hangups.fileno())
+            for fd, _ in hangups.poll(0):
+                hangups.unregister(fd)
+                client = self._half_closed.pop(fd, None)
+                if client is not None:
+                    client.scope.cancel()
+
+    def replace_listener(self, sock: socket.socket) -> None:
+        """Serve ``sock`` from now on (the old socket's path was removed).
+
+        Connections already queued on the old socket are accepted first; the
+        caller closes the old socket afterwards.
+        """
+        old = self.listener
+        if self._nursery is not None:
+            self.accept_pending(self._queue_bound)
+        self._pending.unregister(old)
+        self._pending.register(sock, select.POLLIN)
+        self.listener = sock
+        trio.lowlevel.notify_closing(old)
+
+    def _forget_hung_up(self) -> int:
+        """Forget every client whose peer has closed; return how many."""
+        by_fd = {c.sock.fileno(): c for c in self.clients.values()}
+        hup = select.poll()
+        for fd in by_fd:
+            hup.register(fd, 0)  # POLLHUP and POLLERR are always reported
+        gone = 0
+        for fd, _ in hup.poll(0):
+            client = by_fd[fd]
+            del self.clients[client.id]
+            # its task closes the socket when it next runs; closing it here
+            # could pull it from under a task already woken to read it
+            client.scope.cancel()
+            gone += 1
+        return gone
+
+    def accept_pending(self, limit: int | None = None) -> bool:
+        """Accept queued connections, at most ``limit``; False if out of fds or memory."""
+        assert self._nursery is not None
+        if limit is None:
+            limit = self._queue_bound
+        for _ in range(limit):
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
@@ -182,39 +315,55 @@ class Broadcaster:
                 if exc.errno in _ACCEPT_TRANSIENT:
                     continue
                 if exc.errno in _ACCEPT_CAPACITY:
-                    log.warning("cannot accept a client: %s", exc.strerror)
+                    # clients that hung up free their fds once their tasks run
+                    if not self._forget_hung_up():
+                        log.warning("cannot accept a client: %s", exc.strerror)
                     return False
                 raise
             sock.setblocking(False)
-            if len(self.clients) >= self.max_clients:
+            if len(self.clients) >= self.max_clients and not self._forget_hung_up():
                 self.clients_refused += 1
-                log.warning("refusing a client: already serving %d", self.max_clients)
+                self._refusals.add(1, f", already serving {self.max_clients}")
                 sock.close()
                 continue
             client = Client(sock, self.queue_messages, next(self._ids))
             self.clients[client.id] = client
             self.clients_total += 1
-            log.info("%s connected", client)
+            client.logged = self._client_lines.allow()
+            if client.logged:
+                log.info("%s connected", client)
             self._nursery.start_soon(self._serve_client, client)
+        return True
 
     async def _serve_client(self, client: Client) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
-                client.end = await self._discard_input(client)
-                nursery.cancel_scope.cancel()
+            if client.scope.cancel_called:
+                return  # forgotten before this task ran
+            with client.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop, client, nursery.cancel_scope)
+                    client.end = await self._discard_input(client)
+                    nursery.cancel_scope.cancel()
         finally:
-            del self.clients[client.id]
+            self.clients.pop(client.id, None)
             client.queue.clear()
-            trio.lowlevel.notify_closing(client.sock)
-            client.sock.close()
-            log.info(
-                "%s disconnected (%s): %d records sent, %d dropped",
-                client,
-                client.end,
-                client.sent,
-                client.dropped,
-            )
+            self._release(client)
+            if client.logged:
+                log.info(
+                    "%s disconnected (%s): %d records sent, %d dropped",
+                    client,
+                    client.end,
+                    client.sent,
+                    client.dropped,
+                )
+
+    def _release(self, client: Client) -> None:
+        """Close a client's socket and forget its fd."""
+        fd = client.sock.fileno()
+        if self._half_closed.pop(fd, None) is not None and self._hangups is not None:
+            self._hangups.unregister(fd)
+        trio.lowlevel.notify_closing(client.sock)
+        client.sock.close()
 
     async def _send_loop(self, client: Client, scope: trio.CancelScope) -> None:
         sock = client.sock
@@ -258,8 +407,21 @@ class Broadcaster:
             except ConnectionResetError:
                 return "reset"
             if not data:
-                return "closed"
+                return await self._hang_up(client)
             received += len(data)
             if received > FLOOD_BYTES:
                 log.warning("%s: sent %d bytes, disconnecting a flooding client", client, received)
                 return "flood"
+
+    async def _hang_up(self, client: Client) -> str:
+        """The client's input ended: wait until it closes for good, if it has not yet."""
+        hup = select.poll()
+        hup.register(client.sock, 0)  # POLLHUP is always reported
+        if not hup.poll(0) and self._hangups is not None:
+            if client.logged:
+                log.info("%s half-closed: it keeps receiving", client)
+            fd = client.sock.fileno()
+            self._half_closed[fd] = client
+            self._hangups.register(fd, 0)
+            await trio.sleep_forever()  # until _watch_hangups cancels client.scope
+        return "closed"

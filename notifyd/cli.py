@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections import OrderedDict
@@ -14,6 +15,7 @@ from typing import Any, TextIO
 
 from . import abi, ioctls, paths
 from .client import Gap, Subscriber
+from .peer import UntrustedPeerError, check_peer
 from .stats import read_stats
 
 __all__ = ["PathResolver", "format_json", "format_text", "main"]
@@ -73,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add each file's path (relative to MOUNT) with SCOUTFS_IOC_INO_PATH; "
         "needs MOUNT on scoutfs and CAP_DAC_READ_SEARCH",
     )
+    from .cluster.watch import add_watch_args  # here: it imports this module
+
+    add_watch_args(w)
     s = sub.add_parser(
         "stats",
         help="print the daemon's counters",
@@ -89,14 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if getattr(args, "shim", None):
         if args.socket or args.mount:
             p.error("--shim takes the place of MOUNT and --socket")
-    elif not args.socket and not args.mount:
-        p.error("give MOUNT or --socket PATH")
+    elif not args.socket and not args.mount and not getattr(args, "nats", None):
+        p.error(
+            "give MOUNT or --socket PATH" + (" (or --nats URL)" if args.command == "watch" else "")
+        )
     if getattr(args, "resolve_paths", False) and not args.mount:
         p.error("--resolve-paths needs MOUNT (paths are relative to it)")
     return args
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "shim", None):
+        # ends in .stats: main() takes it as the stats socket itself
+        return paths.shim_stats_path(args.shim)
     return Path(args.socket) if args.socket else paths.default_socket_path(args.mount)
 
 
@@ -188,6 +198,7 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
     out = sys.stdout
     try:
         with Subscriber(sock_path) as sub:
+            check_peer(sub.sock, sock_path)
             while (batch := sub.recv_batch()) is not None:
                 for ev in sub.tracker.events(batch):
                     if isinstance(ev, abi.Record) and ev.type not in abi.TYPE_NAMES:
@@ -225,51 +236,68 @@ def _print_stats(doc: dict[str, Any]) -> None:
         )
 
 
+def _say(msg: str) -> int:
+    print(f"scoutfs-notify: {msg}", file=sys.stderr)
+    return 1
+
+
+def _explain(exc: OSError, where: Path, args: argparse.Namespace) -> str:
+    """What went wrong talking to the daemon at ``where``, and the fix."""
+    hint = f" for {args.mount}" if args.mount else ""
+    shim = getattr(args, "shim", None)
+    if shim and isinstance(exc, FileNotFoundError):
+        return f"no shim stats socket at {where}: is scoutfs-notify-shim mounted at {shim}?"
+    if isinstance(exc, FileNotFoundError):
+        return f"no daemon socket at {where}: is scoutfs-notifyd running{hint}?"
+    if isinstance(exc, PermissionError):
+        return (
+            f"permission denied on {where}: run as root, or as a member of the daemon's "
+            "--socket-group"
+        )
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(where).st_mode)
+    except OSError:
+        is_socket = True
+    if not is_socket:
+        return f"{where} is not a socket: give the daemon's notify socket"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing listens on {where}: restart scoutfs-notifyd"
+    if exc.errno == errno.EPROTOTYPE:
+        # watch on the .stats socket, or stats on a socket that is not a daemon's
+        return (
+            f"{where} is not a scoutfs-notifyd notify socket (wrong socket type): give the "
+            "notify socket, not its .stats"
+        )
+    if isinstance(exc, TimeoutError):
+        return f"{where}: the daemon did not answer: is it stuck?"
+    return f"{where}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "watch" and args.nats:
+        from .cluster.watch import run_watch
+
+        return run_watch(args)
     try:
-        if getattr(args, "shim", None):
-            sock_path = paths.shim_stats_path(args.shim)
-        else:
-            sock_path = _socket_path(args)
+        sock_path = _socket_path(args)
     except OSError as exc:
-        print(f"scoutfs-notify: {args.mount}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return _say(f"{args.mount}: {exc.strerror}")
+    where = paths.stats_path_for(sock_path) if args.command == "stats" else sock_path
+    if args.command == "stats" and sock_path.name.endswith(".stats"):
+        # the one the operator gave is the stats socket itself
+        where = sock_path
     try:
         if args.command == "stats":
-            shim = getattr(args, "shim", None)
-            stats_path = sock_path if shim else paths.stats_path_for(sock_path)
-            doc = read_stats(str(stats_path))
+            doc = read_stats(str(where))
             if args.json:
                 print(json.dumps(doc))
             else:
                 _print_stats(doc)
             return 0
         return _watch(args, sock_path)
-    except FileNotFoundError:
-        if getattr(args, "shim", None):
-            print(
-                f"scoutfs-notify: no shim stats socket at {sock_path}: is "
-                f"scoutfs-notify-shim mounted at {args.shim}?",
-                file=sys.stderr,
-            )
-            return 1
-        hint = f" for {args.mount}" if args.mount else ""
-        print(
-            f"scoutfs-notify: no daemon socket at {sock_path}: is scoutfs-notifyd running{hint}?",
-            file=sys.stderr,
-        )
-    except ConnectionRefusedError:
-        print(
-            f"scoutfs-notify: nothing listens on {sock_path}: restart scoutfs-notifyd",
-            file=sys.stderr,
-        )
-    except PermissionError:
-        print(
-            f"scoutfs-notify: permission denied on {sock_path}: run as root, or as a member "
-            "of the daemon's --socket-group",
-            file=sys.stderr,
-        )
+    except UntrustedPeerError as exc:
+        return _say(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -277,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    return 1
+    except OSError as exc:
+        return _say(_explain(exc, where, args))
+    except ValueError as exc:
+        # JSON that is not a stats document, or a malformed record message
+        return _say(f"{where} does not speak scoutfs-notifyd's protocol: {exc}")
 
 
 if __name__ == "__main__":

@@ -7,20 +7,39 @@ Every function raises ``OSError`` with the C ``errno`` on failure, like
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+from collections.abc import Sequence
 
 __all__ = [
+    "AT_EMPTY_PATH",
     "AT_FDCWD",
+    "AT_SYMLINK_NOFOLLOW",
+    "UTIME_NOW",
+    "UTIME_OMIT",
     "fanotify_init",
     "fanotify_mark",
+    "fchownat",
     "inotify_add_watch",
     "inotify_init1",
     "ioctl",
     "renameat2",
+    "setfsgid",
+    "setfsuid",
+    "setgroups_thread",
     "umount2",
+    "utimensat",
 ]
 
 AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+# x86_64 system call number: glibc's setgroups() changes every thread of the
+# process (its setxid broadcast); the raw call changes the calling thread only.
+_SYS_SETGROUPS = 116
 
 # None: the symbols of the running process, which links the C library.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -51,6 +70,28 @@ _libc.renameat2.argtypes = [
     ctypes.c_uint,
 ]
 _libc.renameat2.restype = ctypes.c_int
+# setfsuid/setfsgid are per-thread in glibc (no setxid broadcast)
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsuid.restype = ctypes.c_int
+_libc.setfsgid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
+_libc.fchownat.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+    ctypes.c_uint,
+    ctypes.c_int,
+]
+_libc.fchownat.restype = ctypes.c_int
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.utimensat.restype = ctypes.c_int
 
 
 def _check(ret: int, what: object = None) -> int:
@@ -82,7 +123,7 @@ def inotify_init1(flags: int) -> int:
     return _check(_libc.inotify_init1(flags))
 
 
-def inotify_add_watch(fd: int, path: str | bytes, mask: int) -> int:
+def inotify_add_watch(fd: int, path: str | bytes | os.PathLike[str], mask: int) -> int:
     """``inotify_add_watch(2)``: the watch descriptor."""
     return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask), path)
 
@@ -95,3 +136,39 @@ def umount2(path: str | bytes, flags: int) -> None:
 def renameat2(olddirfd: int, old: str | bytes, newdirfd: int, new: str | bytes, flags: int) -> None:
     """``renameat2(2)``: ``os.rename`` with dir fds and ``RENAME_*`` flags."""
     _check(_libc.renameat2(olddirfd, os.fsencode(old), newdirfd, os.fsencode(new), flags), old)
+
+
+def setfsuid(uid: int) -> None:
+    """``setfsuid(2)`` for the calling thread; raises EPERM if it did not take."""
+    _libc.setfsuid(uid)
+    # the call reports the previous id, never an error: read the id back
+    if _libc.setfsuid(0xFFFFFFFF) != uid:
+        raise OSError(errno.EPERM, f"setfsuid({uid}) did not take")
+
+
+def setfsgid(gid: int) -> None:
+    """``setfsgid(2)`` for the calling thread; raises EPERM if it did not take."""
+    _libc.setfsgid(gid)
+    if _libc.setfsgid(0xFFFFFFFF) != gid:
+        raise OSError(errno.EPERM, f"setfsgid({gid}) did not take")
+
+
+def setgroups_thread(groups: Sequence[int]) -> None:
+    """The calling thread's supplementary groups (raw ``setgroups(2)``)."""
+    arr = (ctypes.c_uint * len(groups))(*groups)
+    _check(_libc.syscall(_SYS_SETGROUPS, ctypes.c_size_t(len(groups)), arr))
+
+
+def fchownat(dirfd: int, path: str | bytes, uid: int, gid: int, flags: int) -> None:
+    """``fchownat(2)``; -1 leaves an id unchanged; takes ``AT_EMPTY_PATH``."""
+    _check(
+        _libc.fchownat(dirfd, os.fsencode(path), uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, flags), path
+    )
+
+
+def utimensat(
+    dirfd: int, path: str | bytes, atime: tuple[int, int], mtime: tuple[int, int], flags: int
+) -> None:
+    """``utimensat(2)`` with ``(sec, nsec)`` pairs; nsec may be UTIME_NOW or UTIME_OMIT."""
+    times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
+    _check(_libc.utimensat(dirfd, os.fsencode(path), times, flags), path)

@@ -3,6 +3,10 @@
 - Directories the daemon creates (``/run/scoutfs`` and ``<fsid>`` under it)
   are made 0700 and then checked through an ``O_NOFOLLOW`` descriptor: a
   symlink or a directory owned by someone else is refused, never followed.
+  A directory another user may write (sticky ``/tmp`` included), or below
+  one they could replace, is refused: they could take the socket's name
+  first and feed forged records to root's clients.  A run dir the daemon
+  did not create keeps its mode.
 - Sockets are bound under a restrictive umask, so there is no moment when
   they have a wider mode; ``--socket-group`` then hands one group 0660 (and
   traverse rights on the socket's own directory).  They are bound and
@@ -29,13 +33,17 @@ from pathlib import Path
 
 from .errors import DaemonError
 
-__all__ = ["Listener", "bind_listener", "prepare_dir"]
+__all__ = ["Listener", "bind_listener", "check_ancestors", "prepare_dir"]
 
 log = logging.getLogger(__name__)
 
 # sun_path is 108 bytes including the terminating NUL
 SUN_PATH_MAX = 107
-BACKLOG = 128
+# Connections the kernel queues before the daemon accepts them.  A burst of
+# connect/close cycles fills this queue with connections already closed;
+# once it is full, a client's non-blocking connect (any socket with a
+# timeout) fails with EAGAIN.  The kernel caps it at net.core.somaxconn.
+BACKLOG = socket.SOMAXCONN
 
 
 @contextlib.contextmanager
@@ -47,27 +55,67 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
+def _mode(st: os.stat_result) -> str:
+    return f"{stat.S_IMODE(st.st_mode):04o}"
+
+
+def check_ancestors(path: Path) -> None:
+    """Refuse a path whose ancestors let another user replace what lies below.
+
+    Every ancestor must belong to root or to us, and one that others may
+    write must be sticky (``/tmp``): there they cannot rename or remove our
+    entries.  Symlinks in the path are resolved first; their targets are
+    checked like the rest.
+    """
+    real = Path(os.path.realpath(path))
+    me = os.geteuid()
+    for parent in real.parents:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            continue  # the caller's own open says what is missing
+        if st.st_uid not in (0, me):
+            raise DaemonError(
+                f"{path}: its ancestor {parent} belongs to uid {st.st_uid}, who could replace "
+                "it: use a directory under root's own"
+            )
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise DaemonError(
+                f"{path}: its ancestor {parent} is writable by others (mode {_mode(st)}) without "
+                "the sticky bit, so they could replace it: use another directory"
+            )
+
+
 def prepare_dir(
     path: Path,
     *,
     create: bool,
     mode: int = 0o700,
     gid: int | None = None,
-    widen_only: bool = False,
+    shared: bool = False,
 ) -> None:
-    """Make sure ``path`` is a real directory owned by us, not open to the world.
+    """Make sure ``path`` is a real directory owned by us that no one else may write.
 
     Args:
-        create: create it (0700) if missing, and set ``mode``/``gid`` on it;
-            otherwise only check it (a directory the operator chose).
-        widen_only: for a directory shared by several daemons (the run dir):
-            keep traverse bits another daemon added for its group, but still
-            strip anything beyond ``0o711``.
+        create: create it (0700) if missing.  A directory this call creates,
+            or one that is the daemon's own (the per-filesystem directory,
+            inside a run dir only root may write), gets ``mode`` (and the
+            group ``gid``, unless ``shared``).
+        shared: the run dir, which may be the operator's (``--run-dir``):
+            its mode is never changed unless this call created it; one that
+            others may write is refused, and so is one that ``gid``'s
+            members could not traverse.
+    Otherwise (``create`` false, the directory of ``--socket``) it is only
+    checked: one that other users may write, sticky ``/tmp`` included, is
+    refused, since anyone there could take the socket's name first.
     """
+    check_ancestors(path)
+    created = False
     if create:
         try:
             with _umask(0o077):
                 os.mkdir(path, 0o700)
+            created = True
         except FileExistsError:
             pass
     try:
@@ -84,17 +132,23 @@ def prepare_dir(
             raise DaemonError(
                 f"{path}: owned by uid {st.st_uid}, not {os.geteuid()}: remove it or fix its owner"
             )
-        if create:
-            if gid is not None and st.st_gid != gid:
+        if create and (created or not shared):
+            if gid is not None and not shared and st.st_gid != gid:
                 os.fchown(fd, -1, gid)
-            cur = stat.S_IMODE(st.st_mode)
-            want = mode
-            if widen_only and not cur & ~0o711:
-                want = cur | mode
-            if cur != want:
-                os.fchmod(fd, want)
-        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise DaemonError(f"{path}: writable by others without the sticky bit: use another")
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+            return
+        if st.st_mode & 0o022:
+            raise DaemonError(
+                f"{path}: writable by other users (mode {_mode(st)}), who could take the "
+                "socket's name first: use a directory only root can write"
+            )
+        if shared and gid is not None and not st.st_mode & 0o001:
+            raise DaemonError(
+                f"{path}: others may not traverse it (mode {_mode(st)}), so --socket-group "
+                "members cannot reach the socket: chmod o+x it, or remove it and let the "
+                "daemon create it"
+            )
     finally:
         os.close(fd)
 
@@ -140,12 +194,53 @@ def _lock(path: Path) -> int:
 class Listener:
     """A bound, listening socket and what is needed to remove it safely."""
 
-    def __init__(self, sock: socket.socket, path: Path, lock_fd: int = -1) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        path: Path,
+        lock_fd: int = -1,
+        *,
+        kind: int = socket.SOCK_SEQPACKET,
+        gid: int | None = None,
+    ) -> None:
         self.sock = sock
         self.path = path
+        self.kind = kind
+        self.gid = gid
         self._lock_fd = lock_fd
         st = os.lstat(path)
         self._ident = (st.st_dev, st.st_ino)
+
+    def present(self) -> bool:
+        """Whether ``path`` still names this listener's socket."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
+    def rebind(self) -> socket.socket:
+        """Serve ``path`` again after it was removed: bind a fresh socket there.
+
+        Returns the old socket; the caller closes it once nothing waits on it
+        (clients it accepted are not affected).  A lock file removed with the
+        socket is taken again, so a second daemon still cannot start here.
+
+        Raises:
+            DaemonError: something else now holds the path, or it cannot be bound.
+        """
+        if self._lock_fd >= 0 and not _same_file(self._lock_path(), self._lock_fd):
+            fd = _lock(self.path)
+            os.close(self._lock_fd)
+            self._lock_fd = fd
+        new = _bind_socket(self.path, self.kind, self.gid)
+        old, self.sock = self.sock, new
+        st = os.lstat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
+        return old
+
+    def _lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
 
     def close(self) -> None:
         """Close, and unlink the path if it is still ours (not a successor's)."""
@@ -185,14 +280,44 @@ def bind_listener(
         raise
 
 
+_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+}
+
+
+def _not_a_socket(path: Path, st: os.stat_result) -> str:
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a socket")
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path}: is a directory: give the socket's own path, e.g. {path / 'notify.sock'}"
+    return f"{path}: exists and is {kind}, not a socket: choose another --socket"
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
 def _bind(path: Path, kind: int, gid: int | None, lock_fd: int) -> Listener:
+    return Listener(_bind_socket(path, kind, gid), path, lock_fd, kind=kind, gid=gid)
+
+
+def _bind_socket(path: Path, kind: int, gid: int | None) -> socket.socket:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise DaemonError(f"{path}: exists and is not a socket: remove it")
+            raise DaemonError(_not_a_socket(path, st))
         if _probe(path):
             raise _live(path)
         log.info("replacing stale socket %s", path)
@@ -201,8 +326,9 @@ def _bind(path: Path, kind: int, gid: int | None, lock_fd: int) -> Listener:
     # is replaced in one step.
     tmp = path.with_name(f".{path.name}.new")
     with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(tmp).st_mode):
-            raise DaemonError(f"{tmp}: exists and is not a socket: remove it")
+        tmp_st = os.lstat(tmp)
+        if not stat.S_ISSOCK(tmp_st.st_mode):
+            raise DaemonError(_not_a_socket(tmp, tmp_st))
         os.unlink(tmp)  # left by a daemon that died while starting
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     bound = False
@@ -216,7 +342,7 @@ def _bind(path: Path, kind: int, gid: int | None, lock_fd: int) -> Listener:
         sock.listen(BACKLOG)
         os.rename(tmp, path)
         bound = False
-        return Listener(sock, path, lock_fd)
+        return sock
     except BaseException:
         sock.close()
         if bound:

@@ -29,7 +29,8 @@ def sd_notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(addr)
-            sock.sendall(state.encode())
+            # a path in STATUS= may hold bytes that are not UTF-8 (os.fsencode's rule)
+            sock.sendall(state.encode(errors="surrogateescape"))
     except OSError as exc:
         # the manager going away must not take the daemon down with it
         log.warning("cannot notify the service manager at %s: %s", addr, exc.strerror)

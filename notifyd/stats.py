@@ -16,6 +16,9 @@ from typing import Any
 
 import trio
 
+from .listen import Listener
+from .peer import check_peer
+
 __all__ = ["read_stats", "serve_stats"]
 
 log = logging.getLogger(__name__)
@@ -25,17 +28,27 @@ SEND_TIMEOUT = 2.0
 
 
 async def serve_stats(
-    listener: socket.socket,
+    listener: Listener,
     snapshot: Callable[[], dict[str, Any]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer every connection on ``listener`` (SOCK_STREAM) with ``snapshot()``."""
+    """Answer every connection on ``listener`` (SOCK_STREAM) with ``snapshot()``.
+
+    ``listener.sock`` is read anew each time: :meth:`Listener.rebind` may
+    replace it, and wakes this task with ``notify_closing`` on the old one.
+    """
     task_status.started()
     while True:
-        await trio.lowlevel.wait_readable(listener)
+        sock = listener.sock
         try:
-            conn, _ = listener.accept()
+            await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:
+            if sock is listener.sock:
+                raise
+            continue
+        try:
+            conn, _ = sock.accept()
         except (BlockingIOError, ConnectionAbortedError):
             continue
         doc = (json.dumps(snapshot(), indent=2) + "\n").encode()
@@ -49,12 +62,21 @@ async def serve_stats(
 
 
 def read_stats(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Fetch one stats document from the daemon at stats socket ``path``."""
+    """Fetch one stats document from the daemon at stats socket ``path``.
+
+    Raises:
+        OSError: cannot connect, or no answer within ``timeout``.
+        ValueError: the answer is not a JSON object (not a daemon's socket).
+        UntrustedPeerError: neither root nor the caller serves ``path``.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        check_peer(sock, path)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     doc: dict[str, Any] = json.loads(b"".join(chunks))
+    if not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not a stats document")
     return doc

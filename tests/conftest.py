@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,9 +40,40 @@ def find_scoutfs_src() -> tuple[Path | None, str]:
     except (OSError, subprocess.CalledProcessError):
         return None, (
             f"no scoutfs git repository at {where}: set SCOUTFS_SRC to a scoutfs "
-            "clone, or run kmod/fetch-scoutfs"
+            "clone, or run kmod/fetch-scoutfs (URL: github, or the bundle "
+            "../shared/vendor/scoutfs.bundle; .ci/run does that itself)"
         )
     return cand, ""
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=true``, as CI services and .ci/run set it)."""
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+# Markers of the tests that need the scoutfs source, a 6.1 kernel or qemu.
+# Under CI they must run: a skip there would hide that nothing of the kernel
+# side was proved, so it is reported as a failure with the skip's reason.
+MUST_RUN_IN_CI = ("vm", "scoutfs_src")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    rep: pytest.TestReport = outcome.get_result()
+    if not (rep.skipped and in_ci()) or hasattr(rep, "wasxfail"):
+        return
+    marks = [m for m in MUST_RUN_IN_CI if item.get_closest_marker(m)]
+    if not marks:
+        return
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    rep.outcome = "failed"
+    rep.longrepr = (
+        f"CI=true: a test marked {', '.join(marks)} must not skip in CI, and this one "
+        f"would have: {reason}"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -67,11 +67,34 @@ def test_default_layout_is_root_only(notifyd_factory, short_dir) -> None:
     assert connects(d.socket)
 
 
-def test_loose_run_dir_is_tightened(notifyd_factory, short_dir) -> None:
+def test_a_run_dir_it_did_not_create_keeps_its_mode(notifyd_factory, short_dir) -> None:
     run = short_dir / "run"
     run.mkdir(mode=0o755)
     run.chmod(0o755)
-    notifyd_factory(run_dir=run)
+    d = notifyd_factory(run_dir=run)
+    assert mode(run) == 0o755
+    assert (mode(d.socket.parent), mode(d.socket)) == (0o700, 0o600)
+
+
+@pytest.mark.parametrize("unsafe", [0o1777, 0o777, 0o775])
+def test_a_run_dir_others_can_write_is_refused_untouched(tmp_path, short_dir, unsafe) -> None:
+    # a stand-in for /tmp (1777) was once turned into 0700
+    run = short_dir / "tmp"
+    run.mkdir()
+    run.chmod(unsafe)
+    err = refused(tmp_path, "--run-dir", str(run))
+    assert f"{run}: writable by other users (mode {unsafe:04o})" in err
+    assert "use a directory only root can write" in err
+    assert mode(run) == unsafe
+    assert list(run.iterdir()) == []
+
+
+def test_a_run_dir_the_group_cannot_traverse_is_refused_untouched(tmp_path, short_dir) -> None:
+    run = short_dir / "run"
+    run.mkdir(mode=0o700)
+    err = refused(tmp_path, "--run-dir", str(run), "--socket-group", str(NOBODY))
+    assert "others may not traverse it (mode 0700), so --socket-group members" in err
+    assert "chmod o+x it" in err
     assert mode(run) == 0o700
 
 
@@ -178,16 +201,48 @@ def test_a_file_in_the_way_is_left_alone(tmp_path, short_dir) -> None:
     path = short_dir / "notify.sock"
     path.write_text("precious")
     err = refused(tmp_path, "--socket", str(path))
-    assert "exists and is not a socket: remove it" in err
+    assert "exists and is a regular file, not a socket: choose another --socket" in err
     assert path.read_text() == "precious"
 
 
-def test_world_writable_socket_dir_is_refused(tmp_path, short_dir) -> None:
+@pytest.mark.parametrize("unsafe", [0o777, 0o1777, 0o770, 0o1730])
+def test_a_socket_dir_other_users_can_write_is_refused(tmp_path, short_dir, unsafe) -> None:
+    # sticky or not: a user there could bind the name first and feed forged records
     open_dir = short_dir / "open"
     open_dir.mkdir()
-    open_dir.chmod(0o777)
+    open_dir.chmod(unsafe)
     err = refused(tmp_path, "--socket", str(open_dir / "n.sock"))
-    assert "writable by others without the sticky bit" in err
+    assert f"{open_dir}: writable by other users (mode {unsafe:04o})" in err
+    assert list(open_dir.iterdir()) == []
+    assert mode(open_dir) == unsafe
+
+
+def test_the_real_tmp_is_refused_as_socket_dir(tmp_path) -> None:
+    err = refused(tmp_path, "--socket", "/tmp/nfy-squat-test.sock")
+    assert "/tmp: writable by other users (mode 1777)" in err
+    assert not os.path.lexists("/tmp/nfy-squat-test.sock")
+
+
+def test_a_socket_dir_below_one_another_user_owns_is_refused(tmp_path, short_dir) -> None:
+    # nobody could rename their directory away and put their own in its place
+    theirs = short_dir / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    mine = theirs / "mine"
+    mine.mkdir(mode=0o700)
+    err = refused(tmp_path, "--socket", str(mine / "n.sock"))
+    assert f"its ancestor {theirs} belongs to uid {NOBODY}" in err
+    assert list(mine.iterdir()) == []
+
+
+def test_a_squatted_socket_path_in_a_safe_dir_is_refused_and_kept(tmp_path, short_dir) -> None:
+    # what a squatter in /tmp would do: listen on the path first
+    path = short_dir / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as squat:
+        squat.bind(str(path))
+        squat.listen(1)
+        err = refused(tmp_path, "--socket", str(path))
+    assert "a live daemon serves it" in err
 
 
 def test_the_socket_lock_is_respected(tmp_path, short_dir) -> None:

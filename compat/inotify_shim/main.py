@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from notifyd.sdnotify import sd_notify
 from notifyd.stats import serve_stats
 
 from .follow import FollowState, follow
+from .follow_cluster import add_cluster_args, check_cluster_args, follow_cluster
 from .mounts import FSNAME, MountpointError, check_paths, set_read_ahead
 from .overlay import Overlay
 from .replay import Replayer, ReplayThreads
@@ -59,7 +61,7 @@ def _seconds(text: str) -> float:
 
 def _positive_seconds(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
 
@@ -71,15 +73,22 @@ def _non_negative_seconds(text: str) -> float:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return value
@@ -102,8 +111,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--allow-other",
         action="store_true",
-        help="let users other than root use the overlay (permissions are still "
-        "checked against BACKING's mode bits and ACLs)",
+        help="let users other than root use the overlay (each call is made with the "
+        "caller's identity, so BACKING decides what they may do)",
+    )
+    p.add_argument(
+        "--acl",
+        action="store_true",
+        help="pass POSIX ACLs through: the kernel honours ACLs that grant more than "
+        "the mode bits, and getfacl/setfacl work on the overlay, at one request per "
+        "file for `ls -l` (default: ACLs are not visible through the overlay; BACKING "
+        "still enforces them, since every call is made as the calling user)",
     )
     p.add_argument(
         "--timeout",
@@ -180,7 +197,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a zero-length read raises IN_ACCESS and falls back to this by itself",
     )
     p.add_argument("--debug", action="store_true", help="log every replay")
-    return p.parse_args(argv)
+    add_cluster_args(p)
+    args = p.parse_args(argv)
+    # an empty path would mean the current directory
+    for name, value in (("BACKING", args.backing), ("MOUNTPOINT", args.mountpoint)):
+        if not value:
+            p.error(f"{name} is empty: give a directory")
+    if args.socket == "":
+        p.error("--socket is empty: give a path, or leave it out for the default")
+    return args
 
 
 def _tell_systemd(state: str) -> None:
@@ -284,6 +309,8 @@ async def serve(
                 await bridge.start(serve_stats, stats.sock, snapshot)
             await bridge.start(replayer.run)
             await bridge.start(functools.partial(follow, state=following), socket_path, replayer)
+            if args.nats:
+                await bridge.start(follow_cluster, args, overlay.backing, socket_path, replayer)
             log.info(
                 "serving %s at %s; records from %s (%s)",
                 overlay.backing,
@@ -314,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     # mask what they ask for a second time
     os.umask(0)
     socket_path = os.fspath(args.socket or default_socket_path(backing))
+    if why := check_cluster_args(args, backing, socket_path):
+        log.error("--nats: %s", why)
+        return 1
     try:
         stats = _bind_stats(mountpoint, args.stats_socket)
     except (DaemonError, OSError) as exc:
@@ -332,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 def _mount_and_serve(
     args: argparse.Namespace, backing: str, mountpoint: str, socket_path: str, stats: Listener
 ) -> int:
-    overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout)
+    overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout, acl=args.acl)
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if args.allow_other:
         options.add("allow_other")

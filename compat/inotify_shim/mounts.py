@@ -7,11 +7,11 @@ fails with ENOTCONN until someone unmounts it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
+
+from notifyd import libc
 
 __all__ = [
     "FSNAME",
@@ -99,10 +99,7 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
 
 
 def _lazy_unmount(path: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.umount2(os.fsencode(path), _MNT_DETACH):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
+    libc.umount2(path, _MNT_DETACH)
 
 
 def _absolute(path: str) -> str:

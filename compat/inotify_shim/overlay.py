@@ -1,41 +1,52 @@
-"""The passthrough overlay: every request is served from BACKING as root.
+"""The passthrough overlay: BACKING served through file descriptors, with the caller's rights.
 
-The shape follows pyfuse3's ``examples/passthroughfs.py``: private tables
-built in ``__init__``, lookup counts released by ``forget``, and one mapping
-from ``OSError`` to ``FUSEError`` (:func:`_fuse_errors`).  Differences, and
-why:
+The shape follows pyfuse3's ``examples/passthroughfs.py`` (private tables,
+lookup counts released by ``forget``, one error mapping) and the way BACKING
+is reached follows libfuse's ``example/passthrough_hp.cc``:
 
-- ``default_permissions`` is always on, so the kernel checks every access
-  against the mode bits we report; the server then acts as root.  Files and
-  directories created through the overlay are chowned to the caller.
-- One backing fd per open (passthroughfs shares one per inode, with the flags
-  of whichever open came first).
-- Final path components are opened with ``O_NOFOLLOW``: a file swapped for a
-  symlink on BACKING after the kernel's permission check must not lead out.
-- Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
-  by the caller's thread id, never touch BACKING and are served one byte with
-  ``direct_io``; real opens get ``keep_cache`` unless the backing file changed
-  since we last described it, in which case its cached attributes and pages
-  are dropped so a read right after an append on BACKING sees all the data.
+- Every inode the kernel knows holds an ``O_PATH|O_NOFOLLOW`` fd on BACKING
+  and is identified by ``(st_dev, st_ino)``.  Every operation is made
+  relative to those fds (``openat``, ``mkdirat``, ``unlinkat``,
+  ``renameat2``, ``fchownat``...) on one name component, never through a
+  path string from BACKING's root, and no component is followed as a
+  symlink: a name swapped for a symlink on BACKING after a lookup leads
+  nowhere.  Files are (re)opened through ``/proc/self/fd/N`` of the inode's
+  own fd, so an open reaches the very inode the kernel asked about.
+- Mounts nested under BACKING are not crossed: their entries are left out
+  of listings and a lookup of one fails with EOPNOTSUPP, so an inode number
+  from another filesystem can never alias one of BACKING's.
+- A request made by a non-root caller runs with that caller's fsuid, fsgid
+  and supplementary groups (per thread: see :class:`_Creds`), so BACKING
+  itself checks it at the moment of the call.  The kernel checks too
+  (``default_permissions``, with attributes cached for ``timeout``
+  seconds): a permission is granted only when both agree, so one removed on
+  BACKING takes effect at once.
+- Any exception in a handler becomes an errno reply and a log line
+  (:func:`_handler`): no call can end pyfuse3's session.
+
+Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
+by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
+file's data and are served one byte with ``direct_io``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import dataclasses
 import errno
 import functools
-import itertools
 import logging
 import os
+import resource
 import stat
-from collections import defaultdict
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
+
+from notifyd import libc
 
 from .replay import ReplayThreads
 
@@ -53,35 +64,133 @@ _REPLAY_FH_BASE = 1 << 48
 # One byte is enough for the kernel to raise IN_ACCESS (even on an empty file)
 _SYNTHETIC_BYTE = b"\0"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_AT_FDCWD = -100
+# How an inode is held: it names that inode only, and never follows a symlink.
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Extended attributes the overlay does not pass on (EOPNOTSUPP).  security.*
+# belongs to BACKING's security modules and file capabilities: the overlay's
+# own inodes get their labels from the FUSE mount, and its nosuid mount ignores
+# capabilities.  The answer also tells `ls -l` the overlay has none, so it stops
+# asking for every file (it remembers ENOTSUP per device), where each question
+# is a round trip to this one-threaded server.
+_HIDDEN_XATTRS = (b"security.",)
+_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+# Deepest chain of fd-less directories reopened for one call.
+_MAX_DEPTH = 4096
+
+# Open files the overlay asks for: an O_PATH fd for each inode the kernel
+# holds, so this bounds how many it may hold at once.
+_FD_LIMIT = 1 << 20
+
+# pyfuse3 turns UTIME_NOW into the clock it read just before our handler; a
+# time this close to the clock is taken as "now", which BACKING grants to
+# anyone who may write the file (an explicit time needs the owner).
+_NOW_SLACK_NS = 1_000_000_000
 
 
-def _renameat2(old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), old)
+def _proc(fd: int) -> str:
+    # Reopening through the magic link reaches the fd's own inode: no name
+    # is looked up again, so nothing on BACKING can redirect it.
+    return f"/proc/self/fd/{fd}"
+
+
+def _only_drops_setid(old: int, new: int) -> bool:
+    """Whether mode ``new`` is ``old`` less some of its set-user/group-ID bits."""
+    setid = stat.S_ISUID | stat.S_ISGID
+    return new != old and new & ~old == 0 and (old & ~new) & ~setid == 0
 
 
 def _backing_flags(flags: int) -> int:
     # O_DIRECT is the kernel's business between the caller and the overlay:
     # our reads go through Python buffers, which O_DIRECT would refuse.
-    return (flags & ~os.O_DIRECT) | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_CREAT/O_EXCL mean nothing on a reopen of an inode we hold.
+    return (flags & ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_CLOEXEC
 
 
-def _fuse_errors(
+def _handler(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn an OSError from BACKING into the same errno for the caller."""
+    """Every failure becomes an errno reply: pyfuse3 ends its session on any other exception.
+
+    An OSError keeps its errno; anything else is a bug, logged with its
+    traceback and answered EIO, and the mount keeps serving.
+    """
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await handler(*args, **kwargs)
+        except FUSEError:
+            raise
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed; answered EIO", handler.__name__)
+            raise FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+@dataclasses.dataclass(frozen=True)
+class _Creds:
+    """A caller's filesystem identity, taken on for the syscalls made for it.
+
+    ``setfsuid``/``setfsgid`` and the raw ``setgroups`` syscall change the
+    calling thread only, and pyfuse3 runs every handler on the trio thread,
+    so a change around synchronous syscalls (no ``await`` in between)
+    affects no other request and none of the replay threads, which stay
+    root.  A non-zero fsuid drops the filesystem capabilities
+    (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_FOWNER...) until it is set back to 0.
+    """
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _caller_groups(tid: int) -> tuple[int, ...]:
+    # The request gives the calling thread's id; its supplementary groups are
+    # only in /proc.  A caller gone before we read them gets none: fewer
+    # rights, never more.
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return ()
+
+
+class _Inode:
+    """One BACKING inode the kernel has looked up, and how to reach it.
+
+    ``fd`` is an O_PATH fd on it, or None for an inode only listed by
+    READDIRPLUS: a big directory would otherwise cost an fd per entry.  Such
+    an inode is reached again through one of its ``links`` (a parent's fd and
+    a name, no symlink followed) and must still be ``(dev, ino)``.
+    """
+
+    __slots__ = ("dev", "fd", "ino", "kind", "links", "lookups")
+
+    def __init__(self, fd: int | None, st: os.stat_result) -> None:
+        self.fd = fd
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+        self.kind = stat.S_IFMT(st.st_mode)
+        self.lookups = 0
+        # (parent inode, name) pairs seen: for path_of, and to reach an fd-less inode
+        self.links: set[tuple[int, bytes]] = set()
+
+
+@dataclasses.dataclass
+class _Handle:
+    """An open file: its BACKING fd, its inode and the opener's identity."""
+
+    fd: int
+    inode: int
+    creds: _Creds | None
 
 
 class Overlay(pyfuse3.Operations):
@@ -91,93 +200,187 @@ class Overlay(pyfuse3.Operations):
     # under us (other processes, other cluster nodes).
     enable_writeback_cache = False
 
-    # The kernel enforces POSIX ACLs too, reading them through getxattr, so
-    # an ACL that refuses a user on BACKING refuses them here.
-    enable_acl = True
+    # POSIX ACLs: BACKING enforces them at every call made for a user, since
+    # the call is made as that user.  Passed through to the kernel only with
+    # ``acl=True`` (instance attribute, read by pyfuse3.init): the kernel then
+    # honours ACLs that grant beyond the mode bits, and getfacl/setfacl work
+    # through the overlay, but it asks for every file's ACL anew on every
+    # getxattr (`ls -l` asks for each file: a round trip each).  Without it
+    # the ACL xattrs answer EOPNOTSUPP, which `ls -l` remembers for the mount.
+    enable_acl = False
 
     # flush is not implemented: writes reach BACKING at once, so a close has
     # nothing to report, and the ENOSYS answer makes the kernel stop sending
     # FLUSH at all: one request less for every close, replays included.
 
-    def __init__(self, backing: str, threads: ReplayThreads, timeout: float = 1.0) -> None:
+    def __init__(
+        self, backing: str, threads: ReplayThreads, timeout: float = 1.0, *, acl: bool = False
+    ) -> None:
         super().__init__()
         self.backing = os.path.realpath(backing)
         self.timeout = timeout
+        self.enable_acl = acl
+        self._hidden_xattrs = _HIDDEN_XATTRS if acl else _HIDDEN_XATTRS + _ACL_XATTRS
         self.replay_threads = threads
-        self._root_ino = os.lstat(self.backing).st_ino
-        # inode -> backing path, or a set of paths for hard links
-        self._paths: dict[int, str | set[str]] = {pyfuse3.ROOT_INODE: self.backing}
-        self._lookups: defaultdict[int, int] = defaultdict(int)
+        _raise_fd_limit()
+        fd = os.open(self.backing, _PATH_FLAGS | os.O_DIRECTORY)
+        st = os.fstat(fd)
+        self._dev = st.st_dev
+        self._root_ino = st.st_ino
+        root = _Inode(fd, st)
+        root.lookups = 1  # the kernel never forgets the root
+        self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: root}
+        # our own groups, restored after acting for a caller
+        self._own_groups = tuple(os.getgroups())
         # inode -> (size, mtime_ns) as last reported to the kernel
         self._described: dict[int, tuple[int, int]] = {}
-        # directory handle -> (inode, entries snapshot taken at offset 0)
-        self._dirs: dict[int, tuple[int, list[str]]] = {}
-        self._dir_fhs = itertools.count(1)
+        # directory handle -> (inode, dir fd, entries snapshot taken at offset 0)
+        self._dirs: dict[int, tuple[int, int, list[str]]] = {}
+        self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
-        # real handles: backing fd -> inode, so an unlinked open file still has attributes
-        self._fd_inodes: dict[int, int] = {}
-        self._next_replay_fh = itertools.count(_REPLAY_FH_BASE)
+        self._next_replay_fh = _REPLAY_FH_BASE
+        self._warned_mounts: set[int] = set()
+
+    # --- the caller's identity -----------------------------------------------
+
+    def _creds(self, ctx: pyfuse3.RequestContext | None) -> _Creds | None:
+        """Whom to act as: None for root (and for requests without a context)."""
+        if ctx is None or ctx.uid == 0:
+            return None
+        return _Creds(ctx.uid, ctx.gid, _caller_groups(ctx.pid))
+
+    @contextlib.contextmanager
+    def _acting(self, creds: _Creds | None) -> Iterator[None]:
+        """Make the syscalls inside as ``creds`` (no ``await`` allowed inside)."""
+        if creds is None:
+            yield
+            return
+        try:
+            libc.setgroups_thread(creds.groups)
+            libc.setfsgid(creds.gid)
+            libc.setfsuid(creds.uid)
+            yield
+        finally:
+            libc.setfsuid(0)
+            libc.setfsgid(0)
+            libc.setgroups_thread(self._own_groups)
 
     # --- inode table ---------------------------------------------------------
 
+    def _fuse_ino(self, st_ino: int) -> int:
+        return pyfuse3.ROOT_INODE if st_ino == self._root_ino else st_ino
+
+    def _inode(self, inode: int) -> _Inode:
+        try:
+            return self._inodes[inode]
+        except KeyError:
+            raise FUSEError(errno.ENOENT) from None
+
     def path_of(self, ino: int) -> str | None:
-        """A backing path of inode ``ino`` if the kernel has looked it up."""
-        if ino == self._root_ino:
-            ino = pyfuse3.ROOT_INODE
-        val = self._paths.get(ino)
-        if isinstance(val, set):
-            return min(val)
-        return val
+        """A BACKING path of inode ``ino`` if the kernel has looked it up.
+
+        For finding a name to replay an access on (through the mount); the
+        overlay itself never reaches BACKING by path.
+        """
+        names: list[str] = []
+        cur = self._inodes.get(self._fuse_ino(ino))
+        seen: set[int] = set()
+        while cur is not None and cur is not self._inodes[pyfuse3.ROOT_INODE]:
+            if not cur.links or cur.ino in seen or len(names) > 4096:
+                return None
+            seen.add(cur.ino)
+            parent, name = min(cur.links)
+            names.append(os.fsdecode(name))
+            cur = self._inodes.get(parent)
+        if cur is None:
+            return None
+        return os.path.join(self.backing, *reversed(names))
 
     def knows(self, st_ino: int) -> bool:
         """Whether the kernel holds an entry for BACKING inode ``st_ino``.
 
         Called from replay threads: one dict lookup, atomic under the GIL.
         """
-        return st_ino == self._root_ino or st_ino in self._paths
+        return self._fuse_ino(st_ino) in self._inodes
 
-    def _path(self, inode: int) -> str:
-        path = self.path_of(inode)
-        if path is None:
-            raise FUSEError(errno.ENOENT)
-        return path
+    def _remember(self, fd: int | None, st: os.stat_result, parent: int, name: bytes) -> int:
+        """Count one lookup of the inode ``st`` describes; keeps at most one fd per inode."""
+        ino = self._fuse_ino(st.st_ino)
+        node = self._inodes.get(ino)
+        if node is None:
+            node = self._inodes[ino] = _Inode(fd, st)
+        elif node.fd is None:
+            node.fd = fd
+        elif fd is not None and fd != node.fd:
+            os.close(fd)
+        node.lookups += 1
+        if ino != pyfuse3.ROOT_INODE:
+            node.links.add((parent, name))
+        return ino
 
-    def _child(self, inode_p: int, name: bytes) -> str:
-        return os.path.join(self._path(inode_p), os.fsdecode(name))
+    def _fd(self, node: _Inode) -> int:
+        """The inode's O_PATH fd, reopened (and kept) if it has none."""
+        if node.fd is None:
+            node.fd = self._reopen(node)
+        return node.fd
 
-    def _add_path(self, inode: int, path: str) -> None:
-        self._lookups[inode] += 1
-        val = self._paths.get(inode)
-        if val is None:
-            self._paths[inode] = path
-        elif isinstance(val, set):
-            val.add(path)
-        elif val != path:
-            self._paths[inode] = {val, path}
+    @contextlib.contextmanager
+    def _path_fd(self, node: _Inode) -> Iterator[int]:
+        """An O_PATH fd on ``node`` for one call; an fd-less inode stays fd-less."""
+        if node.fd is not None:
+            yield node.fd
+            return
+        fd = self._reopen(node)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
-    def _drop_path(self, inode: int, path: str) -> None:
-        # An inode's last path stays until forget: the kernel may still ask
-        # about it, and a stale path fails cleanly with ENOENT.
-        val = self._paths.get(inode)
-        if isinstance(val, set):
-            val.discard(path)
-            if len(val) == 1:
-                self._paths[inode] = next(iter(val))
-
-    def _moved(self, old: str, new: str) -> None:
-        """Rewrite every known path under ``old`` (a renamed file or tree)."""
-        prefix = old + os.sep
-        for inode, val in self._paths.items():
-            paths = val if isinstance(val, set) else {val}
-            if not any(p == old or p.startswith(prefix) for p in paths):
+    def _reopen(self, node: _Inode, depth: int = 0) -> int:
+        """Reach an fd-less inode again through a link; ESTALE if no link leads to it."""
+        if depth > _MAX_DEPTH:
+            raise FUSEError(errno.ELOOP)
+        for parent_ino, name in sorted(node.links):
+            parent = self._inodes.get(parent_ino)
+            if parent is None:
                 continue
-            fixed = {
-                new + p[len(old) :] if (p == old or p.startswith(prefix)) else p for p in paths
-            }
-            self._paths[inode] = fixed if len(fixed) > 1 else next(iter(fixed))
+            if parent.fd is None:
+                # directories are used as parents again and again: keep theirs
+                parent.fd = self._reopen(parent, depth + 1)
+            try:
+                fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                return fd
+            os.close(fd)
+        raise FUSEError(errno.ESTALE)
 
-    def _fuse_ino(self, st_ino: int) -> int:
-        return pyfuse3.ROOT_INODE if st_ino == self._root_ino else st_ino
+    def _open_path(self, parent: _Inode, name: bytes) -> tuple[int, os.stat_result]:
+        """An O_PATH fd on ``name`` in ``parent``, on BACKING's filesystem only."""
+        fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
+        try:
+            st = os.fstat(fd)
+            self._check_same_fs(st, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _check_same_fs(self, st: os.stat_result, name: bytes) -> None:
+        if st.st_dev != self._dev:
+            if st.st_dev not in self._warned_mounts:
+                self._warned_mounts.add(st.st_dev)
+                log.warning(
+                    "%r is a mount point under BACKING: not served (mounts are not crossed)",
+                    os.fsdecode(name),
+                )
+            raise FUSEError(errno.EOPNOTSUPP)
+        if st.st_ino == pyfuse3.ROOT_INODE and st.st_ino != self._root_ino:
+            # its number is taken by BACKING's root in the kernel's eyes
+            log.warning("%r has inode number 1: not served", os.fsdecode(name))
+            raise FUSEError(errno.EOPNOTSUPP)
 
     def _entry(self, st: os.stat_result) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -199,26 +402,48 @@ class Overlay(pyfuse3.Operations):
         self._described[entry.st_ino] = (st.st_size, st.st_mtime_ns)
         return entry
 
+    def _lookup_entry(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """Look ``name`` up in ``parent_inode`` (caller's rights already taken on)."""
+        parent = self._inode(parent_inode)
+        fd: int | None
+        try:
+            fd, st = self._open_path(parent, name)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # out of fds: serve it fd-less, reached through its parent when used
+            st = os.lstat(name, dir_fd=self._fd(parent))
+            self._check_same_fs(st, name)
+            fd = None
+        self._remember(fd, st, parent_inode, name)
+        return self._entry(st)
+
     # --- lookups -------------------------------------------------------------
 
-    @_fuse_errors
+    @_handler
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        announced = self._announced_name(parent_inode, name, ctx)
-        if announced:
+        if self._announced_name(parent_inode, name, ctx):
             raise FUSEError(errno.ENOENT)
-        if name == b".":
-            path = self._path(parent_inode)
-        elif name == b"..":
-            # asked for with export support (NFS); BACKING's root is its own parent
-            parent = self._path(parent_inode)
-            path = parent if parent == self.backing else os.path.dirname(parent)
-        else:
-            path = self._child(parent_inode, name)
-        entry = self._entry(os.lstat(path))
-        # every reply is a lookup the kernel counts, "." and ".." included
-        self._add_path(entry.st_ino, path)
+        if name == b"." or (name == b".." and parent_inode == pyfuse3.ROOT_INODE):
+            # BACKING's root is its own parent: ".." never leads above it
+            node = self._inode(parent_inode)
+            node.lookups += 1
+            with self._path_fd(node) as fd:
+                return self._entry(os.fstat(fd))
+        if name == b"..":
+            # asked for with export support (NFS): answer only with an inode we hold
+            with self._acting(self._creds(ctx)):
+                fd, st = self._open_path(self._inode(parent_inode), name)
+            os.close(fd)
+            held = self._inodes.get(self._fuse_ino(st.st_ino))
+            if held is None:
+                raise FUSEError(errno.ENOENT)
+            held.lookups += 1
+            return self._entry(st)
+        with self._acting(self._creds(ctx)):
+            entry = self._lookup_entry(parent_inode, name)
         if ctx is not None and self.replay_threads.looked_up(entry.st_ino, ctx.pid):
             entry.entry_timeout = 0
         return entry
@@ -228,7 +453,8 @@ class Overlay(pyfuse3.Operations):
     ) -> bool:
         """Whether a replay thread is announcing ``name`` (see replay._announce_dirs).
 
-        To it the name does not exist yet, so that its ``mkdir`` reaches us.
+        To that thread the name does not exist yet, so that its ``mkdir``
+        reaches us.
         """
         if ctx is None:
             return False
@@ -236,41 +462,40 @@ class Overlay(pyfuse3.Operations):
         return what is not None and what.parent == parent_inode and what.name == name
 
     def _mkdir_announced(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
-        """A replay thread's ``mkdir``: BACKING's directory as if just made."""
-        path = self._child(parent_inode, name)
-        st = os.lstat(path)
+        """A replay thread's ``mkdir``: BACKING's existing directory, as if just made."""
+        fd, st = self._open_path(self._inode(parent_inode), name)
         if not stat.S_ISDIR(st.st_mode):
+            os.close(fd)
             raise FUSEError(errno.ESTALE)
+        self._remember(fd, st, parent_inode, name)
         entry = self._entry(st)
         # a watcher adding its watch then looks it up: the sign it did
         entry.entry_timeout = 0
-        self._add_path(entry.st_ino, path)
         return entry
 
+    @_handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
-            if self._lookups[inode] > nlookup:
-                self._lookups[inode] -= nlookup
+            node = self._inodes.get(inode)
+            if node is None:
                 continue
-            self._lookups.pop(inode, None)
+            node.lookups -= nlookup
+            if node.lookups > 0 or inode == pyfuse3.ROOT_INODE:
+                continue
+            del self._inodes[inode]
             self._described.pop(inode, None)
-            if inode != pyfuse3.ROOT_INODE:
-                self._paths.pop(inode, None)
+            if node.fd is not None:
+                os.close(node.fd)
 
-    @_fuse_errors
+    @_handler
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        try:
-            return self._entry(os.lstat(self._path(inode)))
-        except FileNotFoundError:
-            # unlinked while open: the kernel still asks (fstat on an fd)
-            fd = next((fd for fd, ino in self._fd_inodes.items() if ino == inode), None)
-            if fd is None:
-                raise
+        # the O_PATH fd holds the inode: this works for an unlinked open file too
+        with self._path_fd(self._inode(inode)) as fd:
             return self._entry(os.fstat(fd))
 
-    @_fuse_errors
+    @_handler
     async def setattr(
         self,
         inode: int,
@@ -279,124 +504,199 @@ class Overlay(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        target: int | str = self._path(inode) if fh is None or fh in self._replay_fhs else fh
-        follow = not isinstance(target, str)
-        if fields.update_size:
-            os.truncate(target, attr.st_size)
+        node = self._inode(inode)
+        ifd = self._fd(node)
+        handle = self._handles.get(fh) if fh is not None else None
+        creds = self._creds(ctx)
         if fields.update_mode:
-            os.chmod(target, stat.S_IMODE(attr.st_mode), follow_symlinks=follow)
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
-            os.chown(target, uid, gid, follow_symlinks=follow)
-        if fields.update_atime or fields.update_mtime:
-            old = os.stat(target, follow_symlinks=follow)
-            atime = attr.st_atime_ns if fields.update_atime else old.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else old.st_mtime_ns
-            os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
-        return self._entry(os.lstat(self._path(inode)))
+            if node.kind == stat.S_IFLNK:
+                # Linux has no mode on symlinks (fchmodat refuses it too)
+                raise FUSEError(errno.EOPNOTSUPP)
+            mode = stat.S_IMODE(attr.st_mode)
+            if _only_drops_setid(stat.S_IMODE(os.fstat(ifd).st_mode), mode):
+                # the kernel's own "kill suid/sgid" after a write or chown by
+                # a non-owner (it skips the owner check for it): BACKING would
+                # refuse the caller a chmod, and dropping privilege is safe
+                with self._acting(None):
+                    os.chmod(_proc(ifd), mode)
+            else:
+                with self._acting(creds):
+                    if handle is not None:
+                        os.fchmod(handle.fd, mode)
+                    else:
+                        os.chmod(_proc(ifd), mode)
+        with self._acting(creds):
+            if fields.update_size:
+                self._truncate(node, handle, attr.st_size)
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                flags = libc.AT_EMPTY_PATH | libc.AT_SYMLINK_NOFOLLOW
+                libc.fchownat(ifd, b"", uid, gid, flags)
+            if fields.update_atime or fields.update_mtime:
+                self._utimens(node, attr, fields)
+        return self._entry(os.fstat(ifd))
 
-    @_fuse_errors
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.fsencode(os.readlink(self._path(inode)))
-
-    # --- directories ---------------------------------------------------------
-
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self._path(inode)
-        fh = next(self._dir_fhs)
-        self._dirs[fh] = (inode, [])
-        return fh
-
-    @_fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        inode, names = self._dirs[fh]
-        path = self._path(inode)
-        if start_id == 0:
-            # Snapshot once so offsets stay stable while BACKING changes.
-            names = sorted(os.listdir(path))
-            self._dirs[fh] = (inode, names)
-        for i in range(start_id, len(names)):
-            child = os.path.join(path, names[i])
-            try:
-                entry = self._entry(os.lstat(child))
-            except FileNotFoundError:
-                continue  # removed on BACKING since the snapshot
-            # pyfuse3 answers READDIRPLUS: every entry sent is a lookup
-            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), entry, i + 1):
-                break
-            self._add_path(entry.st_ino, child)
-
-    async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-
-    @_fuse_errors
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fd = os.open(self._path(self._dirs[fh][0]), os.O_RDONLY | os.O_DIRECTORY)
+    @staticmethod
+    def _truncate(node: _Inode, handle: _Handle | None, size: int) -> None:
+        if handle is not None:
+            os.ftruncate(handle.fd, size)
+            return
+        if node.kind != stat.S_IFREG:
+            raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
+        # truncate through an fd on the very inode; O_NONBLOCK: never wait
+        assert node.fd is not None  # setattr took it
+        fd = os.open(_proc(node.fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            os.ftruncate(fd, size)
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _utimens(
+        node: _Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> None:
+        now = time.time_ns()
+
+        def spec(update: bool, ns: int) -> tuple[int, int]:
+            if not update:
+                return (0, libc.UTIME_OMIT)
+            if abs(ns - now) < _NOW_SLACK_NS:
+                return (0, libc.UTIME_NOW)
+            return divmod(ns, 1_000_000_000)
+
+        atime = spec(fields.update_atime, attr.st_atime_ns)
+        mtime = spec(fields.update_mtime, attr.st_mtime_ns)
+        assert node.fd is not None  # setattr took it
+        if node.kind == stat.S_IFLNK:
+            libc.utimensat(node.fd, b"", atime, mtime, libc.AT_EMPTY_PATH)
+        else:
+            libc.utimensat(libc.AT_FDCWD, _proc(node.fd), atime, mtime, 0)
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        # readlinkat with an empty name reads the symlink the fd holds
+        with self._path_fd(self._inode(inode)) as fd:
+            return os.readlink(b"", dir_fd=fd)
+
+    # --- directories ---------------------------------------------------------
+
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._inode(inode)
+        with self._acting(self._creds(ctx)):
+            fd = os.open(_proc(self._fd(node)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # the dir fd is unique while open: a handle number nobody else has
+        self._dirs[fd] = (inode, fd, [])
+        return fd
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        inode, dfd, names = self._dirs[fh]
+        if start_id == 0:
+            # Snapshot once so offsets stay stable while BACKING changes.
+            names = sorted(os.listdir(dfd))
+            self._dirs[fh] = (inode, dfd, names)
+        # readdir gets no request context: the entries are the ones the
+        # opener was allowed to list (opendir ran as them)
+        for i in range(start_id, len(names)):
+            name = os.fsencode(names[i])
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+                self._check_same_fs(st, name)
+            except (OSError, FUSEError):
+                continue  # removed on BACKING since the snapshot, or a nested mount
+            # pyfuse3 answers READDIRPLUS: every entry sent is a lookup.  No
+            # fd is taken: the entry is reached through this directory if used.
+            if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
+                break
+            self._remember(None, st, inode, name)
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        entry = self._dirs.pop(fh, None)
+        if entry is not None:
+            os.close(entry[1])
+
+    @_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        os.fsync(self._dirs[fh][1])
+
     # --- namespace changes ---------------------------------------------------
 
-    def _created(self, path: str, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
-        entry = self._entry(os.lstat(path))
-        self._add_path(entry.st_ino, path)
-        return entry
+    @staticmethod
+    def _check_mode(mode: int, creds: _Creds | None) -> None:
+        # Our thread keeps CAP_MKNOD whatever its fsuid: only root makes devices
+        if creds is not None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise FUSEError(errno.EPERM)
 
-    @_fuse_errors
+    @_handler
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         if self._announced_name(parent_inode, name, ctx):
             return self._mkdir_announced(parent_inode, name)
-        path = self._child(parent_inode, name)
-        os.mkdir(path, mode & ~ctx.umask)
-        return self._created(path, ctx)
+        parent = self._inode(parent_inode)
+        with self._acting(self._creds(ctx)):
+            os.mkdir(name, mode & ~ctx.umask, dir_fd=self._fd(parent))
+            return self._lookup_entry(parent_inode, name)
 
-    @_fuse_errors
+    @_handler
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        path = self._child(parent_inode, name)
-        os.mknod(path, mode & ~ctx.umask, rdev)
-        return self._created(path, ctx)
+        parent = self._inode(parent_inode)
+        creds = self._creds(ctx)
+        self._check_mode(mode, creds)
+        with self._acting(creds):
+            os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=self._fd(parent))
+            return self._lookup_entry(parent_inode, name)
 
-    @_fuse_errors
+    @_handler
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        path = self._child(parent_inode, name)
-        os.symlink(os.fsdecode(target), path)
-        return self._created(path, ctx)
+        parent = self._inode(parent_inode)
+        with self._acting(self._creds(ctx)):
+            os.symlink(target, name, dir_fd=self._fd(parent))
+            return self._lookup_entry(parent_inode, name)
 
-    @_fuse_errors
+    @_handler
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        path = self._child(new_parent_inode, new_name)
-        os.link(self._path(inode), path, follow_symlinks=False)
-        entry = self._entry(os.lstat(path))
-        self._add_path(entry.st_ino, path)
-        return entry
+        node = self._inode(inode)
+        parent = self._inode(new_parent_inode)
+        with self._acting(self._creds(ctx)):
+            # linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH, which a caller's
+            # fsuid drops; following the magic link reaches the same inode
+            os.link(
+                _proc(self._fd(node)), new_name, dst_dir_fd=self._fd(parent), follow_symlinks=True
+            )
+            return self._lookup_entry(new_parent_inode, new_name)
 
-    @_fuse_errors
+    def _unlinked(self, parent_inode: int, name: bytes, st: os.stat_result) -> None:
+        node = self._inodes.get(self._fuse_ino(st.st_ino))
+        if node is not None:
+            node.links.discard((parent_inode, name))
+
+    @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        path = self._child(parent_inode, name)
-        ino = os.lstat(path).st_ino
-        os.unlink(path)
-        self._drop_path(ino, path)
+        parent = self._inode(parent_inode)
+        with self._acting(self._creds(ctx)):
+            st = os.lstat(name, dir_fd=self._fd(parent))
+            os.unlink(name, dir_fd=self._fd(parent))
+        self._unlinked(parent_inode, name, st)
 
-    @_fuse_errors
+    @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        path = self._child(parent_inode, name)
-        ino = os.lstat(path).st_ino
-        os.rmdir(path)
-        self._drop_path(ino, path)
+        parent = self._inode(parent_inode)
+        with self._acting(self._creds(ctx)):
+            st = os.lstat(name, dir_fd=self._fd(parent))
+            os.rmdir(name, dir_fd=self._fd(parent))
+        self._unlinked(parent_inode, name, st)
 
-    @_fuse_errors
+    @_handler
     async def rename(
         self,
         parent_inode_old: int,
@@ -406,37 +706,35 @@ class Overlay(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        old = self._child(parent_inode_old, name_old)
-        new = self._child(parent_inode_new, name_new)
-        if flags:
-            _renameat2(old, new, flags)
-        else:
-            os.rename(old, new)
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            tmp = old + "\0"
-            self._moved(old, tmp)
-            self._moved(new, old)
-            self._moved(tmp, new)
-        elif stat.S_ISDIR(os.lstat(new).st_mode):
-            self._moved(old, new)
-        else:
-            # a file: only its own entry changes, no need to scan the table
-            ino = os.lstat(new).st_ino
-            val = self._paths.get(ino)
-            if isinstance(val, set):
-                val.discard(old)
-                val.add(new)
-            elif val == old:
-                self._paths[ino] = new
+        old_parent = self._inode(parent_inode_old)
+        new_parent = self._inode(parent_inode_new)
+        with self._acting(self._creds(ctx)):
+            st_old = os.lstat(name_old, dir_fd=self._fd(old_parent))
+            try:
+                st_new: os.stat_result | None = os.lstat(name_new, dir_fd=self._fd(new_parent))
+            except FileNotFoundError:
+                st_new = None
+            libc.renameat2(self._fd(old_parent), name_old, self._fd(new_parent), name_new, flags)
+        old_link = (parent_inode_old, name_old)
+        new_link = (parent_inode_new, name_new)
+        moved = self._inodes.get(self._fuse_ino(st_old.st_ino))
+        other = self._inodes.get(self._fuse_ino(st_new.st_ino)) if st_new else None
+        if other is not None:
+            other.links.discard(new_link)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                other.links.add(old_link)
+        if moved is not None:
+            moved.links.discard(old_link)
+            moved.links.add(new_link)
 
     # --- files ---------------------------------------------------------------
 
     def _file_info(self, inode: int, fd: int) -> pyfuse3.FileInfo:
         # Drop cached attributes and pages only when BACKING changed since we
         # last described the file: a read after an append there gets it all,
-        # and an unchanged file keeps its page cache across opens.  (The 6.18
-        # kernel these tests ran on revalidates at open by itself as well; this
-        # makes close-to-open coherence independent of that.)
+        # and an unchanged file keeps its page cache across opens.  Some
+        # kernels revalidate at open by themselves; this makes close-to-open
+        # coherence independent of that.
         st = os.fstat(fd)
         changed = self._described.get(inode) != (st.st_size, st.st_mtime_ns)
         if changed:
@@ -446,78 +744,80 @@ class Overlay(pyfuse3.Operations):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         return pyfuse3.FileInfo(fh=fd, keep_cache=not changed)
 
+    @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         expected = self.replay_threads.expected(ctx.pid)
         if expected is not None:
-            return self._open_synthetic(inode, *expected)
-        try:
-            fd = os.open(self._path(inode), _backing_flags(flags))
-        except OSError as exc:
-            raise FUSEError(exc.errno or errno.EIO) from None
+            return self._replay_open(inode, *expected)
+        node = self._inode(inode)
+        if node.kind != stat.S_IFREG:
+            # devices and FIFOs are opened by the kernel itself, never here
+            raise FUSEError(errno.EACCES)
+        creds = self._creds(ctx)
+        with self._acting(creds):
+            fd = os.open(_proc(self._fd(node)), _backing_flags(flags))
         try:
             info = self._file_info(inode, fd)
-            self._fd_inodes[fd] = inode
-            return info
-        except OSError as exc:
+        except BaseException:
             os.close(fd)
-            raise FUSEError(exc.errno or errno.EIO) from None
+            raise
+        self._handles[fd] = _Handle(fd, inode, creds)
+        return info
 
-    def _open_synthetic(self, inode: int, expected: int, backing_path: str) -> pyfuse3.FileInfo:
-        # The name the replay thread opened may lead to another file now
-        # (renamed or replaced on BACKING, or the kernel's dentry is older
-        # than that): an event on it would be a lie.
-        try:
-            current = os.lstat(backing_path).st_ino
-        except OSError:
-            current = None
-        if self._fuse_ino(expected) != inode or current != expected:
-            raise FUSEError(errno.ESTALE)
-        fh = next(self._next_replay_fh)
-        self._replay_fhs.add(fh)
-        # keep_cache: a synthetic open must not drop real readers' pages;
-        # direct_io: our 1-byte reply must not shrink the cached size.
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=True)
-
+    @_handler
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        try:
-            path = self._child(parent_inode, name)
-            open_flags = _backing_flags(flags) | os.O_CREAT
+        parent = self._inode(parent_inode)
+        creds = self._creds(ctx)
+        base = _backing_flags(flags) | os.O_NOFOLLOW
+        with self._acting(creds):
             try:
-                fd = os.open(path, open_flags | os.O_EXCL, mode & ~ctx.umask)
-                created = True
+                fd = os.open(
+                    name, base | os.O_CREAT | os.O_EXCL, mode & ~ctx.umask, dir_fd=self._fd(parent)
+                )
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
-                fd = os.open(path, open_flags & ~os.O_CREAT)
-                created = False
-            try:
-                if created:
-                    os.fchown(fd, ctx.uid, ctx.gid)
-                entry = self._entry(os.fstat(fd))
-            except BaseException:
-                os.close(fd)
-                raise
-        except OSError as exc:
-            raise FUSEError(exc.errno or errno.EIO) from None
-        self._add_path(entry.st_ino, path)
-        self._fd_inodes[fd] = entry.st_ino
+                # made on BACKING since the kernel's lookup: open it, but never
+                # wait on a FIFO or open anything but a regular file
+                fd = os.open(name, base | os.O_NONBLOCK, dir_fd=self._fd(parent))
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise FUSEError(errno.EEXIST)
+                    if not flags & os.O_NONBLOCK:
+                        os.set_blocking(fd, True)
+                except BaseException:
+                    os.close(fd)
+                    raise
+        try:
+            st = os.fstat(fd)
+            # the inode's own O_PATH fd, from the open file itself: no second lookup
+            pfd = os.open(_proc(fd), _PATH_FLAGS & ~os.O_NOFOLLOW)
+        except BaseException:
+            os.close(fd)
+            raise
+        ino = self._remember(pfd, st, parent_inode, name)
+        entry = self._entry(st)
+        self._handles[fd] = _Handle(fd, ino, creds)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
 
-    @_fuse_errors
+    @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh in self._replay_fhs:
             return _SYNTHETIC_BYTE
         return os.pread(fh, size, off)
 
-    @_fuse_errors
+    @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh in self._replay_fhs:
             raise FUSEError(errno.EBADF)
-        return os.pwrite(fh, buf, off)
+        # as the opener: BACKING clears set-user-ID bits on a write by anyone
+        # without CAP_FSETID, which a root write would keep
+        with self._acting(self._handles[fh].creds):
+            return os.pwrite(fh, buf, off)
 
-    @_fuse_errors
+    @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh in self._replay_fhs:
             return
@@ -526,19 +826,62 @@ class Overlay(pyfuse3.Operations):
         else:
             os.fsync(fh)
 
-    @_fuse_errors
+    @_handler
     async def release(self, fh: int) -> None:
         if fh in self._replay_fhs:
             self._replay_fhs.discard(fh)
             return
-        self._fd_inodes.pop(fh, None)
+        self._handles.pop(fh, None)
         os.close(fh)
+
+    # --- replays: the one place that serves without opening a file ------------
+
+    def _replay_open(self, inode: int, expected: int, backing_path: str) -> pyfuse3.FileInfo:
+        """Answer a replay thread's open of ``inode`` with a synthetic handle.
+
+        The name the replay thread opened may lead to another file now
+        (renamed or replaced on BACKING, or the kernel's dentry is older than
+        that): an event on it would be a lie, so ESTALE unless
+        ``backing_path`` leads, without following a symlink, to ``expected``,
+        a regular file.  The file is never opened.
+        """
+        node = self._inodes.get(inode)
+        if self._fuse_ino(expected) != inode or node is None or node.kind != stat.S_IFREG:
+            raise FUSEError(errno.ESTALE)
+        if self._walk(backing_path) != (node.dev, node.ino):
+            raise FUSEError(errno.ESTALE)
+        fh = self._next_replay_fh
+        self._next_replay_fh += 1
+        self._replay_fhs.add(fh)
+        # keep_cache: a synthetic open must not drop real readers' pages;
+        # direct_io: our 1-byte reply must not shrink the cached size.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=True)
+
+    def _walk(self, backing_path: str) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of ``backing_path``, one O_PATH|O_NOFOLLOW step at a time."""
+        rel = os.path.relpath(backing_path, self.backing)
+        if rel.startswith(".."):
+            return None
+        fd = os.dup(self._fd(self._inodes[pyfuse3.ROOT_INODE]))
+        try:
+            for part in rel.split(os.sep):
+                if part in ("", "."):
+                    continue
+                nfd = os.open(part, _PATH_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino)
 
     # --- the rest ------------------------------------------------------------
 
-    @_fuse_errors
+    @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = os.statvfs(self.backing)
+        st = os.statvfs(_proc(self._fd(self._inodes[pyfuse3.ROOT_INODE])))
         out = pyfuse3.StatvfsData()
         for field in (
             "f_bsize",
@@ -554,20 +897,62 @@ class Overlay(pyfuse3.Operations):
             setattr(out, field, getattr(st, field))
         return out
 
-    @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.getxattr(self._path(inode), name, follow_symlinks=False)
+    @contextlib.contextmanager
+    def _xattr_path(self, inode: int, name: bytes = b"") -> Iterator[str]:
+        if name.startswith(self._hidden_xattrs):
+            raise FUSEError(errno.EOPNOTSUPP)
+        node = self._inode(inode)
+        if node.kind == stat.S_IFLNK:
+            # no way to reach a symlink's own xattrs through its fd (the magic
+            # link would follow it); Linux allows only trusted.* there anyway
+            raise FUSEError(errno.EOPNOTSUPP)
+        with self._path_fd(node) as fd:
+            yield _proc(fd)
 
-    @_fuse_errors
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
+            return os.getxattr(path, name)
+
+    @_handler
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        os.setxattr(self._path(inode), name, value, follow_symlinks=False)
+        with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
+            os.setxattr(path, name, value)
 
-    @_fuse_errors
+    @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in os.listxattr(self._path(inode), follow_symlinks=False)]
+        with self._xattr_path(inode) as path, self._acting(self._creds(ctx)):
+            names = [os.fsencode(n) for n in os.listxattr(path)]
+        return [n for n in names if not n.startswith(self._hidden_xattrs)]
 
-    @_fuse_errors
+    @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        os.removexattr(self._path(inode), name, follow_symlinks=False)
+        with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
+            os.removexattr(path, name)
+
+
+def _raise_fd_limit() -> None:
+    # One O_PATH fd per inode the kernel looked up.  Root may raise the hard
+    # limit up to fs.nr_open unless its capabilities are bounded (a
+    # container); then the soft limit goes up to the hard one.  Past the
+    # limit a lookup is served fd-less, and a call that needs an fd it cannot
+    # open fails with EMFILE; the shim goes on serving.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _FD_LIMIT
+    try:
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
+            want = min(want, int(f.read()))
+    except (OSError, ValueError):
+        want = hard
+    if hard == resource.RLIM_INFINITY or want <= hard:
+        want = hard
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        except (OSError, ValueError):
+            continue
+        log.debug("open-file limit: %d", limit)
+        return
+    log.warning("cannot raise the open-file limit: stays %d", soft)

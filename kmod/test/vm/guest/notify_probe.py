@@ -10,6 +10,10 @@ Subcommands (each one process, so each is its own reader tgid):
     notify_probe.py try MNT              one drain without WAIT; prints "ok N" or the errno name
     notify_probe.py hold MNT             attach, print "attached", then sleep until killed
     notify_probe.py detach MNT           DETACH; prints "ok" or the errno name
+    notify_probe.py wait MNT             attach, print "waiting", then block in WAIT (no timeout)
+    notify_probe.py thread-detach MNT    attach; a second thread blocks in WAIT while the
+                                         first DETACHes; prints what each call returned,
+                                         then "detached" and sleeps until killed
     notify_probe.py record SOCKET OUT    append every message to OUT until SIGTERM
 """
 
@@ -22,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from notifyd import abi
@@ -102,6 +107,66 @@ def cmd_detach(mnt: str) -> int:
     return 0
 
 
+def in_ioctl(tid: int) -> bool:
+    """True while thread ``tid`` of this process sits in ioctl(2) (x86-64 nr 16)."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0] == "16"
+    except (OSError, IndexError):
+        return False
+
+
+def cmd_wait(mnt: str) -> int:
+    d = Drainer(mnt)
+    try:
+        d.ioctl()
+    except OSError as exc:
+        print(errno_name(exc), flush=True)
+        return 1
+    print("waiting", flush=True)
+    # returns only when a record comes: the test kills us before any does
+    recs, _ = d.ioctl(abi.READ_NOTIFY_WAIT, 0)
+    print(f"woke with {len(recs) // abi.RECORD_SIZE}", flush=True)
+    return 0
+
+
+def cmd_thread_detach(mnt: str) -> int:
+    d = Drainer(mnt)
+    d.ioctl()
+    got: list[str] = []
+    tid: list[int] = []
+
+    def waiter() -> None:
+        tid.append(threading.get_native_id())
+        try:
+            recs, _ = d.ioctl(abi.READ_NOTIFY_WAIT, 0)
+            got.append(f"ok {len(recs) // abi.RECORD_SIZE}")
+        except OSError as exc:
+            got.append(errno_name(exc))
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    # the sentinel: the waiter is inside the ioctl before we detach
+    end = time.monotonic() + 60
+    while not (tid and in_ioctl(tid[0])):
+        if time.monotonic() > end:
+            print("waiter never entered the ioctl", flush=True)
+            return 1
+        time.sleep(0.05)
+    try:
+        d.ioctl(abi.READ_NOTIFY_DETACH)
+        detach = "ok"
+    except OSError as exc:
+        detach = errno_name(exc)
+    t.join(60)
+    print(f"detach {detach} waiter {got[0] if got else 'still blocked'}", flush=True)
+    if t.is_alive():
+        return 1
+    print("detached", flush=True)
+    while True:
+        time.sleep(3600)
+
+
 def cmd_record(sock_path: str, out: str) -> int:
     """Append each message to OUT; "connected" on stdout once the socket is up."""
     stop = False
@@ -131,7 +196,14 @@ def cmd_record(sock_path: str, out: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    cmds = {"try": cmd_try, "hold": cmd_hold, "detach": cmd_detach, "record": cmd_record}
+    cmds = {
+        "try": cmd_try,
+        "hold": cmd_hold,
+        "detach": cmd_detach,
+        "record": cmd_record,
+        "wait": cmd_wait,
+        "thread-detach": cmd_thread_detach,
+    }
     if not argv or argv[0] not in cmds:
         print(__doc__, file=sys.stderr)
         return 2

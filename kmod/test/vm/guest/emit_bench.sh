@@ -1,0 +1,113 @@
+#!/bin/bash
+# The emit cost on the real kernel (bench/kmod_emit.py): one read-heavy
+# workload timed on one filesystem three ways, rounds interleaved:
+# the unpatched module, the patched one with no reader, and the patched one
+# with scoutfs-notifyd attached and draining.
+#
+#   emit_bench.sh VENV_BIN WORKLOAD OUTDIR REPEATS ROUNDS CHUNK FILES
+#
+# SCOUTFS_BUILD is the unpatched build (its utils make the filesystem),
+# PATCHED_BUILD the patched one.  OUTDIR/emit.tsv gets one line per run:
+# "variant<TAB>seconds<TAB>opens<TAB>reads<TAB>emitted<TAB>dropped" (the last
+# two: the mount's notify counters moved by that run).
+# Disks: /dev/vda (meta), /dev/vdb (data).  With two vCPUs or more the
+# workload runs on CPU 0 and the daemon on CPU 1, as a daemon on a core of
+# its own would; with one they share it.
+here=$(dirname "$(readlink -f "$0")")
+. "$here/lib.sh"
+bin=$1
+workload=$2
+out=$3
+repeats=$4
+rounds=$5
+chunk=$6
+nfiles=$7
+: "${PATCHED_BUILD:?PATCHED_BUILD (the patched build-scoutfs OUTDIR) is not set}"
+unpatched=$SCOUTFS_BUILD
+mkdir -p "$out"
+tsv=$out/emit.tsv
+: >"$tsv"
+mnt=/mnt/bench
+on_workload_cpu=()
+on_daemon_cpu=()
+if [ "$(nproc)" -ge 2 ]; then
+	on_workload_cpu=(taskset -c 0)
+	on_daemon_cpu=(taskset -c 1)
+fi
+list=/tmp/files
+
+modprobe -a virtio_blk libcrc32c loop dm_mod
+mkfs_single /dev/vda /dev/vdb
+
+up() { # BUILD
+	insmod "$1/scoutfs.ko"
+	mount_scoutfs /dev/vda /dev/vdb "$mnt" 0
+}
+
+down() {
+	umount "$mnt"
+	rmmod scoutfs
+}
+
+counter() { # NAME: the mount's notify counter, 0 on the unpatched module
+	local d
+	d=$(sysfs_dir_of "$mnt")
+	cat "$d/counters/$1" 2>/dev/null || echo 0
+}
+
+# one timed run; the page cache is warm from the run before it
+run() { # VARIANT
+	local e0 d0 r
+	e0=$(counter notify_emitted)
+	d0=$(counter notify_dropped_ring_full)
+	r=$("${on_workload_cpu[@]}" "$workload" "$rounds" "$chunk" <"$list") || die "workload failed"
+	printf '%s\t%s\t%s\t%s\n' "$1" "$(echo "$r" | tr ' ' '\t')" \
+		"$(($(counter notify_emitted) - e0))" \
+		"$(($(counter notify_dropped_ring_full) - d0))" >>"$tsv"
+}
+
+warm() {
+	"$workload" 1 "$chunk" <"$list" >/dev/null || die "workload failed"
+}
+
+up "$unpatched"
+mkdir -p "$mnt/files"
+for i in $(seq "$nfiles"); do
+	head -c 16384 /dev/urandom >"$mnt/files/f$i"
+done
+ls -d "$mnt"/files/* >"$list"
+sync
+down
+log "filesystem with $nfiles files of 16 KiB; $repeats repeats of $rounds rounds, $chunk-byte reads; $(nproc) vCPU"
+
+sock=/run/emit-bench/notify.sock
+mkdir -p /run/emit-bench
+with_daemon() {
+	"${on_daemon_cpu[@]}" "$bin/scoutfs-notifyd" "$mnt" --socket "$sock" --log-level warning \
+		>>"$out/daemon.log" 2>&1 &
+	local pid=$!
+	local n=0
+	until [ -S "$sock.stats" ]; do
+		sleep 0.2
+		n=$((n + 1))
+		[ "$n" -lt 600 ] || die "daemon did not start: see daemon.log"
+	done
+	run patched-daemon
+	kill -TERM "$pid"
+	wait "$pid" || die "daemon exited non-zero"
+}
+
+for i in $(seq "$repeats"); do
+	# the order alternates so that drift over the run hits every variant alike
+	if [ $((i % 2)) = 1 ]; then
+		up "$unpatched" && warm && run unpatched && down
+		up "$PATCHED_BUILD" && warm && run patched-no-reader && with_daemon && down
+	else
+		up "$PATCHED_BUILD" && warm && with_daemon && run patched-no-reader && down
+		up "$unpatched" && warm && run unpatched && down
+	fi
+	log "repeat $i done"
+done
+check_dmesg
+cat "$tsv"
+log "emit bench ok"
