@@ -196,7 +196,7 @@ def _figures(stage: Stage, runs: dict[str, list[tuple[float, int, int, int]]], s
         )
         if not fig.met:
             if variant == "patched-no-reader":
-                fig.why = "outside the noise this loaded host gives (see the per-repeat ratios)"
+                fig.why = "not shown within this run's noise (see the per-repeat ratios)"
             elif smp == 1:
                 fig.why = "the daemon's drain and relay share the guest's only vCPU"
             else:
