@@ -23,6 +23,7 @@ HARNESS = ROOT / "kmod" / "test" / "harness"
 SOURCES = [
     ROOT / "bench" / "ring_bench.c",
     HARNESS / "kshim.c",
+    HARNESS / "ioctl.c",
     ROOT / "kmod" / "src" / "notify.c",
 ]
 # the harness Makefile's flags, so the code is compiled as its tests compile it

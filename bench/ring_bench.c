@@ -15,19 +15,19 @@
  */
 #include "kshim.h"
 #include "super.h"
+#include "ioctl.h"
 #include "notify.h"
-#include "notify_ioctl.h"
 
 #include <fcntl.h>
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
 
-#define REC_SIZE	sizeof(struct scoutfs_notify_record)
+#define REC_SIZE	sizeof(struct scoutfs_ioctl_notify_record)
 #define RING_NR		1024	/* NOTIFY_RING_NR in notify.c */
 #define MAX_THREADS	2
 
-static struct scoutfs_notify_record drained[RING_NR];
+static struct scoutfs_ioctl_notify_record drained[RING_NR];
 
 static u64 now_ns(void)
 {
@@ -101,7 +101,7 @@ static long drain(struct mount *m, u32 flags, u32 timeout_ms)
 		.timeout_ms = timeout_ms,
 	};
 
-	return scoutfs_notify_ioctl_read(&m->file, (unsigned long)&rn);
+	return scoutfs_ioctl(&m->file, SCOUTFS_IOC_READ_NOTIFY, (unsigned long)&rn);
 }
 
 /* --- baselines --- */
@@ -115,21 +115,21 @@ static void __attribute__((noinline)) empty_call(struct file *file, loff_t pos, 
 /* the cheapest ring there is: a 64-byte copy under the same lock type */
 struct plain_ring {
 	spinlock_t lock;
-	struct scoutfs_notify_record ring[RING_NR];
+	struct scoutfs_ioctl_notify_record ring[RING_NR];
 	u64 head;
 	u64 tail;
 };
 
 static struct plain_ring plain;
 
-static void plain_emit(const struct scoutfs_notify_record *rec)
+static void plain_emit(const struct scoutfs_ioctl_notify_record *rec)
 {
-	spin_lock_irq(&plain.lock);
+	spin_lock(&plain.lock);
 	if (plain.tail - plain.head < RING_NR) {
 		memcpy(&plain.ring[plain.tail % RING_NR], rec, REC_SIZE);
 		plain.tail++;
 	}
-	spin_unlock_irq(&plain.lock);
+	spin_unlock(&plain.lock);
 }
 
 static long plain_drain(void)
@@ -137,12 +137,12 @@ static long plain_drain(void)
 	long n;
 	long i;
 
-	spin_lock_irq(&plain.lock);
+	spin_lock(&plain.lock);
 	n = plain.tail - plain.head;
 	for (i = 0; i < n; i++)
 		memcpy(&drained[i], &plain.ring[(plain.head + i) % RING_NR], REC_SIZE);
 	plain.head = plain.tail;
-	spin_unlock_irq(&plain.lock);
+	spin_unlock(&plain.lock);
 	return n;
 }
 
@@ -208,7 +208,7 @@ struct emitter {
 static void *emitter_thread(void *arg)
 {
 	struct emitter *e = arg;
-	struct scoutfs_notify_record rec = { .seq = 1 };
+	struct scoutfs_ioctl_notify_record rec = { .seq = 1 };
 	long i;
 
 	if (e->m) {
@@ -244,7 +244,7 @@ static double threaded(struct mount *m, struct proc *p, int nr, long ops)
 	/* the daemon's loop: a bounded WAIT, then whatever is there */
 	while (atomic_load(&emitters_done) < nr) {
 		if (m)
-			drain(m, SCOUTFS_READ_NOTIFY_WAIT, 10);
+			drain(m, SCOUTFS_IOC_READ_NOTIFY_WAIT, 10);
 		else
 			plain_drain();
 	}
@@ -255,7 +255,7 @@ static double threaded(struct mount *m, struct proc *p, int nr, long ops)
 
 int main(int argc, char **argv)
 {
-	struct scoutfs_notify_record rec = { .seq = 1 };
+	struct scoutfs_ioctl_notify_record rec = { .seq = 1 };
 	struct mount m;
 	struct proc p;
 	long ops = argc > 1 ? atol(argv[1]) : 10000000;

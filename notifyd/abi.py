@@ -1,7 +1,8 @@
 """The scoutfs-notify ABI, version 1: record layout, ioctls and socket limits.
 
 This module is the only Python statement of ``docs/ABI.md``; the C
-statement is ``kmod/src/notify_ioctl.h``, and ``tests/test_abi.py`` compiles
+statement is ``kmod/src/ioctl-read-notify.h`` (the part of scoutfs's
+``ioctl.h`` that the kernel series adds), and ``tests/test_abi.py`` compiles
 that header to prove the two agree.  Nothing else re-declares a layout or an
 ioctl number.
 """
@@ -169,7 +170,7 @@ def _iowr(typ: int, nr: int, size: int) -> int:
 
 IOCTL_MAGIC = 0xE8
 
-# struct scoutfs_ioctl_read_notify: buf_ptr buf_bytes flags timeout_ms __pad dropped
+# struct scoutfs_ioctl_read_notify: buf_ptr buf_bytes flags timeout_ms _pad dropped
 READ_NOTIFY = struct.Struct("<QIIIIQ")
 READ_NOTIFY_WAIT = 1 << 0
 READ_NOTIFY_DETACH = 1 << 1

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from . import abi, ioctls, paths
 from .client import Gap, Subscriber
+from .peer import UntrustedPeerError, check_peer
 from .stats import read_stats
 
 __all__ = ["PathResolver", "format_json", "format_text", "main"]
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add each file's path (relative to MOUNT) with SCOUTFS_IOC_INO_PATH; "
         "needs MOUNT on scoutfs and CAP_DAC_READ_SEARCH",
     )
+    from .cluster.watch import add_watch_args  # here: it imports this module
+
+    add_watch_args(w)
     s = sub.add_parser(
         "stats",
         help="print the daemon's counters",
@@ -81,8 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     _add_target(s, "the daemon's JSON document as it is")
     args = p.parse_args(argv)
-    if not args.socket and not args.mount:
-        p.error("give MOUNT or --socket PATH")
+    if not args.socket and not args.mount and not getattr(args, "nats", None):
+        p.error(
+            "give MOUNT or --socket PATH" + (" (or --nats URL)" if args.command == "watch" else "")
+        )
     if getattr(args, "resolve_paths", False) and not args.mount:
         p.error("--resolve-paths needs MOUNT (paths are relative to it)")
     return args
@@ -180,6 +186,7 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
     out = sys.stdout
     try:
         with Subscriber(sock_path) as sub:
+            check_peer(sub.sock, sock_path)
             while (batch := sub.recv_batch()) is not None:
                 for ev in sub.tracker.events(batch):
                     if isinstance(ev, abi.Record) and ev.type not in abi.TYPE_NAMES:
@@ -247,6 +254,10 @@ def _explain(exc: OSError, where: Path, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "watch" and args.nats:
+        from .cluster.watch import run_watch
+
+        return run_watch(args)
     try:
         sock_path = _socket_path(args)
     except OSError as exc:
@@ -264,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 _print_stats(doc)
             return 0
         return _watch(args, sock_path)
+    except UntrustedPeerError as exc:
+        return _say(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -4,9 +4,9 @@ One root nursery runs the broadcaster, the stats socket, the source and two
 watchers; a SIGTERM, SIGINT or SIGHUP cancels it, and cleanup (detach from
 the ring, unlink the sockets) runs on the way out whatever ended the run.
 
-- A socket file removed under the running daemon is noticed within
-  ``SOCKET_CHECK_INTERVAL`` and bound again (connected clients keep their
-  connections).
+- A socket file removed under the running daemon is noticed at once
+  (inotify on its directory; at the latest within ``SOCKET_CHECK_INTERVAL``)
+  and bound again (connected clients keep their connections).
 - The watched mount unmounted under the running daemon ends it with status
   1 and a log line, so that systemd restarts it (:mod:`notifyd.mountwatch`).
 """
@@ -14,6 +14,7 @@ the ring, unlink the sockets) runs on the way out whatever ended the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 import trio
 
-from . import paths
+from . import libc, paths
 from .broadcast import Broadcaster
 from .errors import DaemonError
 from .listen import Listener, bind_listener, prepare_dir
@@ -42,9 +43,12 @@ log = logging.getLogger("scoutfs-notifyd")
 
 DEFAULT_CLIENT_QUEUE = 256
 DEFAULT_MAX_CLIENTS = 1024
-# How often the daemon checks that its socket files still exist: the longest
-# a client finds no socket after an operator (or a tmpfiles cleaner) removed it.
+# inotify wakes the daemon when a socket file is removed; it also looks this
+# often, for what inotify on the socket's directory cannot see (the directory
+# itself, or one above it, removed): the longest a client finds no socket.
 SOCKET_CHECK_INTERVAL = 1.0
+# inotify events on a socket's directory that may mean a socket file went away
+_REMOVALS = 0x200 | 0x40 | 0x400 | 0x800  # IN_DELETE, IN_MOVED_FROM, IN_DELETE_SELF, IN_MOVE_SELF
 # Descriptors the daemon needs besides one per client: sockets, epoll sets,
 # the log, connections accepted but not yet counted, and the fanotify
 # source's event fds (one per event in a 64 KiB read).
@@ -56,6 +60,10 @@ MAX_GID = 2**32 - 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scoutfs-notifyd",
+        epilog="SIGTERM, SIGINT or SIGHUP stop it and remove its sockets (status 0). A socket "
+        "removed under it is bound again; the watched mount unmounted under it ends it with "
+        "status 1. Bad input or an unsafe socket directory: one line that says why, status 1 "
+        "(2 for a malformed option).",
         description=(
             "Relay file access records to local clients over an AF_UNIX SOCK_SEQPACKET "
             "socket. The scoutfs source drains the notify ring of a scoutfs mount (kernel "
@@ -74,18 +82,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--socket",
         metavar="PATH",
         help="serve here instead of RUN_DIR/<fsid>/notify.sock (needed for a second mount "
-        "of one filesystem); its directory must exist",
+        "of one filesystem); its directory must exist, belong to root and be writable by "
+        "root alone",
     )
     p.add_argument(
         "--run-dir",
         metavar="DIR",
         default=str(paths.RUN_DIR),
-        help="parent of the per-filesystem socket directories (default: %(default)s)",
+        help="parent of the per-filesystem socket directories, made 0700 if missing; an "
+        "existing one keeps its mode and must be writable by root alone "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--socket-group",
         metavar="GROUP",
-        help="let this group connect (socket 0660) instead of root alone (0600)",
+        help="let this group (a name or a number) connect (socket 0660) instead of root "
+        "alone (0600)",
     )
     p.add_argument(
         "--client-queue",
@@ -100,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         type=int,
         default=DEFAULT_MAX_CLIENTS,
-        help="connections beyond this are closed at once (default: %(default)s)",
+        help="connections beyond this are closed at once (default: %(default)s; fewer, "
+        "with a warning, if the open-file limit cannot hold them)",
     )
     p.add_argument(
         "--log-level",
@@ -142,9 +155,12 @@ def _fit_fd_limit(max_clients: int) -> int:
             soft = hard
         except (OSError, ValueError) as exc:
             log.warning("cannot raise the open-file limit to %d: %s", hard, exc)
-    if soft == resource.RLIM_INFINITY or soft >= max_clients + RESERVED_FDS:
+    if soft == resource.RLIM_INFINITY:
         return max_clients
-    fit = max(1, soft - RESERVED_FDS)
+    # under a low hard limit, keep half of it for the daemon's own needs
+    fit = max(1, soft - min(RESERVED_FDS, soft // 2))
+    if max_clients <= fit:
+        return max_clients
     log.warning(
         "--max-clients %d does not fit the open-file limit (%d): serving at most %d clients",
         max_clients,
@@ -199,6 +215,14 @@ def _socket_path(args: argparse.Namespace, source: Source, gid: int | None) -> P
     return path
 
 
+def _watch_removals(ino: int, listeners: list[Listener]) -> None:
+    """Have inotify wake the daemon when a socket's directory loses an entry."""
+    for parent in {item.path.parent for item in listeners}:
+        # again each time: a directory removed and made again is a new inode
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            libc.inotify_add_watch(ino, parent, _REMOVALS)
+
+
 async def _keep_sockets(
     listeners: list[Listener],
     relay: Broadcaster,
@@ -208,29 +232,59 @@ async def _keep_sockets(
 ) -> None:
     """Bind a socket again when its file is removed under the running daemon.
 
-    Raises:
-        DaemonError: it cannot be bound again (its directory is gone and
-            cannot be made again, or something else holds the path).
+    inotify on the sockets' directories says when to look; a look every
+    ``SOCKET_CHECK_INTERVAL`` covers what it cannot see (a removed ancestor).
+
+    A socket that cannot be bound again (its directory is gone and cannot
+    be made again, or something else holds the path) is logged, once per
+    cause, and tried again at every look; connected clients are served
+    meanwhile.
     """
-    task_status.started()
-    while True:
-        await trio.sleep(SOCKET_CHECK_INTERVAL)
-        for item in listeners:
-            if item.present():
-                continue
-            log.warning("%s was removed: binding it again", item.path)
-            try:
-                prepare()
-                old = item.rebind()
-            except OSError as exc:
-                where = f"{exc.filename}: " if exc.filename else ""
-                raise DaemonError(f"cannot bind the socket again: {where}{exc.strerror}") from None
-            if old is relay.listener:
-                relay.replace_listener(item.sock)
-            else:
-                # the stats server waits on the old socket: wake it onto the new one
-                trio.lowlevel.notify_closing(old)
-            old.close()
+    ino = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    # per socket path, why the last attempt to bind it again failed
+    failing: dict[Path, str] = {}
+    try:
+        _watch_removals(ino, listeners)
+        task_status.started()
+        while True:
+            with trio.move_on_after(SOCKET_CHECK_INTERVAL):
+                await trio.lowlevel.wait_readable(ino)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(ino, 65536):
+                    pass  # which entry went does not matter: every socket is checked
+            for item in listeners:
+                if item.present():
+                    continue
+                if item.path not in failing:
+                    log.warning("%s was removed: binding it again", item.path)
+                try:
+                    prepare()
+                    old = item.rebind()
+                except (OSError, DaemonError) as exc:
+                    why = str(exc)
+                    if isinstance(exc, OSError):
+                        where = f"{exc.filename}: " if exc.filename else ""
+                        why = f"{where}{exc.strerror}"
+                    if failing.get(item.path) != why:
+                        log.error(
+                            "cannot bind %s again: %s (trying again every %.0f s)",
+                            item.path,
+                            why,
+                            SOCKET_CHECK_INTERVAL,
+                        )
+                    failing[item.path] = why
+                    continue
+                if failing.pop(item.path, None) is not None:
+                    log.info("%s is bound again", item.path)
+                if old is relay.listener:
+                    relay.replace_listener(item.sock)
+                else:
+                    # the stats server waits on the old socket: wake it onto the new one
+                    trio.lowlevel.notify_closing(old)
+                old.close()
+            _watch_removals(ino, listeners)
+    finally:
+        os.close(ino)
 
 
 async def serve(args: argparse.Namespace, source_factory: SourceFactory = make_source) -> None:

@@ -20,6 +20,8 @@ __all__ = [
     "fanotify_init",
     "fanotify_mark",
     "fchownat",
+    "inotify_add_watch",
+    "inotify_init1",
     "ioctl",
     "renameat2",
     "setfsgid",
@@ -54,6 +56,10 @@ _libc.fanotify_mark.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.fanotify_mark.restype = ctypes.c_int
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_init1.restype = ctypes.c_int
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_add_watch.restype = ctypes.c_int
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 _libc.renameat2.argtypes = [
@@ -110,6 +116,16 @@ def fanotify_init(flags: int, event_f_flags: int) -> int:
 def fanotify_mark(fan_fd: int, flags: int, mask: int, dirfd: int, path: str | bytes) -> None:
     """``fanotify_mark(2)``."""
     _check(_libc.fanotify_mark(fan_fd, flags, mask, dirfd, os.fsencode(path)), path)
+
+
+def inotify_init1(flags: int) -> int:
+    """``inotify_init1(2)``: a new inotify instance's fd."""
+    return _check(_libc.inotify_init1(flags))
+
+
+def inotify_add_watch(fd: int, path: str | bytes | os.PathLike[str], mask: int) -> int:
+    """``inotify_add_watch(2)``: the watch descriptor."""
+    return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask), path)
 
 
 def umount2(path: str | bytes, flags: int) -> None:

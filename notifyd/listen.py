@@ -280,6 +280,23 @@ def bind_listener(
         raise
 
 
+_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+}
+
+
+def _not_a_socket(path: Path, st: os.stat_result) -> str:
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a socket")
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path}: is a directory: give the socket's own path, e.g. {path / 'notify.sock'}"
+    return f"{path}: exists and is {kind}, not a socket: choose another --socket"
+
+
 def _same_file(path: Path, fd: int) -> bool:
     try:
         st = os.lstat(path)
@@ -300,7 +317,7 @@ def _bind_socket(path: Path, kind: int, gid: int | None) -> socket.socket:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise DaemonError(f"{path}: exists and is not a socket: remove it")
+            raise DaemonError(_not_a_socket(path, st))
         if _probe(path):
             raise _live(path)
         log.info("replacing stale socket %s", path)
@@ -309,8 +326,9 @@ def _bind_socket(path: Path, kind: int, gid: int | None) -> socket.socket:
     # is replaced in one step.
     tmp = path.with_name(f".{path.name}.new")
     with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(tmp).st_mode):
-            raise DaemonError(f"{tmp}: exists and is not a socket: remove it")
+        tmp_st = os.lstat(tmp)
+        if not stat.S_ISSOCK(tmp_st.st_mode):
+            raise DaemonError(_not_a_socket(tmp, tmp_st))
         os.unlink(tmp)  # left by a daemon that died while starting
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     bound = False

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from .listen import Listener
+from .peer import check_peer
 
 __all__ = ["read_stats", "serve_stats"]
 
@@ -66,10 +67,12 @@ def read_stats(path: str, timeout: float = 5.0) -> dict[str, Any]:
     Raises:
         OSError: cannot connect, or no answer within ``timeout``.
         ValueError: the answer is not a JSON object (not a daemon's socket).
+        UntrustedPeerError: neither root nor the caller serves ``path``.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        check_peer(sock, path)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)

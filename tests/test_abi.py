@@ -12,39 +12,44 @@ from hypothesis import strategies as st
 
 from notifyd import abi
 
-HEADER = Path(__file__).resolve().parent.parent / "kmod" / "src" / "notify_ioctl.h"
+# the part of scoutfs's ioctl.h that kmod/gen-series appends, with ioctl nr 25
+HEADER = Path(__file__).resolve().parent.parent / "kmod" / "src" / "ioctl-read-notify.h"
 
 FIELDS = [
     "seq", "ino", "time_ns", "pos", "count", "pid", "uid", "gid", "flags",
-    "type", "version", "reserved",
+    "type", "version", "_pad",
 ]  # fmt: skip
-IOCTL_FIELDS = ["buf_ptr", "buf_bytes", "flags", "timeout_ms", "__pad", "dropped"]
+IOCTL_FIELDS = ["buf_ptr", "buf_bytes", "flags", "timeout_ms", "_pad", "dropped"]
 
 PROGRAM = r"""
 #include <stddef.h>
 #include <stdio.h>
 #include <linux/types.h>
 #include <linux/ioctl.h>
-#include "notify_ioctl.h"
+
+/* what scoutfs's ioctl.h and the kernel define before the part */
+#define SCOUTFS_IOCTL_MAGIC 0xE8
+#define U32_MAX ((__u32)~0U)
+#include "ioctl-read-notify.h"
 
 #define REC(f) printf("record.%s %zu %zu\n", #f, \
-	offsetof(struct scoutfs_notify_record, f), \
-	sizeof(((struct scoutfs_notify_record *)0)->f));
+	offsetof(struct scoutfs_ioctl_notify_record, f), \
+	sizeof(((struct scoutfs_ioctl_notify_record *)0)->f));
 #define ARG(f) printf("ioctl.%s %zu %zu\n", #f, \
 	offsetof(struct scoutfs_ioctl_read_notify, f), \
 	sizeof(((struct scoutfs_ioctl_read_notify *)0)->f));
 
 int main(void)
 {
-	printf("record.sizeof %zu\n", sizeof(struct scoutfs_notify_record));
+	printf("record.sizeof %zu\n", sizeof(struct scoutfs_ioctl_notify_record));
 	printf("ioctl.sizeof %zu\n", sizeof(struct scoutfs_ioctl_read_notify));
 	%FIELDS%
-	printf("VERSION %d\n", SCOUTFS_NOTIFY_VERSION);
-	printf("TYPE_OPEN %d\n", SCOUTFS_NOTIFY_OPEN);
-	printf("TYPE_READ %d\n", SCOUTFS_NOTIFY_READ);
-	printf("READ_NOTIFY_WAIT %u\n", (unsigned)SCOUTFS_READ_NOTIFY_WAIT);
-	printf("READ_NOTIFY_DETACH %u\n", (unsigned)SCOUTFS_READ_NOTIFY_DETACH);
-	printf("READ_NOTIFY_UNKNOWN %u\n", (unsigned)SCOUTFS_READ_NOTIFY_UNKNOWN);
+	printf("VERSION %d\n", SCOUTFS_IOC_NOTIFY_VERSION);
+	printf("TYPE_OPEN %d\n", SCOUTFS_IOC_NOTIFY_OPEN);
+	printf("TYPE_READ %d\n", SCOUTFS_IOC_NOTIFY_READ);
+	printf("READ_NOTIFY_WAIT %u\n", (unsigned)SCOUTFS_IOC_READ_NOTIFY_WAIT);
+	printf("READ_NOTIFY_DETACH %u\n", (unsigned)SCOUTFS_IOC_READ_NOTIFY_DETACH);
+	printf("READ_NOTIFY_UNKNOWN %u\n", (unsigned)SCOUTFS_IOC_READ_NOTIFY_UNKNOWN);
 	printf("IOC_READ_NOTIFY %lu\n", (unsigned long)SCOUTFS_IOC_READ_NOTIFY);
 	return 0;
 }
@@ -59,10 +64,16 @@ def _c_facts(tmp_path: Path, nr: int | None) -> dict[str, tuple[int, ...]]:
     src = tmp_path / "abi.c"
     src.write_text(PROGRAM.replace("%FIELDS%", fields))
     exe = tmp_path / f"abi{nr}"
-    defines = [] if nr is None else [f"-DSCOUTFS_IOC_READ_NOTIFY_NR={nr}"]
+    header = HEADER
+    if nr is not None:
+        # the nr as kmod/gen-series puts it into a release's ioctl.h
+        text = HEADER.read_text()
+        assert text.count("_IOWR(SCOUTFS_IOCTL_MAGIC, 25, ") == 1
+        header = tmp_path / HEADER.name
+        header.write_text(text.replace("MAGIC, 25, ", f"MAGIC, {nr}, "))
     subprocess.run(
-        [gcc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", *defines,
-         "-I", str(HEADER.parent), "-o", str(exe), str(src)],
+        [gcc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic",
+         "-I", str(header.parent), "-o", str(exe), str(src)],
         check=True,
     )  # fmt: skip
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout

@@ -16,9 +16,9 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "ABI.md"
 
 # | 0      | 8    | `seq`     | per-mount sequence number...
 ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*`(\w+)`\s*\|", re.M)
-# 	__u64 buf_ptr;     /* ... */
-C_FIELD = re.compile(r"^\s*__u(8|16|32|64)\s+(\w+);", re.M)
-C_DEFINE = re.compile(r"^#define\s+SCOUTFS_READ_NOTIFY_(WAIT|DETACH)\s+\(1 << (\d+)\)", re.M)
+# 	__u64 buf_ptr;     /* ... */  or  	__u8 _pad[4];  /* ... */
+C_FIELD = re.compile(r"^\s*__u(8|16|32|64)\s+(\w+)(?:\[(\d+)\])?;", re.M)
+C_DEFINE = re.compile(r"^#define\s+SCOUTFS_IOC_READ_NOTIFY_(WAIT|DETACH)\s+\(1 << (\d+)\)", re.M)
 
 
 def section(title: str) -> str:
@@ -50,8 +50,8 @@ def test_the_record_table_is_the_record() -> None:
 def test_the_ioctl_struct_and_flags_are_the_ioctls() -> None:
     text = section("3. The drain ioctl")
     fields = C_FIELD.findall(text)
-    assert [int(bits) // 8 for bits, _ in fields] == [
-        size for _, size, _ in python_layout(abi.READ_NOTIFY, [n for _, n in fields])
+    assert [int(bits) // 8 * int(n or 1) for bits, _, n in fields] == [
+        size for _, size, _ in python_layout(abi.READ_NOTIFY, [name for _, name, _ in fields])
     ]
     flags = {name: 1 << int(bit) for name, bit in C_DEFINE.findall(text)}
     assert flags == {"WAIT": abi.READ_NOTIFY_WAIT, "DETACH": abi.READ_NOTIFY_DETACH}

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from shim_support import need_fuse, run_shim
 
 from notifyd import abi, procs
 from notifyd.cli import format_json, format_text
@@ -346,6 +347,8 @@ def _daemon_bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*src, "--socket", "/tmp/nfy-bad-input.sock"], "writable by other users"),
         ([*src, "--run-dir", "/tmp"], "writable by other users"),
         ([*src, "--socket", str(tmp / "x" / "n.sock")], "not a directory or a symlink"),
+        ([*src, "--socket", "/dev/null"], "is a character device, not a socket"),
+        ([*src, "--socket", str(tmp / "b")], "is a directory: give the socket's own path"),
     ]
 
 
@@ -398,3 +401,91 @@ def test_every_bad_input_of_the_three_commands_is_one_clear_line(tmp_path) -> No
         assert want in err, (args, err)
     assert not os.path.lexists("/tmp/nfy-bad-input.sock")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
+
+
+# A user who may write a directory binds the names a daemon would serve there,
+# answers every connection with a forged record or stats, and says "ready".
+SQUATTER = """
+import socket, sys, threading
+path = sys.argv[1]
+forged = bytes(64)
+def serve(kind, name, answer):
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(name)
+    s.listen(8)
+    def loop():
+        while True:
+            c, _ = s.accept()
+            c.send(answer)
+    threading.Thread(target=loop, daemon=True).start()
+serve(socket.SOCK_SEQPACKET, path, forged)
+serve(socket.SOCK_STREAM, path + ".stats", b'{"clients": [], "records": 0}')
+print("ready", flush=True)
+sys.stdin.read()
+"""
+NOBODY = 65534
+
+
+def test_watch_and_stats_refuse_a_socket_another_user_serves(tmp_path) -> None:
+    open_dir = Path(tempfile.mkdtemp(prefix="nfy-sq-", dir="/tmp"))
+    try:
+        open_dir.chmod(0o1777)
+        path = open_dir / "notify.sock"
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        squatter = subprocess.Popen(
+            [*as_nobody, sys.executable, "-c", SQUATTER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert squatter.stdout.readline() == "ready\n"
+            for command in ("watch", "stats"):
+                err = _fails_cleanly([*CLI, command, "--socket", str(path)])
+                assert f"is served by uid {NOBODY} (pid {squatter.pid}), not by root" in err
+        finally:
+            squatter.stdin.close()
+            squatter.wait(FAIL_TIMEOUT)
+    finally:
+        shutil.rmtree(open_dir)
+
+
+def test_the_shim_refuses_a_socket_another_user_serves(tmp_path) -> None:
+    need_fuse()
+    open_dir = Path(tempfile.mkdtemp(prefix="nfy-sq-", dir="/tmp"))
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    try:
+        open_dir.chmod(0o1777)
+        path = open_dir / "notify.sock"
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        squatter = subprocess.Popen(
+            [*as_nobody, sys.executable, "-c", SQUATTER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert squatter.stdout.readline() == "ready\n"
+            with run_shim(backing, tmp_path / "mnt", path, ready_log="not by root") as shim:
+                log = shim.log()
+        finally:
+            squatter.stdin.close()
+            squatter.wait(FAIL_TIMEOUT)
+    finally:
+        shutil.rmtree(open_dir)
+    assert f"is served by uid {NOBODY} (pid {squatter.pid}), not by root" in log
+    assert "subscribed to" not in log
+    assert "Traceback" not in log
+
+
+def test_daemon_help_says_what_it_refuses_and_how_it_ends() -> None:
+    res = subprocess.run([*DAEMON, "--help"], capture_output=True, text=True, check=True)
+    text = " ".join(res.stdout.split())
+    for words in (
+        "SIGTERM, SIGINT or SIGHUP stop it and remove its sockets",
+        "the watched mount unmounted under it ends it with status 1",
+        "writable by root alone",
+        "an existing one keeps its mode",
+    ):
+        assert words in text, words

@@ -130,3 +130,6 @@ def test_harness_compiles_the_patch_source() -> None:
     assert "SRC := ../../src" in makefile
     assert "$(SRC)/notify.c" in makefile
     assert not list(HARNESS.rglob("notify.c"))
+    # the ioctl handler too: the harness's ioctl.c includes the file gen-series inserts
+    assert '#include "ioctl-read-notify.c"' in (HARNESS / "ioctl.c").read_text()
+    assert not list(HARNESS.rglob("ioctl-read-notify.*"))

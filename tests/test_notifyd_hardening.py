@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -22,11 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from notifyd import abi
+from notifyd import abi, procs
+from notifyd.broadcast import CLIENT_LOG_BURST, CLIENT_LOG_INTERVAL
 from notifyd.droplog import DROP_LOG_INTERVAL
 from notifyd.paths import socket_path_for_dir, stats_path_for
+from notifyd.sdnotify import wait_ready
 from notifyd.stats import read_stats
 
+DAEMON = [sys.executable, "-m", "notifyd.daemon"]
 # Bounds against hangs, never timings.
 RECV_TIMEOUT = 20.0
 EXIT_TIMEOUT = 30.0
@@ -50,6 +54,7 @@ while time.monotonic() < end:
     cycles += 1
 print(cycles, refused)
 """
+UNLOGGED = re.compile(r"(\d+) more clients connected without a log line")
 # How long the churn tests churn: the issue's 5 s.
 CHURN_SECONDS = 5.0
 
@@ -80,13 +85,9 @@ def _receives(sock: socket.socket, ino: int) -> bool:
             return True
 
 
-def _until(pred, what: str, timeout: float = RECV_TIMEOUT, poll: float = 0.01) -> None:
+def _until(pred, what: str) -> None:
     """Wait for the sentinel ``pred()``; the timeout bounds a hang, it is no timing."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
+    procs.wait_until(pred, RECV_TIMEOUT, what)
 
 
 def _sentinel(daemon) -> Path:
@@ -137,6 +138,7 @@ def test_a_5s_churn_refuses_no_legitimate_client(notifyd_factory) -> None:
         for _ in range(2)
     ]
     served = 0
+    start = time.monotonic()
     try:
         while any(p.poll() is None for p in churners):
             with _connect(d.socket) as c:
@@ -144,11 +146,23 @@ def test_a_5s_churn_refuses_no_legitimate_client(notifyd_factory) -> None:
             served += 1
     finally:
         outs = [p.communicate(timeout=EXIT_TIMEOUT)[0] for p in churners]
+    elapsed = time.monotonic() - start
     cycles = sum(int(out.split()[0]) for out in outs)
     assert served >= 1
     assert cycles >= 1
     assert read_stats(str(d.stats_socket))["clients_refused"] == 0
-    print(f"{cycles} churn cycles, {served} legitimate clients served during them")
+    d.stop()
+    # connects and disconnects: a burst per interval logged, the rest counted
+    lines = d.log().splitlines()
+    windows = 2 + math.ceil(elapsed / CLIENT_LOG_INTERVAL)
+    assert len(lines) <= windows * (2 * CLIENT_LOG_BURST + 1) + 10, len(lines)
+    counted = sum(int(m[1]) for m in map(UNLOGGED.search, lines) if m)
+    logged = sum(ln.endswith(" connected") for ln in lines)
+    # every client the daemon accepted is either in a line or in a count
+    accepted = int(re.search(r"served (\d+) client\(s\)", lines[-1])[1])
+    assert logged + counted == accepted
+    assert accepted <= cycles + served  # a churner's last connects may never be accepted
+    print(f"{cycles} churn cycles, {served} legitimate clients served, {len(lines)} log lines")
 
 
 def test_refusals_are_logged_at_a_bounded_rate(notifyd_factory) -> None:
@@ -243,17 +257,20 @@ def test_a_removed_socket_is_bound_again(notifyd_factory) -> None:
     with _connect(d.socket) as old:
         os.unlink(d.socket)
         os.unlink(d.stats_socket)
+        gone = time.monotonic()
         _until(lambda: d.socket.exists() and d.stats_socket.exists(), "the sockets again")
+        print(f"bound again after {time.monotonic() - gone:.2f} s")
         with _connect(d.socket) as new:
             ino = _access(_sentinel(d))
             assert _receives(new, ino)
             assert _receives(old, ino)  # connected before: unaffected
         assert len(read_stats(str(d.stats_socket))["clients"]) >= 1
-    assert "n.sock was removed: binding it again" in d.log() or "was removed" in d.log()
+    assert f"{d.socket} was removed: binding it again" in d.log()
+    assert f"{d.stats_socket} was removed: binding it again" in d.log()
     assert (os.stat(d.socket).st_mode & 0o777) == 0o600
 
 
-def test_a_removed_socket_directory_is_made_again(notifyd_factory, short_run) -> None:
+def test_a_removed_socket_directory_is_made_again(short_run, notifyd_factory) -> None:
     d = notifyd_factory(run_dir=short_run)
     shutil.rmtree(d.socket.parent)
     _until(lambda: d.socket.exists(), "the socket again")
@@ -261,6 +278,27 @@ def test_a_removed_socket_directory_is_made_again(notifyd_factory, short_run) ->
         assert _receives(c, _access(_sentinel(d)))
     assert (os.stat(d.socket.parent).st_mode & 0o777) == 0o700
     assert (d.socket.parent / "notify.sock.lock").exists()
+
+
+def test_a_socket_that_cannot_be_bound_again_is_retried(short_run, notifyd_factory) -> None:
+    # --socket's directory is the operator's: the daemon never makes it again
+    short_run.mkdir(mode=0o700)
+    d = notifyd_factory(None, socket=short_run / "n.sock")
+    with _connect(d.socket) as c:
+        shutil.rmtree(short_run)
+        _until(
+            lambda: f"cannot bind {d.socket} again: {short_run}: no such directory" in d.log(),
+            "the failure",
+        )
+        assert _receives(c, _access(_sentinel(d)))  # connected clients are still served
+        short_run.mkdir(mode=0o700)
+        _until(lambda: d.socket.exists() and d.stats_socket.exists(), "the sockets again")
+        with _connect(d.socket) as again:
+            ino = _access(_sentinel(d))
+            assert _receives(again, ino)
+            assert _receives(c, ino)
+    assert f"{d.socket} is bound again" in d.log()
+    assert d.log().count("cannot bind") <= 2  # once per socket, not once per look
 
 
 @pytest.fixture
@@ -323,10 +361,85 @@ def test_a_watched_subdirectory_of_an_unmounted_mount(notifyd_factory, mountpoin
     assert "was unmounted" in d.log()
 
 
-def test_the_default_run_dir_layout_survives_a_restart(notifyd_factory, short_run) -> None:
+def test_the_default_run_dir_layout_survives_a_restart(short_run, notifyd_factory) -> None:
     # the run dir the first daemon made is the second one's to keep as it is
     first = notifyd_factory(run_dir=short_run)
     first.stop()
     again = notifyd_factory(first.backing, run_dir=short_run)
     assert again.socket == socket_path_for_dir(first.backing, short_run)
     assert (os.stat(short_run).st_mode & 0o777) == 0o700
+    again.stop()  # before teardown looks for the first one's socket, which is the same path
+
+
+# --- the open-file limit -------------------------------------------------------
+
+
+@pytest.fixture
+def limited_daemon(tmp_path):
+    """``start(soft, hard)``: a fanotify daemon started under that RLIMIT_NOFILE.
+
+    Set in the child alone: lowering a hard limit cannot be undone without
+    CAP_SYS_RESOURCE.  Gives (process, socket, log path, watched directory);
+    stopped after.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+    top = Path(tempfile.mkdtemp(prefix="nfy-r-", dir="/tmp"))
+
+    def start(soft: int, hard: int) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
+        n = len(started)
+        backing = tmp_path / f"rb{n}"
+        backing.mkdir()
+        sock, log = top / f"{n}.sock", tmp_path / f"rd{n}.log"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(top / f"{n}.sd"))
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    [*DAEMON, "--source", "fanotify", str(backing), "--socket", str(sock)],
+                    stdout=out,
+                    stderr=out,
+                    env={**os.environ, "NOTIFY_SOCKET": str(top / f"{n}.sd")},
+                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+                )
+            started.append(proc)
+            wait_ready(notify, proc, EXIT_TIMEOUT)
+        return proc, sock, log, backing
+
+    yield start
+    for proc in started:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(EXIT_TIMEOUT) == 0
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def _nofile(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(ln for ln in f if ln.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_the_daemon_raises_its_open_file_limit(limited_daemon) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip(f"the hard open-file limit here ({hard}) leaves nothing to raise")
+    proc, _, log, _ = limited_daemon(1024, hard)
+    assert _nofile(proc.pid) == (hard, hard)
+    assert "does not fit the open-file limit" not in log.read_text()
+
+
+def test_max_clients_beyond_the_open_file_limit_is_lowered_and_said(limited_daemon) -> None:
+    _, sock, log, backing = limited_daemon(512, 512)
+    assert (
+        "--max-clients 1024 does not fit the open-file limit (512): serving at most 256"
+        in log.read_text()
+    )
+    held = [_connect(sock) for _ in range(257)]
+    try:
+        f = backing / "sentinel"
+        f.write_text("s")
+        ino = _access(f)
+        served = [_receives(c, ino) for c in held]
+    finally:
+        for c in held:
+            c.close()
+    assert served == [True] * 256 + [False]

@@ -201,7 +201,7 @@ def test_a_file_in_the_way_is_left_alone(tmp_path, short_dir) -> None:
     path = short_dir / "notify.sock"
     path.write_text("precious")
     err = refused(tmp_path, "--socket", str(path))
-    assert "exists and is not a socket: remove it" in err
+    assert "exists and is a regular file, not a socket: choose another --socket" in err
     assert path.read_text() == "precious"
 
 

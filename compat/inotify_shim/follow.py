@@ -15,6 +15,7 @@ import trio
 
 from notifyd import abi
 from notifyd.client import AsyncSubscriber, Gap
+from notifyd.peer import UntrustedPeerError, check_peer
 
 from .replay import Replayer
 
@@ -28,6 +29,8 @@ BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 
 _ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED})
+# what waiting_logged holds once an untrusted server was reported (not an errno)
+_UNTRUSTED = -1
 
 
 async def follow(
@@ -56,6 +59,17 @@ async def follow(
                 level = logging.INFO if exc.errno in _ABSENT_ERRNOS else logging.WARNING
                 log.log(level, "waiting for scoutfs-notifyd at %s (%s)", socket_path, exc.strerror)
                 waiting_logged = exc.errno
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            continue
+        try:
+            check_peer(sub.sock, socket_path)
+        except UntrustedPeerError as exc:
+            # a squatter's records would make the shim open files as root
+            if waiting_logged != _UNTRUSTED:
+                log.error("%s", exc)
+                waiting_logged = _UNTRUSTED
+            await sub.aclose()
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             continue

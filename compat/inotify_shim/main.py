@@ -16,6 +16,7 @@ from notifyd.paths import default_socket_path
 from notifyd.sdnotify import sd_notify
 
 from .follow import follow
+from .follow_cluster import add_cluster_args, check_cluster_args, follow_cluster
 from .mounts import FSNAME, MountpointError, check_paths, set_read_ahead
 from .overlay import Overlay
 from .replay import Replayer, ReplayThreads
@@ -96,8 +97,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--allow-other",
         action="store_true",
-        help="let users other than root use the overlay (permissions are still "
-        "checked against BACKING's mode bits and ACLs)",
+        help="let users other than root use the overlay (each call is made with the "
+        "caller's identity, so BACKING decides what they may do)",
+    )
+    p.add_argument(
+        "--acl",
+        action="store_true",
+        help="pass POSIX ACLs through: the kernel honours ACLs that grant more than "
+        "the mode bits, and getfacl/setfacl work on the overlay, at one request per "
+        "file for `ls -l` (default: ACLs are not visible through the overlay; BACKING "
+        "still enforces them, since every call is made as the calling user)",
     )
     p.add_argument(
         "--timeout",
@@ -149,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "sequential reads reach the overlay in 1 MiB requests instead of 128 KiB)",
     )
     p.add_argument("--debug", action="store_true", help="log every replay")
+    add_cluster_args(p)
     args = p.parse_args(argv)
     # an empty path would mean the current directory
     for name, value in (("BACKING", args.backing), ("MOUNTPOINT", args.mountpoint)):
@@ -227,6 +237,8 @@ async def serve(
             bridge.start_soon(_until_signal, bridge.cancel_scope)
             await bridge.start(replayer.run)
             await bridge.start(follow, socket_path, replayer)
+            if args.nats:
+                await bridge.start(follow_cluster, args, overlay.backing, socket_path, replayer)
             log.info(
                 "serving %s at %s; records from %s (%s)",
                 overlay.backing,
@@ -257,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     # mask what they ask for a second time
     os.umask(0)
     socket_path = os.fspath(args.socket or default_socket_path(backing))
-    overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout)
+    if why := check_cluster_args(args, backing, socket_path):
+        log.error("--nats: %s", why)
+        return 1
+    overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout, acl=args.acl)
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if args.allow_other:
         options.add("allow_other")

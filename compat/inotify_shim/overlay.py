@@ -67,6 +67,22 @@ _SYNTHETIC_BYTE = b"\0"
 # How an inode is held: it names that inode only, and never follows a symlink.
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
+# Extended attributes the overlay does not pass on (EOPNOTSUPP).  security.*
+# belongs to BACKING's security modules and file capabilities: the overlay's
+# own inodes get their labels from the FUSE mount, and its nosuid mount ignores
+# capabilities.  The answer also tells `ls -l` the overlay has none, so it stops
+# asking for every file (it remembers ENOTSUP per device), where each question
+# is a round trip to this one-threaded server.
+_HIDDEN_XATTRS = (b"security.",)
+_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+# Deepest chain of fd-less directories reopened for one call.
+_MAX_DEPTH = 4096
+
+# Open files the overlay asks for: an O_PATH fd for each inode the kernel
+# holds, so this bounds how many it may hold at once.
+_FD_LIMIT = 1 << 20
+
 # pyfuse3 turns UTIME_NOW into the clock it read just before our handler; a
 # time this close to the clock is taken as "now", which BACKING grants to
 # anyone who may write the file (an explicit time needs the owner).
@@ -148,17 +164,23 @@ def _caller_groups(tid: int) -> tuple[int, ...]:
 
 
 class _Inode:
-    """One BACKING inode the kernel has looked up, held by an O_PATH fd."""
+    """One BACKING inode the kernel has looked up, and how to reach it.
+
+    ``fd`` is an O_PATH fd on it, or None for an inode only listed by
+    READDIRPLUS: a big directory would otherwise cost an fd per entry.  Such
+    an inode is reached again through one of its ``links`` (a parent's fd and
+    a name, no symlink followed) and must still be ``(dev, ino)``.
+    """
 
     __slots__ = ("dev", "fd", "ino", "kind", "links", "lookups")
 
-    def __init__(self, fd: int, st: os.stat_result) -> None:
+    def __init__(self, fd: int | None, st: os.stat_result) -> None:
         self.fd = fd
         self.dev = st.st_dev
         self.ino = st.st_ino
         self.kind = stat.S_IFMT(st.st_mode)
         self.lookups = 0
-        # (parent inode, name) pairs seen, for path_of; not used to reach BACKING
+        # (parent inode, name) pairs seen: for path_of, and to reach an fd-less inode
         self.links: set[tuple[int, bytes]] = set()
 
 
@@ -178,19 +200,27 @@ class Overlay(pyfuse3.Operations):
     # under us (other processes, other cluster nodes).
     enable_writeback_cache = False
 
-    # The kernel enforces POSIX ACLs too (with default_permissions), reading
-    # them through getxattr, so an ACL that grants a user on BACKING grants
-    # here; BACKING enforces them again at the call.
-    enable_acl = True
+    # POSIX ACLs: BACKING enforces them at every call made for a user, since
+    # the call is made as that user.  Passed through to the kernel only with
+    # ``acl=True`` (instance attribute, read by pyfuse3.init): the kernel then
+    # honours ACLs that grant beyond the mode bits, and getfacl/setfacl work
+    # through the overlay, but it asks for every file's ACL anew on every
+    # getxattr (`ls -l` asks for each file: a round trip each).  Without it
+    # the ACL xattrs answer EOPNOTSUPP, which `ls -l` remembers for the mount.
+    enable_acl = False
 
     # flush is not implemented: writes reach BACKING at once, so a close has
     # nothing to report, and the ENOSYS answer makes the kernel stop sending
     # FLUSH at all: one request less for every close, replays included.
 
-    def __init__(self, backing: str, threads: ReplayThreads, timeout: float = 1.0) -> None:
+    def __init__(
+        self, backing: str, threads: ReplayThreads, timeout: float = 1.0, *, acl: bool = False
+    ) -> None:
         super().__init__()
         self.backing = os.path.realpath(backing)
         self.timeout = timeout
+        self.enable_acl = acl
+        self._hidden_xattrs = _HIDDEN_XATTRS if acl else _HIDDEN_XATTRS + _ACL_XATTRS
         self.replay_threads = threads
         _raise_fd_limit()
         fd = os.open(self.backing, _PATH_FLAGS | os.O_DIRECTORY)
@@ -266,22 +296,63 @@ class Overlay(pyfuse3.Operations):
             return None
         return os.path.join(self.backing, *reversed(names))
 
-    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> int:
-        """Count one lookup of the inode ``fd`` holds; keeps one fd per inode."""
+    def _remember(self, fd: int | None, st: os.stat_result, parent: int, name: bytes) -> int:
+        """Count one lookup of the inode ``st`` describes; keeps at most one fd per inode."""
         ino = self._fuse_ino(st.st_ino)
         node = self._inodes.get(ino)
         if node is None:
             node = self._inodes[ino] = _Inode(fd, st)
-        elif fd != node.fd:
+        elif node.fd is None:
+            node.fd = fd
+        elif fd is not None and fd != node.fd:
             os.close(fd)
         node.lookups += 1
         if ino != pyfuse3.ROOT_INODE:
             node.links.add((parent, name))
         return ino
 
+    def _fd(self, node: _Inode) -> int:
+        """The inode's O_PATH fd, reopened (and kept) if it has none."""
+        if node.fd is None:
+            node.fd = self._reopen(node)
+        return node.fd
+
+    @contextlib.contextmanager
+    def _path_fd(self, node: _Inode) -> Iterator[int]:
+        """An O_PATH fd on ``node`` for one call; an fd-less inode stays fd-less."""
+        if node.fd is not None:
+            yield node.fd
+            return
+        fd = self._reopen(node)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _reopen(self, node: _Inode, depth: int = 0) -> int:
+        """Reach an fd-less inode again through a link; ESTALE if no link leads to it."""
+        if depth > _MAX_DEPTH:
+            raise FUSEError(errno.ELOOP)
+        for parent_ino, name in sorted(node.links):
+            parent = self._inodes.get(parent_ino)
+            if parent is None:
+                continue
+            if parent.fd is None:
+                # directories are used as parents again and again: keep theirs
+                parent.fd = self._reopen(parent, depth + 1)
+            try:
+                fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                return fd
+            os.close(fd)
+        raise FUSEError(errno.ESTALE)
+
     def _open_path(self, parent: _Inode, name: bytes) -> tuple[int, os.stat_result]:
         """An O_PATH fd on ``name`` in ``parent``, on BACKING's filesystem only."""
-        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+        fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
         try:
             st = os.fstat(fd)
             self._check_same_fs(st, name)
@@ -327,7 +398,16 @@ class Overlay(pyfuse3.Operations):
     def _lookup_entry(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
         """Look ``name`` up in ``parent_inode`` (caller's rights already taken on)."""
         parent = self._inode(parent_inode)
-        fd, st = self._open_path(parent, name)
+        fd: int | None
+        try:
+            fd, st = self._open_path(parent, name)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # out of fds: serve it fd-less, reached through its parent when used
+            st = os.lstat(name, dir_fd=self._fd(parent))
+            self._check_same_fs(st, name)
+            fd = None
         self._remember(fd, st, parent_inode, name)
         return self._entry(st)
 
@@ -341,7 +421,8 @@ class Overlay(pyfuse3.Operations):
             # BACKING's root is its own parent: ".." never leads above it
             node = self._inode(parent_inode)
             node.lookups += 1
-            return self._entry(os.fstat(node.fd))
+            with self._path_fd(node) as fd:
+                return self._entry(os.fstat(fd))
         if name == b"..":
             # asked for with export support (NFS): answer only with an inode we hold
             with self._acting(self._creds(ctx)):
@@ -366,14 +447,16 @@ class Overlay(pyfuse3.Operations):
                 continue
             del self._inodes[inode]
             self._described.pop(inode, None)
-            os.close(node.fd)
+            if node.fd is not None:
+                os.close(node.fd)
 
     @_handler
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         # the O_PATH fd holds the inode: this works for an unlinked open file too
-        return self._entry(os.fstat(self._inode(inode).fd))
+        with self._path_fd(self._inode(inode)) as fd:
+            return self._entry(os.fstat(fd))
 
     @_handler
     async def setattr(
@@ -385,6 +468,7 @@ class Overlay(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
+        ifd = self._fd(node)
         handle = self._handles.get(fh) if fh is not None else None
         creds = self._creds(ctx)
         if fields.update_mode:
@@ -392,18 +476,18 @@ class Overlay(pyfuse3.Operations):
                 # Linux has no mode on symlinks (fchmodat refuses it too)
                 raise FUSEError(errno.EOPNOTSUPP)
             mode = stat.S_IMODE(attr.st_mode)
-            if _only_drops_setid(stat.S_IMODE(os.fstat(node.fd).st_mode), mode):
+            if _only_drops_setid(stat.S_IMODE(os.fstat(ifd).st_mode), mode):
                 # the kernel's own "kill suid/sgid" after a write or chown by
                 # a non-owner (it skips the owner check for it): BACKING would
                 # refuse the caller a chmod, and dropping privilege is safe
                 with self._acting(None):
-                    os.chmod(_proc(node.fd), mode)
+                    os.chmod(_proc(ifd), mode)
             else:
                 with self._acting(creds):
                     if handle is not None:
                         os.fchmod(handle.fd, mode)
                     else:
-                        os.chmod(_proc(node.fd), mode)
+                        os.chmod(_proc(ifd), mode)
         with self._acting(creds):
             if fields.update_size:
                 self._truncate(node, handle, attr.st_size)
@@ -411,10 +495,10 @@ class Overlay(pyfuse3.Operations):
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
                 flags = libc.AT_EMPTY_PATH | libc.AT_SYMLINK_NOFOLLOW
-                libc.fchownat(node.fd, b"", uid, gid, flags)
+                libc.fchownat(ifd, b"", uid, gid, flags)
             if fields.update_atime or fields.update_mtime:
                 self._utimens(node, attr, fields)
-        return self._entry(os.fstat(node.fd))
+        return self._entry(os.fstat(ifd))
 
     @staticmethod
     def _truncate(node: _Inode, handle: _Handle | None, size: int) -> None:
@@ -424,6 +508,7 @@ class Overlay(pyfuse3.Operations):
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
         # truncate through an fd on the very inode; O_NONBLOCK: never wait
+        assert node.fd is not None  # setattr took it
         fd = os.open(_proc(node.fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -445,6 +530,7 @@ class Overlay(pyfuse3.Operations):
 
         atime = spec(fields.update_atime, attr.st_atime_ns)
         mtime = spec(fields.update_mtime, attr.st_mtime_ns)
+        assert node.fd is not None  # setattr took it
         if node.kind == stat.S_IFLNK:
             libc.utimensat(node.fd, b"", atime, mtime, libc.AT_EMPTY_PATH)
         else:
@@ -453,7 +539,8 @@ class Overlay(pyfuse3.Operations):
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         # readlinkat with an empty name reads the symlink the fd holds
-        return os.readlink(b"", dir_fd=self._inode(inode).fd)
+        with self._path_fd(self._inode(inode)) as fd:
+            return os.readlink(b"", dir_fd=fd)
 
     # --- directories ---------------------------------------------------------
 
@@ -461,7 +548,7 @@ class Overlay(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._inode(inode)
         with self._acting(self._creds(ctx)):
-            fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(_proc(self._fd(node)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # the dir fd is unique while open: a handle number nobody else has
         self._dirs[fd] = (inode, fd, [])
         return fd
@@ -478,20 +565,15 @@ class Overlay(pyfuse3.Operations):
         for i in range(start_id, len(names)):
             name = os.fsencode(names[i])
             try:
-                fd = os.open(name, _PATH_FLAGS, dir_fd=dfd)
-            except FileNotFoundError:
-                continue  # removed on BACKING since the snapshot
-            try:
-                st = os.fstat(fd)
+                st = os.lstat(name, dir_fd=dfd)
                 self._check_same_fs(st, name)
             except (OSError, FUSEError):
-                os.close(fd)
-                continue  # a nested mount, or gone
-            # pyfuse3 answers READDIRPLUS: every entry sent is a lookup
+                continue  # removed on BACKING since the snapshot, or a nested mount
+            # pyfuse3 answers READDIRPLUS: every entry sent is a lookup.  No
+            # fd is taken: the entry is reached through this directory if used.
             if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
-                os.close(fd)
                 break
-            self._remember(fd, st, inode, name)
+            self._remember(None, st, inode, name)
 
     @_handler
     async def releasedir(self, fh: int) -> None:
@@ -517,7 +599,7 @@ class Overlay(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            os.mkdir(name, mode & ~ctx.umask, dir_fd=parent.fd)
+            os.mkdir(name, mode & ~ctx.umask, dir_fd=self._fd(parent))
             return self._lookup_entry(parent_inode, name)
 
     @_handler
@@ -528,7 +610,7 @@ class Overlay(pyfuse3.Operations):
         creds = self._creds(ctx)
         self._check_mode(mode, creds)
         with self._acting(creds):
-            os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=parent.fd)
+            os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=self._fd(parent))
             return self._lookup_entry(parent_inode, name)
 
     @_handler
@@ -537,7 +619,7 @@ class Overlay(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            os.symlink(target, name, dir_fd=parent.fd)
+            os.symlink(target, name, dir_fd=self._fd(parent))
             return self._lookup_entry(parent_inode, name)
 
     @_handler
@@ -549,7 +631,9 @@ class Overlay(pyfuse3.Operations):
         with self._acting(self._creds(ctx)):
             # linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH, which a caller's
             # fsuid drops; following the magic link reaches the same inode
-            os.link(_proc(node.fd), new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            os.link(
+                _proc(self._fd(node)), new_name, dst_dir_fd=self._fd(parent), follow_symlinks=True
+            )
             return self._lookup_entry(new_parent_inode, new_name)
 
     def _unlinked(self, parent_inode: int, name: bytes, st: os.stat_result) -> None:
@@ -561,16 +645,16 @@ class Overlay(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            st = os.lstat(name, dir_fd=parent.fd)
-            os.unlink(name, dir_fd=parent.fd)
+            st = os.lstat(name, dir_fd=self._fd(parent))
+            os.unlink(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            st = os.lstat(name, dir_fd=parent.fd)
-            os.rmdir(name, dir_fd=parent.fd)
+            st = os.lstat(name, dir_fd=self._fd(parent))
+            os.rmdir(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
     @_handler
@@ -586,12 +670,12 @@ class Overlay(pyfuse3.Operations):
         old_parent = self._inode(parent_inode_old)
         new_parent = self._inode(parent_inode_new)
         with self._acting(self._creds(ctx)):
-            st_old = os.lstat(name_old, dir_fd=old_parent.fd)
+            st_old = os.lstat(name_old, dir_fd=self._fd(old_parent))
             try:
-                st_new: os.stat_result | None = os.lstat(name_new, dir_fd=new_parent.fd)
+                st_new: os.stat_result | None = os.lstat(name_new, dir_fd=self._fd(new_parent))
             except FileNotFoundError:
                 st_new = None
-            libc.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+            libc.renameat2(self._fd(old_parent), name_old, self._fd(new_parent), name_new, flags)
         old_link = (parent_inode_old, name_old)
         new_link = (parent_inode_new, name_new)
         moved = self._inodes.get(self._fuse_ino(st_old.st_ino))
@@ -632,7 +716,7 @@ class Overlay(pyfuse3.Operations):
             raise FUSEError(errno.EACCES)
         creds = self._creds(ctx)
         with self._acting(creds):
-            fd = os.open(_proc(node.fd), _backing_flags(flags))
+            fd = os.open(_proc(self._fd(node)), _backing_flags(flags))
         try:
             info = self._file_info(inode, fd)
         except BaseException:
@@ -651,14 +735,14 @@ class Overlay(pyfuse3.Operations):
         with self._acting(creds):
             try:
                 fd = os.open(
-                    name, base | os.O_CREAT | os.O_EXCL, mode & ~ctx.umask, dir_fd=parent.fd
+                    name, base | os.O_CREAT | os.O_EXCL, mode & ~ctx.umask, dir_fd=self._fd(parent)
                 )
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
                 # made on BACKING since the kernel's lookup: open it, but never
                 # wait on a FIFO or open anything but a regular file
-                fd = os.open(name, base | os.O_NONBLOCK, dir_fd=parent.fd)
+                fd = os.open(name, base | os.O_NONBLOCK, dir_fd=self._fd(parent))
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise FUSEError(errno.EEXIST)
@@ -739,7 +823,7 @@ class Overlay(pyfuse3.Operations):
         rel = os.path.relpath(backing_path, self.backing)
         if rel.startswith(".."):
             return None
-        fd = os.dup(self._inodes[pyfuse3.ROOT_INODE].fd)
+        fd = os.dup(self._fd(self._inodes[pyfuse3.ROOT_INODE]))
         try:
             for part in rel.split(os.sep):
                 if part in ("", "."):
@@ -758,7 +842,7 @@ class Overlay(pyfuse3.Operations):
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = os.statvfs(_proc(self._inodes[pyfuse3.ROOT_INODE].fd))
+        st = os.statvfs(_proc(self._fd(self._inodes[pyfuse3.ROOT_INODE])))
         out = pyfuse3.StatvfsData()
         for field in (
             "f_bsize",
@@ -774,44 +858,62 @@ class Overlay(pyfuse3.Operations):
             setattr(out, field, getattr(st, field))
         return out
 
-    def _xattr_path(self, inode: int) -> str:
+    @contextlib.contextmanager
+    def _xattr_path(self, inode: int, name: bytes = b"") -> Iterator[str]:
+        if name.startswith(self._hidden_xattrs):
+            raise FUSEError(errno.EOPNOTSUPP)
         node = self._inode(inode)
         if node.kind == stat.S_IFLNK:
             # no way to reach a symlink's own xattrs through its fd (the magic
             # link would follow it); Linux allows only trusted.* there anyway
             raise FUSEError(errno.EOPNOTSUPP)
-        return _proc(node.fd)
+        with self._path_fd(node) as fd:
+            yield _proc(fd)
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        path = self._xattr_path(inode)
-        with self._acting(self._creds(ctx)):
+        with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             return os.getxattr(path, name)
 
     @_handler
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        path = self._xattr_path(inode)
-        with self._acting(self._creds(ctx)):
+        with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             os.setxattr(path, name, value)
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        path = self._xattr_path(inode)
-        with self._acting(self._creds(ctx)):
-            return [os.fsencode(n) for n in os.listxattr(path)]
+        with self._xattr_path(inode) as path, self._acting(self._creds(ctx)):
+            names = [os.fsencode(n) for n in os.listxattr(path)]
+        return [n for n in names if not n.startswith(self._hidden_xattrs)]
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        path = self._xattr_path(inode)
-        with self._acting(self._creds(ctx)):
+        with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             os.removexattr(path, name)
 
 
 def _raise_fd_limit() -> None:
-    # One O_PATH fd per inode the kernel holds: a big directory listing needs
-    # as many as it has entries.
+    # One O_PATH fd per inode the kernel looked up.  Root may raise the hard
+    # limit up to fs.nr_open unless its capabilities are bounded (a
+    # container); then the soft limit goes up to the hard one.  Past the
+    # limit a lookup is served fd-less, and a call that needs an fd it cannot
+    # open fails with EMFILE; the shim goes on serving.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    want = _FD_LIMIT
+    try:
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
+            want = min(want, int(f.read()))
+    except (OSError, ValueError):
+        want = hard
+    if hard == resource.RLIM_INFINITY or want <= hard:
+        want = hard
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        except (OSError, ValueError):
+            continue
+        log.debug("open-file limit: %d", limit)
+        return
+    log.warning("cannot raise the open-file limit: stays %d", soft)

@@ -25,6 +25,7 @@ import errno
 import logging
 import math
 import os
+import stat
 import threading
 from collections import OrderedDict
 
@@ -363,7 +364,7 @@ def _apply(job: _Job, mountpoint: str) -> None:
                 if f.fd is not None:
                     _close_all([f.fd])  # the previous open ends, as for a second `cat`
                     f.fd = None
-                f.fd = os.open(full, _SYNTHETIC_OPEN_FLAGS)
+                f.fd = _open_regular(full)
             if act == READ:
                 os.pread(f.fd, 1, 0)
         except OSError as exc:
@@ -374,6 +375,24 @@ def _apply(job: _Job, mountpoint: str) -> None:
             job.errno = errno.EINVAL
             return
         job.done += 1
+
+
+def _open_regular(path: str) -> int:
+    """Open ``path`` for a synthetic access, only if it is a regular file.
+
+    The name is first held with O_PATH, which opens nothing (a FIFO's
+    blocked writer is not woken), checked, then reopened through
+    /proc/self/fd: the check and the open are on the very same inode.
+    """
+    pfd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(pfd).st_mode):
+            # another kind of file took the name: as for a name reused
+            raise OSError(errno.ESTALE, "not a regular file", path)
+        # O_NOFOLLOW would refuse the magic link itself
+        return os.open(f"/proc/self/fd/{pfd}", _SYNTHETIC_OPEN_FLAGS & ~os.O_NOFOLLOW)
+    finally:
+        os.close(pfd)
 
 
 def _close_all(fds: list[int]) -> None:

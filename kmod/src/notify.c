@@ -1,6 +1,5 @@
-// SPDX-License-Identifier: GPL-2.0
 /*
- * Copyright (C) 2026 The scoutfs-notify authors.
+ * Copyright (C) 2026 The scoutfs-notify authors.  All rights reserved.
  *
  * This program is free software; you can redistribute it and/or
  * modify it under the terms of the GNU General Public
@@ -30,11 +29,11 @@
 
 #include "format.h"
 #include "ioctl.h"
-#include "notify_ioctl.h"
 #include "super.h"
 #include "inode.h"
 #include "counters.h"
 #include "notify.h"
+#include "scoutfs_trace.h"
 
 /*
  * File access notification.
@@ -45,9 +44,12 @@
  * records to local consumers.  Nothing is emitted until a reader
  * attaches and the hooks only test a flag until then.
  *
- * Emitting is called from the read path so it never sleeps, allocates,
- * or waits for the reader.  When the ring is full the record is dropped
- * but its sequence number is still consumed so the reader sees a gap.
+ * Emitting is called from the open and read paths so it never sleeps,
+ * allocates, or waits for the reader.  When the ring is full the record
+ * is dropped but its sequence number is still consumed so the reader
+ * sees a gap.  Everything runs in process context, in the syscalls of
+ * the accessing tasks and of the reader, so the spinlock doesn't
+ * disable interrupts.
  *
  * The drainer copies records to userspace straight out of the ring
  * without holding the spinlock.  That's safe because emitters only
@@ -55,23 +57,24 @@
  * head, once the copy has succeeded, so a faulting copy loses nothing.
  * Reader state changes and drains are serialized by a mutex so that a
  * batch of records can't be copied twice.
+ *
+ * The ioctl handler in ioctl.c checks the caller and its arguments and
+ * calls attach, wait, and drain, or detach.
  */
 
 #define NOTIFY_RING_BYTES	(64 * 1024)
 #define NOTIFY_RING_NR		(NOTIFY_RING_BYTES / \
-				 sizeof(struct scoutfs_notify_record))
+				 sizeof(struct scoutfs_ioctl_notify_record))
 #define NOTIFY_RING_MASK	(NOTIFY_RING_NR - 1)
 
 struct notify_info {
-	struct super_block *sb;
-
 	/* serializes the reader's attach, detach, and drains */
 	struct mutex mutex;
 	wait_queue_head_t waitq;
 
 	/* emitters and the drainer */
 	spinlock_t lock;
-	struct scoutfs_notify_record *ring;
+	struct scoutfs_ioctl_notify_record *ring;
 	u64 head;		/* oldest stored record, advanced by drains */
 	u64 tail;		/* where the next stored record goes */
 	u64 next_seq;		/* seq of the last record emitted, stored or not */
@@ -87,8 +90,7 @@ static void emit(struct file *file, u16 type, u64 pos, u64 count, u32 flags)
 	struct inode *inode = file_inode(file);
 	struct super_block *sb = inode->i_sb;
 	DECLARE_NOTIFY_INFO(sb, ninf);
-	struct scoutfs_notify_record *rec;
-	unsigned long irqflags;
+	struct scoutfs_ioctl_notify_record *rec;
 	u64 ino = scoutfs_ino(inode);
 	u64 time_ns = ktime_get_real_ns();
 	u32 pid = task_tgid_nr(current);
@@ -96,15 +98,17 @@ static void emit(struct file *file, u16 type, u64 pos, u64 count, u32 flags)
 	u32 gid = from_kgid(&init_user_ns, current_fsgid());
 	bool stored = false;
 	bool emitted = false;
+	u64 seq = 0;
+	u64 dropped = 0;
 
-	spin_lock_irqsave(&ninf->lock, irqflags);
+	spin_lock(&ninf->lock);
 	/* the hook's unlocked test can race with detach */
 	if (ninf->reader) {
 		emitted = true;
-		ninf->next_seq++;
+		seq = ++ninf->next_seq;
 		if (ninf->tail - ninf->head < NOTIFY_RING_NR) {
 			rec = &ninf->ring[ninf->tail & NOTIFY_RING_MASK];
-			rec->seq = cpu_to_le64(ninf->next_seq);
+			rec->seq = cpu_to_le64(seq);
 			rec->ino = cpu_to_le64(ino);
 			rec->time_ns = cpu_to_le64(time_ns);
 			rec->pos = cpu_to_le64(pos);
@@ -114,15 +118,15 @@ static void emit(struct file *file, u16 type, u64 pos, u64 count, u32 flags)
 			rec->gid = cpu_to_le32(gid);
 			rec->flags = cpu_to_le32(flags);
 			rec->type = cpu_to_le16(type);
-			rec->version = cpu_to_le16(SCOUTFS_NOTIFY_VERSION);
-			rec->reserved = 0;
+			rec->version = cpu_to_le16(SCOUTFS_IOC_NOTIFY_VERSION);
+			memset(rec->_pad, 0, sizeof(rec->_pad));
 			WRITE_ONCE(ninf->tail, ninf->tail + 1);
 			stored = true;
 		} else {
-			ninf->dropped++;
+			dropped = ++ninf->dropped;
 		}
 	}
-	spin_unlock_irqrestore(&ninf->lock, irqflags);
+	spin_unlock(&ninf->lock);
 
 	if (!emitted)
 		return;
@@ -130,6 +134,7 @@ static void emit(struct file *file, u16 type, u64 pos, u64 count, u32 flags)
 	scoutfs_inc_counter(sb, notify_emitted);
 	if (!stored) {
 		scoutfs_inc_counter(sb, notify_dropped_ring_full);
+		trace_scoutfs_notify_drop(sb, ino, type, seq, dropped);
 		return;
 	}
 
@@ -145,12 +150,12 @@ static void emit(struct file *file, u16 type, u64 pos, u64 count, u32 flags)
 
 void scoutfs_notify_emit_open(struct file *file)
 {
-	emit(file, SCOUTFS_NOTIFY_OPEN, 0, 0, file->f_flags);
+	emit(file, SCOUTFS_IOC_NOTIFY_OPEN, 0, 0, file->f_flags);
 }
 
 void scoutfs_notify_emit_read(struct file *file, loff_t pos, size_t count)
 {
-	emit(file, SCOUTFS_NOTIFY_READ, pos, count, 0);
+	emit(file, SCOUTFS_IOC_NOTIFY_READ, pos, count, 0);
 }
 
 /*
@@ -171,52 +176,83 @@ static bool reader_alive(struct pid *reader)
 	return alive;
 }
 
-/* the caller holds the mutex */
-static int attach(struct super_block *sb, struct notify_info *ninf,
-		  struct pid *tgid)
+/*
+ * Make the calling process the mount's reader, unless another live
+ * process is.  Records left by an exited reader stay for the next one.
+ */
+int scoutfs_notify_attach(struct super_block *sb)
 {
+	DECLARE_NOTIFY_INFO(sb, ninf);
+	struct pid *tgid = task_tgid(current);
 	struct pid *old;
+	u64 stored;
+	int ret;
 
-	if (ninf->reader == tgid)
-		return 0;
-	if (ninf->reader && reader_alive(ninf->reader))
-		return -EBUSY;
+	mutex_lock(&ninf->mutex);
+	if (ninf->reader == tgid) {
+		ret = 0;
+		goto out;
+	}
+	if (ninf->reader && reader_alive(ninf->reader)) {
+		ret = -EBUSY;
+		goto out;
+	}
 
-	/* records left by an exited reader stay for the next one */
-	spin_lock_irq(&ninf->lock);
+	spin_lock(&ninf->lock);
 	old = ninf->reader;
 	WRITE_ONCE(ninf->reader, get_pid(tgid));
 	ninf->dropped = 0;
-	spin_unlock_irq(&ninf->lock);
+	stored = ninf->tail - ninf->head;
+	spin_unlock(&ninf->lock);
 
+	trace_scoutfs_notify_attach(sb, pid_nr(tgid), old ? pid_nr(old) : 0,
+				    stored);
 	put_pid(old);
 	WRITE_ONCE(SCOUTFS_SB(sb)->notify_emitting, true);
 	scoutfs_inc_counter(sb, notify_reader_attached);
-	return 0;
+	ret = 0;
+out:
+	mutex_unlock(&ninf->mutex);
+	return ret;
 }
 
-/* the caller holds the mutex */
-static int detach(struct super_block *sb, struct notify_info *ninf,
-		  struct pid *tgid)
+/*
+ * Stop emitting and empty the ring.  Only the reader can detach while
+ * its process lives.
+ */
+int scoutfs_notify_detach(struct super_block *sb)
 {
+	DECLARE_NOTIFY_INFO(sb, ninf);
+	struct pid *tgid = task_tgid(current);
 	struct pid *old;
+	u64 discarded;
+	int ret;
 
-	if (ninf->reader && ninf->reader != tgid && reader_alive(ninf->reader))
-		return -EBUSY;
+	mutex_lock(&ninf->mutex);
+	if (ninf->reader && ninf->reader != tgid &&
+	    reader_alive(ninf->reader)) {
+		ret = -EBUSY;
+		goto out;
+	}
 
 	WRITE_ONCE(SCOUTFS_SB(sb)->notify_emitting, false);
 
-	spin_lock_irq(&ninf->lock);
+	spin_lock(&ninf->lock);
 	old = ninf->reader;
 	WRITE_ONCE(ninf->reader, NULL);
+	discarded = ninf->tail - ninf->head;
 	WRITE_ONCE(ninf->head, ninf->tail);
 	ninf->dropped = 0;
-	spin_unlock_irq(&ninf->lock);
+	spin_unlock(&ninf->lock);
 
+	trace_scoutfs_notify_detach(sb, pid_nr(tgid), discarded);
 	put_pid(old);
 	/* other threads of the reader waiting for records return */
 	wake_up(&ninf->waitq);
-	return 0;
+	ret = 0;
+out:
+	mutex_unlock(&ninf->mutex);
+	return ret;
 }
 
 /*
@@ -231,15 +267,37 @@ static bool ready_to_drain(struct notify_info *ninf, struct pid *tgid)
 }
 
 /*
+ * Sleep until the ring has records, the caller stops being the reader,
+ * or timeout_ms passes (0 waits without a timeout).  Returns -EINTR if
+ * a signal arrived first, otherwise 0.
+ */
+int scoutfs_notify_wait(struct super_block *sb, u32 timeout_ms)
+{
+	DECLARE_NOTIFY_INFO(sb, ninf);
+	struct pid *tgid = task_tgid(current);
+	long timeout;
+	long ret;
+
+	timeout = timeout_ms ? msecs_to_jiffies(timeout_ms) :
+			       MAX_SCHEDULE_TIMEOUT;
+	ret = wait_event_interruptible_timeout(ninf->waitq,
+					       ready_to_drain(ninf, tgid),
+					       timeout);
+	return ret < 0 ? -EINTR : 0;
+}
+
+/*
  * Copy up to nr of the oldest records and the dropped count to
  * userspace, and only then consume the records.  Returns the number of
  * records copied.
  */
-static int drain(struct notify_info *ninf, struct pid *tgid,
-		 struct scoutfs_notify_record __user *urecs, u32 nr,
-		 u64 __user *udropped)
+int scoutfs_notify_drain(struct super_block *sb,
+			 struct scoutfs_ioctl_notify_record __user *urecs,
+			 u32 nr, u64 __user *udropped)
 {
-	const size_t size = sizeof(struct scoutfs_notify_record);
+	const size_t size = sizeof(struct scoutfs_ioctl_notify_record);
+	DECLARE_NOTIFY_INFO(sb, ninf);
+	struct pid *tgid = task_tgid(current);
 	u64 head;
 	u64 dropped;
 	u32 avail;
@@ -249,17 +307,17 @@ static int drain(struct notify_info *ninf, struct pid *tgid,
 
 	mutex_lock(&ninf->mutex);
 
-	spin_lock_irq(&ninf->lock);
+	spin_lock(&ninf->lock);
 	if (ninf->reader != tgid) {
 		/* detached or taken over while we waited */
-		spin_unlock_irq(&ninf->lock);
+		spin_unlock(&ninf->lock);
 		ret = ninf->reader ? -EBUSY : 0;
 		goto out;
 	}
 	head = ninf->head;
 	avail = min_t(u64, ninf->tail - head, nr);
 	dropped = ninf->dropped;
-	spin_unlock_irq(&ninf->lock);
+	spin_unlock(&ninf->lock);
 
 	idx = head & NOTIFY_RING_MASK;
 	first = min_t(u32, avail, NOTIFY_RING_NR - idx);
@@ -271,64 +329,13 @@ static int drain(struct notify_info *ninf, struct pid *tgid,
 		goto out;
 	}
 
-	spin_lock_irq(&ninf->lock);
+	spin_lock(&ninf->lock);
 	WRITE_ONCE(ninf->head, head + avail);
-	spin_unlock_irq(&ninf->lock);
+	spin_unlock(&ninf->lock);
 	ret = avail;
 out:
 	mutex_unlock(&ninf->mutex);
 	return ret;
-}
-
-/*
- * Drain the mount's notification ring, see struct
- * scoutfs_ioctl_read_notify for the interface.  The calling process
- * becomes the reader unless another live process is.
- */
-long scoutfs_notify_ioctl_read(struct file *file, unsigned long arg)
-{
-	struct super_block *sb = file_inode(file)->i_sb;
-	DECLARE_NOTIFY_INFO(sb, ninf);
-	struct scoutfs_ioctl_read_notify __user *urn = (void __user *)arg;
-	struct scoutfs_ioctl_read_notify rn;
-	struct pid *tgid = task_tgid(current);
-	long timeout;
-	long ret;
-
-	if (!capable(CAP_SYS_ADMIN))
-		return -EPERM;
-
-	if (copy_from_user(&rn, urn, sizeof(rn)))
-		return -EFAULT;
-
-	if (rn.buf_bytes == 0 ||
-	    rn.buf_bytes % sizeof(struct scoutfs_notify_record) != 0 ||
-	    (rn.flags & SCOUTFS_READ_NOTIFY_UNKNOWN) || rn.__pad != 0)
-		return -EINVAL;
-
-	mutex_lock(&ninf->mutex);
-	if (rn.flags & SCOUTFS_READ_NOTIFY_DETACH)
-		ret = detach(sb, ninf, tgid);
-	else
-		ret = attach(sb, ninf, tgid);
-	mutex_unlock(&ninf->mutex);
-	if (ret < 0 || (rn.flags & SCOUTFS_READ_NOTIFY_DETACH))
-		return ret;
-
-	if (rn.flags & SCOUTFS_READ_NOTIFY_WAIT) {
-		timeout = rn.timeout_ms ? msecs_to_jiffies(rn.timeout_ms) :
-					  MAX_SCHEDULE_TIMEOUT;
-		ret = wait_event_interruptible_timeout(ninf->waitq,
-						       ready_to_drain(ninf, tgid),
-						       timeout);
-		if (ret < 0)
-			return -EINTR;
-	}
-
-	return drain(ninf, tgid,
-		     (void __user *)(unsigned long)rn.buf_ptr,
-		     rn.buf_bytes / sizeof(struct scoutfs_notify_record),
-		     &urn->dropped);
 }
 
 int scoutfs_notify_setup(struct super_block *sb)
@@ -336,7 +343,7 @@ int scoutfs_notify_setup(struct super_block *sb)
 	struct scoutfs_sb_info *sbi = SCOUTFS_SB(sb);
 	struct notify_info *ninf;
 
-	BUILD_BUG_ON(sizeof(struct scoutfs_notify_record) != 64);
+	BUILD_BUG_ON(sizeof(struct scoutfs_ioctl_notify_record) != 64);
 	BUILD_BUG_ON(NOTIFY_RING_NR & NOTIFY_RING_MASK);
 
 	ninf = kzalloc(sizeof(struct notify_info), GFP_KERNEL);
@@ -349,7 +356,6 @@ int scoutfs_notify_setup(struct super_block *sb)
 		return -ENOMEM;
 	}
 
-	ninf->sb = sb;
 	mutex_init(&ninf->mutex);
 	init_waitqueue_head(&ninf->waitq);
 	spin_lock_init(&ninf->lock);

@@ -1,6 +1,7 @@
-/* SPDX-License-Identifier: GPL-2.0 */
 #ifndef _SCOUTFS_NOTIFY_H_
 #define _SCOUTFS_NOTIFY_H_
+
+#include "ioctl.h"
 
 /*
  * The hooks sit in the open and read paths of every regular file.
@@ -31,7 +32,12 @@ static inline void scoutfs_notify_read(struct file *file, loff_t pos,
 		scoutfs_notify_emit_read(file, pos, ret);
 }
 
-long scoutfs_notify_ioctl_read(struct file *file, unsigned long arg);
+int scoutfs_notify_attach(struct super_block *sb);
+int scoutfs_notify_detach(struct super_block *sb);
+int scoutfs_notify_wait(struct super_block *sb, u32 timeout_ms);
+int scoutfs_notify_drain(struct super_block *sb,
+			 struct scoutfs_ioctl_notify_record __user *urecs,
+			 u32 nr, u64 __user *udropped);
 
 int scoutfs_notify_setup(struct super_block *sb);
 void scoutfs_notify_destroy(struct super_block *sb);

@@ -2,12 +2,14 @@
  * The out of line parts of the kernel API shim, see shim/kshim.h.
  */
 #include "kshim.h"
+#include "scoutfs_trace.h"
 
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 __thread struct task_struct *kshim_current;
+struct kshim_trace kshim_trace;
 struct user_namespace init_user_ns;
 
 static atomic_long allocations;

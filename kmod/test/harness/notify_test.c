@@ -11,8 +11,9 @@
  */
 #include "kshim.h"
 #include "super.h"
+#include "ioctl.h"
 #include "notify.h"
-#include "notify_ioctl.h"
+#include "scoutfs_trace.h"
 
 #include <fcntl.h>
 #include <stdarg.h>
@@ -22,7 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define REC_SIZE	sizeof(struct scoutfs_notify_record)
+#define REC_SIZE	sizeof(struct scoutfs_ioctl_notify_record)
 #define RING_NR		1024
 #define NR_INODES	8
 
@@ -137,7 +138,8 @@ static u64 counter(struct mount *m, int which)
 /* the ioctl as userspace sees it: -1 and errno on failure */
 static long read_notify_arg(struct mount *m, void *arg)
 {
-	long ret = scoutfs_notify_ioctl_read(&m->files[0], (unsigned long)arg);
+	long ret = scoutfs_ioctl(&m->files[0], SCOUTFS_IOC_READ_NOTIFY,
+				 (unsigned long)arg);
 
 	if (ret < 0) {
 		errno = -ret;
@@ -146,7 +148,7 @@ static long read_notify_arg(struct mount *m, void *arg)
 	return ret;
 }
 
-static long read_notify(struct mount *m, struct scoutfs_notify_record *recs,
+static long read_notify(struct mount *m, struct scoutfs_ioctl_notify_record *recs,
 			u32 nr, u32 flags, u32 timeout_ms, u64 *dropped)
 {
 	struct scoutfs_ioctl_read_notify rn = {
@@ -174,7 +176,7 @@ static void emit_read(struct mount *m, int i, loff_t pos, ssize_t ret)
 	scoutfs_notify_read(&m->files[i % NR_INODES], pos, ret);
 }
 
-static struct scoutfs_notify_record recs[4 * RING_NR];
+static struct scoutfs_ioctl_notify_record recs[4 * RING_NR];
 
 static int test_order(void)
 {
@@ -208,7 +210,7 @@ static int test_order(void)
 	CHECK_EQ(read_notify(&m, recs, 64, 0, 0, &dropped), 10);
 	CHECK_EQ(dropped, 0);
 	for (i = 0; i < 10; i++) {
-		struct scoutfs_notify_record *rec = &recs[i];
+		struct scoutfs_ioctl_notify_record *rec = &recs[i];
 
 		CHECK_EQ(le64toh(rec->seq), i + 1);
 		CHECK_EQ(le64toh(rec->ino), 100 + i % NR_INODES);
@@ -217,15 +219,15 @@ static int test_order(void)
 		CHECK_EQ(le32toh(rec->pid), 10);
 		CHECK_EQ(le32toh(rec->uid), 1010);
 		CHECK_EQ(le32toh(rec->gid), 2010);
-		CHECK_EQ(le16toh(rec->version), SCOUTFS_NOTIFY_VERSION);
-		CHECK_EQ(le32toh(rec->reserved), 0);
+		CHECK_EQ(le16toh(rec->version), SCOUTFS_IOC_NOTIFY_VERSION);
+		CHECK_EQ(rec->_pad[0] | rec->_pad[1] | rec->_pad[2] | rec->_pad[3], 0);
 		if (i % 2) {
-			CHECK_EQ(le16toh(rec->type), SCOUTFS_NOTIFY_READ);
+			CHECK_EQ(le16toh(rec->type), SCOUTFS_IOC_NOTIFY_READ);
 			CHECK_EQ(le64toh(rec->pos), i * 4096);
 			CHECK_EQ(le64toh(rec->count), 100 + i);
 			CHECK_EQ(le32toh(rec->flags), 0);
 		} else {
-			CHECK_EQ(le16toh(rec->type), SCOUTFS_NOTIFY_OPEN);
+			CHECK_EQ(le16toh(rec->type), SCOUTFS_IOC_NOTIFY_OPEN);
 			CHECK_EQ(le64toh(rec->pos), 0);
 			CHECK_EQ(le64toh(rec->count), 0);
 			CHECK_EQ(le32toh(rec->flags), O_RDONLY | O_NOATIME);
@@ -267,6 +269,7 @@ static int test_full(void)
 {
 	struct mount m;
 	struct proc a;
+	long drops;
 	u64 dropped;
 	u64 seq;
 	int i;
@@ -276,10 +279,15 @@ static int test_full(void)
 	current = &a.task;
 	CHECK_EQ(read_notify(&m, recs, 1, 0, 0, NULL), 0);
 
+	drops = atomic_load(&kshim_trace.drop);
 	for (i = 0; i < RING_NR + 500; i++)
 		emit_read(&m, i, i, 1);
 	CHECK_EQ(EMITTED(&m), RING_NR + 500);
 	CHECK_EQ(DROPPED(&m), 500);
+	/* each drop is traced with its seq and the reader's dropped count */
+	CHECK_EQ(atomic_load(&kshim_trace.drop) - drops, 500);
+	CHECK_EQ(kshim_trace.seq, RING_NR + 500);
+	CHECK_EQ(kshim_trace.dropped, 500);
 
 	CHECK_EQ(read_notify(&m, recs, 2 * RING_NR, 0, 0, &dropped), RING_NR);
 	CHECK_EQ(dropped, 500);
@@ -364,7 +372,7 @@ static void *waiter_thread(void *arg)
 
 	current = &w->task;
 	w->ret = read_notify(w->m, w->task.tgid == NULL ? NULL : recs + RING_NR,
-			     16, SCOUTFS_READ_NOTIFY_WAIT, w->timeout_ms, NULL);
+			     16, SCOUTFS_IOC_READ_NOTIFY_WAIT, w->timeout_ms, NULL);
 	w->err = w->ret < 0 ? errno : 0;
 	return NULL;
 }
@@ -414,7 +422,7 @@ static int test_wait_wakes(void)
 
 	/* a record already there returns at once */
 	emit_open(&m, 2);
-	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_READ_NOTIFY_WAIT, 0, NULL), 1);
+	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_IOC_READ_NOTIFY_WAIT, 0, NULL), 1);
 	scoutfs_notify_destroy(&m.sb);
 	return 0;
 }
@@ -429,10 +437,10 @@ static int test_wait_timeout(void)
 	proc_init(&a, 10, true);
 	current = &a.task;
 
-	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_READ_NOTIFY_WAIT, 20, &dropped), 0);
+	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_IOC_READ_NOTIFY_WAIT, 20, &dropped), 0);
 	CHECK_EQ(dropped, 0);
 	CHECK_EQ(ATTACHED(&m), 1);
-	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_READ_NOTIFY_WAIT, 1, NULL), 0);
+	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_IOC_READ_NOTIFY_WAIT, 1, NULL), 0);
 	scoutfs_notify_destroy(&m.sb);
 	return 0;
 }
@@ -469,6 +477,8 @@ static int test_detach(void)
 	struct proc a;
 	struct proc b;
 	struct waiter w;
+	long detaches;
+	long attaches;
 	u64 dropped;
 	int i;
 
@@ -478,7 +488,7 @@ static int test_detach(void)
 	current = &a.task;
 
 	/* detaching without a reader is fine */
-	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_READ_NOTIFY_DETACH, 0, NULL), 0);
+	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_IOC_READ_NOTIFY_DETACH, 0, NULL), 0);
 	CHECK_EQ(ATTACHED(&m), 0);
 
 	CHECK_EQ(read_notify(&m, recs, 1, 0, 0, NULL), 0);
@@ -487,12 +497,17 @@ static int test_detach(void)
 
 	/* only the reader can detach */
 	current = &b.task;
-	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_READ_NOTIFY_DETACH, 0, NULL), -1);
+	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_IOC_READ_NOTIFY_DETACH, 0, NULL), -1);
 	CHECK_EQ(errno, EBUSY);
 
 	current = &a.task;
-	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_READ_NOTIFY_DETACH, 0, NULL), 0);
+	detaches = atomic_load(&kshim_trace.detach);
+	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_IOC_READ_NOTIFY_DETACH, 0, NULL), 0);
 	CHECK(!m.sbi.notify_emitting);
+	/* traced with the records the detach discarded */
+	CHECK_EQ(atomic_load(&kshim_trace.detach) - detaches, 1);
+	CHECK_EQ(kshim_trace.pid, 10);
+	CHECK_EQ(kshim_trace.discarded, RING_NR);
 	CHECK_EQ(atomic_load(&a.pid.count), 1);
 
 	/* nothing is emitted without a reader */
@@ -502,8 +517,13 @@ static int test_detach(void)
 
 	/* the next reader finds the ring empty and its own dropped count */
 	current = &b.task;
+	attaches = atomic_load(&kshim_trace.attach);
 	CHECK_EQ(read_notify(&m, recs, 16, 0, 0, &dropped), 0);
 	CHECK_EQ(dropped, 0);
+	CHECK_EQ(atomic_load(&kshim_trace.attach) - attaches, 1);
+	CHECK_EQ(kshim_trace.pid, 11);
+	CHECK_EQ(kshim_trace.prev_pid, 0);
+	CHECK_EQ(kshim_trace.stored, 0);
 	emit_open(&m, 0);
 	CHECK_EQ(read_notify(&m, recs, 16, 0, 0, &dropped), 1);
 	CHECK_EQ(le64toh(recs[0].seq), RING_NR + 11);
@@ -511,7 +531,7 @@ static int test_detach(void)
 	/* a detach wakes the reader's other threads that wait */
 	start_waiter(&w, &m, &b, 0);
 	until_waiting(1);
-	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_READ_NOTIFY_DETACH, 0, NULL), 0);
+	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_IOC_READ_NOTIFY_DETACH, 0, NULL), 0);
 	pthread_join(w.thread, NULL);
 	CHECK_EQ(w.ret, 0);
 	CHECK_EQ(ATTACHED(&m), 2);
@@ -549,13 +569,17 @@ static int test_busy_takeover(void)
 	current = &b.task;
 	CHECK_EQ(read_notify(&m, recs, 16, 0, 0, NULL), -1);
 	CHECK_EQ(errno, EBUSY);
-	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_READ_NOTIFY_WAIT, 0, NULL), -1);
+	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_IOC_READ_NOTIFY_WAIT, 0, NULL), -1);
 	CHECK_EQ(errno, EBUSY);
 
 	/* an exited reader is replaced even before it's reaped */
 	proc_exit(&a);
 	CHECK_EQ(read_notify(&m, recs, 16, 0, 0, &dropped), 16);
 	CHECK_EQ(dropped, 0);
+	/* the takeover is traced with the records the new reader inherits */
+	CHECK_EQ(kshim_trace.pid, 11);
+	CHECK_EQ(kshim_trace.prev_pid, 10);
+	CHECK_EQ(kshim_trace.stored, RING_NR - 1);
 	CHECK_EQ(le64toh(recs[0].seq), 2);
 	CHECK_EQ(ATTACHED(&m), 2);
 	CHECK_EQ(atomic_load(&a.pid.count), 1);
@@ -585,9 +609,9 @@ static long read_notify_raw(struct mount *m, u64 buf_ptr, u32 buf_bytes,
 		.buf_ptr = buf_ptr,
 		.buf_bytes = buf_bytes,
 		.flags = flags,
-		.__pad = pad,
 	};
 
+	memcpy(rn._pad, &pad, sizeof(rn._pad));
 	return read_notify_arg(m, &rn);
 }
 
@@ -595,8 +619,8 @@ static int test_einval(void)
 {
 	static const u32 bad_bytes[] = { 0, 1, 63, 65, 127, 3 * 64 + 1, 0xffffffff };
 	static const u32 bad_flags[] = {
-		1 << 2, 1 << 31, SCOUTFS_READ_NOTIFY_WAIT | (1 << 5),
-		SCOUTFS_READ_NOTIFY_DETACH | (1 << 3), SCOUTFS_READ_NOTIFY_UNKNOWN,
+		1 << 2, 1 << 31, SCOUTFS_IOC_READ_NOTIFY_WAIT | (1 << 5),
+		SCOUTFS_IOC_READ_NOTIFY_DETACH | (1 << 3), SCOUTFS_IOC_READ_NOTIFY_UNKNOWN,
 	};
 	u64 buf = (unsigned long)recs;
 	struct mount m;
@@ -611,7 +635,7 @@ static int test_einval(void)
 		CHECK_EQ(read_notify_raw(&m, buf, bad_bytes[i], 0, 0), -1);
 		CHECK_EQ(errno, EINVAL);
 		CHECK_EQ(read_notify_raw(&m, buf, bad_bytes[i],
-					 SCOUTFS_READ_NOTIFY_DETACH, 0), -1);
+					 SCOUTFS_IOC_READ_NOTIFY_DETACH, 0), -1);
 		CHECK_EQ(errno, EINVAL);
 	}
 	for (i = 0; i < sizeof(bad_flags) / sizeof(bad_flags[0]); i++) {
@@ -620,7 +644,7 @@ static int test_einval(void)
 	}
 	CHECK_EQ(read_notify_raw(&m, buf, 64, 0, 1), -1);
 	CHECK_EQ(errno, EINVAL);
-	CHECK_EQ(read_notify_raw(&m, buf, 64, SCOUTFS_READ_NOTIFY_WAIT, 0x80000000), -1);
+	CHECK_EQ(read_notify_raw(&m, buf, 64, SCOUTFS_IOC_READ_NOTIFY_WAIT, 0x80000000), -1);
 	CHECK_EQ(errno, EINVAL);
 
 	/* nothing was taken on the way */
@@ -631,8 +655,8 @@ static int test_einval(void)
 	/* the good ones */
 	CHECK_EQ(read_notify_raw(&m, buf, 64, 0, 0), 0);
 	CHECK_EQ(read_notify_raw(&m, buf, 64 * 4 * RING_NR, 0, 0), 0);
-	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_READ_NOTIFY_WAIT, 1, NULL), 0);
-	CHECK_EQ(read_notify_raw(&m, buf, 64, SCOUTFS_READ_NOTIFY_DETACH, 0), 0);
+	CHECK_EQ(read_notify(&m, recs, 1, SCOUTFS_IOC_READ_NOTIFY_WAIT, 1, NULL), 0);
+	CHECK_EQ(read_notify_raw(&m, buf, 64, SCOUTFS_IOC_READ_NOTIFY_DETACH, 0), 0);
 	scoutfs_notify_destroy(&m.sb);
 	return 0;
 }
@@ -648,7 +672,7 @@ static int test_eperm(void)
 
 	CHECK_EQ(read_notify(&m, recs, 16, 0, 0, NULL), -1);
 	CHECK_EQ(errno, EPERM);
-	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_READ_NOTIFY_DETACH, 0, NULL), -1);
+	CHECK_EQ(read_notify(&m, recs, 16, SCOUTFS_IOC_READ_NOTIFY_DETACH, 0, NULL), -1);
 	CHECK_EQ(errno, EPERM);
 	CHECK_EQ(ATTACHED(&m), 0);
 	scoutfs_notify_destroy(&m.sb);
@@ -695,7 +719,7 @@ static int test_efault(void)
 	rn->buf_bytes = 16 * REC_SIZE;
 	rn->flags = 0;
 	rn->timeout_ms = 0;
-	rn->__pad = 0;
+	memset(rn->_pad, 0, sizeof(rn->_pad));
 	CHECK_EQ(mprotect(ro, page, PROT_READ), 0);
 	CHECK_EQ(read_notify_arg(&m, rn), -1);
 	CHECK_EQ(errno, EFAULT);
@@ -774,7 +798,7 @@ static void *emitter_thread(void *arg)
 
 static int test_stress(void)
 {
-	static struct scoutfs_notify_record buf[RING_NR];
+	static struct scoutfs_ioctl_notify_record buf[RING_NR];
 	struct emitter emitters[STRESS_EMITTERS];
 	u64 last_pos[STRESS_EMITTERS];
 	unsigned char *seen;
@@ -806,7 +830,7 @@ static int test_stress(void)
 
 	for (;;) {
 		done = atomic_load(&emitters_done) == STRESS_EMITTERS;
-		ret = read_notify(&m, buf, RING_NR, done ? 0 : SCOUTFS_READ_NOTIFY_WAIT,
+		ret = read_notify(&m, buf, RING_NR, done ? 0 : SCOUTFS_IOC_READ_NOTIFY_WAIT,
 				  100, &dropped);
 		CHECK(ret >= 0);
 		if (ret == 0 && done)
@@ -978,7 +1002,7 @@ static int bench(long ops)
 				       &bes[e]);
 		}
 		while (atomic_load(&emitters_done) < nr)
-			read_notify(&m, recs, 4 * RING_NR, SCOUTFS_READ_NOTIFY_WAIT,
+			read_notify(&m, recs, 4 * RING_NR, SCOUTFS_IOC_READ_NOTIFY_WAIT,
 				    10, NULL);
 		for (e = 0; e < nr; e++)
 			pthread_join(bes[e].thread, NULL);

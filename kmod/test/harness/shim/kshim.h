@@ -38,6 +38,7 @@ typedef uint16_t u16;
 typedef uint32_t u32;
 typedef uint64_t u64;
 typedef int64_t s64;
+typedef uint8_t __u8;
 typedef uint16_t __u16;
 typedef uint32_t __u32;
 typedef uint64_t __u64;
@@ -52,6 +53,19 @@ typedef uint64_t __le64;
 #define READ_ONCE(x)	__atomic_load_n(&(x), __ATOMIC_RELAXED)
 #define WRITE_ONCE(x, val) __atomic_store_n(&(x), (val), __ATOMIC_RELAXED)
 #define smp_mb()	atomic_thread_fence(memory_order_seq_cst)
+#define U32_MAX		((u32)~0U)
+
+/* the first byte that isn't c, or NULL */
+static inline void *memchr_inv(const void *start, int c, size_t bytes)
+{
+	const unsigned char *p = start;
+
+	for (; bytes; p++, bytes--)
+		if (*p != (unsigned char)c)
+			return (void *)p;
+	return NULL;
+}
+
 #define BUILD_BUG_ON(cond) _Static_assert(!(cond), #cond)
 #define min_t(type, a, b) \
 	((type)(a) < (type)(b) ? (type)(a) : (type)(b))
@@ -70,11 +84,8 @@ void vfree(const void *ptr);
 
 typedef pthread_mutex_t spinlock_t;
 #define spin_lock_init(l)	pthread_mutex_init((l), NULL)
-#define spin_lock_irq(l)	pthread_mutex_lock(l)
-#define spin_unlock_irq(l)	pthread_mutex_unlock(l)
-#define spin_lock_irqsave(l, f)	do { (f) = 0; pthread_mutex_lock(l); } while (0)
-#define spin_unlock_irqrestore(l, f) \
-	do { (void)(f); pthread_mutex_unlock(l); } while (0)
+#define spin_lock(l)		pthread_mutex_lock(l)
+#define spin_unlock(l)		pthread_mutex_unlock(l)
 
 struct mutex {
 	pthread_mutex_t m;
@@ -121,6 +132,11 @@ struct task_struct *pid_task(struct pid *pid, enum pid_type type);
 static inline struct pid *task_tgid(struct task_struct *task)
 {
 	return task->tgid;
+}
+
+static inline pid_t pid_nr(struct pid *pid)
+{
+	return pid ? pid->nr : 0;
 }
 
 static inline pid_t task_tgid_nr(struct task_struct *task)

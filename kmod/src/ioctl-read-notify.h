@@ -1,33 +1,9 @@
-/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
-#ifndef _SCOUTFS_NOTIFY_IOCTL_H_
-#define _SCOUTFS_NOTIFY_IOCTL_H_
 
 /*
- * File access notification records and the ioctl that drains them.
+ * Each mount has a ring of records describing successful opens and
+ * reads of regular files.  Records are 64 bytes and little endian, and
+ * readers skip types they don't know.
  *
- * Each mount keeps a ring of fixed size records describing successful
- * opens and reads of regular files.  A single privileged reader drains
- * the ring.  Records are only emitted while a reader is attached.
- *
- * This is version 1 of the layout.  Records are 64 bytes, little
- * endian, with naturally aligned fields so that readers can decode an
- * array of them without padding concerns.  Readers skip record types
- * they don't know.
- *
- * This header is also compiled in userspace (with <linux/types.h> and
- * <linux/ioctl.h>) so it must not depend on kernel-only definitions.
- */
-
-#ifndef SCOUTFS_IOCTL_MAGIC
-#define SCOUTFS_IOCTL_MAGIC 0xE8  /* arbitrarily chosen hole in ioctl-number.rst */
-#endif
-
-#define SCOUTFS_NOTIFY_VERSION	1
-
-#define SCOUTFS_NOTIFY_OPEN	1
-#define SCOUTFS_NOTIFY_READ	2
-
-/*
  * @seq: per-mount sequence number, starts at 1 and advances for every
  * record emitted, including those dropped because the ring was full, so
  * a gap tells readers that records were lost.
@@ -38,7 +14,7 @@
  * namespaces.
  * @flags: f_flags of an open, 0 for reads.
  */
-struct scoutfs_notify_record {
+struct scoutfs_ioctl_notify_record {
 	__le64 seq;
 	__le64 ino;
 	__le64 time_ns;
@@ -50,18 +26,21 @@ struct scoutfs_notify_record {
 	__le32 flags;
 	__le16 type;
 	__le16 version;
-	__le32 reserved;
+	__u8 _pad[4];
 };
 
-_Static_assert(sizeof(struct scoutfs_notify_record) == 64,
-	       "scoutfs_notify_record must be 64 bytes");
+#define SCOUTFS_IOC_NOTIFY_VERSION	1
+
+#define SCOUTFS_IOC_NOTIFY_OPEN		1
+#define SCOUTFS_IOC_NOTIFY_READ		2
 
 /*
  * Copy the oldest records in the mount's notification ring into the
  * caller's buffer.  The first caller becomes the mount's only reader
- * and records are emitted from then on.
+ * and records are only emitted while a reader is attached.
  *
- * @buf_ptr: user address of an array of struct scoutfs_notify_record.
+ * @buf_ptr: user address of an array of struct
+ * scoutfs_ioctl_notify_record.
  * @buf_bytes: size of that array, a non-zero multiple of the record
  * size, checked for DETACH too.
  * @flags: WAIT sleeps until a record is available, a signal arrives, or
@@ -79,7 +58,7 @@ _Static_assert(sizeof(struct scoutfs_notify_record) == 64,
  * an exited reader left in the ring.
  *
  * EPERM: the caller doesn't have CAP_SYS_ADMIN.
- * EINVAL: bad @buf_bytes, unknown @flags, or non-zero @__pad.
+ * EINVAL: bad @buf_bytes, unknown @flags, or non-zero @_pad.
  * EFAULT: the argument or the buffer couldn't be copied.
  * EBUSY: another live process is the reader (for DETACH too).
  * EINTR: a signal interrupted a WAIT.
@@ -89,21 +68,13 @@ struct scoutfs_ioctl_read_notify {
 	__u32 buf_bytes;
 	__u32 flags;
 	__u32 timeout_ms;
-	__u32 __pad;
+	__u8 _pad[4];
 	__u64 dropped;
 };
 
-#define SCOUTFS_READ_NOTIFY_WAIT	(1 << 0)
-#define SCOUTFS_READ_NOTIFY_DETACH	(1 << 1)
-#define SCOUTFS_READ_NOTIFY_UNKNOWN	(~(__u32)0 << 2)
-
-/* Upstream v1.31 took 25 for INJECT_TOTL_DELTA, series for it use 26 */
-#ifndef SCOUTFS_IOC_READ_NOTIFY_NR
-#define SCOUTFS_IOC_READ_NOTIFY_NR	25
-#endif
+#define SCOUTFS_IOC_READ_NOTIFY_WAIT	(1 << 0)
+#define SCOUTFS_IOC_READ_NOTIFY_DETACH	(1 << 1)
+#define SCOUTFS_IOC_READ_NOTIFY_UNKNOWN	(U32_MAX << 2)
 
 #define SCOUTFS_IOC_READ_NOTIFY \
-	_IOWR(SCOUTFS_IOCTL_MAGIC, SCOUTFS_IOC_READ_NOTIFY_NR, \
-	      struct scoutfs_ioctl_read_notify)
-
-#endif
+	_IOWR(SCOUTFS_IOCTL_MAGIC, 25, struct scoutfs_ioctl_read_notify)
