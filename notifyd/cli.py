@@ -29,7 +29,8 @@ Show file accesses on a scoutfs mount as scoutfs-notifyd relays them.
            TIME GAP lost=N after seq=S
          means N records were lost (kernel ring full, or this client too slow).
   stats  prints the daemon's counters: records drained, ring drops, clients
-         and each client's drops.
+         and each client's drops; with --shim MOUNTPOINT, the inotify shim's:
+         records replayed, and every record not replayed, by cause.
   doctor checks a mount's whole notification path (kernel, daemon, socket
          modes, shim, losses) and says how to fix what is wrong.
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     w = sub.add_parser("watch", help="print records as they arrive, filtered like inotifywait")
     watch.add_arguments(w)
+    from .cluster.watch import add_watch_args  # here: it imports this module
+
+    add_watch_args(w)
     s = sub.add_parser(
         "stats",
         help="print the daemon's counters",
@@ -69,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         "kernel ring or the fanotify queue, and every client with its own drops.",
     )
     _add_target(s, "the daemon's JSON document as it is")
+    s.add_argument(
+        "--shim",
+        metavar="MOUNTPOINT",
+        help="ask the scoutfs-notify-shim mounted at MOUNTPOINT instead of a daemon",
+    )
     doctor.add_arguments(
         sub.add_parser("doctor", help="check one mount's notification path; say how to fix it")
     )
@@ -82,9 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)
         if args.command == "doctor":
             return args
-        if not args.socket and not args.mount:
-            p.error("give MOUNT or --socket PATH")
-        if args.command == "watch":
+        if getattr(args, "shim", None):
+            if args.socket or args.mount:
+                p.error("--shim takes the place of MOUNT and --socket")
+        elif not args.socket and not args.mount and not getattr(args, "nats", None):
+            p.error(
+                "give MOUNT or --socket PATH"
+                + (" (or --nats URL)" if args.command == "watch" else "")
+            )
+        if args.command == "watch" and not args.nats:
             try:
                 args.filters = watch.check_arguments(args)
             except ValueError as exc:
@@ -98,10 +113,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "shim", None):
+        # ends in .stats: main() takes it as the stats socket itself
+        return paths.shim_stats_path(args.shim)
     return Path(args.socket) if args.socket else paths.default_socket_path(args.mount)
 
 
 def _print_stats(doc: dict[str, Any]) -> None:
+    if "clients" not in doc:
+        # the shim's document: flat counters
+        width = max(map(len, doc), default=0)
+        for key, value in doc.items():
+            print(f"{key:<{width}}  {value}")
+        return
     clients = doc.pop("clients", [])
     width = max(map(len, doc), default=0)
     for key, value in doc.items():
@@ -123,6 +147,9 @@ def _say(msg: str) -> int:
 def _explain(exc: OSError, where: Path, args: argparse.Namespace) -> str:
     """What went wrong talking to the daemon at ``where``, and the fix."""
     hint = f" for {args.mount}" if args.mount else ""
+    shim = getattr(args, "shim", None)
+    if shim and isinstance(exc, FileNotFoundError):
+        return f"no shim stats socket at {where}: is scoutfs-notify-shim mounted at {shim}?"
     if isinstance(exc, FileNotFoundError):
         return f"no daemon socket at {where}: is scoutfs-notifyd running{hint}?"
     if isinstance(exc, PermissionError):
@@ -153,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "doctor":
         return doctor.run(args)
+    if args.command == "watch" and args.nats:
+        from .cluster.watch import run_watch
+
+        return run_watch(args)
     try:
         sock_path = _socket_path(args)
     except OSError as exc:
