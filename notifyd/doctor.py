@@ -413,6 +413,30 @@ def _shim(mount: str, overlays: list[str] | None, doc: dict[str, Any] | None) ->
             )
         else:
             yield Finding(OK, "shim", f"pid {pid} mounts {point} and is subscribed")
+        yield from _shim_stats(point)
+
+
+SHIM_LOSSES = ("gap", "overload", "unresolved", "gone", "failed")
+
+
+def _shim_stats(point: str) -> Iterator[Finding]:
+    """What the shim at ``point`` says on its stats socket, when it has one."""
+    path = paths.shim_stats_path(point)
+    if not path.exists():
+        return
+    try:
+        doc = read_stats(str(path))
+    except (OSError, ValueError) as exc:
+        yield Finding(WARN, "shim", f"its stats socket {path} does not answer: {exc}")
+        return
+    lost = {k: doc.get(k, 0) for k in SHIM_LOSSES if doc.get(k)}
+    said = ", ".join(f"{n} {k}" for k, n in lost.items()) or "none"
+    yield Finding(
+        INFO,
+        "shim",
+        f"{point}: {doc.get('replayed', 0)} events replayed, records not replayed since it "
+        f"started: {said} (scoutfs-notify stats --shim {point})",
+    )
 
 
 # --- losses ------------------------------------------------------------------

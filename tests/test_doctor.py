@@ -57,6 +57,10 @@ def test_healthy(fanotify_daemon, tmp_path) -> None:
     assert f"ok    modes   socket {d.socket} is 0600" in out
     assert "ok    losses  none in 0.2 s" in out
     assert f"ok    shim    pid {shim.proc.pid} mounts {mp} and is subscribed" in out
+    # from the shim's own stats socket
+    assert (
+        f"info  shim    {mp}: 0 events replayed, records not replayed since it started: none" in out
+    )
     assert out.endswith("all is well\n")
 
 
