@@ -329,7 +329,7 @@ async def serve(
         async with trio.open_nursery() as bridge:
             bridge.start_soon(_until_signal, bridge.cancel_scope)
             if stats is not None:
-                await bridge.start(serve_stats, stats.sock, snapshot)
+                await bridge.start(serve_stats, stats, snapshot)
             await bridge.start(replayer.run)
             on_event = None
             if metrics is not None:
