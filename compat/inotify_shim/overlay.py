@@ -311,6 +311,8 @@ class Overlay(pyfuse3.Operations):
             node = self._inodes[ino] = _Inode(fd, st)
         elif node.fd is None:
             node.fd = fd
+            # an fd-less inode's number may have been freed and reused since
+            node.kind = stat.S_IFMT(st.st_mode)
         elif fd is not None and fd != node.fd:
             os.close(fd)
         node.lookups += 1
