@@ -273,10 +273,13 @@ def _tune(mountpoint: str, read_ahead_kb: int) -> None:
 def _bind_stats(mountpoint: str, given: str | None) -> Listener:
     """The stats socket, bound before mounting so a bad path stops the start."""
     if given:
-        path = Path(given)
+        path = Path(os.path.abspath(given))
+        # a directory others may write would let them take the name first
+        prepare_dir(path.parent, create=False)
     else:
         path = shim_stats_path(mountpoint)
-        # the run dir is shared with the daemons: the same modes they use
+        # shared with the daemons; made traversable (not listable) in case a
+        # daemon's --socket-group needs it so
         prepare_dir(RUN_DIR, create=True, mode=0o711, shared=True)
         prepare_dir(path.parent, create=True)
     return bind_listener(path, kind=socket.SOCK_STREAM)
