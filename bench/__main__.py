@@ -22,6 +22,7 @@ STAGE_MODULES = {
     "shim": "shim",
     "overlay_dirs": "overlay_dirs",
     "kmod_emit": "kmod_emit",
+    "cluster": "cluster",
 }
 STAGES = tuple(STAGE_MODULES)
 

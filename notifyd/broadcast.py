@@ -41,6 +41,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -62,6 +63,10 @@ _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # How long to pause accepting after running out of fds or memory.
 ACCEPT_CAPACITY_SLEEP = 0.1
+# Connect and disconnect lines logged per CLIENT_LOG_INTERVAL; clients beyond
+# that are counted in one line, so a connect/close churn cannot flood the log.
+CLIENT_LOG_BURST = 20
+CLIENT_LOG_INTERVAL = 5.0
 # Connections the accept loop takes before it lets client tasks run: without
 # a bound, a steady stream of connect/close cycles keeps the queue non-empty
 # and the loop never yields.
@@ -78,6 +83,42 @@ def _accept_queue_bound() -> int:
 
 
 _UCRED = struct.Struct("=iII")
+
+
+class _LogBudget:
+    """Allows ``burst`` clients' lines per ``interval``; counts the others and says how many."""
+
+    def __init__(
+        self, burst: int, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock
+        self.used = 0
+        self.unlogged = 0
+        self._window_end = 0.0
+
+    def allow(self) -> bool:
+        now = self.clock()
+        if now >= self._window_end:
+            self.flush()
+            self._window_end = now + self.interval
+            self.used = 0
+        if self.used < self.burst:
+            self.used += 1
+            return True
+        self.unlogged += 1
+        return False
+
+    def flush(self) -> None:
+        if self.unlogged:
+            log.info(
+                "%d more clients connected without a log line (more than %d in %.0f s)",
+                self.unlogged,
+                self.burst,
+                self.interval,
+            )
+            self.unlogged = 0
 
 
 class Client:
@@ -102,6 +143,8 @@ class Client:
         self.end = "closed"
         # cancelled to end the client early (it hung up before its task noticed)
         self.scope = trio.CancelScope()
+        # whether its connect, half-close and disconnect are logged (see _LogBudget)
+        self.logged = True
 
     def __str__(self) -> str:
         return f"client {self.id} (pid {self.pid} uid {self.uid})"
@@ -124,6 +167,13 @@ def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
         return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     except OSError:
         return -1, abi.UNKNOWN_ID, abi.UNKNOWN_ID
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock`` for good (a half-close is not that)."""
+    hup = select.poll()
+    hup.register(sock, 0)  # POLLHUP is always reported
+    return bool(hup.poll(0))
 
 
 class Broadcaster:
@@ -150,6 +200,7 @@ class Broadcaster:
         self.clients_total = 0
         self.clients_refused = 0
         self._refusals = DropLog(log, "client limit", unit="connections refused")
+        self._client_lines = _LogBudget(CLIENT_LOG_BURST, CLIENT_LOG_INTERVAL)
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         # half-closed clients by fd, and the epoll set that reports their hangups
@@ -212,6 +263,7 @@ class Broadcaster:
             finally:
                 self._nursery = None
                 self._refusals.flush(f", already serving {self.max_clients}")
+                self._client_lines.flush()
                 nursery.cancel_scope.cancel()
         self._hangups.close()
         self._hangups = None
@@ -276,6 +328,21 @@ class Broadcaster:
                     return False
                 raise
             sock.setblocking(False)
+            if _hung_up(sock):
+                # closed before it was accepted (a churn): counted, logged within
+                # the budget, and dropped without the cost of a client and its task
+                self.clients_total += 1
+                ident = next(self._ids)
+                if self._client_lines.allow():
+                    pid, uid, _ = _peer_cred(sock)
+                    log.info(
+                        "client %d (pid %d uid %d) had closed before it was accepted",
+                        ident,
+                        pid,
+                        uid,
+                    )
+                sock.close()
+                continue
             if len(self.clients) >= self.max_clients and not self._forget_hung_up():
                 self.clients_refused += 1
                 self._refusals.add(1, f", already serving {self.max_clients}")
@@ -284,7 +351,9 @@ class Broadcaster:
             client = Client(sock, self.queue_messages, next(self._ids))
             self.clients[client.id] = client
             self.clients_total += 1
-            log.info("%s connected", client)
+            client.logged = self._client_lines.allow()
+            if client.logged:
+                log.info("%s connected", client)
             self._nursery.start_soon(self._serve_client, client)
         return True
 
@@ -301,13 +370,14 @@ class Broadcaster:
             self.clients.pop(client.id, None)
             client.queue.clear()
             self._release(client)
-            log.info(
-                "%s disconnected (%s): %d records sent, %d dropped",
-                client,
-                client.end,
-                client.sent,
-                client.dropped,
-            )
+            if client.logged:
+                log.info(
+                    "%s disconnected (%s): %d records sent, %d dropped",
+                    client,
+                    client.end,
+                    client.sent,
+                    client.dropped,
+                )
 
     def _release(self, client: Client) -> None:
         """Close a client's socket and forget its fd."""
@@ -367,10 +437,9 @@ class Broadcaster:
 
     async def _hang_up(self, client: Client) -> str:
         """The client's input ended: wait until it closes for good, if it has not yet."""
-        hup = select.poll()
-        hup.register(client.sock, 0)  # POLLHUP is always reported
-        if not hup.poll(0) and self._hangups is not None:
-            log.info("%s half-closed: it keeps receiving", client)
+        if not _hung_up(client.sock) and self._hangups is not None:
+            if client.logged:
+                log.info("%s half-closed: it keeps receiving", client)
             fd = client.sock.fileno()
             self._half_closed[fd] = client
             self._hangups.register(fd, 0)

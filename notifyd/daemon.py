@@ -60,6 +60,10 @@ MAX_GID = 2**32 - 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scoutfs-notifyd",
+        epilog="SIGTERM, SIGINT or SIGHUP stop it and remove its sockets (status 0). A socket "
+        "removed under it is bound again; the watched mount unmounted under it ends it with "
+        "status 1. Bad input or an unsafe socket directory: one line that says why, status 1 "
+        "(2 for a malformed option).",
         description=(
             "Relay file access records to local clients over an AF_UNIX SOCK_SEQPACKET "
             "socket. The scoutfs source drains the notify ring of a scoutfs mount (kernel "
@@ -78,18 +82,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--socket",
         metavar="PATH",
         help="serve here instead of RUN_DIR/<fsid>/notify.sock (needed for a second mount "
-        "of one filesystem); its directory must exist",
+        "of one filesystem); its directory must exist, belong to root and be writable by "
+        "root alone",
     )
     p.add_argument(
         "--run-dir",
         metavar="DIR",
         default=str(paths.RUN_DIR),
-        help="parent of the per-filesystem socket directories (default: %(default)s)",
+        help="parent of the per-filesystem socket directories, made 0700 if missing; an "
+        "existing one keeps its mode and must be writable by root alone "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--socket-group",
         metavar="GROUP",
-        help="let this group connect (socket 0660) instead of root alone (0600)",
+        help="let this group (a name or a number) connect (socket 0660) instead of root "
+        "alone (0600)",
     )
     p.add_argument(
         "--client-queue",
@@ -104,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         type=int,
         default=DEFAULT_MAX_CLIENTS,
-        help="connections beyond this are closed at once (default: %(default)s)",
+        help="connections beyond this are closed at once (default: %(default)s; fewer, "
+        "with a warning, if the open-file limit cannot hold them)",
     )
     p.add_argument(
         "--log-level",

@@ -477,3 +477,15 @@ def test_the_shim_refuses_a_socket_another_user_serves(tmp_path) -> None:
     assert f"is served by uid {NOBODY} (pid {squatter.pid}), not by root" in log
     assert "subscribed to" not in log
     assert "Traceback" not in log
+
+
+def test_daemon_help_says_what_it_refuses_and_how_it_ends() -> None:
+    res = subprocess.run([*DAEMON, "--help"], capture_output=True, text=True, check=True)
+    text = " ".join(res.stdout.split())
+    for words in (
+        "SIGTERM, SIGINT or SIGHUP stop it and remove its sockets",
+        "the watched mount unmounted under it ends it with status 1",
+        "writable by root alone",
+        "an existing one keeps its mode",
+    ):
+        assert words in text, words

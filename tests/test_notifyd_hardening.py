@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from notifyd import abi, procs
+from notifyd.broadcast import CLIENT_LOG_BURST, CLIENT_LOG_INTERVAL
+from notifyd.client import Subscriber
 from notifyd.droplog import DROP_LOG_INTERVAL
 from notifyd.paths import socket_path_for_dir, stats_path_for
 from notifyd.sdnotify import wait_ready
@@ -53,6 +55,7 @@ while time.monotonic() < end:
     cycles += 1
 print(cycles, refused)
 """
+UNLOGGED = re.compile(r"(\d+) more clients connected without a log line")
 # How long the churn tests churn: the issue's 5 s.
 CHURN_SECONDS = 5.0
 
@@ -136,18 +139,37 @@ def test_a_5s_churn_refuses_no_legitimate_client(notifyd_factory) -> None:
         for _ in range(2)
     ]
     served = 0
+    start = time.monotonic()
     try:
         while any(p.poll() is None for p in churners):
-            with _connect(d.socket) as c:
-                assert _receives(c, _access(sentinel)), "a legitimate client was refused"
+            # a blocking connect, then the client library's (with a timeout: it
+            # waits while the kernel's accept queue is full of churned connections)
+            if served % 2:
+                with Subscriber(d.socket, timeout=RECV_TIMEOUT) as sub:
+                    assert _receives(sub.sock, _access(sentinel)), "a library client was refused"
+            else:
+                with _connect(d.socket) as c:
+                    assert _receives(c, _access(sentinel)), "a legitimate client was refused"
             served += 1
     finally:
         outs = [p.communicate(timeout=EXIT_TIMEOUT)[0] for p in churners]
+    elapsed = time.monotonic() - start
     cycles = sum(int(out.split()[0]) for out in outs)
     assert served >= 1
     assert cycles >= 1
     assert read_stats(str(d.stats_socket))["clients_refused"] == 0
-    print(f"{cycles} churn cycles, {served} legitimate clients served during them")
+    d.stop()
+    # connects and disconnects: a burst per interval logged, the rest counted
+    lines = d.log().splitlines()
+    windows = 2 + math.ceil(elapsed / CLIENT_LOG_INTERVAL)
+    assert len(lines) <= windows * (2 * CLIENT_LOG_BURST + 1) + 10, len(lines)
+    counted = sum(int(m[1]) for m in map(UNLOGGED.search, lines) if m)
+    logged = sum(ln.endswith((" connected", " had closed before it was accepted")) for ln in lines)
+    # every client the daemon accepted is either in a line or in a count
+    accepted = int(re.search(r"served (\d+) client\(s\)", lines[-1])[1])
+    assert logged + counted == accepted
+    assert accepted <= cycles + served  # a churner's last connects may never be accepted
+    print(f"{cycles} churn cycles, {served} legitimate clients served, {len(lines)} log lines")
 
 
 def test_refusals_are_logged_at_a_bounded_rate(notifyd_factory) -> None:
@@ -367,11 +389,11 @@ def limited_daemon(tmp_path):
     CAP_SYS_RESOURCE.  Gives (process, socket, log path, watched directory);
     stopped after.
     """
-    procs: list[subprocess.Popen[bytes]] = []
+    started: list[subprocess.Popen[bytes]] = []
     top = Path(tempfile.mkdtemp(prefix="nfy-r-", dir="/tmp"))
 
     def start(soft: int, hard: int) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
-        n = len(procs)
+        n = len(started)
         backing = tmp_path / f"rb{n}"
         backing.mkdir()
         sock, log = top / f"{n}.sock", tmp_path / f"rd{n}.log"
@@ -385,12 +407,12 @@ def limited_daemon(tmp_path):
                     env={**os.environ, "NOTIFY_SOCKET": str(top / f"{n}.sd")},
                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
                 )
-            procs.append(proc)
+            started.append(proc)
             wait_ready(notify, proc, EXIT_TIMEOUT)
         return proc, sock, log, backing
 
     yield start
-    for proc in procs:
+    for proc in started:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(EXIT_TIMEOUT) == 0
     shutil.rmtree(top, ignore_errors=True)

@@ -481,18 +481,33 @@ class Faults:
         self.daemon_b.ensure()
         um = subprocess.run(["umount", "-l", self.b], capture_output=True, text=True)
         check(um.returncode == 0, f"umount -l {self.b}: {um.stderr.strip()}")
+        # the daemon notices its mount is gone and exits on its own, with status 1 so
+        # that systemd restarts it (notifyd/mountwatch.py), after detaching
+        proc = self.daemon_b.proc
+        assert proc is not None
+        try:
+            rc = proc.wait(timeout=3 * WAIT_S)
+        except subprocess.TimeoutExpired:
+            raise Failure("daemon B still runs after its mount was lazily unmounted") from None
+        self.daemon_b.kill(signal.SIGTERM)
+        log = (self.out / "daemon-b.log").read_text(errors="replace")
+        check(rc == 1, f"daemon B exited {rc} after its mount went, want 1: see daemon-b.log")
+        check("was unmounted: exiting" in log, "daemon B did not say why it exited")
         check(
-            self.daemon_b.proc is not None and self.daemon_b.proc.poll() is None,
-            "daemon B died when its mount was lazily unmounted",
+            "detached from the notify ring of" in log.split("was unmounted")[-1],
+            "daemon B did not DETACH on its way out",
         )
-        rc = self.daemon_b.kill(signal.SIGTERM)
-        check(rc == 0, f"daemon B exited {rc} after SIGTERM: see daemon-b.log")
+        check("Traceback" not in log, "daemon B logged a traceback")
         check(not self.daemon_b.sock.exists(), "daemon B left its socket behind")
         wait_until(lambda: not self.db.exists(), "B's sysfs dir gone (superblock freed)")
         rc = self.daemon_a.kill(signal.SIGTERM)
         check(rc == 0, f"daemon A exited {rc} after SIGTERM: see daemon-a.log")
         check(counters(self.da)["notify_reader_attached"] >= 1, "A never had a reader")
-        return "B lazily unmounted under its daemon; SIGTERM exit 0; superblock freed"
+        return (
+            "B lazily unmounted under its daemon; the daemon exited 1 on its own "
+            "(mount gone), detached, removed its socket; superblock freed; A's daemon "
+            "SIGTERM exit 0"
+        )
 
     def kill_all(self) -> None:
         for p in self.procs:

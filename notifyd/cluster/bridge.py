@@ -1,0 +1,150 @@
+"""The cluster consumer for trio programs: asyncio in a thread of its own, a channel between.
+
+nats-py needs an asyncio loop; a trio program (the shim) must not run one
+in its own thread.  :class:`TrioClusterSubscriber` starts a thread that runs
+``asyncio.run`` with a :class:`~notifyd.cluster.consume.ClusterSubscriber`
+and hands each message's events to trio through a memory channel.  The
+asyncio side waits (in an executor thread, so its loop keeps answering the
+server) while trio is behind: no unbounded queue.  Events and gaps are the
+same values the asyncio consumer yields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import trio
+
+from .consume import ClusterSubscriber, StartAt
+from .server import Credentials, connect
+from .wire import DEFAULT_STREAM, ClusterGap, ClusterRecord
+
+__all__ = ["TrioClusterSubscriber"]
+
+log = logging.getLogger(__name__)
+
+# Messages (each up to MAX_BATCH_RECORDS records) queued between the threads.
+CHANNEL_MESSAGES = 16
+
+Events = list[ClusterRecord | ClusterGap]
+
+
+class TrioClusterSubscriber:
+    """``async with TrioClusterSubscriber(url, cred, fsid=...) as sub: async for ev in sub``.
+
+    Entering connects (raising ClusterError as the asyncio side does: bad
+    server, no JetStream, no connection); leaving cancels the asyncio side
+    and joins its thread.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cred: Credentials,
+        *,
+        stream: str = DEFAULT_STREAM,
+        fsid: str | None = None,
+        node: str | None = None,
+        start: StartAt | None = None,
+        name: str = "scoutfs-notify",
+    ) -> None:
+        self.url = url
+        self.cred = cred
+        self.stream = stream
+        self.fsid = fsid
+        self.node = node
+        self.start = start or StartAt()
+        self.name = name
+        self._send, self._recv = trio.open_memory_channel[Events | BaseException](CHANNEL_MESSAGES)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = threading.Event()
+
+    async def __aenter__(self) -> TrioClusterSubscriber:
+        token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(token,), name="nats-consumer", daemon=True
+        )
+        self._thread.start()
+        first = await self._recv.receive()
+        if isinstance(first, BaseException):
+            await self.aclose()
+            raise first
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._recv.close()
+        if self._loop is not None and self._task is not None:
+            # RuntimeError: the loop has already finished
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._thread.join)
+            self._thread = None
+
+    async def batches(self) -> AsyncIterator[Events]:
+        async for item in self._recv:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[ClusterRecord | ClusterGap]:
+        async for events in self.batches():
+            for ev in events:
+                yield ev
+
+    # --- the asyncio thread -------------------------------------------------
+
+    def _thread_main(self, token: trio.lowlevel.TrioToken) -> None:
+        try:
+            asyncio.run(self._amain(token))
+        except BaseException as exc:  # handed to trio, never lost in this thread
+            self._deliver(token, exc)
+
+    def _deliver(self, token: trio.lowlevel.TrioToken, item: Events | BaseException) -> bool:
+        try:
+            trio.from_thread.run(self._send.send, item, trio_token=token)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
+            return False
+        return True
+
+    async def _amain(self, token: trio.lowlevel.TrioToken) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        nc = await connect(self.url, self.cred, name=self.name)
+        try:
+            sub = ClusterSubscriber(
+                nc, stream=self.stream, fsid=self.fsid, node=self.node, start=self.start
+            )
+            await sub.subscribe()
+            loop = self._loop
+            hand = functools.partial(self._deliver, token)
+            # the first item tells __aenter__ the subscription stands
+            if not await loop.run_in_executor(None, hand, []):
+                return
+            async for events in sub.batches():
+                if events and not await loop.run_in_executor(None, hand, events):
+                    return
+        except asyncio.CancelledError:
+            pass
+        finally:
+            try:
+                await nc.close()
+            except Exception as exc:  # closing after a failure: only worth a debug line
+                log.debug("closing the NATS connection: %s", exc)

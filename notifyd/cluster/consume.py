@@ -1,0 +1,166 @@
+"""The cluster consumer (asyncio): every node's records from the stream, gaps as values.
+
+``ClusterSubscriber`` is the cluster twin of :class:`notifyd.client.Subscriber`:
+iterate it to get :class:`~notifyd.cluster.wire.ClusterRecord` values (the
+record with its fsid and node) and :class:`~notifyd.cluster.wire.ClusterGap`
+values where records of a node were lost.  With a durable name a message is
+acknowledged only when the iterator is asked for the event after its last
+one, i.e. once the caller has dealt with all of its records: a consumer that
+stops resumes after what it finished.  Trio programs use
+:mod:`notifyd.cluster.bridge`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from . import wire
+
+__all__ = ["ClusterSubscriber", "StartAt"]
+
+log = logging.getLogger(__name__)
+
+# Messages asked for per pull, and how long a pull waits when the stream is idle.
+FETCH_BATCH = 64
+FETCH_WAIT = 1.0
+# An ephemeral consumer the server forgets once nobody pulled for this long.
+EPHEMERAL_INACTIVE = 60.0
+# A durable's message not acked in this long is delivered again (the tracker
+# drops the repeat).
+ACK_WAIT = 30.0
+RETRY_DELAY = 0.5
+
+
+@dataclass(frozen=True)
+class StartAt:
+    """Where a new consumer starts: ``new`` (default), ``all``, a stream seq, or a time.
+
+    A durable consumer that already exists continues where it stopped; this
+    only applies when it is created.
+    """
+
+    new: bool = True
+    seq: int | None = None
+    time: datetime.datetime | None = None
+
+    @classmethod
+    def all(cls) -> StartAt:
+        return cls(new=False)
+
+    def consumer_config(self) -> api.ConsumerConfig:
+        if self.seq is not None:
+            return api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.seq
+            )
+        if self.time is not None:
+            return api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=self.time
+            )
+        if self.new:
+            return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+        return api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+
+
+class ClusterSubscriber:
+    """Records of one filesystem (or all) and one node (or all) from the stream."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        stream: str = wire.DEFAULT_STREAM,
+        fsid: str | None = None,
+        node: str | None = None,
+        durable: str | None = None,
+        start: StartAt | None = None,
+    ) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.subject = wire.filter_subject(fsid, node)
+        self.durable = durable
+        self.start = start or StartAt()
+        self.tracker = wire.NodeTracker()
+        self.malformed = 0
+        self.sub: nats.js.JetStreamContext.PullSubscription | None = None
+        self._unacked: Msg | None = None
+
+    async def subscribe(self) -> None:
+        """Create (or bind to) the consumer; raises nats.js.errors on failure."""
+        cfg = self.start.consumer_config()
+        cfg.filter_subject = self.subject
+        if self.durable:
+            cfg.ack_policy = api.AckPolicy.EXPLICIT
+            cfg.ack_wait = ACK_WAIT
+        else:
+            cfg.ack_policy = api.AckPolicy.NONE
+            cfg.inactive_threshold = EPHEMERAL_INACTIVE
+        js = self.nc.jetstream()
+        self.sub = await js.pull_subscribe(
+            self.subject, durable=self.durable, stream=self.stream, config=cfg
+        )
+
+    async def batches(self) -> AsyncIterator[list[wire.ClusterRecord | wire.ClusterGap]]:
+        """The events of one message at a time (possibly none: repeats, malformed).
+
+        A durable's message is acked when the next batch is asked for, or by
+        :meth:`ack_pending`: after the caller has dealt with it.
+        """
+        if self.sub is None:
+            await self.subscribe()
+        assert self.sub is not None
+        failing = False
+        while True:
+            await self.ack_pending()
+            try:
+                msgs = await self.sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                if isinstance(exc, nats.errors.ConnectionClosedError):
+                    raise
+                if not failing:
+                    log.warning("pulling from %s failed (%s); retrying", self.stream, exc)
+                    failing = True
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            failing = False
+            for msg in msgs:
+                await self.ack_pending()
+                if self.durable:
+                    self._unacked = msg
+                try:
+                    batch = wire.parse_message(msg.subject, msg.headers, msg.data)
+                except wire.WireError as exc:
+                    self.malformed += 1
+                    log.error("skipping a message: %s", exc)
+                    continue
+                yield self.tracker.events(batch)
+
+    async def ack_pending(self) -> None:
+        """Acknowledge the durable's last message handed out, if not yet done."""
+        msg, self._unacked = self._unacked, None
+        if msg is not None:
+            await msg.ack()
+
+    async def __aiter__(self) -> AsyncIterator[wire.ClusterRecord | wire.ClusterGap]:
+        async for events in self.batches():
+            for ev in events:
+                yield ev
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            try:
+                await self.sub.unsubscribe()
+            except (nats.errors.Error, OSError) as exc:
+                log.debug("unsubscribing: %s", exc)
+            self.sub = None

@@ -1,0 +1,609 @@
+"""scoutfs-notify-forward: publish one mount's records to NATS JetStream.
+
+An ordinary client of the local daemon's socket, in its own asyncio process
+(nats-py is asyncio-only; the trio daemon never sees it).  Two tasks share a
+bounded backlog:
+
+- the reader takes every message the daemon sends and appends it, never
+  waiting on NATS, so the daemon never waits on us; past ``--backlog``
+  records a message is dropped and counted;
+- the publisher sends the backlog in order, coalescing contiguous messages
+  into one of up to MAX_BATCH_RECORDS records, and re-sends a message whose
+  ack did not come under the same ``Nats-Msg-Id`` (the stream drops the copy).
+
+A ``seq`` jump between two published messages (the ring, the daemon's queue
+for us, our backlog bound, or records made while no forwarder ran) becomes
+the next message's ``Scoutfs-Notify-Lost`` header (wire.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
+
+from .. import abi, ioctls, paths
+from ..sdnotify import sd_notify
+from . import wire
+from .server import ClusterError, add_connection_args, connect, credentials_from_args
+
+__all__ = ["Forwarder", "Identity", "identify", "main", "parse_args"]
+
+log = logging.getLogger("scoutfs-notify-forward")
+
+# Records held while NATS is slow or away: 64 MiB of records.
+DEFAULT_BACKLOG = 1 << 20
+# Records per message at most: 128 KiB, well under NATS's 1 MiB max_payload.
+MAX_BATCH_RECORDS = 2048
+DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_MAX_AGE = "7d"
+# JetStream drops a message whose Nats-Msg-Id it stored this recently.  It
+# must outlast a re-send after a failover (seconds), and costs memory per id.
+DUPLICATE_WINDOW = 120.0
+# How long one publish waits for its ack before it is re-sent.
+PUBLISH_TIMEOUT = 5.0
+# Between re-sends while NATS does not answer.
+RETRY_DELAY = 0.5
+# Messages read from the daemon's socket before the publisher gets a turn.
+READ_BURST = 1024
+# Reconnect backoff to the local daemon's socket.
+DAEMON_BACKOFF_MIN = 0.1
+DAEMON_BACKOFF_MAX = 5.0
+# On SIGTERM, how long the backlog may take to go out before we exit anyway.
+DRAIN_ON_EXIT = 5.0
+
+_NATS_ERRORS = (
+    asyncio.TimeoutError,
+    nats.errors.Error,
+    nats.js.errors.Error,
+    OSError,
+)
+
+DESCRIPTION = f"""\
+Publish the access records scoutfs-notifyd serves for PATH (a scoutfs mount,
+or a directory the fanotify source watches) to a NATS JetStream stream, so
+that watchers on every node see them (scoutfs-notify watch --nats URL).
+
+Subject: {wire.SUBJECT_PREFIX}.<fsid>.<node>, one message per batch of whole
+64-byte records.  On scoutfs <fsid> is the filesystem's fsid and <node> the
+mount's rid (16 hex digits, SCOUTFS_IOC_STATFS_MORE); elsewhere <fsid> is
+--fsid (default: the name of the socket's directory, local-<hash>) and <node>
+is --node (default: the hostname).
+
+The forwarder never makes the daemon wait: while NATS is unreachable it keeps
+up to --backlog records and publishes them in order once NATS is back; past
+that bound it drops records and the next message says how many
+(Scoutfs-Notify-Lost), as does any seq gap it sees.  It creates the stream
+when missing and otherwise uses the one an admin made.  Needs nats-server
+{".".join(map(str, (2, 10)))} or later with JetStream.
+
+Credentials come from files or the environment, never from arguments: the
+stream carries pids and uids, so run NATS with authentication.
+"""
+
+
+@dataclass
+class Identity:
+    """Who this forwarder publishes as."""
+
+    fsid: str
+    node: str
+    # the seq space: the rid on scoutfs (a remount restarts seq and draws a
+    # new rid); the socket's ctime for the fanotify source (a daemon restart
+    # restarts seq and makes a new socket)
+    scoutfs: bool
+
+    @property
+    def subject(self) -> str:
+        return wire.subject_for(self.fsid, self.node)
+
+
+def identify(path: str, socket_path: Path, fsid: str | None, node: str | None) -> Identity:
+    """Work out fsid and node for PATH; raise ClusterError on a bad name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ClusterError(f"cannot open {path}: {exc.strerror}") from None
+    scoutfs_ids: tuple[int, int] | None
+    try:
+        scoutfs_ids = ioctls.statfs_more(fd)
+    except ioctls.NotScoutfsError:
+        scoutfs_ids = None
+    finally:
+        os.close(fd)
+    try:
+        if scoutfs_ids is not None:
+            real_fsid, rid = scoutfs_ids
+            if fsid and fsid != f"{real_fsid:016x}":
+                raise ClusterError(
+                    f"{path} is scoutfs {real_fsid:016x}: --fsid is for other sources"
+                )
+            if node and node != f"{rid:016x}":
+                raise ClusterError(f"{path} is scoutfs: its node is the mount's rid {rid:016x}")
+            return Identity(f"{real_fsid:016x}", f"{rid:016x}", True)
+        fsid = fsid or socket_path.parent.name
+        node = node or socket.gethostname().split(".")[0]
+        return Identity(wire.check_token("fsid", fsid), wire.check_token("node", node), False)
+    except wire.WireError as exc:
+        raise ClusterError(str(exc)) from None
+
+
+def socket_epoch(socket_path: Path) -> str:
+    """The fanotify source's seq space: its socket, made anew by each daemon."""
+    return f"{os.stat(socket_path).st_ctime_ns:x}"
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    # the loop may call a reader again before the waiting task has run
+    if not fut.done():
+        fut.set_result(None)
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    published: int = 0
+    messages: int = 0
+    dropped_backlog: int = 0
+    lost_reported: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class _Item:
+    epoch: str
+    first: int
+    last: int
+    payload: bytes
+
+
+@dataclass
+class Forwarder:
+    """The reader and publisher of one mount (see the module docstring)."""
+
+    js: JetStreamContext
+    ident: Identity
+    socket_path: Path
+    stream: str
+    backlog_limit: int = DEFAULT_BACKLOG
+    max_batch: int = MAX_BATCH_RECORDS
+    counters: Counters = field(default_factory=Counters)
+    # the seq space and last seq the stream holds from us (resume point)
+    last_epoch: str | None = None
+    last_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        self.backlog: collections.deque[_Item] = collections.deque()
+        self.backlog_records = 0
+        self.wakeup = asyncio.Event()
+        self.connected = asyncio.Event()
+        self._dropping = False
+
+    async def resume_point(self) -> None:
+        """Read the last message the stream holds from this node."""
+        try:
+            msg = await self.js.get_last_msg(self.stream, self.ident.subject)
+        except nats.js.errors.NotFoundError:
+            log.info("no earlier message of %s in %s", self.ident.subject, self.stream)
+            return
+        hdrs = msg.headers or {}
+        seq_range = hdrs.get(wire.HDR_SEQ, "")
+        try:
+            last = int(seq_range.rpartition("-")[2])
+        except ValueError:
+            log.warning("last message of %s has no %s header", self.ident.subject, wire.HDR_SEQ)
+            return
+        self.last_epoch, self.last_seq = hdrs.get(wire.HDR_EPOCH), last
+        log.info(
+            "the stream holds %s up to seq %d (epoch %s)", self.ident.subject, last, self.last_epoch
+        )
+
+    async def read_daemon(self) -> None:
+        """Take every message from the daemon into the backlog; reconnect forever."""
+        loop = asyncio.get_running_loop()
+        backoff = DAEMON_BACKOFF_MIN
+        logged: int | None = None
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, os.fspath(self.socket_path))
+                epoch = self.ident.node if self.ident.scoutfs else socket_epoch(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno != logged:
+                    log.warning(
+                        "waiting for scoutfs-notifyd at %s (%s)", self.socket_path, exc.strerror
+                    )
+                    logged = exc.errno
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, DAEMON_BACKOFF_MAX)
+                continue
+            log.info("subscribed to %s (epoch %s)", self.socket_path, epoch)
+            self.connected.set()
+            backoff, logged = DAEMON_BACKOFF_MIN, None
+            try:
+                await self._drain_socket(loop, sock, epoch)
+            except OSError as exc:
+                log.warning("connection to %s failed: %s", self.socket_path, exc)
+            else:
+                log.warning("scoutfs-notifyd closed %s; reconnecting", self.socket_path)
+            finally:
+                sock.close()
+            self.connected.clear()
+            await asyncio.sleep(backoff)
+
+    async def _drain_socket(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, epoch: str
+    ) -> None:
+        """Read messages until the daemon closes the connection.
+
+        Every message the socket holds is read in one go once it is readable:
+        one event-loop round trip per message (``loop.sock_recv``) would cap
+        the intake at a few thousand messages a second.  The publisher gets
+        the loop every READ_BURST messages.
+        """
+        recv = sock.recv
+        while True:
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            for _ in range(READ_BURST):
+                try:
+                    msg = recv(abi.MAX_MESSAGE_BYTES)
+                except BlockingIOError:
+                    break
+                if not msg:
+                    return
+                self._take(epoch, msg)
+            else:
+                await asyncio.sleep(0)
+
+    def _take(self, epoch: str, msg: bytes) -> None:
+        try:
+            first, last = abi.seq_range(msg)
+        except abi.ABIError as exc:
+            log.error("skipping a malformed message from the daemon: %s", exc)
+            return
+        n = len(msg) // abi.RECORD_SIZE
+        self.counters.received += n
+        if self.backlog_records + n > self.backlog_limit:
+            # the next published message carries the seq jump as its Lost header
+            self.counters.dropped_backlog += n
+            if not self._dropping:
+                log.warning(
+                    "backlog full (%d records, --backlog): dropping records until NATS catches up",
+                    self.backlog_records,
+                )
+                self._dropping = True
+            return
+        if self._dropping and self.backlog_records < self.backlog_limit // 2:
+            self._dropping = False
+        self.backlog.append(_Item(epoch, first, last, msg))
+        self.backlog_records += n
+        self.wakeup.set()
+
+    def _next_batch(self) -> tuple[str, int, int, bytes, int]:
+        """Pop contiguous messages of one epoch: (epoch, first, last, payload, count)."""
+        head = self.backlog.popleft()
+        parts, epoch, first, last = [head.payload], head.epoch, head.first, head.last
+        count = len(head.payload) // abi.RECORD_SIZE
+        while self.backlog:
+            nxt = self.backlog[0]
+            n = len(nxt.payload) // abi.RECORD_SIZE
+            if nxt.epoch != epoch or nxt.first != last + 1 or count + n > self.max_batch:
+                break
+            self.backlog.popleft()
+            parts.append(nxt.payload)
+            last = nxt.last
+            count += n
+        self.backlog_records -= count
+        return epoch, first, last, b"".join(parts), count
+
+    async def publish_forever(self) -> None:
+        while True:
+            if not self.backlog:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            await self.publish_one()
+
+    async def publish_one(self) -> None:
+        epoch, first, last, payload, count = self._next_batch()
+        lost = 0
+        if self.last_epoch == epoch and self.last_seq is not None and first > self.last_seq + 1:
+            lost = first - self.last_seq - 1
+        hdrs = wire.headers_for(self.ident.fsid, self.ident.node, epoch, first, last, lost)
+        failing = False
+        while True:
+            log.debug("publishing seq %d-%d (%d records, lost %d)", first, last, count, lost)
+            try:
+                ack = await self.js.publish(
+                    self.ident.subject,
+                    payload,
+                    timeout=PUBLISH_TIMEOUT,
+                    stream=self.stream,
+                    headers=hdrs,
+                )
+            except _NATS_ERRORS as exc:
+                if not failing:
+                    log.warning(
+                        "publishing seq %d-%d failed (%s); retrying, %d records in the backlog",
+                        first,
+                        last,
+                        str(exc) or type(exc).__name__,
+                        self.backlog_records + count,
+                    )
+                    failing = True
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            break
+        if failing:
+            log.info("published seq %d-%d after retrying", first, last)
+        if ack.duplicate:
+            self.counters.duplicates += 1
+        if lost:
+            self.counters.lost_reported += lost
+            log.warning(
+                "published a loss marker: %d records of %s lost before seq %d",
+                lost,
+                self.ident.node,
+                first,
+            )
+        self.counters.published += count
+        self.counters.messages += 1
+        self.last_epoch, self.last_seq = epoch, last
+
+    async def drain(self, seconds: float) -> bool:
+        """Publish what the backlog holds, for at most ``seconds``."""
+        try:
+            async with asyncio.timeout(seconds):
+                while self.backlog:
+                    await self.publish_one()
+        except TimeoutError:
+            return False
+        return True
+
+
+async def ensure_stream(
+    js: JetStreamContext, name: str, subject: str, max_bytes: int, max_age: float, replicas: int
+) -> None:
+    """Create the stream if missing; check that it takes ``subject``."""
+    try:
+        info = await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        cfg = api.StreamConfig(
+            name=name,
+            subjects=[f"{wire.SUBJECT_PREFIX}.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.OLD,
+            max_bytes=max_bytes,
+            max_age=max_age,
+            num_replicas=replicas,
+            duplicate_window=DUPLICATE_WINDOW,
+        )
+        try:
+            info = await js.add_stream(cfg)
+        except nats.js.errors.APIError as exc:
+            raise ClusterError(f"cannot create the stream {name}: {exc.description}") from None
+        log.info(
+            "created the stream %s (R%d, max %d bytes, max age %.0f s)",
+            name,
+            replicas,
+            max_bytes,
+            max_age,
+        )
+        return
+    try:
+        found = await js.find_stream_name_by_subject(subject)
+    except nats.js.errors.NotFoundError:
+        found = None
+    if found != name:
+        raise ClusterError(
+            f"the stream {name} exists but does not take {subject} "
+            f"(subjects {info.config.subjects}): add {wire.SUBJECT_PREFIX}.> to it"
+        )
+    if not info.config.duplicate_window:
+        log.warning(
+            "the stream %s has no duplicate window: re-sent batches may be stored twice", name
+        )
+    log.info("using the existing stream %s (R%s)", name, info.config.num_replicas)
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1G, 512M)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "s")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (no limit) or more")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scoutfs-notify-forward",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="PATH", help="the scoutfs mount (or fanotify-watched directory)")
+    add_connection_args(p)
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's notify socket (default: the one scoutfs-notifyd derives from PATH)",
+    )
+    p.add_argument(
+        "--node", metavar="NAME", help="the node name off scoutfs (default: the hostname)"
+    )
+    p.add_argument(
+        "--fsid",
+        metavar="NAME",
+        help="the filesystem name off scoutfs, the same on every node that shares it "
+        "(default: the socket directory's name)",
+    )
+    p.add_argument(
+        "--stream",
+        default=wire.DEFAULT_STREAM,
+        metavar="NAME",
+        help="the JetStream stream (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backlog",
+        type=_positive,
+        default=DEFAULT_BACKLOG,
+        metavar="RECORDS",
+        help=f"records held while NATS is unreachable (default: {DEFAULT_BACKLOG}, "
+        f"{DEFAULT_BACKLOG * abi.RECORD_SIZE >> 20} MiB), besides the message being "
+        "sent; past it records are dropped and the loss is published",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="SIZE",
+        help="when creating the stream: its size limit, oldest messages go first (default: 1G)",
+    )
+    p.add_argument(
+        "--max-age",
+        type=_duration,
+        default=_duration(DEFAULT_MAX_AGE),
+        metavar="DURATION",
+        help=f"when creating the stream: how long messages are kept, 0 for ever "
+        f"(default: {DEFAULT_MAX_AGE})",
+    )
+    p.add_argument(
+        "--replicas",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="when creating the stream: copies on N servers (default: 1; 3 on a 3-server cluster)",
+    )
+    p.add_argument("--debug", action="store_true", help="log every publish")
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    cred = credentials_from_args(args)
+    socket_path = Path(args.socket) if args.socket else paths.default_socket_path(args.path)
+    ident = identify(args.path, socket_path, args.fsid, args.node)
+    nc: Client = await connect(args.nats, cred, name=f"scoutfs-notify-forward {ident.node}")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(
+            js, args.stream, ident.subject, args.max_bytes, args.max_age, args.replicas
+        )
+        fwd = Forwarder(js, ident, socket_path, args.stream, backlog_limit=args.backlog)
+        await fwd.resume_point()
+        log.info(
+            "forwarding %s as %s to %s on %s",
+            socket_path,
+            ident.subject,
+            args.stream,
+            nc.connected_url.netloc if nc.connected_url else args.nats,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        reader = asyncio.create_task(fwd.read_daemon())
+        publisher = asyncio.create_task(fwd.publish_forever())
+        connected = asyncio.create_task(fwd.connected.wait())
+        stopped = asyncio.create_task(stop.wait())
+        tasks = {reader, publisher, stopped}
+        await asyncio.wait({connected, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+        if connected.done():
+            sd_notify("READY=1")
+        else:
+            connected.cancel()
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        sd_notify("STOPPING=1")
+        for task in tasks:
+            task.cancel()
+        for task in (reader, publisher):
+            # a task that ended by itself failed: say why instead of draining
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not await fwd.drain(DRAIN_ON_EXIT):
+            log.warning("exiting with %d records not published", fwd.backlog_records)
+        c = fwd.counters
+        log.info(
+            "stopping: %d records received, %d published in %d messages, %d dropped "
+            "(backlog), %d reported lost, %d duplicate acks",
+            c.received,
+            c.published,
+            c.messages,
+            c.dropped_backlog,
+            c.lost_reported,
+            c.duplicates,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        logging.getLogger("nats").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(run(args))
+    except ClusterError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""The cluster stream end to end, with real parts: nats-server 2.15 (a 3-server
+cluster or one server), real scoutfs-notifyd daemons on the fanotify source,
+real forwarders and the real ``scoutfs-notify watch --nats``.
+
+Each daemon also has a raw local subscriber: what it saw is the truth the
+stream is compared with.  Two directories stand for two nodes, each daemon
+with its forwarder and node name; they share one --fsid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_support import forwarders, nats_servers, start_forwarder
+
+from notifyd import abi
+from notifyd.client import Subscriber
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify daemons need root")
+
+FSID = "testfs"
+EVENT_TIMEOUT = 60.0
+
+
+class Truth:
+    """A raw subscriber of one daemon, in a thread: every record it relays."""
+
+    def __init__(self, socket: Path) -> None:
+        self.sub = Subscriber(socket)
+        self.records: list[abi.Record] = []
+        self.gaps = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            for ev in self.sub:
+                if isinstance(ev, abi.Record):
+                    self.records.append(ev)
+                else:
+                    self.gaps += 1
+
+    def seqs_of(self, ino: int) -> list[int]:
+        return [r.seq for r in self.records if r.ino == ino]
+
+    def close(self) -> None:
+        self.sub.sock.shutdown(2)
+        self.sub.close()
+        self.thread.join(5)
+
+
+class Watch:
+    """``scoutfs-notify watch --nats URL --json ...`` with its lines collected."""
+
+    def __init__(self, url: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "notifyd.cli", "watch", "--nats", url, "--json", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict] = []
+        self.err_lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        self.err_thread = threading.Thread(target=self._read_err, daemon=True)
+        self.err_thread.start()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.err_lines.append(line)
+
+    def wait_watching(self) -> None:
+        """Until the consumer exists (watch says so on stderr)."""
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while not any("watching" in line for line in self.err_lines):
+            assert self.proc.poll() is None, f"watch exited: {self.stderr()}"
+            assert time.monotonic() < deadline, "watch never started watching"
+            time.sleep(0.05)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    def records(self, node: str) -> list[dict]:
+        return [d for d in self.lines if d["node"] == node and d["type"] != "GAP"]
+
+    def gaps(self, node: str) -> list[dict]:
+        return [d for d in self.lines if d["node"] == node and d["type"] == "GAP"]
+
+    def wait_ino(self, node: str, ino: int, what: str) -> None:
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while not any(d["ino"] == ino for d in self.records(node)):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"watch exited {self.proc.returncode}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"watch never printed {what} (ino {ino}) of {node}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(20)
+        self.thread.join(5)
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        self.err_thread.join(5)
+        return "".join(self.err_lines)
+
+
+def read_files(d: Path, n: int, prefix: str) -> list[Path]:
+    files = []
+    for i in range(n):
+        f = d / f"{prefix}{i}"
+        f.write_bytes(b"x" * 100)
+        files.append(f)
+    for f in files:
+        f.read_bytes()
+    return files
+
+
+def sentinel(d: Path, name: str = "sentinel") -> int:
+    """Read a fresh file: once its record is seen, every earlier record of that node is."""
+    f = d / name
+    f.write_bytes(b"s")
+    f.read_bytes()
+    return f.stat().st_ino
+
+
+def wait_some_sentinel(watch: Watch, node: str, d: Path) -> int:
+    """Read a new sentinel every half second until the watch prints one; return its ino."""
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    inos: list[int] = []
+    while time.monotonic() < deadline:
+        inos.append(sentinel(d, f"probe{len(inos)}"))
+        for _ in range(25):
+            seen = {r["ino"] for r in watch.records(node)}
+            for ino in inos:
+                if ino in seen:
+                    return ino
+            time.sleep(0.02)
+    raise AssertionError(f"none of {len(inos)} sentinels of {node} reached the watch")
+
+
+def wait_truth(truth: Truth, ino: int) -> None:
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    while not truth.seqs_of(ino):
+        assert time.monotonic() < deadline, f"the daemon never relayed ino {ino}"
+        time.sleep(0.02)
+
+
+def assert_per_node_exact(watch: Watch, node: str, truth: Truth, upto_ino: int) -> list[int]:
+    """Every record the daemon relayed up to the sentinel is in the stream once, in order."""
+    last = max(truth.seqs_of(upto_ino))
+    want = [r.seq for r in truth.records if r.seq <= last]
+    got = [d["seq"] for d in watch.records(node) if d["seq"] <= last]
+    assert got == sorted(set(got)), f"{node}: out of order or duplicated: {got}"
+    assert got == want, f"{node}: stream {got} != daemon {want}"
+    return got
+
+
+@pytest.fixture
+def nodes(notifyd_factory, tmp_path: Path) -> Iterator[list[tuple[str, object, Truth]]]:
+    out = []
+    for name in ("nodeA", "nodeB"):
+        daemon = notifyd_factory()
+        out.append((name, daemon, Truth(daemon.socket)))
+    yield out
+    for _, _, truth in out:
+        truth.close()
+
+
+def fwd_args(url: str, daemon, node: str, *extra: str) -> list[str]:
+    return ["--nats", url, "--socket", str(daemon.socket), "--fsid", FSID, "--node", node, *extra]
+
+
+def test_three_server_cluster_two_nodes_watch_sees_both_in_order(tmp_path: Path, nodes) -> None:
+    with nats_servers(tmp_path / "nats", 3) as servers, forwarders(tmp_path) as fwds:
+        urls = [s.url for s in servers]
+        for (name, daemon, _), url in zip(nodes, urls, strict=False):
+            start_forwarder(
+                fwds,
+                tmp_path,
+                daemon.backing,
+                *fwd_args(url, daemon, name, "--replicas", "3", "--max-bytes", "64M"),
+            )
+        watch = Watch(urls[2], "--all", "--fsid", FSID)
+        try:
+            for name, daemon, _ in nodes:
+                read_files(daemon.backing, 30, name)
+            sentinels = {name: sentinel(daemon.backing) for name, daemon, _ in nodes}
+            for name, _, truth in nodes:
+                wait_truth(truth, sentinels[name])
+                watch.wait_ino(name, sentinels[name], "the sentinel")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        for name, _, truth in nodes:
+            seqs = assert_per_node_exact(watch, name, truth, sentinels[name])
+            assert len(seqs) >= 62  # 30 files open + read, and the sentinel's
+            assert not watch.gaps(name)
+        for f in fwds:
+            assert f.stop() == 0, f.log()
+
+
+def connected_port(fwd) -> int:
+    """The server port the forwarder logged it publishes through."""
+    for line in fwd.log().splitlines():
+        if " forwarding " in line and " on 127.0.0.1:" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise AssertionError(f"the forwarder did not say where it is connected:\n{fwd.log()}")
+
+
+def test_killing_the_forwarders_server_loses_and_duplicates_nothing(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 3) as servers, forwarders(tmp_path) as fwds:
+        urls = ",".join(s.url for s in servers)
+        fwd = start_forwarder(
+            fwds,
+            tmp_path,
+            daemon.backing,
+            *fwd_args(urls, daemon, name, "--replicas", "3", "--max-bytes", "64M"),
+        )
+        victim = next(s for s in servers if s.port == connected_port(fwd))
+        stop = threading.Event()
+
+        def flow() -> None:
+            i = 0
+            while not stop.is_set():
+                f = daemon.backing / f"flow{i % 50}"
+                f.write_bytes(b"y")
+                f.read_bytes()
+                i += 1
+                time.sleep(0.002)
+
+        reader = threading.Thread(target=flow)
+        reader.start()
+        try:
+            deadline = time.monotonic() + EVENT_TIMEOUT
+            while len(truth.records) < 200:
+                assert time.monotonic() < deadline, "no records flow"
+                time.sleep(0.02)
+            victim.kill()
+            seen = len(truth.records)
+            while len(truth.records) < seen + 300:
+                assert time.monotonic() < deadline, "records stopped flowing"
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            reader.join()
+        last = sentinel(daemon.backing)
+        wait_truth(truth, last)
+        alive = [s for s in servers if s is not victim]
+        watch = Watch(alive[0].url, "--all", "--fsid", FSID)
+        try:
+            watch.wait_ino(name, last, "the sentinel")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        assert "reconnected" in fwd.log(), fwd.log()
+        seqs = assert_per_node_exact(watch, name, truth, last)
+        assert len(seqs) > 500
+        assert not watch.gaps(name)
+        assert fwd.stop() == 0, fwd.log()
+
+
+def test_forwarder_killed_and_restarted_reports_the_exact_loss(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        args = fwd_args(servers[0].url, daemon, name)
+        fwd = start_forwarder(fwds, tmp_path, daemon.backing, *args)
+        watch = Watch(servers[0].url, "--all")
+        try:
+            read_files(daemon.backing, 20, "before")
+            s1 = sentinel(daemon.backing, "s1")
+            watch.wait_ino(name, s1, "the first sentinel")
+            fwd.kill()
+            read_files(daemon.backing, 20, "missed")
+            s2 = sentinel(daemon.backing, "s2")
+            wait_truth(truth, s2)
+            fwd2 = start_forwarder(fwds, tmp_path, daemon.backing, *args)
+            read_files(daemon.backing, 20, "after")
+            s3 = sentinel(daemon.backing, "s3")
+            wait_truth(truth, s3)
+            watch.wait_ino(name, s3, "the last sentinel")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        got = [d["seq"] for d in watch.records(name)]
+        assert got == sorted(set(got)), "duplicated or out of order"
+        last_before = max(truth.seqs_of(s1))
+        first_after = min(s for s in got if s > last_before)
+        missed = [r.seq for r in truth.records if last_before < r.seq < first_after]
+        # every record the daemon relayed while no forwarder ran, and only those
+        assert len(missed) >= 42  # 20 files open + read, and s2's
+        assert max(truth.seqs_of(s2)) in missed
+        gaps = watch.gaps(name)
+        assert [(g["lost"], g["next_seq"]) for g in gaps] == [(len(missed), first_after)]
+        want = [r.seq for r in truth.records if r.seq <= max(truth.seqs_of(s3))]
+        assert sorted(got + missed) == want
+        assert f"{len(missed)} records of {name} lost" in fwd2.log()
+
+
+def test_durable_watch_stopped_and_restarted_gets_exactly_the_rest(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        url = servers[0].url
+        start_forwarder(fwds, tmp_path, daemon.backing, *fwd_args(url, daemon, name))
+        read_files(daemon.backing, 30, "first")
+        s1 = sentinel(daemon.backing, "s1")
+        first = Watch(url, "--durable", "archiver", "--all")
+        try:
+            first.wait_ino(name, s1, "the first sentinel")
+        finally:
+            assert first.stop() == 0, first.stderr()
+        read_files(daemon.backing, 30, "second")
+        s2 = sentinel(daemon.backing, "s2")
+        wait_truth(truth, s2)
+        # no start option: the durable continues where it stopped
+        second = Watch(url, "--durable", "archiver")
+        try:
+            second.wait_ino(name, s2, "the second sentinel")
+        finally:
+            assert second.stop() == 0, second.stderr()
+        a = [d["seq"] for d in first.records(name)]
+        b = [d["seq"] for d in second.records(name)]
+        assert a
+        assert b
+        assert max(a) < min(b), "the restarted consumer repeated records"
+        want = [r.seq for r in truth.records if r.seq <= max(truth.seqs_of(s2))]
+        assert a + b == want
+        assert not first.gaps(name)
+        assert not second.gaps(name)
+
+
+def test_nats_down_backlog_arrives_in_order_and_past_the_bound_a_loss_marker(
+    tmp_path: Path, nodes
+) -> None:
+    name, daemon, truth = nodes[0]
+    backlog = 200
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        server = servers[0]
+        fwd = start_forwarder(
+            fwds,
+            tmp_path,
+            daemon.backing,
+            *fwd_args(server.url, daemon, name, "--backlog", str(backlog)),
+        )
+        read_files(daemon.backing, 10, "up")
+        s1 = sentinel(daemon.backing, "s1")
+        wait_truth(truth, s1)
+        # down: fewer records than the bound are held and arrive in order
+        server.stop()
+        read_files(daemon.backing, 40, "held")
+        s2 = sentinel(daemon.backing, "s2")
+        wait_truth(truth, s2)
+        server.start()
+        watch = Watch(server.url, "--all")
+        try:
+            watch.wait_ino(name, s2, "the held sentinel")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        upto_s2 = assert_per_node_exact(watch, name, truth, s2)
+        assert not watch.gaps(name)
+        # down again, and more records than the bound: a loss marker
+        server.stop()
+        before = len(truth.records)
+        read_files(daemon.backing, 300, "over")
+        s3 = sentinel(daemon.backing, "s3")
+        wait_truth(truth, s3)
+        over = len(truth.records) - before
+        assert over > backlog
+        server.start()
+        # s3 came while the backlog was full, and so may the next few: read
+        # fresh sentinels until one arrives (the backlog has gone out then)
+        watch = Watch(server.url, "--all")
+        try:
+            s4 = wait_some_sentinel(watch, name, daemon.backing)
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+        got = [d["seq"] for d in watch.records(name)]
+        assert got == sorted(set(got)), "duplicated or out of order"
+        assert got[: len(upto_s2)] == upto_s2
+        want = [r.seq for r in truth.records if r.seq <= max(truth.seqs_of(s4))]
+        dropped = sorted(set(want) - set(got))
+        # all but what the backlog held, and the message in flight when NATS went
+        # (taken from the backlog, so at most as many again)
+        assert len(dropped) >= over - 2 * backlog
+        gaps = watch.gaps(name)
+        assert gaps, "no loss marker"
+        assert sum(g["lost"] for g in gaps) == len(dropped)
+        for g in gaps:
+            assert list(range(g["next_seq"] - g["lost"], g["next_seq"])) == [
+                s for s in dropped if g["next_seq"] - g["lost"] <= s < g["next_seq"]
+            ]
+        assert "backlog full" in fwd.log()
+        assert fwd.stop() == 0, fwd.log()
+
+
+def test_watch_since_and_new_start_where_asked(tmp_path: Path, nodes) -> None:
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        url = servers[0].url
+        start_forwarder(fwds, tmp_path, daemon.backing, *fwd_args(url, daemon, name))
+        read_files(daemon.backing, 10, "old")
+        s1 = sentinel(daemon.backing, "s1")
+        every = Watch(url, "--all")
+        every.wait_ino(name, s1, "the first sentinel")
+        # the stream stamps messages in whole microseconds: step past the last one
+        time.sleep(0.01)
+        since = datetime.datetime.now(datetime.UTC).isoformat()
+        time.sleep(0.01)
+        read_files(daemon.backing, 10, "later")
+        s2 = sentinel(daemon.backing, "s2")
+        every.wait_ino(name, s2, "the second sentinel")
+        later = Watch(url, "--since", since)
+        new = Watch(url, "--new")
+        try:
+            later.wait_ino(name, s2, "the second sentinel")
+            new.wait_watching()
+            # --new started after s2: it must see the third batch whole, nothing before
+            s3 = sentinel(daemon.backing, "s3")
+            new.wait_ino(name, s3, "the third sentinel")
+            every.wait_ino(name, s3, "the third sentinel")
+        finally:
+            for w in (every, later, new):
+                assert w.stop() == 0, w.stderr()
+        last1 = max(truth.seqs_of(s1))
+        last2 = max(truth.seqs_of(s2))
+        got_later = [d["seq"] for d in later.records(name) if d["seq"] <= last2]
+        assert got_later == [d["seq"] for d in every.records(name) if last1 < d["seq"] <= last2]
+        assert min(d["seq"] for d in new.records(name)) > last2
+        assert [d["seq"] for d in new.records(name)] == [
+            d["seq"] for d in every.records(name) if d["seq"] > last2
+        ]
