@@ -338,6 +338,24 @@ class Overlay(pyfuse3.Operations):
         finally:
             os.close(fd)
 
+    def _stat(self, node: _Inode) -> os.stat_result:
+        """``node``'s attributes; for an fd-less one, one fstatat through a held parent."""
+        if node.fd is not None:
+            # the O_PATH fd holds the inode: this works for an unlinked open file too
+            return os.fstat(node.fd)
+        for parent_ino, name in sorted(node.links):
+            parent = self._inodes.get(parent_ino)
+            if parent is None or parent.fd is None:
+                continue
+            try:
+                st = os.lstat(name, dir_fd=parent.fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                return st
+        with self._path_fd(node) as fd:
+            return os.fstat(fd)
+
     def _reopen(self, node: _Inode, depth: int = 0) -> int:
         """Reach an fd-less inode again through a link; ESTALE if no link leads to it."""
         if depth > _MAX_DEPTH:
@@ -493,9 +511,7 @@ class Overlay(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        # the O_PATH fd holds the inode: this works for an unlinked open file too
-        with self._path_fd(self._inode(inode)) as fd:
-            return self._entry(os.fstat(fd))
+        return self._entry(self._stat(self._inode(inode)))
 
     @_handler
     async def setattr(
