@@ -278,8 +278,7 @@ def _bind_stats(mountpoint: str, given: str | None) -> Listener:
         prepare_dir(path.parent, create=False)
     else:
         path = shim_stats_path(mountpoint)
-        # shared with the daemons; made traversable (not listable) in case a
-        # daemon's --socket-group needs it so
+        # the run dir is shared with the daemons: made as they make it, never re-moded
         prepare_dir(RUN_DIR, create=True, mode=0o711, shared=True)
         prepare_dir(path.parent, create=True)
     return bind_listener(path, kind=socket.SOCK_STREAM)
