@@ -494,7 +494,7 @@ class Faults:
         check(rc == 1, f"daemon B exited {rc} after its mount went, want 1: see daemon-b.log")
         check("was unmounted: exiting" in log, "daemon B did not say why it exited")
         check(
-            "detached from the notify ring of" in log.split("was unmounted")[-1],
+            "detached from the notify ring of" in log.split("was unmounted: exiting")[-1],
             "daemon B did not DETACH on its way out",
         )
         check("Traceback" not in log, "daemon B logged a traceback")
