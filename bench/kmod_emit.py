@@ -136,10 +136,18 @@ def run(cfg: Config) -> Stage:
             console = (out / "console.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the emit guest failed ({p.returncode}):\n{console}")
         runs = _parse(out / "emit.tsv")
+        shutil.copy(out / "emit.tsv", cfg.workdir / "kmod_emit.tsv")
+    _figures(stage, runs, smp)
+    stage.notes.append(
+        f"guest: `qemu-system-x86_64 -accel tcg -smp {smp}`; host load average at the end "
+        f"{os.getloadavg()[0]:.1f}; the guest's runs: {cfg.workdir / 'kmod_emit.tsv'}"
+    )
+    return stage
+
+
+def _figures(stage: Stage, runs: dict[str, list[tuple[float, int, int, int]]], smp: int) -> None:
     base_runs = [r[0] for r in runs["unpatched"]]
     base = median(base_runs)
-    # noise: how far the slowest unpatched run sits above their median
-    noise = max(base_runs) / base
     reads = runs["unpatched"][0][1]
     stage.add(
         Figure(
@@ -151,44 +159,50 @@ def run(cfg: Config) -> Stage:
             runs=base_runs,
         )
     )
-    for variant, target in (
-        ("patched-no-reader", noise),
-        ("patched-daemon", 1.10),
-    ):
+    # The host's load moves every run (tcg): the three variants of one repeat ran
+    # back to back, so each is judged against the unpatched run of its own repeat.
+    for variant, limit in (("patched-no-reader", 1.03), ("patched-daemon", 1.10)):
         secs = [r[0] for r in runs[variant]]
+        ratios = [v / u for v, u in zip(secs, base_runs, strict=True)]
         value = median(secs)
+        ratio = median(ratios)
         emitted = sum(r[2] for r in runs[variant])
         dropped = sum(r[3] for r in runs[variant])
-        met = value / base <= target
+        name = variant.replace("-", "_")
+        stage.add(
+            Figure(
+                STAGE,
+                name,
+                value,
+                "s",
+                baseline=base,
+                baseline_name="unpatched",
+                note=(
+                    f"runs {', '.join(f'{x:.3f}' for x in secs)}; records emitted {emitted}, "
+                    f"dropped on a full ring {dropped}"
+                ),
+                runs=secs,
+            )
+        )
         fig = Figure(
             STAGE,
-            variant.replace("-", "_"),
-            value,
-            "s",
-            baseline=base,
-            baseline_name="unpatched",
-            target=(
-                f"<= {target:.3f}x (within the unpatched runs' spread)"
-                if variant == "patched-no-reader"
-                else "<= 1.10x"
-            ),
-            met=met,
-            note=(
-                f"runs {', '.join(f'{x:.3f}' for x in secs)}; records emitted {emitted}, "
-                f"dropped on a full ring {dropped}"
-            ),
-            runs=secs,
+            f"{name}_ratio",
+            ratio,
+            "x",
+            target=f"<= {limit:.2f}x the unpatched run of the same repeat (median)",
+            met=ratio <= limit,
+            note="per repeat: " + ", ".join(f"{x:.3f}" for x in ratios),
+            runs=ratios,
         )
-        if not met:
+        if not fig.met:
             if variant == "patched-no-reader":
-                fig.why = "outside the spread of the unpatched runs"
+                fig.why = "not shown within this run's noise (see the per-repeat ratios)"
             elif smp == 1:
                 fig.why = "the daemon's drain and relay share the guest's only vCPU"
             else:
-                fig.why = "the daemon on the other vCPU still slows the reader (see the runs)"
+                fig.why = (
+                    "the daemon drains and relays every record on the other vCPU, and with "
+                    "the host's two cores shared by both vCPUs and other work it takes "
+                    "time from the reader too (see the drops: it does not keep up)"
+                )
         stage.add(fig)
-    stage.notes.append(
-        f"guest: `qemu-system-x86_64 -accel tcg -smp {smp}`; host load average at the end "
-        f"{os.getloadavg()[0]:.1f}"
-    )
-    return stage

@@ -36,7 +36,8 @@ Show file accesses on a scoutfs mount as scoutfs-notifyd relays them.
            TIME GAP lost=N after seq=S
          means N records were lost (kernel ring full, or this client too slow).
   stats  prints the daemon's counters: records drained, ring drops, clients
-         and each client's drops.
+         and each client's drops; with --shim MOUNTPOINT, the inotify shim's:
+         records replayed, and every record not replayed, by cause.
 
 The socket is /run/scoutfs/<fsid>/notify.sock for a scoutfs MOUNT (the fsid of
 `scoutfs statfs`), /run/scoutfs/local-<hash>/notify.sock for a directory
@@ -84,8 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "kernel ring or the fanotify queue, and every client with its own drops.",
     )
     _add_target(s, "the daemon's JSON document as it is")
+    s.add_argument(
+        "--shim",
+        metavar="MOUNTPOINT",
+        help="ask the scoutfs-notify-shim mounted at MOUNTPOINT instead of a daemon",
+    )
     args = p.parse_args(argv)
-    if not args.socket and not args.mount and not getattr(args, "nats", None):
+    if getattr(args, "shim", None):
+        if args.socket or args.mount:
+            p.error("--shim takes the place of MOUNT and --socket")
+    elif not args.socket and not args.mount and not getattr(args, "nats", None):
         p.error(
             "give MOUNT or --socket PATH" + (" (or --nats URL)" if args.command == "watch" else "")
         )
@@ -95,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "shim", None):
+        # ends in .stats: main() takes it as the stats socket itself
+        return paths.shim_stats_path(args.shim)
     return Path(args.socket) if args.socket else paths.default_socket_path(args.mount)
 
 
@@ -205,6 +217,12 @@ def _watch(args: argparse.Namespace, sock_path: Path) -> int:
 
 
 def _print_stats(doc: dict[str, Any]) -> None:
+    if "clients" not in doc:
+        # the shim's document: flat counters
+        width = max(map(len, doc), default=0)
+        for key, value in doc.items():
+            print(f"{key:<{width}}  {value}")
+        return
     clients = doc.pop("clients", [])
     width = max(map(len, doc), default=0)
     for key, value in doc.items():
@@ -226,6 +244,9 @@ def _say(msg: str) -> int:
 def _explain(exc: OSError, where: Path, args: argparse.Namespace) -> str:
     """What went wrong talking to the daemon at ``where``, and the fix."""
     hint = f" for {args.mount}" if args.mount else ""
+    shim = getattr(args, "shim", None)
+    if shim and isinstance(exc, FileNotFoundError):
+        return f"no shim stats socket at {where}: is scoutfs-notify-shim mounted at {shim}?"
     if isinstance(exc, FileNotFoundError):
         return f"no daemon socket at {where}: is scoutfs-notifyd running{hint}?"
     if isinstance(exc, PermissionError):

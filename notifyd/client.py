@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import NamedTuple
 
@@ -20,6 +21,9 @@ import trio
 from . import abi
 
 __all__ = ["AsyncSubscriber", "Gap", "SeqTracker", "Subscriber"]
+
+# How long to wait before connecting again while the daemon's accept queue is full.
+CONNECT_RETRY = 0.01
 
 
 class Gap(NamedTuple):
@@ -71,7 +75,17 @@ class Subscriber:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.settimeout(timeout)
-            self.sock.connect(self.path)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    self.sock.connect(self.path)
+                    break
+                except BlockingIOError:
+                    # the daemon's accept queue is full (a burst of connections);
+                    # a blocking connect waits for room, and so does this one
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"{self.path}: the accept queue stayed full") from None
+                    time.sleep(CONNECT_RETRY)
         except BaseException:
             self.sock.close()
             raise
@@ -106,13 +120,23 @@ class AsyncSubscriber:
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str]) -> AsyncSubscriber:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        # An AF_UNIX connect never is "in progress": it succeeds, fails, or (non-
+        # blocking, accept queue full) says EAGAIN, which trio's connect would take
+        # for success.  So the attempt is made here, again until there is room.
+        raw = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
         try:
-            await sock.connect(os.fspath(path))
+            while True:
+                try:
+                    raw.connect(os.fspath(path))
+                    break
+                except BlockingIOError:
+                    await trio.sleep(CONNECT_RETRY)
         except BaseException:
-            sock.close()
+            raw.close()
             raise
-        return cls(sock, os.fspath(path))
+        return cls(trio.socket.from_stdlib_socket(raw), os.fspath(path))
 
     async def recv_batch(self) -> bytes | None:
         """Return one message of whole records, or None at end of stream."""

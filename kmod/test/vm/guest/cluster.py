@@ -110,10 +110,10 @@ class Cluster:
                    "both daemons serving")  # fmt: skip
         self.alive("daemon-a", da)
         self.alive("daemon-b", db)
-        fa = self.start("forward-a", [str(self.bin / "scoutfs-notify-forward"), "--nats", self.url,
-                                      self.a])  # fmt: skip
-        fb = self.start("forward-b", [str(self.bin / "scoutfs-notify-forward"), "--nats", self.url,
-                                      "--socket", str(SOCK_B), self.b])  # fmt: skip
+        # the guest's store is a small tmpfs: the default 1G stream does not fit
+        fwd = [str(self.bin / "scoutfs-notify-forward"), "--nats", self.url, "--max-bytes", "64M"]
+        fa = self.start("forward-a", [*fwd, self.a])
+        fb = self.start("forward-b", [*fwd, "--socket", str(SOCK_B), self.b])
         for name, p, rid in (("forward-a", fa, self.rid_a), ("forward-b", fb, self.rid_b)):
             wait_until(lambda name=name, p=p: "subscribed to" in self.log(name) or p.poll(),
                        f"{name} subscribed")  # fmt: skip
