@@ -255,7 +255,7 @@ def _bind_stats(mountpoint: str, given: str | None) -> Listener:
     else:
         path = shim_stats_path(mountpoint)
         # the run dir is shared with the daemons: the same modes they use
-        prepare_dir(RUN_DIR, create=True, mode=0o711, widen_only=True)
+        prepare_dir(RUN_DIR, create=True, mode=0o711, shared=True)
         prepare_dir(path.parent, create=True)
     return bind_listener(path, kind=socket.SOCK_STREAM)
 
@@ -306,7 +306,7 @@ async def serve(
         async with trio.open_nursery() as bridge:
             bridge.start_soon(_until_signal, bridge.cancel_scope)
             if stats is not None:
-                await bridge.start(serve_stats, stats.sock, snapshot)
+                await bridge.start(serve_stats, stats, snapshot)
             await bridge.start(replayer.run)
             await bridge.start(functools.partial(follow, state=following), socket_path, replayer)
             if args.nats:
