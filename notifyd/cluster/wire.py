@@ -1,4 +1,4 @@
-"""The cluster stream's wire format (docs/cluster-stream.md): subjects, headers, ids.
+"""The cluster stream's wire format (docs/ABI.md section 6): subjects, headers, ids.
 
 No NATS import here: the forwarder, the consumers and the tests share these
 rules, and a unit test can check them without a server.
