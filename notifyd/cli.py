@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import doctor, paths, watch
+from .cluster import watch as cluster_watch
 from .peer import UntrustedPeerError
 from .stats import read_stats
 from .watch import PathResolver, format_json, format_text
@@ -63,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     w = sub.add_parser("watch", help="print records as they arrive, filtered like inotifywait")
     watch.add_arguments(w)
-    from .cluster.watch import add_watch_args  # here: it imports this module
-
-    add_watch_args(w)
+    cluster_watch.add_watch_args(w)
     s = sub.add_parser(
         "stats",
         help="print the daemon's counters",
@@ -181,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         return doctor.run(args)
     if args.command == "watch" and args.nats:
-        from .cluster.watch import run_watch
-
-        return run_watch(args)
+        return cluster_watch.run_watch(args)
     try:
         sock_path = _socket_path(args)
     except OSError as exc:

@@ -67,3 +67,55 @@ def test_notifyd_never_imports_compat(path: Path) -> None:
     package = ".".join(path.relative_to(ROOT).parent.parts)
     bad = compat_imports(path.read_text(), package)
     assert not bad, f"{path.relative_to(ROOT)} imports compat (compat builds on notifyd): {bad}"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports.
+
+    ``from . import abi`` names the submodule ``abi``, not the package's
+    ``__init__`` (Python runs that first whatever the importer, so it is no
+    edge a module could remove).
+    """
+    names = {module_name(p): p for p in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = {m for _, m in imported_modules(path.read_text(), package)} & names.keys()
+        graph[name] = {
+            m for m in found if m != name and not any(o.startswith(m + ".") for o in found)
+        }
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One path per edge that lies on a loop: [a, b, ..., a]."""
+    found = []
+    for start in sorted(graph):
+        for first in sorted(graph[start]):
+            path, todo = {first: [start, first]}, [first]
+            while todo:
+                node = todo.pop()
+                if node == start:
+                    found.append(path[node])
+                    break
+                for nxt in sorted(graph.get(node, ())):
+                    if nxt not in path:
+                        path[nxt] = [*path[node], nxt]
+                        todo.append(nxt)
+    return found
+
+
+def test_the_loop_check_finds_a_loop_and_ignores_the_package_itself() -> None:
+    graph = {"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p.a"}, "p.c": {"p.b"}}
+    assert cycles(graph) == [["p.a", "p.b", "p.a"], ["p.b", "p.a", "p.b"]]
+    assert cycles({"p": {"p.a"}, "p.a": set()}) == []
+
+
+def test_notifyd_modules_import_each_other_without_a_loop() -> None:
+    loops = cycles(import_graph(NOTIFYD_MODULES))
+    assert not loops, "import loops in notifyd: " + "; ".join(" -> ".join(c) for c in loops)

@@ -20,8 +20,8 @@ import sys
 from typing import TextIO
 
 from .. import abi
-from ..cli import format_json, format_text
 from ..client import Gap
+from ..watch import format_json, format_text
 from . import wire
 from .consume import ClusterSubscriber, StartAt
 from .server import ClusterError, add_connection_args, connect, credentials_from_args
