@@ -317,11 +317,11 @@ def test_an_unexpected_exception_in_a_handler_is_an_eio_reply(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # the one fake here: a handler that fails the way a bug would
-    @overlay_mod._handler
+    @overlay_mod.fuse_handler
     async def broken() -> None:
         raise NotImplementedError("a bug")
 
-    @overlay_mod._handler
+    @overlay_mod.fuse_handler
     async def refused() -> None:
         raise PermissionError(errno.EACCES, "no")
 

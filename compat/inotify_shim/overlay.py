@@ -22,7 +22,7 @@ is reached follows libfuse's ``example/passthrough_hp.cc``:
   seconds): a permission is granted only when both agree, so one removed on
   BACKING takes effect at once.
 - Any exception in a handler becomes an errno reply and a log line
-  (:func:`_handler`): no call can end pyfuse3's session.
+  (:func:`fuse_handler`): no call can end pyfuse3's session.
 
 Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
 by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
@@ -50,7 +50,7 @@ from notifyd import libc
 
 from .replay import ReplayThreads
 
-__all__ = ["Overlay"]
+__all__ = ["Overlay", "fuse_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,15 @@ def _backing_flags(flags: int) -> int:
     return (flags & ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_CLOEXEC
 
 
-def _handler(
+def fuse_handler(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Every failure becomes an errno reply: pyfuse3 ends its session on any other exception.
+    """Decorate a pyfuse3 handler so that every failure becomes an errno reply.
 
-    An OSError keeps its errno; anything else is a bug, logged with its
-    traceback and answered EIO, and the mount keeps serving.
+    pyfuse3 ends its session on any exception but ``FUSEError``, so each of
+    :class:`Overlay`'s handlers wears this.  An OSError keeps its errno;
+    anything else is a bug, logged with its traceback and answered EIO, and
+    the mount keeps serving.
     """
 
     @functools.wraps(handler)
@@ -440,7 +442,7 @@ class Overlay(pyfuse3.Operations):
 
     # --- lookups -------------------------------------------------------------
 
-    @_handler
+    @fuse_handler
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
@@ -493,7 +495,7 @@ class Overlay(pyfuse3.Operations):
         entry.entry_timeout = 0
         return entry
 
-    @_handler
+    @fuse_handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
             node = self._inodes.get(inode)
@@ -507,13 +509,13 @@ class Overlay(pyfuse3.Operations):
             if node.fd is not None:
                 os.close(node.fd)
 
-    @_handler
+    @fuse_handler
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         return self._entry(self._stat(self._inode(inode)))
 
-    @_handler
+    @fuse_handler
     async def setattr(
         self,
         inode: int,
@@ -591,7 +593,7 @@ class Overlay(pyfuse3.Operations):
         else:
             libc.utimensat(libc.AT_FDCWD, _proc(node.fd), atime, mtime, 0)
 
-    @_handler
+    @fuse_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         # readlinkat with an empty name reads the symlink the fd holds
         with self._path_fd(self._inode(inode)) as fd:
@@ -599,7 +601,7 @@ class Overlay(pyfuse3.Operations):
 
     # --- directories ---------------------------------------------------------
 
-    @_handler
+    @fuse_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._inode(inode)
         with self._acting(self._creds(ctx)):
@@ -608,7 +610,7 @@ class Overlay(pyfuse3.Operations):
         self._dirs[fd] = (inode, fd, [])
         return fd
 
-    @_handler
+    @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         inode, dfd, names = self._dirs[fh]
         if start_id == 0:
@@ -630,13 +632,13 @@ class Overlay(pyfuse3.Operations):
                 break
             self._remember(None, st, inode, name)
 
-    @_handler
+    @fuse_handler
     async def releasedir(self, fh: int) -> None:
         entry = self._dirs.pop(fh, None)
         if entry is not None:
             os.close(entry[1])
 
-    @_handler
+    @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         os.fsync(self._dirs[fh][1])
 
@@ -648,7 +650,7 @@ class Overlay(pyfuse3.Operations):
         if creds is not None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
             raise FUSEError(errno.EPERM)
 
-    @_handler
+    @fuse_handler
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -659,7 +661,7 @@ class Overlay(pyfuse3.Operations):
             os.mkdir(name, mode & ~ctx.umask, dir_fd=self._fd(parent))
             return self._lookup_entry(parent_inode, name)
 
-    @_handler
+    @fuse_handler
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -670,7 +672,7 @@ class Overlay(pyfuse3.Operations):
             os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=self._fd(parent))
             return self._lookup_entry(parent_inode, name)
 
-    @_handler
+    @fuse_handler
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -679,7 +681,7 @@ class Overlay(pyfuse3.Operations):
             os.symlink(target, name, dir_fd=self._fd(parent))
             return self._lookup_entry(parent_inode, name)
 
-    @_handler
+    @fuse_handler
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -698,7 +700,7 @@ class Overlay(pyfuse3.Operations):
         if node is not None:
             node.links.discard((parent_inode, name))
 
-    @_handler
+    @fuse_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
@@ -706,7 +708,7 @@ class Overlay(pyfuse3.Operations):
             os.unlink(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
-    @_handler
+    @fuse_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
@@ -714,7 +716,7 @@ class Overlay(pyfuse3.Operations):
             os.rmdir(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
-    @_handler
+    @fuse_handler
     async def rename(
         self,
         parent_inode_old: int,
@@ -762,7 +764,7 @@ class Overlay(pyfuse3.Operations):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         return pyfuse3.FileInfo(fh=fd, keep_cache=not changed)
 
-    @_handler
+    @fuse_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         expected = self.replay_threads.expected(ctx.pid)
         if expected is not None:
@@ -782,7 +784,7 @@ class Overlay(pyfuse3.Operations):
         self._handles[fd] = _Handle(fd, inode, creds)
         return info
 
-    @_handler
+    @fuse_handler
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -820,13 +822,13 @@ class Overlay(pyfuse3.Operations):
         self._handles[fd] = _Handle(fd, ino, creds)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
 
-    @_handler
+    @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh in self._replay_fhs:
             return _SYNTHETIC_BYTE
         return os.pread(fh, size, off)
 
-    @_handler
+    @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh in self._replay_fhs:
             raise FUSEError(errno.EBADF)
@@ -835,7 +837,7 @@ class Overlay(pyfuse3.Operations):
         with self._acting(self._handles[fh].creds):
             return os.pwrite(fh, buf, off)
 
-    @_handler
+    @fuse_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh in self._replay_fhs:
             return
@@ -844,7 +846,7 @@ class Overlay(pyfuse3.Operations):
         else:
             os.fsync(fh)
 
-    @_handler
+    @fuse_handler
     async def release(self, fh: int) -> None:
         if fh in self._replay_fhs:
             self._replay_fhs.discard(fh)
@@ -897,7 +899,7 @@ class Overlay(pyfuse3.Operations):
 
     # --- the rest ------------------------------------------------------------
 
-    @_handler
+    @fuse_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = os.statvfs(_proc(self._fd(self._inodes[pyfuse3.ROOT_INODE])))
         out = pyfuse3.StatvfsData()
@@ -927,25 +929,25 @@ class Overlay(pyfuse3.Operations):
         with self._path_fd(node) as fd:
             yield _proc(fd)
 
-    @_handler
+    @fuse_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             return os.getxattr(path, name)
 
-    @_handler
+    @fuse_handler
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             os.setxattr(path, name, value)
 
-    @_handler
+    @fuse_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         with self._xattr_path(inode) as path, self._acting(self._creds(ctx)):
             names = [os.fsencode(n) for n in os.listxattr(path)]
         return [n for n in names if not n.startswith(self._hidden_xattrs)]
 
-    @_handler
+    @fuse_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             os.removexattr(path, name)
