@@ -91,6 +91,11 @@ def test_stale_mount_of_a_killed_shim_is_recovered(tmp_path: Path) -> None:
             assert exc.value.errno == errno.ENOTCONN
             with run_shim(backing, mnt, tmp_path / "absent.sock") as again:
                 again.wait_log("unmounted a stale mount left by a killed shim")
+                # run_shim saw the stale mount's type and need not have waited
+                # for the new mount: its subscription may be logged first
+                wait_for(
+                    lambda: mount_type(str(mnt)) == FSTYPE, START_TIMEOUT, "the shim to mount again"
+                )
                 assert (mnt / "f").read_text() == "still here"
     finally:
         unmount(mnt)
