@@ -22,7 +22,7 @@ APT_PACKAGES=(
 	sparse linux-headers-amd64 linux-source-6.1 xz-utils patch perl
 	qemu-system-x86 linux-image-amd64 busybox-static cpio kmod
 	uuid-dev libssl-dev libblkid-dev attr xfsprogs uuid-runtime dmsetup bc bsdextrautils
-	systemd
+	systemd man-db
 	autoconf automake libacl1-dev
 	acl sudo
 )
@@ -50,6 +50,8 @@ install_packages() {
 install_venv() {
 	[ -x .venv/bin/python ] || python3 -m venv .venv
 	.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	# man pages made from the installed commands' own parsers, where man-db looks
+	.venv/bin/python -m notifyd.manpage /usr/local/share/man/man1 >/dev/null
 }
 
 need_root

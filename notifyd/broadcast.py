@@ -169,6 +169,13 @@ def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
         return -1, abi.UNKNOWN_ID, abi.UNKNOWN_ID
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock`` for good (a half-close is not that)."""
+    hup = select.poll()
+    hup.register(sock, 0)  # POLLHUP is always reported
+    return bool(hup.poll(0))
+
+
 class Broadcaster:
     """Serve one listening SEQPACKET socket and fan batches out to its clients.
 
@@ -192,6 +199,8 @@ class Broadcaster:
         self.messages = 0
         self.clients_total = 0
         self.clients_refused = 0
+        # every client's drops, also of clients gone since (a counter for metrics)
+        self.client_records_dropped = 0
         self._refusals = DropLog(log, "client limit", unit="connections refused")
         self._client_lines = _LogBudget(CLIENT_LOG_BURST, CLIENT_LOG_INTERVAL)
         self._ids = itertools.count(1)
@@ -211,6 +220,7 @@ class Broadcaster:
             "messages_published": self.messages,
             "clients_total": self.clients_total,
             "clients_refused": self.clients_refused,
+            "client_records_dropped": self.client_records_dropped,
             "clients": [c.stats() for c in self.clients.values()],
         }
 
@@ -228,6 +238,7 @@ class Broadcaster:
         for client in self.clients.values():
             if client.queued_messages and client.queued_messages + msgs > client.limit:
                 client.dropped += n
+                self.client_records_dropped += n
                 client.drops.add(n, ", its queue is full")
                 continue
             client.queue.append(batch)
@@ -321,6 +332,21 @@ class Broadcaster:
                     return False
                 raise
             sock.setblocking(False)
+            if _hung_up(sock):
+                # closed before it was accepted (a churn): counted, logged within
+                # the budget, and dropped without the cost of a client and its task
+                self.clients_total += 1
+                ident = next(self._ids)
+                if self._client_lines.allow():
+                    pid, uid, _ = _peer_cred(sock)
+                    log.info(
+                        "client %d (pid %d uid %d) had closed before it was accepted",
+                        ident,
+                        pid,
+                        uid,
+                    )
+                sock.close()
+                continue
             if len(self.clients) >= self.max_clients and not self._forget_hung_up():
                 self.clients_refused += 1
                 self._refusals.add(1, f", already serving {self.max_clients}")
@@ -415,9 +441,7 @@ class Broadcaster:
 
     async def _hang_up(self, client: Client) -> str:
         """The client's input ended: wait until it closes for good, if it has not yet."""
-        hup = select.poll()
-        hup.register(client.sock, 0)  # POLLHUP is always reported
-        if not hup.poll(0) and self._hangups is not None:
+        if not _hung_up(client.sock) and self._hangups is not None:
             if client.logged:
                 log.info("%s half-closed: it keeps receiving", client)
             fd = client.sock.fileno()

@@ -1,7 +1,8 @@
 """Client library: subscribe to a notifyd socket and read records.
 
-Two flavours over the same decoding: :class:`Subscriber` (blocking) and
-:class:`AsyncSubscriber` (trio).  Both yield :class:`~notifyd.abi.Record`
+Three flavours over the same decoding: :class:`Subscriber` (blocking),
+:class:`AsyncSubscriber` (trio) and :class:`AsyncioSubscriber` (asyncio).  All
+yield :class:`~notifyd.abi.Record`
 values, interleaved with :class:`Gap` values where ``seq`` jumped, i.e.
 records were lost in the kernel ring, the source, or this client's queue.
 Reconnecting is left to the caller: after a reconnect the stream resumes at
@@ -10,8 +11,10 @@ the newest records, so the caller should expect a gap.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import NamedTuple
 
@@ -19,7 +22,10 @@ import trio
 
 from . import abi
 
-__all__ = ["AsyncSubscriber", "Gap", "SeqTracker", "Subscriber"]
+__all__ = ["AsyncSubscriber", "AsyncioSubscriber", "Gap", "SeqTracker", "Subscriber"]
+
+# How long to wait before connecting again while the daemon's accept queue is full.
+CONNECT_RETRY = 0.01
 
 
 class Gap(NamedTuple):
@@ -71,7 +77,17 @@ class Subscriber:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.settimeout(timeout)
-            self.sock.connect(self.path)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    self.sock.connect(self.path)
+                    break
+                except BlockingIOError:
+                    # the daemon's accept queue is full (a burst of connections);
+                    # a blocking connect waits for room, and so does this one
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"{self.path}: the accept queue stayed full") from None
+                    time.sleep(CONNECT_RETRY)
         except BaseException:
             self.sock.close()
             raise
@@ -106,13 +122,23 @@ class AsyncSubscriber:
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str]) -> AsyncSubscriber:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        # An AF_UNIX connect never is "in progress": it succeeds, fails, or (non-
+        # blocking, accept queue full) says EAGAIN, which trio's connect would take
+        # for success.  So the attempt is made here, again until there is room.
+        raw = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
         try:
-            await sock.connect(os.fspath(path))
+            while True:
+                try:
+                    raw.connect(os.fspath(path))
+                    break
+                except BlockingIOError:
+                    await trio.sleep(CONNECT_RETRY)
         except BaseException:
-            sock.close()
+            raw.close()
             raise
-        return cls(sock, os.fspath(path))
+        return cls(trio.socket.from_stdlib_socket(raw), os.fspath(path))
 
     async def recv_batch(self) -> bytes | None:
         """Return one message of whole records, or None at end of stream."""
@@ -128,6 +154,51 @@ class AsyncSubscriber:
         self.sock.close()
 
     async def __aenter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncioSubscriber:
+    """An asyncio subscription: ``async with await AsyncioSubscriber.connect(p) as s``.
+
+    The same records and gaps as :class:`Subscriber`, from the same
+    :class:`SeqTracker`; the socket is read with the running loop's
+    ``sock_recv``, so other tasks run while no record is there.
+    """
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        self.sock = sock
+        self.path = path
+        self.tracker = SeqTracker()
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str]) -> AsyncioSubscriber:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, os.fspath(path))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, os.fspath(path))
+
+    async def recv_batch(self) -> bytes | None:
+        """Return one message of whole records, or None at end of stream."""
+        msg = await asyncio.get_running_loop().sock_recv(self.sock, abi.MAX_MESSAGE_BYTES)
+        return _check_message(msg) if msg else None
+
+    async def __aiter__(self) -> AsyncIterator[abi.Record | Gap]:
+        while (batch := await self.recv_batch()) is not None:
+            for ev in self.tracker.events(batch):
+                yield ev
+
+    async def aclose(self) -> None:
+        self.sock.close()
+
+    async def __aenter__(self) -> AsyncioSubscriber:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

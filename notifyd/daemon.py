@@ -37,7 +37,7 @@ from .sdnotify import sd_notify
 from .source import Source
 from .stats import serve_stats
 
-__all__ = ["SourceFactory", "main", "make_source", "parse_args", "serve"]
+__all__ = ["SourceFactory", "build_parser", "main", "make_source", "parse_args", "serve"]
 
 log = logging.getLogger("scoutfs-notifyd")
 
@@ -57,7 +57,8 @@ RESERVED_FDS = 8192
 MAX_GID = 2**32 - 2
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, without running anything (man pages are made from it)."""
     p = argparse.ArgumentParser(
         prog="scoutfs-notifyd",
         epilog="SIGTERM, SIGINT or SIGHUP stop it and remove its sockets (status 0). A socket "
@@ -116,11 +117,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with a warning, if the open-file limit cannot hold them)",
     )
     p.add_argument(
+        "--metrics",
+        metavar="[ADDR:]PORT",
+        type=_listen_address,
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT listens "
+        "on 127.0.0.1; default: off)",
+    )
+    p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
         help="(default: %(default)s)",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.client_queue < 1:
         p.error("--client-queue must be at least 1")
@@ -134,6 +147,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.run_dir == "":
         p.error("--run-dir: give a directory")
     return args
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    from .metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # Builds the source the daemon drains from its parsed command line.
@@ -320,7 +342,10 @@ async def serve(args: argparse.Namespace, source_factory: SourceFactory = make_s
                 await nursery.start(watch_mount, args.path)
                 await nursery.start(relay.serve)
                 await nursery.start(serve_stats, stats_listener, snapshot)
-                await nursery.start(source.run, relay.publish)
+                publish: Callable[[bytes], None] = relay.publish
+                if args.metrics:
+                    publish = await _start_metrics(nursery, args, snapshot, publish)
+                await nursery.start(source.run, publish)
                 await nursery.start(
                     _keep_sockets, listeners, relay, lambda: _socket_path(args, source, gid)
                 )
@@ -342,6 +367,25 @@ async def serve(args: argparse.Namespace, source_factory: SourceFactory = make_s
             source.close()
             for item in listeners:
                 item.close()
+
+
+async def _start_metrics(
+    nursery: trio.Nursery,
+    args: argparse.Namespace,
+    snapshot: Callable[[], dict[str, Any]],
+    publish: Callable[[bytes], None],
+) -> Callable[[bytes], None]:
+    """Serve --metrics; returns ``publish`` wrapped to observe batch sizes."""
+    from .metrics import DaemonMetrics, kmod_counters_dir, serve_metrics
+
+    kmod = kmod_counters_dir(args.path) if args.source == "scoutfs" else None
+    metrics = DaemonMetrics(snapshot, kmod)
+    try:
+        await nursery.start(serve_metrics, args.metrics, metrics.registry)
+    except OSError as exc:
+        host, port = args.metrics
+        raise DaemonError(f"--metrics {host}:{port}: {exc.strerror}") from None
+    return metrics.wrap_publish(publish)
 
 
 def _daemon_errors(exc: BaseException) -> list[DaemonError]:

@@ -1,29 +1,29 @@
-"""A small ctypes layer over fanotify(7): init, mark, and event parsing.
+"""fanotify(7) for the fanotify source: init, mark, and event parsing.
 
 There is no maintained Python binding, and the project needs only the
 notification class without FID reporting, where every event carries an open
-file descriptor of the accessed file.  Nothing here reads events or owns a
-loop: :mod:`notifyd.source_fanotify` and the tests do that.
+file descriptor of the accessed file.  The system calls go through
+:mod:`notifyd.libc`.  Nothing here reads events or owns a loop:
+:mod:`notifyd.source_fanotify` and the tests do that.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 from collections.abc import Iterator
 from typing import NamedTuple
+
+from . import libc
 
 __all__ = [
     "FAN_ACCESS",
     "FAN_CLASS_NOTIF",
     "FAN_CLOEXEC",
     "FAN_MARK_ADD",
-    "FAN_MARK_FILESYSTEM",
     "FAN_MARK_MOUNT",
     "FAN_NOFD",
     "FAN_NONBLOCK",
-    "FAN_ONDIR",
     "FAN_OPEN",
     "FAN_Q_OVERFLOW",
     "METADATA",
@@ -35,44 +35,21 @@ __all__ = [
 
 # <linux/fanotify.h>
 FAN_ACCESS = 0x00000001
-FAN_MODIFY = 0x00000002
-FAN_CLOSE_WRITE = 0x00000008
-FAN_CLOSE_NOWRITE = 0x00000010
 FAN_OPEN = 0x00000020
 FAN_Q_OVERFLOW = 0x00004000
-FAN_ONDIR = 0x40000000
 
 FAN_CLOEXEC = 0x00000001
 FAN_NONBLOCK = 0x00000002
 FAN_CLASS_NOTIF = 0x00000000
-FAN_UNLIMITED_QUEUE = 0x00000010
 
 FAN_MARK_ADD = 0x00000001
-FAN_MARK_REMOVE = 0x00000002
-FAN_MARK_DONT_FOLLOW = 0x00000004
-FAN_MARK_ONLYDIR = 0x00000008
 FAN_MARK_MOUNT = 0x00000010
-FAN_MARK_FILESYSTEM = 0x00000100
 
 FANOTIFY_METADATA_VERSION = 3
 FAN_NOFD = -1
-AT_FDCWD = -100
 
 # struct fanotify_event_metadata: event_len vers reserved metadata_len mask fd pid
 METADATA = struct.Struct("=IBBHQii")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
-_libc.fanotify_init.restype = ctypes.c_int
-# the 64-bit mask is one argument on x86_64 and the other 64-bit ABIs we run on
-_libc.fanotify_mark.argtypes = [
-    ctypes.c_int,
-    ctypes.c_uint,
-    ctypes.c_uint64,
-    ctypes.c_int,
-    ctypes.c_char_p,
-]
-_libc.fanotify_mark.restype = ctypes.c_int
 
 
 class Event(NamedTuple):
@@ -83,25 +60,16 @@ class Event(NamedTuple):
     pid: int
 
 
-def _raise_errno(what: str) -> None:
-    err = ctypes.get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def fanotify_init(flags: int, event_f_flags: int) -> int:
     """fanotify_init(2); returns the new fanotify fd.  Needs CAP_SYS_ADMIN."""
-    fd: int = _libc.fanotify_init(flags, event_f_flags)
-    if fd < 0:
-        _raise_errno("fanotify_init")
-    return fd
+    return libc.fanotify_init(flags, event_f_flags)
 
 
 def fanotify_mark(
-    fan_fd: int, flags: int, mask: int, path: str | os.PathLike[str], dirfd: int = AT_FDCWD
+    fan_fd: int, flags: int, mask: int, path: str | os.PathLike[str], dirfd: int = libc.AT_FDCWD
 ) -> None:
     """fanotify_mark(2) on ``path``."""
-    if _libc.fanotify_mark(fan_fd, flags, mask, dirfd, os.fsencode(path)) < 0:
-        _raise_errno(f"fanotify_mark {os.fspath(path)}")
+    libc.fanotify_mark(fan_fd, flags, mask, dirfd, os.fspath(path))
 
 
 def iter_events(buf: bytes | bytearray | memoryview) -> Iterator[Event]:
@@ -113,12 +81,13 @@ def iter_events(buf: bytes | bytearray | memoryview) -> Iterator[Event]:
     """
     off = 0
     end = len(buf)
+    size = METADATA.size
     unpack_from = METADATA.unpack_from
-    while off + METADATA.size <= end:
+    while off + size <= end:
         event_len, vers, _res, _mlen, mask, fd, pid = unpack_from(buf, off)
         if vers != FANOTIFY_METADATA_VERSION:
             raise ValueError(f"fanotify metadata version {vers}, expected 3")
-        if event_len < METADATA.size or off + event_len > end:
+        if event_len < size or off + event_len > end:
             raise ValueError(f"truncated fanotify event of {event_len} bytes")
         yield Event(mask, fd, pid)
         off += event_len

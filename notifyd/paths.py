@@ -11,6 +11,7 @@ from .ioctls import NotScoutfsError, fsid_of
 __all__ = [
     "RUN_DIR",
     "default_socket_path",
+    "shim_stats_path",
     "socket_path_for_dir",
     "socket_path_for_fsid",
     "stats_path_for",
@@ -55,3 +56,15 @@ def stats_path_for(socket_path: str | os.PathLike[str]) -> Path:
     """
     p = Path(socket_path)
     return p.with_name(p.name + ".stats")
+
+
+def shim_stats_path(
+    mountpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str] = RUN_DIR
+) -> Path:
+    """The stats socket of the inotify shim mounted at ``mountpoint``.
+
+    Named by a hash of the resolved mount point, like :func:`socket_path_for_dir`,
+    so ``scoutfs-notify stats --shim MOUNTPOINT`` finds it.
+    """
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+    return Path(run_dir) / f"shim-{digest}" / "shim.stats"

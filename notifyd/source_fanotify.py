@@ -2,7 +2,13 @@
 
 It stands in for the scoutfs ring where there is none (CI, the demo, other
 filesystems).  A mount mark sees the whole mount, so events are filtered to
-the watched subtree by the path of their event fd.  Fields fanotify cannot
+the watched subtree by the path of their event fd, unless the watched
+directory is the mount's root (then no path is needed: a record carries the
+inode, from ``fstat`` of the event fd).  A path longer than the kernel can
+name (``readlink`` of ``/proc/self/fd/N`` fails with ENAMETOOLONG past 4,095
+bytes) cannot be checked against the subtree: such an event is kept when its
+file is on the watched directory's filesystem, so no access is lost for a
+long path; watch a mount's root to filter exactly.  Fields fanotify cannot
 know are set as docs/ABI.md section 1 says: ``pos``, ``count`` and ``flags`` are 0,
 ``time_ns`` is when the event was read, and ``uid``/``gid`` come from
 ``/proc/<pid>/status`` or are UNKNOWN_ID once the process is gone.
@@ -35,24 +41,35 @@ log = logging.getLogger(__name__)
 # One read(2) takes this much: ~2700 events, so a burst costs few syscalls.
 READ_BYTES = 64 * 1024
 
+# The largest event this source can be given: metadata only (no info records
+# without FID reporting); a read shorter than READ_BYTES by more than this
+# emptied the queue.
+_EVENT_MAX = fanotify.METADATA.size
+
 # event fds are only fstat'ed and readlink'ed, never read
 _EVENT_FD_FLAGS = os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC
 
 
 def _fs_ids(pid: int) -> tuple[int, int]:
     """The fsuid and fsgid of ``pid``, or UNKNOWN_ID when it has gone."""
-    uid = gid = abi.UNKNOWN_ID
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    uid = int(line.split()[4])
-                elif line.startswith(b"Gid:"):
-                    gid = int(line.split()[4])
-                    break
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         return abi.UNKNOWN_ID, abi.UNKNOWN_ID
-    return uid, gid
+    try:
+        text = os.read(fd, 4096)
+    except ProcessLookupError:
+        return abi.UNKNOWN_ID, abi.UNKNOWN_ID
+    finally:
+        os.close(fd)
+    # "Uid:\treal\teffective\tsaved\tfs\n": the fourth number is the fs id
+    ids = []
+    for key in (b"\nUid:", b"\nGid:"):
+        at = text.find(key)
+        if at < 0:
+            return abi.UNKNOWN_ID, abi.UNKNOWN_ID
+        ids.append(int(text[at : text.index(b"\n", at + 1)].split()[4]))
+    return ids[0], ids[1]
 
 
 class FanotifySource:
@@ -67,6 +84,7 @@ class FanotifySource:
         self._whole_mount = False
         self._mark_flags = mark_flags or fanotify.FAN_MARK_MOUNT
         self._fd = -1
+        self._dev = -1
         self._pid = os.getpid()
         self.seq = 0
         self.records = 0
@@ -99,6 +117,7 @@ class FanotifySource:
             self.close()
             raise DaemonError(f"cannot watch {self.root} with fanotify: {exc.strerror}") from None
         self._whole_mount = os.path.ismount(self.root)
+        self._dev = os.stat(self.root).st_dev
         log.info(
             "fanotify: watching %s%s",
             self.root,
@@ -120,11 +139,21 @@ class FanotifySource:
             "source_overflows": self.overflows,
         }
 
+    @property
+    def whole_mount(self) -> bool:
+        """Whether the watched directory is a mount's root: no path filter then."""
+        return self._whole_mount
+
+    def fileno(self) -> int:
+        """The fanotify fd, -1 before :meth:`open` and after :meth:`close`."""
+        return self._fd
+
     async def run(
         self, publish: Publish, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
         fd = self._fd
+        convert = self.convert
         while True:
             await trio.lowlevel.wait_readable(fd)
             while True:
@@ -132,22 +161,39 @@ class FanotifySource:
                     buf = os.read(fd, READ_BYTES)
                 except BlockingIOError:
                     break
-                out = self._convert(buf)
+                out = convert(buf)
                 if out:
                     publish(bytes(out))
+                if len(buf) < READ_BYTES - _EVENT_MAX:
+                    # the queue held less than one read: it is empty now, and
+                    # waiting for the next event costs less than a read that fails
+                    break
                 # let clients' senders run between large bursts
                 await trio.lowlevel.checkpoint()
 
-    def _inside(self, fd: int) -> bool:
+    def _inside(self, fd: int, st: os.stat_result) -> bool:
         """Whether an event's file lies under the watched directory."""
-        return self._whole_mount or os.readlink(f"/proc/self/fd/{fd}").startswith(self._prefix)
+        if self._whole_mount:
+            return True
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}").startswith(self._prefix)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                return False
+            # too deep for the kernel to name: keep it if it can be ours
+            return st.st_dev == self._dev
 
-    def _convert(self, buf: bytes) -> bytearray:
-        """Turn one read of events into records, closing every event fd."""
+    def convert(self, buf: bytes) -> bytearray:
+        """Turn one read(2) of the fanotify fd into records, closing every event fd."""
         out = bytearray()
         now = time.time_ns()
         ids: dict[int, tuple[int, int]] = {}
         pack = abi.RECORD.pack
+        own = self._pid
+        fstat = os.fstat
+        close = os.close
+        inside = self._inside
+        is_reg = stat.S_ISREG
         for mask, fd, pid in fanotify.iter_events(buf):
             if mask & fanotify.FAN_Q_OVERFLOW:
                 # at least one event lost: a gap of one is all we can prove
@@ -157,16 +203,16 @@ class FanotifySource:
             if fd < 0:
                 continue
             try:
-                if pid == self._pid:
+                if pid == own:
                     continue
                 try:
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode) or not self._inside(fd):
+                    st = fstat(fd)
+                    if not is_reg(st.st_mode) or not inside(fd, st):
                         continue
                 except OSError:
                     continue
             finally:
-                os.close(fd)
+                close(fd)
             uid_gid = ids.get(pid)
             if uid_gid is None:
                 uid_gid = ids[pid] = _fs_ids(pid)

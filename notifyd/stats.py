@@ -28,23 +28,24 @@ SEND_TIMEOUT = 2.0
 
 
 async def serve_stats(
-    listener: Listener,
+    listener: Listener | socket.socket,
     snapshot: Callable[[], dict[str, Any]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer every connection on ``listener`` (SOCK_STREAM) with ``snapshot()``.
 
-    ``listener.sock`` is read anew each time: :meth:`Listener.rebind` may
-    replace it, and wakes this task with ``notify_closing`` on the old one.
+    Given a :class:`Listener`, its ``sock`` is read anew each time:
+    :meth:`Listener.rebind` may replace it, and wakes this task with
+    ``notify_closing`` on the old one.
     """
     task_status.started()
     while True:
-        sock = listener.sock
+        sock = listener.sock if isinstance(listener, Listener) else listener
         try:
             await trio.lowlevel.wait_readable(sock)
         except trio.ClosedResourceError:
-            if sock is listener.sock:
+            if not isinstance(listener, Listener) or sock is listener.sock:
                 raise
             continue
         try:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from notifyd.sdnotify import wait_ready
+from notifyd import procs
 
 # Deadlines bound a hang; they measure nothing.
 SERVER_START_TIMEOUT = 30.0
@@ -101,31 +99,26 @@ class NatsServer:
             return False
 
     def wait_healthy(self, timeout: float = SERVER_START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"nats-server {self.name} exited:\n{self.log()}")
-            if self.healthy():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"nats-server {self.name} not healthy in {timeout} s:\n{self.log()}")
+            return self.healthy()
+
+        try:
+            procs.wait_until(up, timeout, f"nats-server {self.name} to be healthy", interval=0.1)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            procs.stop(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.proc is not None:
+            procs.stop(self.proc, timeout=STOP_TIMEOUT)
 
 
 @contextlib.contextmanager
@@ -155,49 +148,34 @@ class Forwarder:
         self.args = args
         self.log_path = log_path
         self.notify_path = sockdir / f"{name}.sd"
+        self.ready: procs.ReadyProcess | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Forwarder:
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        with contextlib.suppress(FileNotFoundError):
-            self.notify_path.unlink()
-        notify.bind(str(self.notify_path))
+        cmd = [sys.executable, "-m", "notifyd.cluster.forward", *self.args]
         try:
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "notifyd.cluster.forward", *self.args],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)},
-                )
-            try:
-                wait_ready(notify, self.proc, FORWARDER_START_TIMEOUT)
-            except (ChildProcessError, TimeoutError) as exc:
-                self.kill()
-                raise AssertionError(f"forwarder {exc}:\n{self.log()}") from None
-        finally:
-            notify.close()
+            self.ready = procs.start_ready(
+                cmd, self.notify_path, self.log_path, timeout=FORWARDER_START_TIMEOUT
+            )
+        except procs.NotReadyError as exc:
+            raise AssertionError(f"forwarder {exc}") from None
+        self.proc = self.ready.proc
         return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.ready is not None:
+            self.ready.stop(signal.SIGKILL)
 
     def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(f"forwarder ignored SIGTERM:\n{self.log()}") from None
-        return self.proc.returncode
+        assert self.ready is not None
+        already = self.ready.proc.poll() is not None
+        rc = self.ready.stop(timeout=STOP_TIMEOUT)
+        if rc == -signal.SIGKILL and not already:
+            raise AssertionError(f"forwarder ignored SIGTERM:\n{self.log()}")
+        return rc
 
 
 @contextlib.contextmanager

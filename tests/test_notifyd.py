@@ -132,6 +132,12 @@ def test_daemon_leaks_no_fds_over_1000_connections(fanotify_daemon) -> None:
             c.connect(str(fanotify_daemon.socket))
             if i % 10 == 0:
                 c.send(b"ignored")
+    # every connection accepted (none left in the queue), then none served
+    procs.wait_until(
+        lambda: _stats(fanotify_daemon)["clients_total"] == 1000,
+        RECV_TIMEOUT,
+        "the daemon to accept all 1000",
+    )
     _wait_clients(fanotify_daemon, 0)
     assert len(os.listdir(fds)) == before
     assert _stats(fanotify_daemon)["clients_total"] == 1000

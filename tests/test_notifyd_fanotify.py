@@ -34,9 +34,9 @@ def read_in_child(*paths: Path) -> int:
 def drain_now(src: FanotifySource) -> bytearray:
     """Convert every event queued right now (the source's loop is not running)."""
     out = bytearray()
-    while select.select([src._fd], [], [], 0)[0]:
+    while select.select([src.fileno()], [], [], 0)[0]:
         try:
-            out += src._convert(os.read(src._fd, 64 * 1024))
+            out += src.convert(os.read(src.fileno(), 64 * 1024))
         except BlockingIOError:
             break
     return out
@@ -152,7 +152,7 @@ def test_a_mount_root_needs_no_path_filter(tmp_path) -> None:
         src = FanotifySource(mnt)
         src.open()
         try:
-            assert src._whole_mount
+            assert src.whole_mount
             pid = read_in_child(mnt / "f")
             recs = abi.decode(drain_now(src))
         finally:
@@ -164,3 +164,65 @@ def test_a_mount_root_needs_no_path_filter(tmp_path) -> None:
         (pid, ino, abi.TYPE_OPEN),
         (pid, ino, abi.TYPE_READ),
     ]
+
+
+# Deeper than PATH_MAX: readlink of the event fd fails with ENAMETOOLONG.
+DEEP_LEVELS = 24
+DEEP_NAME = "d" * 250
+
+READ_DEEP = """import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+for _ in range(int(sys.argv[2])):
+    fd = os.open(sys.argv[3], os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+f = os.open("f", os.O_RDONLY, dir_fd=fd)
+os.read(f, 10)
+print(os.getpid(), os.fstat(f).st_ino)
+"""
+
+
+def make_deep(top: Path) -> None:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(DEEP_LEVELS):
+        os.mkdir(DEEP_NAME, dir_fd=fd)
+        parent, fd = fd, os.open(DEEP_NAME, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(parent)
+    f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.close(fd)
+    os.write(f, b"data")
+    os.close(f)
+
+
+def read_deep(top: Path) -> tuple[int, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", READ_DEEP, str(top), str(DEEP_LEVELS), DEEP_NAME],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+@pytest.mark.parametrize("where", ["subtree", "mount root"])
+def test_paths_longer_than_the_kernel_can_name_still_give_records(tmp_path, where) -> None:
+    top = tmp_path / "top"
+    top.mkdir()
+    if where == "mount root":
+        res = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(top)], capture_output=True)
+        if res.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {res.stderr.decode().strip()}")
+    try:
+        make_deep(top)
+        assert DEEP_LEVELS * (len(DEEP_NAME) + 1) > 4096
+        src = FanotifySource(top)
+        src.open()
+        try:
+            assert src.whole_mount == (where == "mount root")
+            pid, ino = read_deep(top)
+            recs = abi.decode(drain_now(src))
+        finally:
+            src.close()
+    finally:
+        if where == "mount root":
+            subprocess.run(["umount", str(top)], check=True)
+    mine = [(r.ino, r.type) for r in recs if r.pid == pid and r.ino == ino]
+    assert mine == [(ino, abi.TYPE_OPEN), (ino, abi.TYPE_READ)], recs

@@ -265,3 +265,27 @@ def test_read_ahead_zero_leaves_the_fuse_default(tmp_path: Path) -> None:
         dev = mount_device(str(mnt))
         assert int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text()) == 128
         assert "overlay readahead" not in shim.log()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # under a regular file: no socket can be made there
+        (["--stats-socket", "{tmp}/file/shim.stats"], "cannot serve the stats socket"),
+        (["--new-dir-wait", "-1"], "--new-dir-wait: must be from 0 to 10 seconds"),
+        (["--new-dir-wait", "nan"], "--new-dir-wait: must be from 0 to 10 seconds"),
+    ],
+)
+def test_bad_options_are_refused_before_mounting(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    need_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    (tmp_path / "file").write_text("not a directory")
+    out = _run(backing, mnt, *(a.format(tmp=tmp_path) for a in args))
+    assert out.returncode != 0
+    assert said in out.stderr
+    assert "Traceback" not in out.stderr
+    assert mount_type(str(mnt)) is None

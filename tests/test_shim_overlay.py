@@ -354,3 +354,24 @@ def test_an_open_file_keeps_its_attributes_after_unlink(overlay) -> None:
         assert not (backing / "u").exists()
         assert os.fstat(f.fileno()).st_size == 5
         assert f.read() == b"12345"
+
+
+def test_a_big_listing_takes_no_fd_per_entry(tmp_path: Path) -> None:
+    # READDIRPLUS entries are reached through their directory when used: a
+    # directory bigger than the open-file limit still lists, and stats
+    need_fuse()
+    backing = tmp_path / "backing"
+    (backing / "big").mkdir(parents=True)
+    for i in range(2000):
+        (backing / "big" / f"f{i:04d}").touch()
+    with run_shim(backing, tmp_path / "mnt", None) as shim:
+        fds = Path(f"/proc/{shim.proc.pid}/fd")
+        before = len(list(fds.iterdir()))
+        listing = subprocess.run(
+            ["ls", "-l", str(tmp_path / "mnt" / "big")], capture_output=True, text=True
+        )
+        after = len(list(fds.iterdir()))
+        assert (tmp_path / "mnt" / "big" / "f1999").stat().st_size == 0
+    assert listing.returncode == 0, listing.stderr
+    assert len(listing.stdout.splitlines()) == 2001  # "total" and the entries
+    assert after - before < 100

@@ -3,13 +3,19 @@
 Real shim process, real FUSE mount, real inotifywait; only the record source
 is ours, so each test can send exactly the records it needs.  A "sentinel"
 record for another file, sent last, proves the records before it were
-handled, without waiting on a clock.
+handled, without waiting on a clock: the rig's shim has one worker, which
+takes files in the order their records came, and inotify queues events in
+the order they happen, so every event of an earlier record is seen before
+the sentinel's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +37,7 @@ def rig(tmp_path: Path):
     mnt = tmp_path / "mnt"
     with (
         feeder(tmp_path / "notify.sock") as feed,
-        run_shim(backing, mnt, feed.path, "--timeout", "0.2") as shim,
+        run_shim(backing, mnt, feed.path, "--timeout", "0.2", "--workers", "1") as shim,
     ):
         feed.wait_client()
         yield backing, mnt, feed, shim
@@ -87,7 +93,7 @@ def test_file_deleted_before_replay_is_skipped(rig) -> None:
         feed.send([feed.record(abi.TYPE_OPEN, ino), feed.record(abi.TYPE_READ, ino)])
         feed.access(backing / "sentinel")
         w.expect("sentinel", "CLOSE_NOWRITE")
-        assert not [p for p, _ in w.drain(0.5) if p != "sentinel"]
+        assert not [p for p, _ in w.seen if p != "sentinel"]
     assert shim.proc.poll() is None
 
 
@@ -129,7 +135,7 @@ def test_hard_link_reported_once(rig) -> None:
         feed.access(a)
         feed.access(backing / "sentinel")
         w.expect("sentinel", "CLOSE_NOWRITE")
-        names = {p for p, e in w.drain(0.5) if "OPEN" in e} - {"sentinel"}
+        names = {p for p, e in w.seen if "OPEN" in e} - {"sentinel"}
         assert len(names) == 1
         assert names <= {"dir/a", "dir/deeper/b"}
 
@@ -154,7 +160,62 @@ def test_gap_is_logged_with_its_size(rig) -> None:
         feed.send([feed.record(abi.TYPE_OPEN, ino)])
         feed.send([feed.record(abi.TYPE_READ, ino, skip=5)])
         w.expect("sentinel", "ACCESS")
-    shim.wait_log("lost 5 records")
+    shim.wait_log("5 lost before the shim got them (seq gaps from the daemon)")
+
+
+def shim_stats(mnt: Path) -> dict:
+    """``scoutfs-notify stats --shim MNT --json``, the operator's view."""
+    out = subprocess.run(
+        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(mnt), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out)
+
+
+def test_every_record_not_replayed_is_counted_by_cause(rig) -> None:
+    backing, mnt, feed, shim = rig
+    gone = backing / "dir" / "gone"
+    gone.write_text("x")
+    gone_ino = gone.stat().st_ino
+    gone.unlink()
+    with watch(mnt) as w:
+        feed.send([feed.record(abi.TYPE_OPEN, gone_ino)])  # unresolved
+        feed.send([feed.record(abi.TYPE_READ, 1 << 60, skip=3)])  # a gap of 3, unresolved
+        feed.access(backing / "sentinel", reads=2)  # the second READ collapses
+        feed.access(backing / "dir" / "f", pid=shim.proc.pid)  # the shim's own
+        w.expect("sentinel", "CLOSE_NOWRITE")
+    doc = wait_for(
+        lambda: (d := shim_stats(mnt))["own_skipped"] == 2 and d,
+        EVENT_TIMEOUT,
+        "the shim's own records counted",
+    )
+    assert doc["connected"] is True
+    assert doc["submitted"] == 5
+    assert (doc["replayed"], doc["collapsed"]) == (2, 1)
+    assert (doc["unresolved"], doc["gap"]) == (2, 3)
+    assert (doc["overload"], doc["gone"], doc["failed"]) == (0, 0, 0)
+    assert doc["read_by"] == "zero-length read"
+    text = subprocess.run(
+        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(r"^unresolved\s+2$", text, re.M), text
+    shim.wait_log("2 with no file under BACKING")
+
+
+def test_stats_of_a_shim_that_is_not_there(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1
+    assert "is scoutfs-notify-shim mounted at" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_many_files_each_reported(rig) -> None:
@@ -245,6 +306,53 @@ def test_two_cats_in_a_row_are_two_opens_and_closes(rig) -> None:
         feed.access(backing / "dir" / "f")
         feed.access(backing / "sentinel")
         w.expect("sentinel", "CLOSE_NOWRITE")
-        w.expect("dir/f", "CLOSE_NOWRITE")
-        w.drain(1.0)
+        # the second cat may be replayed after the sentinel: wait for its close
+        while w.sequence("dir/f").count("CLOSE_NOWRITE") < 2:
+            w.seen.append(w.events.get(timeout=EVENT_TIMEOUT))
         assert w.sequence("dir/f") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"] * 2
+
+
+def test_zero_length_read_check(tmp_path: Path) -> None:
+    from compat.inotify_shim.replay import zero_read_raises_access
+
+    f, other = tmp_path / "f", tmp_path / "other"
+    f.write_text("x")
+    other.write_text("y")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert zero_read_raises_access(str(f), fd)
+        # a kernel where the zero-length read raises nothing looks like this
+        # to the check: no IN_ACCESS on the watched path
+        assert not zero_read_raises_access(str(other), fd)
+    finally:
+        os.close(fd)
+
+
+def test_replayed_reads_checked_once(rig) -> None:
+    backing, mnt, feed, shim = rig
+    with watch(mnt) as w:
+        feed.access(backing / "dir" / "f", reads=2)
+        feed.access(backing / "dir" / "deeper" / "g")
+        w.expect("dir/deeper/g", "CLOSE_NOWRITE")
+        assert w.sequence("dir/f") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
+        assert w.sequence("dir/deeper/g") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
+    assert shim.log().count("zero-length reads raise IN_ACCESS here") == 1
+
+
+@pytest.mark.parametrize("size", [0, 6])
+def test_one_byte_reads_when_asked(tmp_path: Path, size: int) -> None:
+    """The fallback the check chooses where a zero-length read raises nothing."""
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    (backing / "f").write_bytes(b"x" * size)
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        run_shim(backing, tmp_path / "mnt", feed.path, "--read-byte") as shim,
+    ):
+        feed.wait_client()
+        with watch(tmp_path / "mnt") as w:
+            feed.access(backing / "f", reads=3)
+            w.expect("f", "CLOSE_NOWRITE")
+            assert w.sequence("f") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
+        assert "zero-length reads" not in shim.log()

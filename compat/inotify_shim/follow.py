@@ -6,9 +6,11 @@ when it can, and reconnects with backoff when the daemon restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
+from collections.abc import Callable
 from typing import NoReturn
 
 import trio
@@ -19,7 +21,7 @@ from notifyd.peer import UntrustedPeerError, check_peer
 
 from .replay import Replayer
 
-__all__ = ["follow"]
+__all__ = ["FollowState", "follow"]
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +35,36 @@ _ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED})
 _UNTRUSTED = -1
 
 
+@dataclasses.dataclass
+class FollowState:
+    """The connection to the daemon, for the stats socket."""
+
+    connected: bool = False
+    connections: int = 0
+    own_skipped: int = 0  # records of the shim's own passthrough accesses
+
+    def snapshot(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
 async def follow(
     socket_path: str,
     replayer: Replayer,
     own_pid: int | None = None,
     *,
+    state: FollowState | None = None,
+    on_event: Callable[[abi.Record | Gap, bool], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Replay every record from ``socket_path`` until cancelled.
 
     Records from ``own_pid`` (default: this process) are skipped: they are
     the shim's own passthrough accesses to BACKING, for which the kernel has
-    already raised the events on the overlay.
+    already raised the events on the overlay.  ``on_event`` (metrics) sees
+    every record and gap, with whether the record is the shim's own.
     """
     own = os.getpid() if own_pid is None else own_pid
+    state = state or FollowState()
     backoff = BACKOFF_MIN
     waiting_logged: int | None = None  # the errno last reported while waiting
     task_status.started()
@@ -76,29 +94,40 @@ async def follow(
         log.info("subscribed to %s", socket_path)
         backoff = BACKOFF_MIN
         waiting_logged = None
+        state.connected = True
+        state.connections += 1
         try:
             async with sub:
-                await _pump(sub, replayer, own)
+                await _pump(sub, replayer, own, state, on_event)
         except abi.ABIError as exc:
             log.error("dropping the connection to %s: %s", socket_path, exc)
         except OSError as exc:
             log.warning("connection to %s failed: %s", socket_path, exc)
         else:
             log.warning("scoutfs-notifyd closed %s; reconnecting", socket_path)
+        finally:
+            state.connected = False
         await trio.sleep(backoff)
 
 
-async def _pump(sub: AsyncSubscriber, replayer: Replayer, own: int) -> None:
+async def _pump(
+    sub: AsyncSubscriber,
+    replayer: Replayer,
+    own: int,
+    state: FollowState,
+    on_event: Callable[[abi.Record | Gap, bool], None] | None = None,
+) -> None:
     submit = replayer.submit
     async for ev in sub:
+        if on_event is not None:
+            on_event(ev, isinstance(ev, abi.Record) and ev.pid == own)
         if isinstance(ev, Gap):
-            log.warning(
-                "lost %d records (seq %d to %d): their events will not appear",
-                ev.lost,
-                ev.last_seq + 1,
-                ev.next_seq - 1,
-            )
+            log.debug("seq gap: records %d to %d lost", ev.last_seq + 1, ev.next_seq - 1)
+            replayer.lost_in_gap(ev.lost)
             continue
-        if ev.pid == own or ev.type not in (abi.TYPE_OPEN, abi.TYPE_READ):
+        if ev.type not in (abi.TYPE_OPEN, abi.TYPE_READ):
+            continue
+        if ev.pid == own:
+            state.own_skipped += 1
             continue
         submit(ev.type, ev.ino)

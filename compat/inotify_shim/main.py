@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import os
 import signal
+import socket
 import sys
+from pathlib import Path
 
 import pyfuse3
 import trio
 
-from notifyd.paths import default_socket_path
+from notifyd.errors import DaemonError
+from notifyd.listen import Listener, bind_listener, prepare_dir
+from notifyd.metrics import MetricsServer, ShimMetrics, parse_listen
+from notifyd.paths import RUN_DIR, default_socket_path, shim_stats_path
 from notifyd.sdnotify import sd_notify
+from notifyd.stats import serve_stats
 
-from .follow import follow
+from .follow import FollowState, follow
 from .follow_cluster import add_cluster_args, check_cluster_args, follow_cluster
 from .mounts import FSNAME, MountpointError, check_paths, set_read_ahead
 from .overlay import Overlay
 from .replay import Replayer, ReplayThreads
 from .resolve import DEFAULT_INDEX_LIMIT, Resolver
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("scoutfs-notify-shim")
 
-# The overlay's readahead (KiB): FUSE starts at 128, the benchmark machine's disk has
-# 8 MiB (/sys/class/bdi/*/read_ahead_kb).  Above 128 the kernel's READ requests
-# for sequential reads are 1 MiB instead of 128 KiB: fewer round trips.
+# The overlay's readahead (KiB): FUSE starts at 128, where a disk commonly has
+# several MiB (/sys/class/bdi/*/read_ahead_kb).  Above 128 the kernel's READ
+# requests for sequential reads are 1 MiB instead of 128 KiB: fewer round trips.
 DEFAULT_READ_AHEAD_KB = 8192
 
 DESCRIPTION = """\
@@ -59,6 +68,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError("must be from 0 to 10 seconds")
+    return value
+
+
 def _whole(text: str) -> int:
     try:
         return int(text)
@@ -80,7 +96,8 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, without running anything (man pages are made from it)."""
     p = argparse.ArgumentParser(
         prog="scoutfs-notify-shim",
         description=DESCRIPTION,
@@ -157,8 +174,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"default of 128 (default: {DEFAULT_READ_AHEAD_KB}, as for a disk; above 128 "
         "sequential reads reach the overlay in 1 MiB requests instead of 128 KiB)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="[ADDR:]PORT",
+        type=_listen_address,
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT listens "
+        "on 127.0.0.1; default: off)",
+    )
+    p.add_argument(
+        "--stats-socket",
+        metavar="PATH",
+        help="serve the shim's counters (records replayed, and every record not "
+        "replayed, by cause) on this socket, mode 0600 (default: "
+        "/run/scoutfs/shim-<hash of MOUNTPOINT>/shim.stats, the one `scoutfs-notify "
+        "stats --shim MOUNTPOINT` reads)",
+    )
+    p.add_argument(
+        "--new-dir-wait",
+        type=_non_negative_seconds,
+        default=0.2,
+        metavar="SECONDS",
+        help="before replaying an access inside directories the overlay has never "
+        "shown, raise IN_CREATE for each of them (so inotifywait -r and watchdog add "
+        "watches) and wait up to this long for a watcher to look each one up; 0 "
+        "turns that off (default: 0.2)",
+    )
+    p.add_argument(
+        "--read-byte",
+        action="store_true",
+        help="replay a READ as a 1-byte read through the overlay (one FUSE request) "
+        "instead of a zero-length read (none); by default the first READ checks that "
+        "a zero-length read raises IN_ACCESS and falls back to this by itself",
+    )
     p.add_argument("--debug", action="store_true", help="log every replay")
     add_cluster_args(p)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     # an empty path would mean the current directory
     for name, value in (("BACKING", args.backing), ("MOUNTPOINT", args.mountpoint)):
@@ -167,6 +221,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.socket == "":
         p.error("--socket is empty: give a path, or leave it out for the default")
     return args
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tell_systemd(state: str) -> None:
@@ -209,8 +270,27 @@ def _tune(mountpoint: str, read_ahead_kb: int) -> None:
     set_read_ahead(mountpoint, read_ahead_kb)
 
 
+def _bind_stats(mountpoint: str, given: str | None) -> Listener:
+    """The stats socket, bound before mounting so a bad path stops the start."""
+    if given:
+        path = Path(os.path.abspath(given))
+        # a directory others may write would let them take the name first
+        prepare_dir(path.parent, create=False)
+    else:
+        path = shim_stats_path(mountpoint)
+        # the run dir is shared with the daemons: made as they make it, never re-moded
+        prepare_dir(RUN_DIR, create=True, mode=0o711, shared=True)
+        prepare_dir(path.parent, create=True)
+    return bind_listener(path, kind=socket.SOCK_STREAM)
+
+
 async def serve(
-    overlay: Overlay, mountpoint: str, socket_path: str, args: argparse.Namespace
+    overlay: Overlay,
+    mountpoint: str,
+    socket_path: str,
+    args: argparse.Namespace,
+    stats: Listener | None = None,
+    metrics: ShimMetrics | None = None,
 ) -> None:
     """Run the FUSE session and the bridge until a signal or an unmount.
 
@@ -228,15 +308,41 @@ async def serve(
         workers=args.workers,
         max_pending=args.max_pending,
         close_after=args.close_after,
+        zero_read=not args.read_byte,
+        kernel_knows=overlay.knows if args.new_dir_wait > 0 else None,
+        new_dir_wait=args.new_dir_wait,
     )
+    following = FollowState()
+
+    def snapshot() -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "backing": overlay.backing,
+            "mountpoint": mountpoint,
+            "socket": socket_path,
+            **following.snapshot(),
+            **replayer.snapshot(),
+        }
+
     async with trio.open_nursery() as outer:
         outer.start_soon(_fuse_session, outer.cancel_scope)
         if args.read_ahead > 0:
             await trio.to_thread.run_sync(_tune, mountpoint, args.read_ahead)
         async with trio.open_nursery() as bridge:
             bridge.start_soon(_until_signal, bridge.cancel_scope)
+            if stats is not None:
+                await bridge.start(serve_stats, stats, snapshot)
             await bridge.start(replayer.run)
-            await bridge.start(follow, socket_path, replayer)
+            on_event = None
+            if metrics is not None:
+                metrics.attach(lambda: dataclasses.asdict(replayer.stats))
+                replayer.on_replayed = metrics.on_replayed
+                on_event = metrics.on_event
+            await bridge.start(
+                functools.partial(follow, state=following, on_event=on_event),
+                socket_path,
+                replayer,
+            )
             if args.nats:
                 await bridge.start(follow_cluster, args, overlay.backing, socket_path, replayer)
             log.info(
@@ -272,6 +378,41 @@ def main(argv: list[str] | None = None) -> int:
     if why := check_cluster_args(args, backing, socket_path):
         log.error("--nats: %s", why)
         return 1
+    metrics = server = None
+    if args.metrics:
+        metrics = ShimMetrics()
+        try:
+            server = MetricsServer(args.metrics, metrics.registry)
+        except OSError as exc:
+            log.error("--metrics %s:%d: %s", *args.metrics, exc.strerror)
+            return 1
+    try:
+        try:
+            stats = _bind_stats(mountpoint, args.stats_socket)
+        except (DaemonError, OSError) as exc:
+            log.error("cannot serve the stats socket: %s", exc)
+            return 1
+        try:
+            return _mount_and_serve(args, backing, mountpoint, socket_path, stats, metrics)
+        finally:
+            stats.close()
+            if not args.stats_socket:
+                # the per-mount directory made for it; never the shared run dir
+                with contextlib.suppress(OSError):
+                    os.rmdir(stats.path.parent)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _mount_and_serve(
+    args: argparse.Namespace,
+    backing: str,
+    mountpoint: str,
+    socket_path: str,
+    stats: Listener,
+    metrics: ShimMetrics | None = None,
+) -> int:
     overlay = Overlay(backing, ReplayThreads(), timeout=args.timeout, acl=args.acl)
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if args.allow_other:
@@ -282,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("mounting %s failed: %s", mountpoint, exc)
         return 1
     try:
-        trio.run(serve, overlay, mountpoint, socket_path, args)
+        trio.run(serve, overlay, mountpoint, socket_path, args, stats, metrics)
     finally:
         pyfuse3.close(unmount=True)
     log.info("unmounted %s", mountpoint)

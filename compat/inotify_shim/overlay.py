@@ -296,6 +296,13 @@ class Overlay(pyfuse3.Operations):
             return None
         return os.path.join(self.backing, *reversed(names))
 
+    def knows(self, st_ino: int) -> bool:
+        """Whether the kernel holds an entry for BACKING inode ``st_ino``.
+
+        Called from replay threads: one dict lookup, atomic under the GIL.
+        """
+        return self._fuse_ino(st_ino) in self._inodes
+
     def _remember(self, fd: int | None, st: os.stat_result, parent: int, name: bytes) -> int:
         """Count one lookup of the inode ``st`` describes; keeps at most one fd per inode."""
         ino = self._fuse_ino(st.st_ino)
@@ -304,6 +311,8 @@ class Overlay(pyfuse3.Operations):
             node = self._inodes[ino] = _Inode(fd, st)
         elif node.fd is None:
             node.fd = fd
+            # an fd-less inode's number may have been freed and reused since
+            node.kind = stat.S_IFMT(st.st_mode)
         elif fd is not None and fd != node.fd:
             os.close(fd)
         node.lookups += 1
@@ -328,6 +337,24 @@ class Overlay(pyfuse3.Operations):
             yield fd
         finally:
             os.close(fd)
+
+    def _stat(self, node: _Inode) -> os.stat_result:
+        """``node``'s attributes; for an fd-less one, one fstatat through a held parent."""
+        if node.fd is not None:
+            # the O_PATH fd holds the inode: this works for an unlinked open file too
+            return os.fstat(node.fd)
+        for parent_ino, name in sorted(node.links):
+            parent = self._inodes.get(parent_ino)
+            if parent is None or parent.fd is None:
+                continue
+            try:
+                st = os.lstat(name, dir_fd=parent.fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (node.dev, node.ino):
+                return st
+        with self._path_fd(node) as fd:
+            return os.fstat(fd)
 
     def _reopen(self, node: _Inode, depth: int = 0) -> int:
         """Reach an fd-less inode again through a link; ESTALE if no link leads to it."""
@@ -417,6 +444,8 @@ class Overlay(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
+        if self._announced_name(parent_inode, name, ctx):
+            raise FUSEError(errno.ENOENT)
         if name == b"." or (name == b".." and parent_inode == pyfuse3.ROOT_INODE):
             # BACKING's root is its own parent: ".." never leads above it
             node = self._inode(parent_inode)
@@ -434,7 +463,35 @@ class Overlay(pyfuse3.Operations):
             held.lookups += 1
             return self._entry(st)
         with self._acting(self._creds(ctx)):
-            return self._lookup_entry(parent_inode, name)
+            entry = self._lookup_entry(parent_inode, name)
+        if ctx is not None and self.replay_threads.looked_up(entry.st_ino, ctx.pid):
+            entry.entry_timeout = 0
+        return entry
+
+    def _announced_name(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None
+    ) -> bool:
+        """Whether a replay thread is announcing ``name`` (see replay._announce_dirs).
+
+        To that thread the name does not exist yet, so that its ``mkdir``
+        reaches us.
+        """
+        if ctx is None:
+            return False
+        what = self.replay_threads.announcing(ctx.pid)
+        return what is not None and what.parent == parent_inode and what.name == name
+
+    def _mkdir_announced(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """A replay thread's ``mkdir``: BACKING's existing directory, as if just made."""
+        fd, st = self._open_path(self._inode(parent_inode), name)
+        if not stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            raise FUSEError(errno.ESTALE)
+        self._remember(fd, st, parent_inode, name)
+        entry = self._entry(st)
+        # a watcher adding its watch then looks it up: the sign it did
+        entry.entry_timeout = 0
+        return entry
 
     @_handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -454,9 +511,7 @@ class Overlay(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        # the O_PATH fd holds the inode: this works for an unlinked open file too
-        with self._path_fd(self._inode(inode)) as fd:
-            return self._entry(os.fstat(fd))
+        return self._entry(self._stat(self._inode(inode)))
 
     @_handler
     async def setattr(
@@ -597,6 +652,8 @@ class Overlay(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self._announced_name(parent_inode, name, ctx):
+            return self._mkdir_announced(parent_inode, name)
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
             os.mkdir(name, mode & ~ctx.umask, dir_fd=self._fd(parent))

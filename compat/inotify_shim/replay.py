@@ -3,10 +3,19 @@
 A FUSE server cannot inject an inotify event; but an open or a read made
 *through* the overlay raises one, on the right name, for every watcher.  So
 for each record a worker thread opens the file through the mount point
-(IN_OPEN), reads one byte (IN_ACCESS) and, once the file has been quiet for
+(IN_OPEN), reads nothing (IN_ACCESS) and, once the file has been quiet for
 ``close_after`` seconds, closes it (IN_CLOSE_NOWRITE).  The overlay answers
 those requests without touching BACKING: it knows them by the requesting
 thread id, registered in :class:`ReplayThreads` for the duration.
+
+The read is a vectored read of zero bytes: the kernel raises IN_ACCESS for
+any vectored read that does not fail, and with nothing to read it never asks
+the filesystem, so it costs no FUSE request.  That is a detail of the VFS
+(``do_iter_read``), so the first READ replayed checks it with an inotify
+watch of its own, and the replayer falls back to a one-byte read (one READ
+request, answered by the overlay without touching BACKING) where it does
+not hold.  A replayed open therefore costs LOOKUP (when the kernel has no
+fresh entry for the name), OPEN, and RELEASE once the file is quiet.
 
 Why threads: the mount point is served by the trio thread, and an ``open``
 of it from that same thread waits forever for its own reply.
@@ -20,22 +29,36 @@ bound.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import math
 import os
+import queue
 import stat
+import struct
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
+import pyfuse3
 import trio
 
-from notifyd import abi
+from notifyd import abi, libc
 
 from .resolve import Resolver
 
-__all__ = ["ReplayStats", "ReplayThreads", "Replayer"]
+__all__ = [
+    "Announce",
+    "Looks",
+    "ReplayStats",
+    "ReplayThreads",
+    "Replayer",
+    "zero_read_raises_access",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +72,56 @@ MAX_ACTIONS = 8
 # Losses are logged when they happen, but at most this often (seconds).
 LOSS_WARN_INTERVAL = 5.0
 
+# A watcher told of a new directory has added its watch once it has not
+# looked the directory up for this long (seconds): inotifywait lists it and
+# then adds the watch, a few system calls apart.
+NEW_DIR_QUIET = 0.03
+
 # Files one worker takes per trip to its thread: amortises the hand-off.
 BATCH = 16
 
 _SYNTHETIC_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+
+# <sys/inotify.h>
+_IN_ACCESS = 0x00000001
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+# struct inotify_event: wd mask cookie len, then len bytes of name
+_INOTIFY_EVENT = struct.Struct("=iIII")
+
+
+def _read_nothing(fd: int) -> None:
+    os.preadv(fd, [bytearray(0)], 0)
+
+
+def _read_a_byte(fd: int) -> None:
+    os.pread(fd, 1, 0)
+
+
+def zero_read_raises_access(path: str, fd: int) -> bool:
+    """Whether a zero-length ``preadv`` of ``fd`` raises IN_ACCESS on ``path``.
+
+    ``fd`` must be open on ``path``; the read it makes is the replay's own
+    IN_ACCESS when the answer is yes.  The event is queued before the read
+    returns, so no waiting is involved.
+    """
+    ifd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    try:
+        libc.inotify_add_watch(ifd, path, _IN_ACCESS)
+        _read_nothing(fd)
+        try:
+            buf = os.read(ifd, 4096)
+        except BlockingIOError:
+            return False
+    finally:
+        os.close(ifd)
+    off = 0
+    while off + _INOTIFY_EVENT.size <= len(buf):
+        _wd, mask, _cookie, name_len = _INOTIFY_EVENT.unpack_from(buf, off)
+        if mask & _IN_ACCESS:
+            return True
+        off += _INOTIFY_EVENT.size + name_len
+    return False
 
 
 class ReplayThreads:
@@ -66,6 +135,9 @@ class ReplayThreads:
 
     def __init__(self) -> None:
         self._expect: dict[int, tuple[int, str]] = {}
+        self._announce: dict[int, Announce] = {}
+        # inode -> set once a thread that is not ours has looked it up
+        self._awaited: dict[int, Looks] = {}
 
     def expected(self, tid: int) -> tuple[int, str] | None:
         """(inode, BACKING path) thread ``tid`` is opening, if it is a replay thread."""
@@ -77,20 +149,108 @@ class ReplayThreads:
     def done(self) -> None:
         self._expect.pop(threading.get_native_id(), None)
 
+    # --- directories made known to watchers (see .announce) -------------------
+
+    def announcing(self, tid: int) -> Announce | None:
+        """The directory thread ``tid`` is making the kernel see as created, if any."""
+        return self._announce.get(tid)
+
+    def announce(self, what: Announce) -> Looks:
+        """Register this thread's synthetic ``mkdir``; :meth:`looked_up` counts on it."""
+        self._announce[threading.get_native_id()] = what
+        looks = self._awaited[what.ino] = Looks()
+        return looks
+
+    def announced(self, ino: int) -> None:
+        """This thread's synthetic ``mkdir`` is over; stop counting lookups of ``ino``."""
+        self._announce.pop(threading.get_native_id(), None)
+        self._awaited.pop(ino, None)
+
+    def looked_up(self, ino: int, tid: int) -> bool:
+        """The overlay answers a LOOKUP of ``ino`` for thread ``tid``.
+
+        Returns whether ``ino`` is being announced: its entry must then not be
+        cached, so that every path walk through it by a watcher is seen.
+        """
+        if not self._awaited:
+            return False
+        looks = self._awaited.get(ino)
+        if looks is None:
+            return False
+        if tid not in self._expect and tid not in self._announce:
+            looks.add()
+        return True
+
+
+class Looks:
+    """Lookups of an announced directory by threads that are not replaying.
+
+    Counted on the trio thread, waited for by a replay thread.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._event = threading.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        self._event.set()
+
+    def settled(self, first: float, quiet: float) -> bool:
+        """Wait up to ``first`` s for a lookup, then until none came for ``quiet`` s.
+
+        A watcher may walk the new directory before it adds its watch
+        (inotifywait lists it first): its last lookup, not its first, is the
+        sign.  The quiet waits end by ``first`` after the first lookup at the
+        latest.  Returns whether any lookup came.
+        """
+        if not self._event.wait(first):
+            return False
+        deadline = time.monotonic() + first
+        while time.monotonic() < deadline:
+            before = self.count
+            time.sleep(quiet)
+            if self.count == before:
+                break
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Announce:
+    """A directory on BACKING the kernel is told of by a synthetic ``mkdir``.
+
+    ``parent`` is the FUSE inode of its parent, ``name`` its name there,
+    ``ino`` the inode BACKING has for it.
+    """
+
+    parent: int
+    name: bytes
+    ino: int
+
 
 @dataclasses.dataclass
 class ReplayStats:
-    """What happened to the records handed to the replayer."""
+    """What happened to the records handed to the replayer.
 
+    Every record ``submitted`` ends in exactly one of ``replayed``,
+    ``collapsed``, ``overload``, ``unresolved``, ``gone`` or ``failed`` (or
+    is still pending); ``gap`` counts records the daemon says were lost
+    before the shim got them.
+    """
+
+    submitted: int = 0  # OPEN and READ records taken from the daemon
     replayed: int = 0  # actions that raised their event
     collapsed: int = 0  # READs merged into a pending READ
     overload: int = 0  # dropped: too many files waiting
     unresolved: int = 0  # no file under BACKING has the inode
     gone: int = 0  # the file disappeared before its replay
     failed: int = 0  # any other error from the synthetic access
+    gap: int = 0  # never received: seq gaps in the daemon's stream
+    dirs_announced: int = 0  # directories the kernel was told of (IN_CREATE)
+    dirs_watched: int = 0  # ... that someone looked up within new_dir_wait
 
     def losses(self) -> tuple[int, ...]:
-        return (self.overload, self.unresolved, self.gone, self.failed)
+        return (self.overload, self.unresolved, self.gone, self.failed, self.gap)
 
     def __str__(self) -> str:
         return ", ".join(f"{getattr(self, f.name)} {f.name}" for f in dataclasses.fields(self))
@@ -124,12 +284,21 @@ class Replayer:
         mountpoint: where the overlay is mounted.
         resolver: inode -> path relative to BACKING (= to the mount point).
         threads: the registry the overlay consults at open.
-        limiter: bounds the replay threads (one per worker, plus the closer).
+        limiter: bounds the threads of the closer and of the final closes (each
+            worker has a thread of its own).
         workers: concurrent batches of synthetic accesses.
         max_pending: files that may wait for a worker before records drop.
         close_after: seconds a synthetic open stays open after its last
             action; docs/ABI.md section 5 wants the close within a second.
         max_open: synthetic opens held at once; the oldest close early.
+        zero_read: raise IN_ACCESS with a zero-length read where the first
+            READ shows it works; False always reads one byte.
+        kernel_knows: whether the overlay has told the kernel of a BACKING
+            inode (it has an entry for it); directories it has not are made
+            known to recursive watchers before a replay inside them (see
+            :meth:`_announce_dirs`).  None: never.
+        new_dir_wait: how long a replay waits, per directory made known,
+            for a watcher to look it up (add its watch) before going on.
     """
 
     def __init__(
@@ -143,6 +312,9 @@ class Replayer:
         max_pending: int = 8192,
         close_after: float = 0.25,
         max_open: int = 512,
+        zero_read: bool = True,
+        kernel_knows: Callable[[int], bool] | None = None,
+        new_dir_wait: float = 0.2,
     ) -> None:
         if not 0 < close_after <= 1:
             raise ValueError("close_after must be in (0, 1] seconds (docs/ABI.md section 5)")
@@ -159,13 +331,21 @@ class Replayer:
         # files holding a synthetic open, oldest activity first
         self._open: OrderedDict[int, _File] = OrderedDict()
         self._send, self._recv = trio.open_memory_channel[_File](max_pending)
+        # how a READ is replayed; None until the first READ has checked
+        self._reader: Callable[[int], None] | None = None if zero_read else _read_a_byte
+        self._reader_lock = threading.Lock()
+        self._kernel_knows = kernel_knows
+        self._new_dir_wait = new_dir_wait
         self._warned = self.stats.losses()
         self._next_warn = -math.inf
+        # metrics: called with a file's inode once its pending records are replayed
+        self.on_replayed: Callable[[int], None] | None = None
 
     # --- intake (trio thread) ------------------------------------------------
 
     def submit(self, rec_type: int, ino: int) -> None:
         """Queue the replay of one OPEN or READ record; never blocks."""
+        self.stats.submitted += 1
         f = self._files.get(ino)
         if f is None:
             f = self._files[ino] = _File(ino)
@@ -194,6 +374,11 @@ class Replayer:
             return
         f.queued = True
 
+    def lost_in_gap(self, count: int) -> None:
+        """Count ``count`` records the daemon lost before this shim got them."""
+        self.stats.gap += count
+        self._warn_losses()
+
     def _warn_losses(self) -> None:
         """Say what was lost since the last warning, at most every LOSS_WARN_INTERVAL."""
         now = trio.current_time()
@@ -201,18 +386,31 @@ class Replayer:
         if now < self._next_warn or losses == self._warned:
             return
         self._next_warn = now + LOSS_WARN_INTERVAL
-        overload, unresolved, gone, failed = (
+        overload, unresolved, gone, failed, gap = (
             a - b for a, b in zip(losses, self._warned, strict=True)
         )
         self._warned = losses
         log.warning(
             "records not replayed: %d dropped on overload (raise --max-pending or "
-            "--workers), %d with no file under BACKING, %d for files gone, %d failed",
+            "--workers), %d with no file under BACKING, %d for files gone, %d failed, "
+            "%d lost before the shim got them (seq gaps from the daemon)",
             overload,
             unresolved,
             gone,
             failed,
+            gap,
         )
+
+    def snapshot(self) -> dict[str, object]:
+        """The counters and the state of the queue, for the stats socket."""
+        doc: dict[str, object] = dataclasses.asdict(self.stats)
+        doc["files_waiting"] = sum(f.queued for f in self._files.values())
+        doc["synthetic_opens"] = len(self._open)
+        if self._reader is None:
+            doc["read_by"] = "not checked yet"
+        else:
+            doc["read_by"] = "zero-length read" if self._reader is _read_nothing else "1-byte read"
+        return doc
 
     def _settle(self, f: _File) -> None:
         """After a worker or the closer let go of ``f``: requeue, park or forget it."""
@@ -256,6 +454,13 @@ class Replayer:
             self._warn_losses()
 
     async def _worker(self) -> None:
+        thread = _WorkerThread()
+        try:
+            await self._work(thread)
+        finally:
+            thread.stop()
+
+    async def _work(self, thread: _WorkerThread) -> None:
         async for first in self._recv:
             batch = [first]
             while len(batch) < BATCH:
@@ -274,7 +479,7 @@ class Replayer:
                 else:
                     self._settle(f)
             if jobs:
-                await trio.to_thread.run_sync(self._run_jobs, jobs, limiter=self._limiter)
+                await thread.run(functools.partial(self._run_jobs, jobs))
                 for job in jobs:
                     self._finish(job)
 
@@ -296,6 +501,8 @@ class Replayer:
     def _finish(self, job: _Job) -> None:
         f = job.file
         self.stats.replayed += job.done
+        if job.done and self.on_replayed is not None:
+            self.on_replayed(f.ino)
         log.debug("replayed %d of %s on %s", job.done, job.actions, job.path)
         left = job.actions[job.done :]
         if left:
@@ -321,9 +528,90 @@ class Replayer:
         try:
             for job in jobs:
                 self._threads.expect(job.file.ino, os.path.join(self._backing, job.path))
-                _apply(job, self.mountpoint)
+                _apply(job, self.mountpoint, self._read, self._announce_dirs)
         finally:
             self._threads.done()
+
+    def _announce_dirs(self, rel: str) -> None:
+        """Worker thread: make the directories above ``rel`` known to watchers.
+
+        A recursive watcher (``inotifywait -r``, watchdog) watches the
+        directories it listed at start and those it is told were created.
+        One made on BACKING since is news to it, and to the kernel: the
+        overlay has never given the kernel an entry for it.  For each such
+        directory, top down, this thread makes a ``mkdir`` through the
+        overlay, which answers with BACKING's existing directory without
+        touching BACKING: the kernel raises IN_CREATE|IN_ISDIR on the parent,
+        and the watcher adds a watch, which the overlay sees as a LOOKUP from
+        another thread.  The replay goes on once that LOOKUP came or after
+        ``new_dir_wait``.  A directory the kernel already has an entry for is
+        left alone: whoever looked it up could watch it.
+        """
+        knows = self._kernel_knows
+        if knows is None:
+            return
+        parts = rel.split("/")[:-1]
+        if not parts:
+            return
+        try:
+            st = os.lstat(os.path.join(self._backing, *parts))
+        except OSError:
+            return
+        if knows(st.st_ino):
+            # the kernel's entries pin their parents': every directory above is known too
+            return
+        parent = pyfuse3.ROOT_INODE
+        path = self._backing
+        for i, name in enumerate(parts):
+            path = os.path.join(path, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return  # gone or renamed: the open fails and is counted
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            if not knows(st.st_ino):
+                what = Announce(parent, os.fsencode(name), st.st_ino)
+                looks = self._threads.announce(what)
+                try:
+                    os.mkdir(os.path.join(self.mountpoint, *parts[: i + 1]))
+                except FileExistsError:
+                    pass  # the kernel learnt of it meanwhile, from someone else
+                except OSError as exc:
+                    log.debug("announcing %s: %s", path, exc)
+                    self._threads.announced(st.st_ino)
+                    return
+                else:
+                    self.stats.dirs_announced += 1
+                    if looks.settled(self._new_dir_wait, NEW_DIR_QUIET):
+                        self.stats.dirs_watched += 1
+                finally:
+                    self._threads.announced(st.st_ino)
+            parent = st.st_ino
+
+    def _read(self, full: str, fd: int) -> None:
+        """Worker thread: one replayed READ on synthetic fd ``fd`` of ``full``."""
+        reader = self._reader
+        if reader is not None:
+            reader(fd)
+            return
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader(fd)
+                return
+            try:
+                works = zero_read_raises_access(full, fd)
+            except OSError as exc:
+                # no inotify to check with (limits reached): the safe choice
+                log.warning("cannot check zero-length reads on %s: %s", full, exc)
+                works = False
+            if works:
+                log.info("zero-length reads raise IN_ACCESS here: a replayed READ costs no request")
+                self._reader = _read_nothing
+            else:
+                log.info("zero-length reads raise no IN_ACCESS here: READs are 1-byte reads")
+                self._reader = _read_a_byte
+                _read_a_byte(fd)
 
     async def _closer(self) -> None:
         # polling at a quarter of the linger keeps every close within 1.25x of it
@@ -351,13 +639,66 @@ class Replayer:
                     self._settle(f)
 
 
+class _WorkerThread:
+    """One long-lived thread for one worker's synthetic accesses.
+
+    A hand-off is a queue put and one wakeup of trio: about half the CPU of
+    ``trio.to_thread.run_sync`` (thread cache, limiter, task parking), paid
+    once per batch, which at a steady 1,000 accesses/s holds one file.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._loop, name="replay", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    async def run(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the thread and wait for it to end, cancelled or not.
+
+        Not abandoned on cancellation: the synthetic fds it opens must be
+        recorded before the replayer closes what it holds.
+        """
+        done = trio.Event()
+        errors: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(done.set)
+
+        self._jobs.put(job)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        if errors:
+            raise errors[0]
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 # ESTALE: the overlay refused because the name now leads to another inode
 _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESTALE})
 
 
-def _apply(job: _Job, mountpoint: str) -> None:
+def _apply(
+    job: _Job,
+    mountpoint: str,
+    read: Callable[[str, int], None],
+    announce_dirs: Callable[[str], None],
+) -> None:
     f = job.file
     full = os.path.join(mountpoint, job.path)
+    if f.fd is None:
+        announce_dirs(job.path)
     for act in job.actions:
         try:
             if act == OPEN or f.fd is None:
@@ -366,7 +707,7 @@ def _apply(job: _Job, mountpoint: str) -> None:
                     f.fd = None
                 f.fd = _open_regular(full)
             if act == READ:
-                os.pread(f.fd, 1, 0)
+                read(full, f.fd)
         except OSError as exc:
             job.errno = exc.errno or errno.EIO
             return

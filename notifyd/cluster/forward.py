@@ -497,8 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_BACKLOG,
         metavar="RECORDS",
         help=f"records held while NATS is unreachable (default: {DEFAULT_BACKLOG}, "
-        f"{DEFAULT_BACKLOG * abi.RECORD_SIZE >> 20} MiB); past it records are dropped "
-        "and the loss is published",
+        f"{DEFAULT_BACKLOG * abi.RECORD_SIZE >> 20} MiB), besides the message being "
+        "sent; past it records are dropped and the loss is published",
     )
     p.add_argument(
         "--max-bytes",

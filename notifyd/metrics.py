@@ -1,0 +1,365 @@
+"""Prometheus metrics for the daemon and the shim (``--metrics ADDR:PORT``).
+
+``prometheus_client`` serves the text format from its own HTTP thread, so a
+scrape never blocks the trio loop.  What a scrape reports is read *inside*
+the trio thread (``trio.from_thread.run_sync``): the counters live in
+objects only trio touches, and a snapshot taken there is consistent.  Only
+the histograms are fed directly, from small hooks on the hot paths
+(``prometheus_client`` metrics are thread-safe).
+
+Names follow Prometheus conventions: ``scoutfs_notify_`` prefix, ``_total``
+for counters, the unit in the name (``_seconds``, ``_records``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from . import abi, ioctls
+from .client import Gap
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DaemonMetrics",
+    "MetricsServer",
+    "ShimMetrics",
+    "kmod_counters_dir",
+    "parse_listen",
+    "serve_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+# The *_created samples (when each series began) double every scrape of a
+# histogram and say nothing a process start time does not.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# A bare port listens here: metrics say what a mount's users do, so they are
+# not for the network unless the admin says so.
+DEFAULT_HOST = "127.0.0.1"
+# Where scoutfs puts a mount's counters (one directory per mount: f.<fsid>.r.<rid>).
+SYSFS_SCOUTFS = Path("/sys/fs/scoutfs")
+
+# Records per drained batch: the kernel ring holds 1024, the fanotify source
+# reads up to its buffer.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# Record time to synthetic access: sub-millisecond when idle (FINDINGS), up
+# to the replay queue's depth under load.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); a bare port is loopback.
+
+    Raises ValueError with the message to print.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host = DEFAULT_HOST
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"{text!r}: give PORT or ADDR:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+class MetricsServer:
+    """``prometheus_client``'s HTTP server for ``registry``, in its own thread.
+
+    Raises OSError if ``listen`` cannot be bound.  ``address`` is what was
+    bound (port 0 picks one); :meth:`close` stops the thread.
+    """
+
+    def __init__(self, listen: tuple[str, int], registry: CollectorRegistry) -> None:
+        host, port = listen
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        bound = self._server.server_address
+        self.address = (str(bound[0]), int(bound[1]))
+        log.info("metrics on http://%s:%d/metrics", _show_host(self.address[0]), self.address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+async def serve_metrics(
+    listen: tuple[str, int],
+    registry: CollectorRegistry,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``registry`` on ``http://HOST:PORT/metrics`` until cancelled.
+
+    Reports the address bound to ``task_status``; raises OSError if it cannot bind.
+    """
+    server = MetricsServer(listen, registry)
+    try:
+        task_status.started(server.address)
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.close)
+
+
+def _show_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class _TrioCollector(Collector):
+    """A collector whose metrics are made by ``make`` in the trio thread."""
+
+    def __init__(self, make: Callable[[], list[Metric]]) -> None:
+        self._make = make
+        self._token = trio.lowlevel.current_trio_token()
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            return trio.from_thread.run_sync(self._make, trio_token=self._token)
+        except trio.RunFinishedError:
+            return []
+
+
+def _counter(name: str, doc: str, value: float, **labels: str) -> CounterMetricFamily:
+    m = CounterMetricFamily(name, doc, labels=list(labels))
+    m.add_metric(list(labels.values()), value)
+    return m
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+# --- the daemon ----------------------------------------------------------------
+
+
+def kmod_counters_dir(mount: str, sysfs: Path = SYSFS_SCOUTFS) -> Path | None:
+    """The sysfs counters directory of the scoutfs mount at ``mount``, or None.
+
+    scoutfs names a mount's directory after short fsid and rid; the full ids
+    are in its ``fsid`` and ``rid`` files, which this matches against
+    ``SCOUTFS_IOC_STATFS_MORE`` (two mounts of one filesystem differ by rid).
+    """
+    try:
+        fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fsid, rid = ioctls.statfs_more(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        entries = list(sysfs.iterdir())
+    except OSError:
+        return None
+    for d in entries:
+        try:
+            ids = (int((d / "fsid").read_text(), 16), int((d / "rid").read_text(), 16))
+        except (OSError, ValueError):
+            continue
+        if ids == (fsid, rid) and (d / "counters").is_dir():
+            return d / "counters"
+    return None
+
+
+def _kmod_counters(counters: Path) -> Iterator[Metric]:
+    """The module's ``notify_*`` counters, each as ``scoutfs_notify_kmod_<rest>_total``."""
+    for f in sorted(counters.glob("notify_*")):
+        try:
+            value = int(f.read_text())
+        except (OSError, ValueError):
+            continue  # the mount is going away
+        name = f.name.removeprefix("notify_")
+        yield _counter(
+            f"scoutfs_notify_kmod_{name}",
+            f"scoutfs kernel counter {f.name} of this mount (sysfs)",
+            value,
+        )
+
+
+class DaemonMetrics:
+    """The daemon's metrics, from its stats snapshot and a hook on publish.
+
+    Args:
+        snapshot: the daemon's stats document (the one ``<socket>.stats`` serves).
+        kmod_counters: the mount's sysfs counters directory (scoutfs source), or None.
+
+    Must be made in the trio thread that owns what ``snapshot`` reads.
+    """
+
+    def __init__(
+        self, snapshot: Callable[[], dict[str, Any]], kmod_counters: Path | None = None
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._snapshot = snapshot
+        self._kmod = kmod_counters
+        self.batch_records = Histogram(
+            "scoutfs_notify_drain_batch_records",
+            "Records per batch drained from the source (kernel ring or fanotify)",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_TrioCollector(self._collect))
+
+    def wrap_publish(self, publish: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """``publish`` that also observes each batch's size."""
+        observe = self.batch_records.observe
+
+        def publish_and_observe(batch: bytes) -> None:
+            observe(len(batch) // abi.RECORD_SIZE)
+            publish(batch)
+
+        return publish_and_observe
+
+    def _collect(self) -> list[Metric]:
+        st = self._snapshot()
+        out: list[Metric] = [
+            _counter(
+                "scoutfs_notify_records_drained",
+                "Records read from the source",
+                st.get("records", 0),
+            ),
+            _counter(
+                "scoutfs_notify_records_relayed",
+                "Records handed to the clients' queues (each record once)",
+                st.get("records_published", 0),
+            ),
+            _gauge("scoutfs_notify_clients", "Clients connected now", len(st.get("clients", []))),
+            _counter(
+                "scoutfs_notify_clients_accepted",
+                "Client connections accepted",
+                st.get("clients_total", 0),
+            ),
+            _counter(
+                "scoutfs_notify_clients_refused",
+                "Client connections refused (--max-clients)",
+                st.get("clients_refused", 0),
+            ),
+            _gauge("scoutfs_notify_last_seq", "seq of the last record drained", st.get("seq") or 0),
+        ]
+        lost = CounterMetricFamily(
+            "scoutfs_notify_records_lost",
+            "Records lost, by cause: ring_full (the kernel ring was full; the kernel's own "
+            "count), fanotify_overflow (FAN_Q_OVERFLOW: at least one each), client_queue "
+            "(a slow client's queue was full; counted once per client)",
+            labels=["cause"],
+        )
+        if st.get("source") == "scoutfs":
+            lost.add_metric(["ring_full"], st.get("ring_dropped", 0))
+        if st.get("source") == "fanotify":
+            lost.add_metric(["fanotify_overflow"], st.get("source_overflows", 0))
+        lost.add_metric(["client_queue"], st.get("client_records_dropped", 0))
+        out.append(lost)
+        if self._kmod is not None:
+            out += _kmod_counters(self._kmod)
+        return out
+
+
+# --- the shim ----------------------------------------------------------------
+
+# Inodes whose oldest unreplayed record time is kept for the latency: a bound
+# for records that are never replayed (lost to overload, file gone).
+PENDING_LIMIT = 65536
+
+
+class ShimMetrics:
+    """The shim's metrics: records in, events replayed, losses, replay latency.
+
+    Made before trio runs (so the server can be bound first), then
+    :meth:`attach`-ed to the replayer's counters (``replayed``, ``collapsed``,
+    and the losses ``overload``, ``unresolved``, ``gone``, ``failed``).
+    Hooks: :meth:`on_event` for every record or gap from the daemon,
+    :meth:`on_replayed` when a file's pending records have been replayed.
+    Latency is measured from the time of the oldest record a replay answers
+    (``time_ns``, CLOCK_REALTIME at emit) to the end of that synthetic access.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._replay_stats: Callable[[], dict[str, int]] = dict
+        self.records_in = 0
+        self.records_own = 0
+        self.gap_lost = 0
+        self._pending: OrderedDict[int, int] = OrderedDict()
+        self.latency = Histogram(
+            "scoutfs_notify_shim_replay_latency_seconds",
+            "From a record's time to the end of its synthetic access through the overlay",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def attach(self, replay_stats: Callable[[], dict[str, int]]) -> None:
+        """Report ``replay_stats()``; call from the trio thread that owns the replayer."""
+        self._replay_stats = replay_stats
+        self.registry.register(_TrioCollector(self._collect))
+
+    def on_event(self, ev: abi.Record | Gap, own: bool) -> None:
+        """Count a record (``own``: the shim's own access, not replayed) or a gap."""
+        if isinstance(ev, Gap):
+            self.gap_lost += ev.lost
+            return
+        self.records_in += 1
+        if own:
+            self.records_own += 1
+        elif ev.ino not in self._pending:
+            self._pending[ev.ino] = ev.time_ns
+            if len(self._pending) > PENDING_LIMIT:
+                self._pending.popitem(last=False)
+
+    def on_replayed(self, ino: int) -> None:
+        """The pending records of ``ino`` have raised their events."""
+        t = self._pending.pop(ino, None)
+        if t is not None:
+            self.latency.observe(max(0, time.time_ns() - t) / 1e9)
+
+    def _collect(self) -> list[Metric]:
+        st = self._replay_stats()
+        lost = CounterMetricFamily(
+            "scoutfs_notify_shim_records_lost",
+            "Records that raised no event, by cause: gap (lost before the shim: kernel ring, "
+            "source or its client queue), overload (too many files waiting), unresolved (no "
+            "file has the inode), gone (deleted before its replay), failed (other errors)",
+            labels=["cause"],
+        )
+        lost.add_metric(["gap"], self.gap_lost)
+        for cause in ("overload", "unresolved", "gone", "failed"):
+            lost.add_metric([cause], st.get(cause, 0))
+        return [
+            _counter(
+                "scoutfs_notify_shim_records_received",
+                "Records received from the daemon",
+                self.records_in,
+            ),
+            _counter(
+                "scoutfs_notify_shim_records_own",
+                "Records of the shim's own accesses to BACKING (not replayed)",
+                self.records_own,
+            ),
+            _counter(
+                "scoutfs_notify_shim_events_replayed",
+                "Synthetic accesses made (each raises IN_OPEN or IN_ACCESS)",
+                st.get("replayed", 0),
+            ),
+            _counter(
+                "scoutfs_notify_shim_reads_collapsed",
+                "READ records merged into a READ already waiting (one IN_ACCESS for both)",
+                st.get("collapsed", 0),
+            ),
+            lost,
+        ]
