@@ -1,7 +1,8 @@
 """Man pages for the console scripts, made from their argparse parsers.
 
 ``python -m notifyd.manpage [DIR]`` writes ``scoutfs-notifyd.1``,
-``scoutfs-notify.1`` and ``scoutfs-notify-shim.1`` into DIR (default
+``scoutfs-notify.1``, ``scoutfs-notify-shim.1`` and
+``scoutfs-notify-forward.1`` into DIR (default
 ``/usr/local/share/man/man1``, where man-db looks).  ``bootstrap.sh`` runs it
 after installing the package, so a page can never describe options the
 installed command does not have: it is made from the very parser the command
@@ -37,9 +38,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "compat.inotify_shim.main",
         "FUSE overlay that turns scoutfs access records into inotify events",
     ),
+    "scoutfs-notify-forward": (
+        "notifyd.cluster.forward",
+        "publish one mount's access records to a NATS JetStream stream",
+    ),
 }
 
-SEE_ALSO = ["scoutfs-notifyd", "scoutfs-notify", "scoutfs-notify-shim"]
+SEE_ALSO = ["scoutfs-notifyd", "scoutfs-notify", "scoutfs-notify-shim", "scoutfs-notify-forward"]
 
 
 def _esc(text: str) -> str:
@@ -52,6 +57,8 @@ def _block(text: str, raw: bool) -> Iterator[str]:
     """A description or epilog: kept as laid out when the parser keeps it, else filled."""
     text = text.strip("\n")
     if raw:
+        # a paragraph of its own, not the tail of the last option's .TP
+        yield ".PP"
         yield ".nf"
         yield _esc(text)
         yield ".fi"

@@ -1,4 +1,4 @@
-"""Prometheus metrics for the daemon and the shim (``--metrics ADDR:PORT``).
+"""Prometheus metrics for the daemon, the shim and the forwarder (``--metrics ADDR:PORT``).
 
 ``prometheus_client`` serves the text format from its own HTTP thread, so a
 scrape never blocks the trio loop.  What a scrape reports is read *inside*
@@ -7,12 +7,18 @@ objects only trio touches, and a snapshot taken there is consistent.  Only
 the histograms are fed directly, from small hooks on the hot paths
 (``prometheus_client`` metrics are thread-safe).
 
+The forwarder runs asyncio instead: its snapshot is taken in the event
+loop's thread (``call_soon_threadsafe``), for the same reason.
+
 Names follow Prometheus conventions: ``scoutfs_notify_`` prefix, ``_total``
 for counters, the unit in the name (``_seconds``, ``_records``).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import concurrent.futures
 import logging
 import os
 import time
@@ -33,9 +39,11 @@ from .client import Gap
 __all__ = [
     "DEFAULT_HOST",
     "DaemonMetrics",
+    "ForwardMetrics",
     "MetricsServer",
     "ShimMetrics",
     "kmod_counters_dir",
+    "listen_arg",
     "parse_listen",
     "serve_metrics",
 ]
@@ -58,6 +66,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # Record time to synthetic access: sub-millisecond when idle (FINDINGS), up
 # to the replay queue's depth under load.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# A JetStream publish to its ack: a millisecond on a quiet local server, up
+# to the publish timeout (5 s) while a cluster elects a new leader.
+PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# A scrape waits this long for the forwarder's event loop, then reports
+# nothing of it rather than hang the scraper.
+LOOP_WAIT = 10.0
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -75,6 +89,14 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
     return host, int(port)
+
+
+def listen_arg(text: str) -> tuple[str, int]:
+    """:func:`parse_listen` as an argparse ``type``."""
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class MetricsServer:
@@ -362,4 +384,113 @@ class ShimMetrics:
                 st.get("collapsed", 0),
             ),
             lost,
+        ]
+
+
+# --- the forwarder -------------------------------------------------------------
+
+
+class _AsyncioCollector(Collector):
+    """A collector whose metrics are made by ``make`` in ``loop``'s thread."""
+
+    def __init__(self, make: Callable[[], list[Metric]], loop: asyncio.AbstractEventLoop) -> None:
+        self._make = make
+        self._loop = loop
+
+    def collect(self) -> Iterable[Metric]:
+        fut: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self._make())
+            except Exception as exc:
+                fut.set_exception(exc)
+
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed: the forwarder is exiting
+            return []
+        try:
+            return fut.result(timeout=LOOP_WAIT)
+        except TimeoutError:
+            log.warning("metrics: the event loop did not answer in %.0f s", LOOP_WAIT)
+            return []
+
+
+class ForwardMetrics:
+    """The forwarder's metrics: records in and out, losses by cause, backlog, NATS.
+
+    Made before the forwarder connects (so the server is bound first), then
+    :meth:`attach`-ed, from the event loop's thread, to a ``snapshot`` of
+    its counters: ``received``, ``published``, ``messages``, ``duplicates``,
+    ``lost_daemon``, ``dropped_backlog``, ``lost_reported``,
+    ``backlog_records`` and ``reconnects``.  :attr:`publish_seconds` is fed
+    directly from the publisher (one observation per acknowledged publish).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._snapshot: Callable[[], dict[str, int]] = dict
+        self.publish_seconds = Histogram(
+            "scoutfs_notify_forward_publish_seconds",
+            "From sending one message to JetStream to its acknowledgement (each try that "
+            "was acknowledged)",
+            buckets=PUBLISH_BUCKETS,
+            registry=self.registry,
+        )
+
+    def attach(self, snapshot: Callable[[], dict[str, int]]) -> None:
+        """Report ``snapshot()``; call from the event loop that owns the counters."""
+        self._snapshot = snapshot
+        self.registry.register(_AsyncioCollector(self._collect, asyncio.get_running_loop()))
+
+    def _collect(self) -> list[Metric]:
+        st = self._snapshot()
+        lost = CounterMetricFamily(
+            "scoutfs_notify_forward_records_lost",
+            "Records that did not reach the stream, by cause: daemon_gap (a seq jump in what "
+            "the daemon sent: its ring, its queue for the forwarder, or while disconnected "
+            "from it), backlog (dropped past --backlog while NATS was slow or away)",
+            labels=["cause"],
+        )
+        lost.add_metric(["daemon_gap"], st.get("lost_daemon", 0))
+        lost.add_metric(["backlog"], st.get("dropped_backlog", 0))
+        return [
+            _counter(
+                "scoutfs_notify_forward_records_received",
+                "Records received from the daemon",
+                st.get("received", 0),
+            ),
+            _counter(
+                "scoutfs_notify_forward_records_published",
+                "Records in messages JetStream acknowledged",
+                st.get("published", 0),
+            ),
+            _counter(
+                "scoutfs_notify_forward_messages_published",
+                "Messages JetStream acknowledged (each a batch of records)",
+                st.get("messages", 0),
+            ),
+            _counter(
+                "scoutfs_notify_forward_messages_duplicate",
+                "Acknowledged messages the stream already held (a re-send after a lost ack)",
+                st.get("duplicates", 0),
+            ),
+            lost,
+            _counter(
+                "scoutfs_notify_forward_records_lost_published",
+                "Records declared lost in published Scoutfs-Notify-Lost headers (every seq "
+                "jump in the stream, including those before this process started)",
+                st.get("lost_reported", 0),
+            ),
+            _gauge(
+                "scoutfs_notify_forward_backlog_records",
+                "Records waiting to be published now",
+                st.get("backlog_records", 0),
+            ),
+            _counter(
+                "scoutfs_notify_forward_nats_reconnects",
+                "Reconnections to NATS after a lost connection",
+                st.get("reconnects", 0),
+            ),
         ]

@@ -66,3 +66,10 @@ def test_write_error_is_said(tmp_path) -> None:
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert "file" in res.stderr
+
+
+def test_forward_page_lists_its_metrics(mandir) -> None:
+    page = (mandir / "man1" / "scoutfs-notify-forward.1").read_text()
+    assert "\\-\\-metrics [ADDR:]PORT" in page
+    for name in ("records_received_total", "records_lost_total", "backlog_records"):
+        assert f"scoutfs_notify_forward_{name}" in page

@@ -186,3 +186,139 @@ def test_kmod_counters_from_sysfs(tmp_path) -> None:
         "scoutfs_notify_kmod_dropped_ring_full": 3,
         "scoutfs_notify_kmod_emitted": 12,
     }
+
+
+def test_forward_metrics_move_with_accesses(notifyd_factory, tmp_path) -> None:
+    """A real daemon, a real nats-server and the real forwarder, scraped over HTTP."""
+    from cluster_support import forwarders, nats_servers, start_forwarder
+
+    d = notifyd_factory(None, "--metrics", "0", "--client-queue", "1")
+    durl = metrics_url(d.log())
+    files = []
+    for i in range(3):
+        f = d.backing / f"f{i}"
+        f.write_text("x")
+        files.append(f)
+    backlog = 20
+    fwd_lost = "scoutfs_notify_forward_records_lost_total"
+    with nats_servers(tmp_path / "nats", 1) as servers, forwarders(tmp_path) as fwds:
+        server = servers[0]
+        args = ["--nats", server.url, "--socket", str(d.socket), "--fsid", "testfs"]
+        fwd = start_forwarder(
+            fwds, tmp_path, d.backing, *args, "--node", "n1", "--backlog", str(backlog),
+            "--metrics", "0",
+        )  # fmt: skip
+        url = metrics_url(fwd.log())
+        s = scrape(url)
+        assert value(s, "scoutfs_notify_forward_records_received_total") == 0
+        assert value(s, "scoutfs_notify_forward_backlog_records") == 0
+
+        # records the daemon relays are received, published and acknowledged
+        read_files(*files)  # 3 OPEN + 3 READ
+        s = wait_for(
+            lambda: (
+                (s := scrape(url))
+                and value(s, "scoutfs_notify_forward_records_published_total") >= 6
+                and value(s, "scoutfs_notify_forward_backlog_records") == 0
+                and s
+            ),
+            WAIT,
+            "6 records published",
+        )
+        received = value(s, "scoutfs_notify_forward_records_received_total")
+        assert received == value(s, "scoutfs_notify_forward_records_published_total")
+        assert value(s, "scoutfs_notify_forward_messages_published_total") >= 1
+        assert value(s, "scoutfs_notify_forward_publish_seconds_count") == value(
+            s, "scoutfs_notify_forward_messages_published_total"
+        )
+        for cause in ("daemon_gap", "backlog"):
+            assert value(s, fwd_lost, cause=cause) == 0
+        # records the daemon relayed before the forwarder subscribed
+        before = value(scrape(durl), "scoutfs_notify_records_relayed_total") - received
+
+        def caught_up() -> tuple[dict, float] | None:
+            """Once every record the daemon relayed was received or counted as a jump."""
+            read_files(files[0])  # a record after the last drop makes its jump visible
+            ds = scrape(durl)
+            relayed = value(ds, "scoutfs_notify_records_relayed_total")
+            dropped = value(ds, "scoutfs_notify_records_lost_total", cause="client_queue")
+            s = scrape(url)
+            got = value(s, "scoutfs_notify_forward_records_received_total")
+            gap = value(s, fwd_lost, cause="daemon_gap")
+            return (s, dropped) if gap == dropped and got + dropped + before == relayed else None
+
+        # a stopped forwarder: the daemon drops what its queue of one cannot
+        # hold, and the forwarder counts the seq jump once it runs again
+        assert fwd.proc is not None
+        fwd.proc.send_signal(signal.SIGSTOP)
+        try:
+
+            def flood_and_look() -> bool:
+                read_files(*files)
+                ds = scrape(durl)
+                return value(ds, "scoutfs_notify_records_lost_total", cause="client_queue") > 0
+
+            wait_for(flood_and_look, WAIT, "the stopped forwarder to lose records")
+        finally:
+            fwd.proc.send_signal(signal.SIGCONT)
+        s, dropped = wait_for(
+            caught_up, WAIT, "the forwarder to count the daemon's drops", interval=0.2
+        )
+        assert dropped > 0
+        # what the socket buffer held comes in one burst, maybe past --backlog
+        backlog_before = value(s, fwd_lost, cause="backlog")
+
+        # NATS away: records wait in the backlog, past --backlog they are
+        # dropped; back: the forwarder reconnects and publishes the rest
+        server.stop()
+        many = []
+        for i in range(50):
+            f = d.backing / f"m{i}"
+            f.write_text("x")
+            many.append(f)
+        read_files(*many)  # 100 records, more than the backlog holds
+        wait_for(
+            lambda: value(scrape(url), fwd_lost, cause="backlog") > backlog_before,
+            WAIT,
+            "backlog drops",
+        )
+        s = scrape(url)
+        assert 0 < value(s, "scoutfs_notify_forward_backlog_records") <= backlog
+        assert value(s, "scoutfs_notify_forward_nats_reconnects_total") == 0
+        server.start()
+
+        def all_out() -> tuple[dict, float] | None:
+            got = caught_up()
+            if got is None:
+                return None
+            s, dropped = got
+            lost_backlog = value(s, fwd_lost, cause="backlog")
+            published = value(s, "scoutfs_notify_forward_records_published_total")
+            received = value(s, "scoutfs_notify_forward_records_received_total")
+            told = value(s, "scoutfs_notify_forward_records_lost_published_total")
+            # the stream was told of every loss: the daemon's jumps and the backlog's drops
+            done = received == published + lost_backlog and told == dropped + lost_backlog
+            return got if done else None
+
+        s, _ = wait_for(
+            all_out, WAIT, "the backlog and its loss marker to be published", interval=0.2
+        )
+        assert value(s, "scoutfs_notify_forward_nats_reconnects_total") >= 1
+        assert value(s, "scoutfs_notify_forward_backlog_records") == 0
+        assert value(s, "scoutfs_notify_forward_messages_duplicate_total") == 0
+        assert fwd.stop() == 0, fwd.log()
+
+
+def test_forward_metrics_port_in_use_says_so(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run(
+            [sys.executable, "-m", "notifyd.cluster.forward", str(tmp_path), "--nats",
+             "nats://127.0.0.1:1", "--socket", str(tmp_path / "s.sock"), "--metrics", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert f"--metrics 127.0.0.1:{port}: Address already in use" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -22,11 +22,14 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +39,18 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
 from .. import abi, ioctls, paths
+from ..metrics import ForwardMetrics, MetricsServer, listen_arg
 from ..sdnotify import sd_notify
 from . import wire
-from .server import ClusterError, add_connection_args, connect, credentials_from_args
+from .server import (
+    ClusterError,
+    Credentials,
+    add_connection_args,
+    connect,
+    credentials_from_args,
+)
 
-__all__ = ["Forwarder", "Identity", "identify", "main", "parse_args"]
+__all__ = ["Forwarder", "Identity", "build_parser", "identify", "main", "parse_args"]
 
 log = logging.getLogger("scoutfs-notify-forward")
 
@@ -158,6 +168,9 @@ class Counters:
     published: int = 0
     messages: int = 0
     dropped_backlog: int = 0
+    # seq jumps in what the daemon sent (its ring, its queue for us, or while
+    # we were not connected to it)
+    lost_daemon: int = 0
     lost_reported: int = 0
     duplicates: int = 0
 
@@ -184,6 +197,8 @@ class Forwarder:
     # the seq space and last seq the stream holds from us (resume point)
     last_epoch: str | None = None
     last_seq: int | None = None
+    # --metrics: called with the seconds from each publish to its ack
+    observe_publish: Callable[[float], None] | None = None
 
     def __post_init__(self) -> None:
         self.backlog: collections.deque[_Item] = collections.deque()
@@ -191,6 +206,9 @@ class Forwarder:
         self.wakeup = asyncio.Event()
         self.connected = asyncio.Event()
         self._dropping = False
+        # the last record received from the daemon, for lost_daemon
+        self._recv_epoch: str | None = None
+        self._recv_seq = 0
 
     async def resume_point(self) -> None:
         """Read the last message the stream holds from this node."""
@@ -283,6 +301,9 @@ class Forwarder:
             return
         n = len(msg) // abi.RECORD_SIZE
         self.counters.received += n
+        if epoch == self._recv_epoch and first > self._recv_seq + 1:
+            self.counters.lost_daemon += first - self._recv_seq - 1
+        self._recv_epoch, self._recv_seq = epoch, last
         if self.backlog_records + n > self.backlog_limit:
             # the next published message carries the seq jump as its Lost header
             self.counters.dropped_backlog += n
@@ -333,6 +354,7 @@ class Forwarder:
         failing = False
         while True:
             log.debug("publishing seq %d-%d (%d records, lost %d)", first, last, count, lost)
+            sent = time.monotonic()
             try:
                 ack = await self.js.publish(
                     self.ident.subject,
@@ -354,6 +376,8 @@ class Forwarder:
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             break
+        if self.observe_publish is not None:
+            self.observe_publish(time.monotonic() - sent)
         if failing:
             log.info("published seq %d-%d after retrying", first, last)
         if ack.duplicate:
@@ -463,10 +487,29 @@ def _positive(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+METRICS_EPILOG = """\
+Metrics (--metrics), in the Prometheus text format:
+  scoutfs_notify_forward_records_received_total    records read from the daemon
+  scoutfs_notify_forward_records_published_total   records JetStream acknowledged
+  scoutfs_notify_forward_messages_published_total  messages JetStream acknowledged
+  scoutfs_notify_forward_messages_duplicate_total  acks saying the stream had it
+  scoutfs_notify_forward_records_lost_total{cause="daemon_gap"|"backlog"}
+                                                   seq jumps from the daemon; drops
+                                                   past --backlog
+  scoutfs_notify_forward_records_lost_published_total
+                                                   lost records the stream was told of
+  scoutfs_notify_forward_backlog_records           records waiting (gauge)
+  scoutfs_notify_forward_nats_reconnects_total     reconnections to NATS
+  scoutfs_notify_forward_publish_seconds           publish-to-ack time (histogram)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scoutfs-notify-forward (also its man page)."""
     p = argparse.ArgumentParser(
         prog="scoutfs-notify-forward",
         description=DESCRIPTION,
+        epilog=METRICS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", metavar="PATH", help="the scoutfs mount (or fanotify-watched directory)")
@@ -522,14 +565,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="when creating the stream: copies on N servers (default: 1; 3 on a 3-server cluster)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="[ADDR:]PORT",
+        type=listen_arg,
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT listens "
+        "on 127.0.0.1; default: off); the metrics are listed below",
+    )
     p.add_argument("--debug", action="store_true", help="log every publish")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 async def run(args: argparse.Namespace) -> int:
     cred = credentials_from_args(args)
     socket_path = Path(args.socket) if args.socket else paths.default_socket_path(args.path)
     ident = identify(args.path, socket_path, args.fsid, args.node)
+    metrics = server = None
+    if args.metrics:
+        # bound before NATS is tried, so a taken port fails at once
+        metrics = ForwardMetrics()
+        try:
+            server = MetricsServer(args.metrics, metrics.registry)
+        except OSError as exc:
+            host, port = args.metrics
+            raise ClusterError(f"--metrics {host}:{port}: {exc.strerror}") from None
+    try:
+        return await _run(args, socket_path, ident, cred, metrics)
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.close)
+
+
+async def _run(
+    args: argparse.Namespace,
+    socket_path: Path,
+    ident: Identity,
+    cred: Credentials,
+    metrics: ForwardMetrics | None,
+) -> int:
     nc: Client = await connect(args.nats, cred, name=f"scoutfs-notify-forward {ident.node}")
     try:
         js = nc.jetstream()
@@ -537,6 +614,15 @@ async def run(args: argparse.Namespace) -> int:
             js, args.stream, ident.subject, args.max_bytes, args.max_age, args.replicas
         )
         fwd = Forwarder(js, ident, socket_path, args.stream, backlog_limit=args.backlog)
+        if metrics is not None:
+            fwd.observe_publish = metrics.publish_seconds.observe
+            metrics.attach(
+                lambda: {
+                    **dataclasses.asdict(fwd.counters),
+                    "backlog_records": fwd.backlog_records,
+                    "reconnects": nc.stats["reconnects"],
+                }
+            )
         await fwd.resume_point()
         log.info(
             "forwarding %s as %s to %s on %s",
