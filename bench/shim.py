@@ -94,17 +94,31 @@ def _loadavg() -> str:
 
 def _why_seq(use: Usage, mib: float, paired: float, back_mb_s: float) -> str:
     """Why an overlay read figure misses, from what the shim used while serving it."""
-    per_mib = use.cpu / max(mib, 1e-9) * 1e3
-    return (
-        f"the overlay/BACKING ratio was {paired:.2f} with BACKING at {back_mb_s:,.0f} MB/s; "
-        f"while serving these reads ({mib:,.0f} MiB) the shim used {per_mib:.1f} ms of CPU "
-        f"per MiB ({use.user / max(use.cpu, 1e-9):.0%} of it user time), so its one trio "
-        f"thread alone caps the overlay near {1 / max(per_mib / 1e3, 1e-9) * 1.048576:,.0f} "
-        f"MB/s on a whole core; its threads waited {use.voluntary / max(mib, 1e-9):,.0f} times "
-        f"and were preempted {use.involuntary / max(mib, 1e-9):,.0f} times per MiB, on "
+    mib = max(mib, 1e-9)
+    text = f"the overlay/BACKING ratio was {paired:.2f} with BACKING at {back_mb_s:,.0f} MB/s; "
+    if use.voluntary == 0:
+        # an idle shim sleeps in epoll on /dev/fuse: serving a request starts by waking
+        return text + (
+            f"the shim's threads did not wake once while these reads ran ({mib:,.0f} MiB), "
+            "so no FUSE request reached it: the kernel served them from the overlay's own "
+            "page cache, and the gap is the kernel's FUSE read path against BACKING's, "
+            "not the shim"
+        )
+    per_mib = use.cpu / mib * 1e3
+    text += (
+        f"while serving these reads ({mib:,.0f} MiB) the shim's threads woke "
+        f"{use.voluntary / mib:,.1f} times per MiB and used "
+        f"{per_mib:.2f} ms of CPU per MiB (/proc's clock ticks: "
+        f"{use.cpu * 1e3:.0f} ms in all; {use.system / max(use.cpu, 1e-9):.0%} system time, "
+        "the pread of BACKING and the reply's copy)"
+    )
+    if per_mib > 0:
+        text += f", so that thread alone caps the overlay near {1.048576e3 / per_mib:,.0f} MB/s"
+    return text + (
+        f"; it was preempted {use.involuntary / mib:,.1f} times per MiB, on "
         f"{os.cpu_count()} cores {use.idle_share():.0%} idle. Every FUSE read request is a "
         "round trip to the shim's Python `read` handler (compat/inotify_shim/overlay.py), "
-        "served one at a time on that thread, and pyfuse3 has no FUSE passthrough that "
+        "served one at a time on its trio thread, and pyfuse3 has no FUSE passthrough that "
         "would take the shim out of the data path"
     )
 
@@ -481,7 +495,8 @@ def _repeated(cfg: Config, stage: Stage, setup: dict) -> None:
     reads = sum(r["reads"] for r in over)
     why = (
         f"the reader made {median(r['read_rate'] for r in over):,.0f} reads/s on BACKING and "
-        f"got {events:,} IN_ACCESS for {reads:,} reads (fanotify merges an event into an "
+        f"got {events:,} IN_ACCESS for {reads:,} reads; the daemon delivered "
+        f"{st.get('submitted', 0):,} records to the shim (fanotify merges an event into an "
         "unread one of the same file, the shim collapses a READ into a pending one: "
         f"{st.get('collapsed', 0):,} collapsed, {st.get('replayed', 0):,} replayed, "
         f"{st.get('overload', 0):,} lost to overload), the last of them "
