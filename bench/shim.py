@@ -95,7 +95,10 @@ def _loadavg() -> str:
 def _why_seq(use: Usage, mib: float, paired: float, back_mb_s: float) -> str:
     """Why an overlay read figure misses, from what the shim used while serving it."""
     mib = max(mib, 1e-9)
-    text = f"the overlay/BACKING ratio was {paired:.2f} with BACKING at {back_mb_s:,.0f} MB/s; "
+    text = (
+        f"the median of the per-run overlay/BACKING ratios was {paired:.2f}, with BACKING "
+        f"at {back_mb_s:,.0f} MB/s; "
+    )
     if use.voluntary == 0:
         # an idle shim sleeps in epoll on /dev/fuse: serving a request starts by waking
         return text + (
@@ -114,7 +117,6 @@ def _why_seq(use: Usage, mib: float, paired: float, back_mb_s: float) -> str:
         text += " (too few of /proc's clock ticks to judge its CPU)"
     else:
         text += f", {use.system / use.cpu:.0%} of it system time (the pread of BACKING, the copy)"
-    if per_mib > 0:
         cap = 1.048576e3 / per_mib
         measured = paired * back_mb_s
         text += f"; at that cost one core serves {cap:,.0f} MB/s"
@@ -123,7 +125,7 @@ def _why_seq(use: Usage, mib: float, paired: float, back_mb_s: float) -> str:
                 f", well above the overlay's {measured:,.0f}, so the shim's CPU is not what "
                 "holds it back: its requests are served one at a time, each a blocking "
                 "os.pread of BACKING on its one trio thread (compat/inotify_shim/overlay.py "
-                "`read`), so BACKING's reads and the copies to the kernel do not overlap"
+                "`read`), so one request's read of BACKING never overlaps the next"
             )
     return text + (
         f"; it was preempted {use.involuntary:,} times, on {os.cpu_count()} cores "
