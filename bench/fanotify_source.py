@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import ROOT, Config
 from .figures import Figure, Stage, median
-from .procs import bind_self, cpu_seconds, notifyd
+from .procs import Usage, bind_self, notifyd
 from .relay import Clients
 
 __all__ = ["run"]
@@ -26,6 +26,7 @@ __all__ = ["run"]
 STAGE = "fanotify"
 FILE_BYTES = 16 * 1024
 CHUNK = 4096
+CPU_TARGET_US = 50  # the daemon's CPU per record (issue #11)
 
 
 def _fill(d: Path, files: int) -> None:
@@ -46,6 +47,25 @@ def _workload(cfg: Config, d: Path, rounds: int) -> dict:
         timeout=300,
     ).stdout
     return json.loads(out)
+
+
+def _why_cpu(use: list[tuple[Usage, int, int]]) -> str:
+    """Why the daemon's CPU per record misses, from what it used in these runs."""
+    used = use[0][0]
+    for u, _, _ in use[1:]:
+        used = used + u
+    records = max(sum(x[1] for x in use), 1)
+    return (
+        f"over {len(use)} runs ({records:,} records) the daemon used "
+        f"{used.user / records * 1e6:.1f} us user and {used.system / records * 1e6:.1f} us "
+        f"system CPU per record and woke {used.voluntary / records:.3f} times per record "
+        f"({records / max(used.voluntary, 1):,.1f} records per wakeup); it was preempted "
+        f"{used.involuntary:,} times, on {os.cpu_count()} cores {used.idle_share():.0%} "
+        "idle while the workload ran beside it. Its user time is the Python per event "
+        "(notifyd/source_fanotify.py: the parse of each event, the record built and "
+        "published to the client's queue, notifyd/broadcast.py); its system time the "
+        "fanotify read, an fstat and a close of each event's fd and the send to the client"
+    )
 
 
 def run(cfg: Config) -> Stage:
@@ -92,17 +112,23 @@ def run(cfg: Config) -> Stage:
         clients.reports()
         without, under, rates, cpu = [], [], [], []
         sys_without, sys_under = [], []
+        # per run: the daemon's Usage, records, accesses; the workload's time per access
+        use: list[tuple[Usage, int, int]] = []
+        own_us = []
         for _ in range(cfg.repeats):
             w = _workload(cfg, plain, rounds)
             without.append(w["seconds"])
             sys_without.append((w["user"], w["system"]))
             base_rate = (w["opens"] + w["reads"]) / w["seconds"]
-            c0 = cpu_seconds(daemon.pid)
+            own_us.append(w["seconds"] / max(w["opens"] + w["reads"], 1) * 1e6)
+            u0 = Usage.read(daemon.pid)
             u = _workload(cfg, watched, rounds)
             under.append(u["seconds"])
             sys_under.append((u["user"], u["system"]))
             rep = clients.reports()[0]
-            cpu.append((cpu_seconds(daemon.pid) - c0) / max(rep["records"], 1) * 1e6)
+            used = Usage.read(daemon.pid) - u0
+            use.append((used, rep["records"], u["opens"] + u["reads"]))
+            cpu.append(used.cpu / max(rep["records"], 1) * 1e6)
             # the source's rate: from the first record the client got to the last
             window = max(rep["last"] - rep["first"], u["seconds"])
             rates.append((rep["records"] / window, base_rate, rep["records"], rep["lost"]))
@@ -132,14 +158,22 @@ def run(cfg: Config) -> Stage:
             note=f"{files} files x {rounds} rounds; ratio - 1 is the daemon's overhead on it",
         )
     )
+    value = median(cpu)
     stage.add(
         Figure(
             STAGE,
-            "cpu_s_per_million_records",
-            median(cpu),
-            "cpu_s/1e6_records",
+            "cpu_us_per_record",
+            value,
+            "us",
+            median(own_us),
+            "wall time of one access of the workload, unwatched",
+            target=f"<= {CPU_TARGET_US} us of the daemon's CPU per record",
+            met=value <= CPU_TARGET_US,
+            why="" if value <= CPU_TARGET_US else _why_cpu(use),
             runs=cpu,
-            note="CPU of the daemon process",
+            note="CPU (user + system) of the daemon process over a run / records its client "
+            "got; per access (fanotify merges an open with its reads): "
+            f"{median(x[0].cpu / max(x[2], 1) * 1e6 for x in use):.1f} us",
         )
     )
     stage.notes.append(

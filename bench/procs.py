@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from notifyd.procs import spawn, start_ready, stop
 
 __all__ = [
+    "Usage",
     "bind_self",
     "cpu_seconds",
     "mounted",
@@ -34,6 +36,57 @@ def cpu_seconds(pid: int) -> float:
         # the command name may hold spaces: fields start after the last ')'
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@dataclass
+class Usage:
+    """What a process and the machine used between two readings (``Usage.read`` and ``-``).
+
+    Context switches are summed over the threads alive at the reading; a
+    voluntary one is a wait (a read that blocked, a hand-off to another
+    thread), an involuntary one a preemption by another runnable task.
+    """
+
+    user: float = 0.0  # CPU seconds of the process
+    system: float = 0.0
+    voluntary: int = 0
+    involuntary: int = 0
+    machine_busy: float = 0.0  # CPU seconds of every core, not idle
+    machine_total: float = 0.0
+
+    @classmethod
+    def read(cls, pid: int) -> Usage:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        u = cls(user=int(fields[11]) / _TICK, system=int(fields[12]) / _TICK)
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            u.voluntary += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            u.involuntary += int(line.split()[1])
+        with open("/proc/stat") as f:
+            # cpu user nice system idle iowait irq softirq steal ...
+            jiffies = [int(x) for x in f.readline().split()[1:9]]
+        u.machine_total = sum(jiffies) / _TICK
+        u.machine_busy = u.machine_total - (jiffies[3] + jiffies[4]) / _TICK
+        return u
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__))
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__))
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+    def idle_share(self) -> float:
+        """The share of the machine's CPU time that was idle (all cores)."""
+        return 1 - self.machine_busy / self.machine_total if self.machine_total else 0.0
 
 
 def rss_bytes(pid: int) -> int:

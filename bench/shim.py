@@ -27,16 +27,18 @@ from notifyd.stats import read_stats
 
 from .config import Config
 from .figures import Figure, Stage, median
-from .procs import bind_self, cpu_seconds, notifyd, tmpfs
+from .procs import Usage, bind_self, notifyd, tmpfs
 
 __all__ = ["run"]
 
 STAGE = "shim"
 LATENCY_RATE = 1000  # accesses/s for the latency figures
 LATENCY_TARGET_MS = 2.0
+FAST_RATE = 5000  # accesses/s for the second latency target
+FAST_TARGET_MS = 5.0
 SUSTAINED_TARGET = 10000  # distinct events/s
 SUSTAINED_TARGET_RATIO = 0.5  # of local inotify in the same run
-SEQ_COLD_TARGET = 0.8  # overlay / BACKING
+SEQ_TARGET = 0.8  # overlay / BACKING, cold and warm
 # how long to wait for the last events of a run once nothing has arrived
 QUIET = 1.0
 GRACE = 15.0
@@ -49,35 +51,87 @@ SHIM_CPU_TARGET_US = 100  # shim CPU per replayed access
 DAEMON_CPU_TARGET_US = 50  # the fanotify source's CPU per access
 
 
-def _why_cpu(cpu_us: dict[str, float]) -> str:
-    """Why the event figures miss, from this run's CPU figures and the shim's design."""
-    return (
-        f"the shim spent {cpu_us['shim']:.0f} us of CPU per replayed access here and the "
-        f"daemon {cpu_us['daemon']:.0f} us per access at {LATENCY_RATE}/s (targets "
-        f"{SHIM_CPU_TARGET_US} and {DAEMON_CPU_TARGET_US}); on this 2-core machine, shared "
-        "and loaded as the load averages show, the two fall behind when their sum nears a "
-        "core, and the backlog grows through the run. A replay of a file the kernel has no "
-        "entry for costs three FUSE requests (LOOKUP, OPEN, and RELEASE once the file is "
-        "quiet; the IN_ACCESS is a zero-length read, no request), all served by pyfuse3's "
-        "one trio thread, plus one hand-off to a worker thread and back per batch "
-        "(compat/inotify_shim/replay.py `_worker`, `_run_jobs`). A py-spy profile of the "
-        "shim at 1,000 accesses/s (--nonblocking, all threads) put 36% of its samples under "
-        "pyfuse3's request loop (`_pyfuse3.py` async_wrapper: reading /dev/fuse, the "
-        "handlers, the replies), 21% in trio's thread hand-off (`start_thread_soon`, "
-        "`WorkerThread._work`), 4% in the zero-length reads and 3.5% taking records in "
-        "(follow.py); the replay threads' own samples are waits for the overlay's replies"
+def _why_cpu(used: Used, events: int, runs: str) -> str:
+    """Why an event figure misses, from what the shim, the daemon and the machine used
+    during the ``runs`` it comes from, in which ``events`` accesses were replayed."""
+    n = max(events, 1)
+    shim, daemon = used.use["shim"], used.use["daemon"]
+    stats = used.stats
+    shim_us = shim.cpu / n * 1e6
+    daemon_us = daemon.cpu / n * 1e6
+    replayed = stats.get("replayed", 0)
+    text = (
+        f"over {runs} ({events:,} accesses replayed) the shim used {shim_us:.0f} us "
+        f"of CPU per replayed access ({shim.user / n * 1e6:.0f} user, "
+        f"{shim.system / n * 1e6:.0f} system; target {SHIM_CPU_TARGET_US}) and the daemon "
+        f"{daemon_us:.0f} us per access (target {DAEMON_CPU_TARGET_US}): together "
+        f"{(shim.cpu + daemon.cpu) / max(used.seconds, 1e-9):.0%} of one core over the "
+        f"{used.seconds:.1f} s of the runs. The shim's "
+        f"threads waited {shim.voluntary / n:.1f} times per access (a FUSE request read or "
+        "replied to, a hand-off between its trio thread and a replay worker) and were "
+        f"preempted {shim.involuntary / n:.1f} times; the daemon woke "
+        f"{daemon.voluntary / n:.2f} times per access. The machine's "
+        f"{os.cpu_count()} cores were {shim.idle_share():.0%} idle over the runs "
+        f"(load average {_loadavg()} at the end), so the shim and the daemon waited for a "
+        "CPU as well as used one"
     )
+    if replayed:
+        text += (
+            f"; the shim replayed {replayed:,} records (collapsed "
+            f"{stats.get('collapsed', 0):,}, lost to overload {stats.get('overload', 0):,}). "
+            "A replay of a file the kernel has no entry for costs three FUSE requests "
+            "(LOOKUP, OPEN, and RELEASE once the file is quiet; the IN_ACCESS is a "
+            "zero-length read, no request), each served by pyfuse3's one trio thread "
+            "(compat/inotify_shim/replay.py)"
+        )
+    return text
 
 
-def _why_seq() -> str:
-    return (
-        "every FUSE read request is a round trip to the shim's Python `read` handler, which "
-        "does a blocking os.pread of BACKING on its one trio thread (`Overlay.read`, "
-        "compat/inotify_shim/overlay.py), so requests are served one at a time and the "
-        "figure follows the CPU that thread gets on this loaded machine; the shim raises "
-        "the overlay's readahead to 8 MiB (--read-ahead) so that requests are 1 MiB rather "
-        "than 128 KiB, and pyfuse3 has no FUSE passthrough that would take the shim out of "
-        "the data path"
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def _why_seq(use: Usage, mib: float, paired: float, back_mb_s: float) -> str:
+    """Why an overlay read figure misses, from what the shim used while serving it."""
+    mib = max(mib, 1e-9)
+    text = (
+        f"the median of the per-run overlay/BACKING ratios was {paired:.2f}, with BACKING "
+        f"at {back_mb_s:,.0f} MB/s; "
+    )
+    if use.voluntary == 0:
+        # an idle shim sleeps in epoll on /dev/fuse: serving a request starts by waking
+        return text + (
+            f"the shim's threads did not wake once while these reads ran ({mib:,.0f} MiB), "
+            "so no FUSE request reached it: the kernel served them from the overlay's own "
+            "page cache, and the gap is the kernel's FUSE read path against BACKING's, "
+            "not the shim"
+        )
+    per_mib = use.cpu / mib * 1e3
+    text += (
+        f"while serving these reads ({mib:,.0f} MiB) the shim's threads woke "
+        f"{use.voluntary:,} times in all and used {use.cpu * 1e3:.0f} ms of CPU "
+        f"({per_mib:.2f} ms per MiB)"
+    )
+    if use.cpu < 0.05:
+        text += " (too few of /proc's clock ticks to judge its CPU)"
+    else:
+        text += f", {use.system / use.cpu:.0%} of it system time (the pread of BACKING, the copy)"
+        cap = 1.048576e3 / per_mib
+        measured = paired * back_mb_s
+        text += f"; at that cost one core serves {cap:,.0f} MB/s"
+        if cap > 1.5 * measured:
+            text += (
+                f", well above the overlay's {measured:,.0f}, so the shim's CPU is not what "
+                "holds it back: its requests are served one at a time, each a blocking "
+                "os.pread of BACKING on its one trio thread (compat/inotify_shim/overlay.py "
+                "`read`), so one request's read of BACKING never overlaps the next"
+            )
+    return text + (
+        f"; it was preempted {use.involuntary:,} times, on {os.cpu_count()} cores "
+        f"{use.idle_share():.0%} idle. Every FUSE read request is a round trip to the shim's "
+        "Python `read` handler, and pyfuse3 has no FUSE passthrough that would take the "
+        "shim out of the data path"
     )
 
 
@@ -116,10 +170,14 @@ class OpenStamps:
         from inotify_simple import INotify, flags
 
         self._inotify = INotify()
-        self._inotify.add_watch(str(directory), flags.OPEN)
+        self._directory = str(directory)
+        self._inotify.add_watch(self._directory, flags.OPEN)
         self.first: dict[str, int] = {}
         self.overflows = 0
         self.last = 0
+        # IN_ACCESS events, counted while ``count_accesses`` has them watched
+        self.accesses = 0
+        self.last_access = 0
         self._stop = False
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -131,13 +189,33 @@ class OpenStamps:
         while not self._stop:
             events = self._inotify.read(timeout=100)
             now = time.perf_counter_ns()
+            accesses = 0
             for ev in events:
                 if ev.mask & flags.Q_OVERFLOW:
                     self.overflows += 1
+                elif ev.mask & flags.ACCESS:
+                    accesses += 1
                 elif ev.name and ev.name not in first:
                     first[ev.name] = now
             if events:
                 self.last = now
+            if accesses:
+                self.accesses += accesses
+                self.last_access = now
+
+    @contextlib.contextmanager
+    def count_accesses(self) -> Iterator[None]:
+        """IN_ACCESS watched too, and counted from zero, for the block."""
+        from inotify_simple import flags
+
+        self.accesses = 0
+        self.last_access = 0
+        # a second add_watch on the same directory replaces the mask
+        self._inotify.add_watch(self._directory, flags.OPEN | flags.ACCESS)
+        try:
+            yield
+        finally:
+            self._inotify.add_watch(self._directory, flags.OPEN)
 
     def wait(self, names: list[str]) -> None:
         """Until every name has its event, or nothing came for QUIET s (GRACE at most)."""
@@ -222,42 +300,92 @@ class Names:
         return out
 
 
+def _shim_stats(setup: dict) -> dict[str, int]:
+    """The shim's integer counters now ({} if its stats socket does not answer)."""
+    try:
+        doc = read_stats(str(shim_stats_path(setup["shim"].mountpoint)))
+    except OSError:
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+class Used:
+    """What the shim and the daemon used, and the shim's counters, over a block."""
+
+    def __init__(self, setup: dict) -> None:
+        self._setup = setup
+        shim = setup["shim"]
+        self._pids = {"shim": shim.proc.pid, "daemon": shim.daemon_pid}
+        self.use = {k: Usage() for k in self._pids}
+        self.stats: dict[str, int] = {}
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        before = {k: Usage.read(pid) for k, pid in self._pids.items()}
+        stats = _shim_stats(self._setup)
+        t0 = time.monotonic()
+        yield
+        self.seconds += time.monotonic() - t0
+        for k, pid in self._pids.items():
+            self.use[k] = self.use[k] + (Usage.read(pid) - before[k])
+        for k, v in _shim_stats(self._setup).items():
+            self.stats[k] = self.stats.get(k, 0) + v - stats.get(k, 0)
+
+
 def _latency_runs(
     cfg: Config, setup: dict, names: Names, rate: int, count: int
-) -> tuple[dict[str, list], dict[str, float]]:
-    """Runs of ``count`` accesses at ``rate``/s on both arms; (runs, CPU s of shim and daemon)."""
+) -> tuple[dict[str, list], Used]:
+    """Runs of ``count`` accesses at ``rate``/s on both arms; (runs, what the overlay's used)."""
     runs: dict[str, list] = {"overlay": [], "local": []}
-    shim = setup["shim"]
-    cpu = {"shim": 0.0, "daemon": 0.0}
+    used = Used(setup)
     for _ in range(cfg.repeats):
         batch = names.take(count)
-        before = {"shim": cpu_seconds(shim.proc.pid), "daemon": cpu_seconds(shim.daemon_pid)}
-        runs["overlay"].append(_run_once(setup["overlay"], setup["backing"], batch, rate))
-        cpu["shim"] += cpu_seconds(shim.proc.pid) - before["shim"]
-        cpu["daemon"] += cpu_seconds(shim.daemon_pid) - before["daemon"]
+        with used.measure():
+            runs["overlay"].append(_run_once(setup["overlay"], setup["backing"], batch, rate))
         runs["local"].append(_run_once(setup["local"], setup["local_dir"], batch, rate))
-    return runs, cpu
+    return runs, used
+
+
+ACCESS_CPU_COUNT = 5000
+
+
+def _access_cpu_us(d: Path, names: list[str]) -> float:
+    """CPU of this thread per access (open, read 1 byte, close) of ``names`` on ``d``."""
+    base = str(d) + "/"
+    paths = [base + n for n in names]
+    t0 = time.thread_time()
+    for i in range(ACCESS_CPU_COUNT):
+        _access(paths[i % len(paths)])
+    return (time.thread_time() - t0) / ACCESS_CPU_COUNT * 1e6
 
 
 def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
     count = cfg.pick(3 * LATENCY_RATE, LATENCY_RATE)
-    runs, cpu = _latency_runs(cfg, setup, names, LATENCY_RATE, count)
-    events = sum(len(r[0]) for r in runs["overlay"]) or 1
-    setup["cpu_us"] = {k: v / events * 1e6 for k, v in cpu.items()}
-    shim_us, daemon_us = setup["cpu_us"]["shim"], setup["cpu_us"]["daemon"]
+    runs, used = _latency_runs(cfg, setup, names, LATENCY_RATE, count)
+    access_us = _access_cpu_us(setup["local_dir"], setup["repeat_names"])
+    access_name = "CPU of the access itself (open, read 1 byte, close) on the local directory"
+    events = sum(len(r[0]) for r in runs["overlay"])
+    why = _why_cpu(used, events, f"{cfg.repeats} runs of {count:,} accesses at {LATENCY_RATE:,}/s")
+    n = max(events, 1)
+    shim_us = used.use["shim"].cpu / n * 1e6
+    daemon = used.use["daemon"]
+    daemon_us = daemon.cpu / n * 1e6
     stage.add(
         Figure(
             STAGE,
             "shim_cpu_us_per_event",
             shim_us,
             "us",
+            access_us,
+            access_name,
             target=f"<= {SHIM_CPU_TARGET_US} us",
             met=shim_us <= SHIM_CPU_TARGET_US,
-            why="" if shim_us <= SHIM_CPU_TARGET_US else _why_cpu(setup["cpu_us"]),
+            why="" if shim_us <= SHIM_CPU_TARGET_US else why,
             note=(
                 "CPU of the shim process (all threads) per event replayed during the latency "
-                f"runs, so at most {events / max(cpu['shim'], 1e-9):,.0f} events/s on a whole "
-                "core"
+                f"runs at {LATENCY_RATE}/s, so at most "
+                f"{events / max(used.use['shim'].cpu, 1e-9):,.0f} events/s on a whole core"
             ),
         )
     )
@@ -267,36 +395,52 @@ def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
             "daemon_cpu_us_per_access",
             daemon_us,
             "us",
+            access_us,
+            access_name,
             target=f"<= {DAEMON_CPU_TARGET_US} us",
             met=daemon_us <= DAEMON_CPU_TARGET_US,
             why=""
             if daemon_us <= DAEMON_CPU_TARGET_US
             else (
-                "at this rate most wakeups of the daemon carry one event, so its cost is per "
-                "wakeup: trio's loop, the fanotify read, one publish and one send to the shim "
-                "(notifyd/source_fanotify.py `run`, notifyd/broadcast.py `_send_loop`); a "
-                "py-spy profile at 1,000 accesses/s put most of the daemon's busy samples in "
-                "that send"
+                f"at {LATENCY_RATE}/s the daemon woke {daemon.voluntary / n:.2f} times per "
+                f"access and used {daemon.user / n * 1e6:.0f} us user and "
+                f"{daemon.system / n * 1e6:.0f} us system CPU per access, so its cost is per "
+                "wakeup (trio's loop, the fanotify read, one publish and one send to the "
+                "shim: notifyd/source_fanotify.py, notifyd/broadcast.py), not per record; the "
+                "fanotify stage's `cpu_us_per_record` is the same source under a "
+                "workload that fills each wakeup"
             ),
             note=f"CPU of scoutfs-notifyd (fanotify source, one client: the shim) per access "
             f"at {LATENCY_RATE}/s during the latency runs",
         )
     )
-    _latency_figures(stage, runs, count, LATENCY_RATE, "", setup)
+    _latency_figures(stage, runs, count, LATENCY_RATE, "", LATENCY_TARGET_MS, why)
     # the same at a tenth of the rate: the path's own latency, without a backlog
     slow = LATENCY_RATE // 10
     count = cfg.pick(3 * slow, slow)
     runs, _ = _latency_runs(cfg, setup, names, slow, count)
-    _latency_figures(stage, runs, count, slow, f"_at_{slow}_per_s", None)
+    _latency_figures(stage, runs, count, slow, f"_at_{slow}_per_s", None, "")
+    count = cfg.pick(3 * FAST_RATE, FAST_RATE // 2)
+    runs, used = _latency_runs(cfg, setup, names, FAST_RATE, count)
+    events = sum(len(r[0]) for r in runs["overlay"])
+    why = _why_cpu(used, events, f"{cfg.repeats} runs of {count:,} accesses at {FAST_RATE:,}/s")
+    _latency_figures(stage, runs, count, FAST_RATE, f"_at_{FAST_RATE}_per_s", FAST_TARGET_MS, why)
 
 
 def _latency_figures(
-    stage: Stage, runs: dict[str, list], count: int, rate: int, suffix: str, setup: dict | None
+    stage: Stage,
+    runs: dict[str, list],
+    count: int,
+    rate: int,
+    suffix: str,
+    target_ms: float | None,
+    why: str,
 ) -> None:
     for q in (50, 99):
         value = median(_pct(r[0], q) for r in runs["overlay"])
         base = median(_pct(r[0], q) for r in runs["local"])
         lost = sum(r[1] for r in runs["overlay"])
+        achieved = median(r[2] for r in runs["overlay"])
         fig = Figure(
             STAGE,
             f"latency_p{q}_ms{suffix}",
@@ -306,18 +450,116 @@ def _latency_figures(
             "the same access on a local directory watched directly",
             runs=[_pct(r[0], q) for r in runs["overlay"]],
             note=f"access on BACKING -> IN_OPEN on the overlay, {count} distinct files at "
-            f"{rate}/s a run; {lost} without an event",
+            f"{rate}/s a run ({achieved:,.0f}/s made); {lost} without an event",
         )
-        if q == 99 and setup is not None:
-            fig.target = f"< {LATENCY_TARGET_MS:g} ms at {rate} events/s"
-            fig.met = value < LATENCY_TARGET_MS and lost == 0
-            fig.why = _why_cpu(setup["cpu_us"])
-            if base >= LATENCY_TARGET_MS:
+        if q == 99 and target_ms is not None:
+            fig.target = f"< {target_ms:g} ms at {rate} distinct files/s, none lost"
+            fig.met = value < target_ms and lost == 0
+            fig.why = why
+            if lost:
+                fig.why = f"{lost} accesses got no IN_OPEN within the wait; " + why
+            if base >= target_ms:
                 fig.why += (
                     f". The direct watch's own p99 here ({base:.1f} ms) is above the target "
                     "too: this machine's load alone misses it"
                 )
         stage.add(fig)
+
+
+REPEAT_FILES = 64
+REPEAT_SECONDS = 2.0
+REPEAT_SECONDS_QUICK = 0.5
+REPEAT_TARGET = 50000  # IN_ACCESS/s
+
+
+def _repeat_once(watch: OpenStamps, d: Path, names: list[str], seconds: float) -> dict:
+    """Open ``names`` on ``d`` (and wait for their IN_OPEN), then 1-byte preads of them,
+    round robin so that no two events in a row are alike, for ``seconds``."""
+    base = str(d) + "/"
+    watch.first.clear()
+    fds = [os.open(base + n, os.O_RDONLY) for n in names]
+    try:
+        watch.wait(names)
+        opened = sum(n in watch.first for n in names)
+        with watch.count_accesses():
+            reads = 0
+            t0 = time.perf_counter_ns()
+            end = t0 + int(seconds * 1e9)
+            while time.perf_counter_ns() < end:
+                for fd in fds:
+                    os.pread(fd, 1, 0)
+                reads += len(fds)
+            made = time.perf_counter_ns()
+            # until nothing has come for QUIET s
+            seen = -1
+            while watch.accesses != seen:
+                seen = watch.accesses
+                time.sleep(QUIET)
+            got, last = watch.accesses, watch.last_access
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return dict(
+        opened=opened,
+        reads=reads,
+        read_rate=reads / ((made - t0) / 1e9),
+        events=got,
+        rate=got / max((last - t0) / 1e9, 1e-9),
+        drain=max(last - made, 0) / 1e9,
+    )
+
+
+def _repeated(cfg: Config, stage: Stage, setup: dict) -> None:
+    names = setup["repeat_names"]
+    seconds = REPEAT_SECONDS_QUICK if cfg.quick else REPEAT_SECONDS
+    over, local = [], []
+    used = Used(setup)
+    for _ in range(cfg.repeats):
+        with used.measure():
+            over.append(_repeat_once(setup["overlay"], setup["backing"], names, seconds))
+        local.append(_repeat_once(setup["local"], setup["local_dir"], names, seconds))
+    value = median(r["rate"] for r in over)
+    events = sum(r["events"] for r in over)
+    n = max(events, 1)
+    shim, daemon = used.use["shim"], used.use["daemon"]
+    st = used.stats
+    reads = sum(r["reads"] for r in over)
+    why = (
+        f"the reader made {median(r['read_rate'] for r in over):,.0f} reads/s on BACKING and "
+        f"got {events:,} IN_ACCESS for {reads:,} reads; the daemon delivered "
+        f"{st.get('submitted', 0):,} records to the shim (fanotify merges an event into an "
+        "unread one of the same file, the shim collapses a READ into a pending one: "
+        f"{st.get('collapsed', 0):,} collapsed, {st.get('replayed', 0):,} replayed, "
+        f"{st.get('overload', 0):,} lost to overload), the last of them "
+        f"{median(r['drain'] for r in over):.2f} s after the reads stopped. Per IN_ACCESS "
+        f"the shim used {shim.cpu / n * 1e6:.0f} us of CPU and the daemon "
+        f"{daemon.cpu / n * 1e6:.0f} us: together at most "
+        f"{1 / max((shim.cpu + daemon.cpu) / n, 1e-9):,.0f} IN_ACCESS/s on one core, on "
+        f"{os.cpu_count()} cores {shim.idle_share():.0%} idle during the runs; the reader "
+        "here shares them too"
+    )
+    stage.add(
+        Figure(
+            STAGE,
+            "repeated_reads_in_access_per_s",
+            value,
+            "IN_ACCESS/s",
+            median(r["rate"] for r in local),
+            "the same reads on a local directory watched directly",
+            target=f">= {REPEAT_TARGET:,} IN_ACCESS/s",
+            met=value >= REPEAT_TARGET,
+            why="" if value >= REPEAT_TARGET else why,
+            runs=[r["rate"] for r in over],
+            note=f"{len(names)} files opened on BACKING (each got its IN_OPEN on the overlay: "
+            f"{min(r['opened'] for r in over)} of {len(names)} at least), then 1-byte "
+            f"preads round robin for {seconds:g} s; IN_ACCESS counted on the overlay from "
+            "the first read to the last event; reads made/s: overlay "
+            f"{median(r['read_rate'] for r in over):,.0f}, local "
+            f"{median(r['read_rate'] for r in local):,.0f}; local IN_ACCESS "
+            f"{median(r['events'] for r in local):,.0f} for "
+            f"{median(r['reads'] for r in local):,.0f} reads a run",
+        )
+    )
 
 
 SUSTAINED_RATES = (1000, 2000, 5000, 10000, 20000)
@@ -328,11 +570,13 @@ SUSTAINED_RATES_QUICK = (1000, 5000)
 MAX_RAMPS = 3
 
 
-def _ramp(setup: dict, names: Names, rates: tuple[int, ...], seconds: float) -> tuple:
-    """One ramp of rising rates on both arms: (best overlay, best local, overlay steps)."""
+def _ramp(setup: dict, names: Names, rates: tuple[int, ...], seconds: float, used: Used) -> tuple:
+    """One ramp of rising rates on both arms: (best overlay, best local, overlay steps,
+    overlay events); what the overlay's arm used is added to ``used``."""
     best = {"overlay": 0.0, "local": 0.0}
     steps = []
     overlay_lost = False
+    events = 0
     for rate in rates:
         batch = names.take(int(rate * seconds))
         arms = [("local", setup["local"], setup["local_dir"])]
@@ -340,7 +584,12 @@ def _ramp(setup: dict, names: Names, rates: tuple[int, ...], seconds: float) -> 
             # past the first step with losses the shim is only further behind
             arms.insert(0, ("overlay", setup["overlay"], setup["backing"]))
         for arm, watch, d in arms:
-            _, lost, achieved, delivered = _run_once(watch, d, batch, rate)
+            if arm == "overlay":
+                with used.measure():
+                    _, lost, achieved, delivered = _run_once(watch, d, batch, rate)
+                events += len(batch) - lost
+            else:
+                _, lost, achieved, delivered = _run_once(watch, d, batch, rate)
             if arm == "overlay":
                 steps.append(
                     f"{rate}/s asked, {achieved:,.0f}/s made, {delivered:,.0f}/s delivered, "
@@ -349,13 +598,15 @@ def _ramp(setup: dict, names: Names, rates: tuple[int, ...], seconds: float) -> 
                 overlay_lost = lost > 0
             if lost == 0:
                 best[arm] = max(best[arm], delivered)
-    return best["overlay"], best["local"], steps
+    return best["overlay"], best["local"], steps, events
 
 
 def _sustained(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
     rates = SUSTAINED_RATES_QUICK if cfg.quick else SUSTAINED_RATES
     seconds = SUSTAINED_SECONDS_QUICK if cfg.quick else SUSTAINED_SECONDS
-    ramps = [_ramp(setup, names, rates, seconds) for _ in range(min(cfg.repeats, MAX_RAMPS))]
+    used = Used(setup)
+    ramps = [_ramp(setup, names, rates, seconds, used) for _ in range(min(cfg.repeats, MAX_RAMPS))]
+    events = sum(r[3] for r in ramps)
     value = median(r[0] for r in ramps)
     # the steps of the ramp whose best is the median (the upper one of an even count)
     shown = sorted(ramps, key=lambda r: r[0])[len(ramps) // 2]
@@ -370,7 +621,7 @@ def _sustained(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
         f"{SUSTAINED_TARGET_RATIO:g} of local inotify",
         met=value >= SUSTAINED_TARGET
         and value >= SUSTAINED_TARGET_RATIO * median(r[1] for r in ramps),
-        why=_why_cpu(setup["cpu_us"]),
+        why=_why_cpu(used, events, f"the overlay's steps of {len(ramps)} ramps"),
         runs=[r[0] for r in ramps],
         note="the best delivered rate (events over first access to last event) of a step with "
         f"no event lost, median of {len(ramps)} ramps of {seconds:g} s steps on distinct files; "
@@ -417,6 +668,10 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
     offsets = [rng.randrange(size // RAND_CHUNK) * RAND_CHUNK for _ in range(cfg.pick(2048, 256))]
     paths = {"overlay": setup["mnt"] / "big.bin", "backing": setup["backing"] / "big.bin"}
     res: dict[tuple[str, str, str], list[float]] = {}
+    # what the shim used serving the overlay's reads, and how many MiB they were
+    use: dict[tuple[str, str], Usage] = {}
+    mib: dict[tuple[str, str], float] = {}
+    pid = setup["shim"].proc.pid
     for r in range(cfg.repeats):
         for kind, fn in (("seq", _seq), ("rand", lambda p: _rand(p, offsets))):
             # the two arms back to back, in turns first: the disk is shared, and
@@ -424,8 +679,14 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
             arms = list(paths.items())
             for arm, path in arms if r % 2 else arms[::-1]:
                 _drop_caches()
-                res.setdefault((arm, kind, "cold"), []).append(fn(path))
-                res.setdefault((arm, kind, "warm"), []).append(fn(path))
+                for temp in ("cold", "warm"):
+                    before = Usage.read(pid)
+                    res.setdefault((arm, kind, temp), []).append(fn(path))
+                    if arm == "overlay":
+                        key = (kind, temp)
+                        use[key] = use.get(key, Usage()) + (Usage.read(pid) - before)
+                        read = size if kind == "seq" else len(offsets) * RAND_CHUNK
+                        mib[key] = mib.get(key, 0.0) + read / (1 << 20)
     for kind, what in (("seq", "1 MiB sequential reads"), ("rand", "4 KiB random preads")):
         for temp in ("cold", "warm"):
             over, back = res[("overlay", kind, temp)], res[("backing", kind, temp)]
@@ -446,11 +707,12 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
                 )
                 + f"; median of the per-run overlay/BACKING ratios {paired:.3g}",
             )
-            if (kind, temp) == ("seq", "cold"):
+            if kind == "seq":
                 # judged on the paired ratios, steadier than a ratio of medians
-                fig.target = f">= {SEQ_COLD_TARGET:.0%} of BACKING (median of per-run ratios)"
-                fig.met = paired >= SEQ_COLD_TARGET
-                fig.why = _why_seq()
+                fig.target = f">= {SEQ_TARGET:.0%} of BACKING (median of per-run ratios)"
+                fig.met = paired >= SEQ_TARGET
+                if not fig.met:
+                    fig.why = _why_seq(use[(kind, temp)], mib[(kind, temp)], paired, median(back))
             stage.add(fig)
 
 
@@ -474,11 +736,12 @@ def _events_setup(cfg: Config, tmp: Path, names: Names) -> Iterator[dict]:
     """BACKING and the local directory on tmpfs mounts of their own: many small files
     come and go in no time, and only this benchmark's accesses reach the daemon."""
     backing, local_dir = tmp / "backing", tmp / "local"
+    repeat = [f"r{i:03d}" for i in range(REPEAT_FILES)]
     with contextlib.ExitStack() as stack:
         for d in (backing, local_dir):
             d.mkdir()
             stack.enter_context(tmpfs(d))
-            _make_files(d, names.all())
+            _make_files(d, names.all() + repeat)
         mnt, shim = stack.enter_context(_pipeline(cfg, tmp, backing, "events"))
         overlay = OpenStamps(mnt)
         stack.callback(overlay.close)
@@ -486,7 +749,14 @@ def _events_setup(cfg: Config, tmp: Path, names: Names) -> Iterator[dict]:
         stack.callback(local.close)
         # the first miss walks BACKING into the shim's inode index: not measured
         _run_once(overlay, backing, names.all()[:1], 10)
-        yield dict(backing=backing, local_dir=local_dir, overlay=overlay, local=local, shim=shim)
+        yield dict(
+            backing=backing,
+            local_dir=local_dir,
+            overlay=overlay,
+            local=local,
+            shim=shim,
+            repeat_names=repeat,
+        )
 
 
 @contextlib.contextmanager
@@ -529,16 +799,28 @@ def run(cfg: Config) -> Stage:
             "directory; the access (open, read 1 byte, close) is made on BACKING, paced, "
             "each to a different file (a pool the size of the largest run, used round). "
             "Baseline: the same accesses to an identical local tmpfs directory watched "
-            "directly by the same reader. Sustained rate: steps of "
+            f"directly by the same reader. Latency at {LATENCY_RATE:,}, "
+            f"{LATENCY_RATE // 10:,} and {FAST_RATE:,} accesses/s. Sustained rate: steps of "
             "rising rates; the figure is the best delivered rate of a step in which no file "
-            "went without its event. Reads: one file on BACKING (the daemon and shim "
+            "went without its event. Repeated reads: files opened on BACKING (so that the "
+            "shim holds them open for replay), then 1-byte preads of them round robin at "
+            "full speed; IN_ACCESS counted on the overlay against the same reads watched "
+            "locally. CPU and context switches are read from /proc for the shim's and the "
+            "daemon's processes around the overlay's runs; the reasons given for missed "
+            "targets are computed from them. Reads: one file on BACKING (the daemon and shim "
             "running), read through the overlay vs directly; cold = after dropping the page "
             "cache, warm = the pass right after."
         ),
     )
     rates = SUSTAINED_RATES_QUICK if cfg.quick else SUSTAINED_RATES
     seconds = SUSTAINED_SECONDS_QUICK if cfg.quick else SUSTAINED_SECONDS
-    names = Names(max(cfg.pick(3 * LATENCY_RATE, LATENCY_RATE), int(max(rates) * seconds)))
+    names = Names(
+        max(
+            cfg.pick(3 * LATENCY_RATE, LATENCY_RATE),
+            cfg.pick(3 * FAST_RATE, FAST_RATE // 2),
+            int(max(rates) * seconds),
+        )
+    )
     why = _cannot_run()
     if why:
         stage.skipped = why
@@ -551,6 +833,7 @@ def run(cfg: Config) -> Stage:
             with _events_setup(cfg, Path(tmp), names) as setup:
                 _latency(cfg, stage, setup, names)
                 _sustained(cfg, stage, setup, names)
+                _repeated(cfg, stage, setup)
                 stage.notes.append("events: " + _shim_losses(setup["shim"].mountpoint))
             with _reads_setup(cfg, Path(tmp)) as setup:
                 _throughput(cfg, stage, setup)
