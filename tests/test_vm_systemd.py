@@ -2,7 +2,8 @@
 
 ``kmod/test/vm/run-guest --systemd`` boots the 6.1 test kernel with systemd
 as init over the host's root (read-only, as the other VM tests), and
-``kmod/test/vm/guest/systemd.sh`` drives scoutfs-notifyd@ and
+``kmod/test/vm/guest/systemd.sh`` drives scoutfs-notifyd@,
+scoutfs-notify-forward@ (to a nats-server in the guest) and
 scoutfs-notify-shim@ for a tmpfs mount with systemctl: active only after
 READY=1, socket modes, kill -9 restarted, RequiresMountsFor, the journal,
 stop removes the socket and unmounts the overlay.  The fanotify source
@@ -33,6 +34,10 @@ CHECKS = [
     "ok journal: scoutfs-notifyd: ready: fanotify source on /mnt/data",
     "ok socket modes: /run/scoutfs/local-",
     "ok kill -9 of pid ",
+    "ok READY=1: scoutfs-notify-forward@mnt-data.service was never active before its stream",
+    "ok journal of the forwarder: ",
+    "ok kill -9 of forwarder pid ",
+    "ok systemctl stop scoutfs-notify-forward@mnt-data.service: inactive, not failed",
     "ok READY=1: scoutfs-notify-shim@mnt-data.service was never active before /mnt/data.inotify",
     "ok doctor: all is well",
     "ok kill -9 of shim pid ",

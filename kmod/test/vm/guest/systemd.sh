@@ -1,7 +1,8 @@
 #!/bin/bash
 # The shipped units under the real systemd, as PID 1 of the guest
-# (run-guest --systemd): scoutfs-notifyd@ and scoutfs-notify-shim@ for a
-# tmpfs mount that the fanotify source serves, so no scoutfs build is needed.
+# (run-guest --systemd): scoutfs-notifyd@, scoutfs-notify-forward@ (to the
+# venv's nats-server on loopback) and scoutfs-notify-shim@ for a tmpfs mount
+# that the fanotify source serves, so no scoutfs build is needed.
 #
 #   systemd.sh VENV_BIN REPO
 #
@@ -40,15 +41,16 @@ ok "systemd is PID 1 ($(systemctl --version | head -n 1))"
 modprobe fuse
 
 # the units' ExecStart paths, as `pip install .` would make them
-for s in scoutfs-notifyd scoutfs-notify scoutfs-notify-shim; do
+for s in scoutfs-notifyd scoutfs-notify scoutfs-notify-shim scoutfs-notify-forward; do
 	ln -sf "$bin/$s" "/usr/local/bin/$s"
 done
 cp "$repo"/systemd/scoutfs-notifyd@.service "$repo"/systemd/scoutfs-notify-shim@.service \
-	/etc/systemd/system/
+	"$repo"/systemd/scoutfs-notify-forward@.service /etc/systemd/system/
 mnt=/mnt/data
 inst=$(systemd-escape -p "$mnt")
 daemon=scoutfs-notifyd@$inst.service
 shim=scoutfs-notify-shim@$inst.service
+forward=scoutfs-notify-forward@$inst.service
 # the mount the units wait for: a tmpfs that only systemd mounts, on demand
 cat >/run/systemd/system/mnt-data.mount <<EOF
 [Mount]
@@ -129,6 +131,53 @@ wait_until "$daemon to restart after kill -9" restarted
 [ "$(systemctl show -p NRestarts --value "$daemon")" = 1 ] || die "NRestarts is not 1"
 "$bin/scoutfs-notify" stats --socket "$sock" >/dev/null || die "the restarted daemon does not answer"
 ok "kill -9 of pid $pid: restarted as pid $(systemctl show -p MainPID --value "$daemon"), serving $sock again"
+
+# --- the forwarder ------------------------------------------------------------
+
+# a JetStream server on loopback, its store on the guest's tmpfs: the stream
+# must fit it, hence --max-bytes in the unit's environment file
+mkdir -p /var/tmp/nats /etc/scoutfs-notify
+"$bin/nats-server" -js -a 127.0.0.1 -p 4222 -m 8222 -sd /var/tmp/nats >/var/tmp/nats.log 2>&1 &
+wait_until "nats-server to listen" bash -c 'exec 3<>/dev/tcp/127.0.0.1/8222'
+cat >"/etc/scoutfs-notify/forward-$inst.env" <<EOF
+NATS_URL=nats://127.0.0.1:4222
+FORWARD_ARGS=--max-bytes 64M --node guest
+EOF
+chmod 600 "/etc/scoutfs-notify/forward-$inst.env"
+systemctl show -p RequiresMountsFor --value "$forward" | grep -qw "$mnt" ||
+	die "$forward has no RequiresMountsFor=$mnt"
+systemctl show -p After --value "$forward" | grep -qw "$daemon" || die "$forward is not after $daemon"
+# READY=1 comes once NATS answered and the stream exists (then the daemon's
+# socket is read, which the daemon may accept a moment later)
+stream_made() {
+	"$bin/python" -c 'import json, sys, urllib.request as u
+sys.exit(json.load(u.urlopen("http://127.0.0.1:8222/jsz"))["streams"] < 1)'
+}
+forwarding() {
+	local pid
+	pid=$(systemctl show -p MainPID --value "$forward")
+	"$bin/scoutfs-notify" stats --json --socket "$sock" | grep -q "\"pid\": $pid\b"
+}
+[ "$(systemctl show -p Type --value "$forward")" = notify ] || die "$forward is not Type=notify"
+! stream_made || die "the stream exists before $forward started"
+watch_start "$forward" stream_made
+wait_until "the daemon to serve $forward" forwarding
+ok "READY=1: $forward was never active before its stream existed; the daemon serves it"
+ok "journal of the forwarder: $(journalctl -b --no-pager -o cat -u "$forward" | grep -m 1 'scoutfs.notify')"
+fwd_pid=$(systemctl show -p MainPID --value "$forward")
+kill -9 "$fwd_pid"
+fwd_restarted() {
+	local now
+	now=$(systemctl show -p MainPID --value "$forward")
+	[ "$now" != 0 ] && [ "$now" != "$fwd_pid" ] &&
+		[ "$(systemctl is-active "$forward")" = active ] && forwarding
+}
+wait_until "$forward to restart after kill -9" fwd_restarted
+ok "kill -9 of forwarder pid $fwd_pid: restarted, a client of the daemon again"
+systemctl stop "$forward" || die "systemctl stop $forward failed"
+state=$(systemctl is-active "$forward" || true)
+[ "$state" = inactive ] || die "$forward is $state after systemctl stop"
+ok "systemctl stop $forward: inactive, not failed"
 
 # --- the shim -----------------------------------------------------------------
 
