@@ -150,12 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _listen_address(text: str) -> tuple[str, int]:
-    from .metrics import parse_listen
+    # imported here: prometheus_client loads only for --metrics
+    from .metrics import listen_arg
 
-    try:
-        return parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return listen_arg(text)
 
 
 # Builds the source the daemon drains from its parsed command line.

@@ -19,7 +19,7 @@ import trio
 
 from notifyd.errors import DaemonError
 from notifyd.listen import Listener, bind_listener, prepare_dir
-from notifyd.metrics import MetricsServer, ShimMetrics, parse_listen
+from notifyd.metrics import MetricsServer, ShimMetrics, listen_arg
 from notifyd.paths import RUN_DIR, default_socket_path, shim_stats_path
 from notifyd.sdnotify import sd_notify
 from notifyd.stats import serve_stats
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics",
         metavar="[ADDR:]PORT",
-        type=_listen_address,
+        type=listen_arg,
         help="serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT listens "
         "on 127.0.0.1; default: off)",
     )
@@ -221,13 +221,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.socket == "":
         p.error("--socket is empty: give a path, or leave it out for the default")
     return args
-
-
-def _listen_address(text: str) -> tuple[str, int]:
-    try:
-        return parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tell_systemd(state: str) -> None:
