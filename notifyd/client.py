@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import NamedTuple
+from typing import Generic, NamedTuple, Self, TypeVar
 
 import trio
 
@@ -112,7 +112,39 @@ class Subscriber:
         self.close()
 
 
-class AsyncSubscriber:
+# the socket of a subscription: trio's, or a plain one read by asyncio
+_Sock = TypeVar("_Sock", socket.socket, trio.socket.SocketType)
+
+
+class _AsyncSubscription(Generic[_Sock]):
+    """What the trio and asyncio subscribers share: iteration and closing.
+
+    A subclass gives ``sock`` (with ``close()``), ``tracker`` and
+    ``recv_batch()``, the one part that differs between event loops.
+    """
+
+    sock: _Sock
+    tracker: SeqTracker
+
+    async def recv_batch(self) -> bytes | None:
+        raise NotImplementedError
+
+    async def __aiter__(self) -> AsyncIterator[abi.Record | Gap]:
+        while (batch := await self.recv_batch()) is not None:
+            for ev in self.tracker.events(batch):
+                yield ev
+
+    async def aclose(self) -> None:
+        self.sock.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncSubscriber(_AsyncSubscription[trio.socket.SocketType]):
     """A trio subscription: ``async with await AsyncSubscriber.connect(p) as s``."""
 
     def __init__(self, sock: trio.socket.SocketType, path: str) -> None:
@@ -145,22 +177,8 @@ class AsyncSubscriber:
         msg = await self.sock.recv(abi.MAX_MESSAGE_BYTES)
         return _check_message(msg) if msg else None
 
-    async def __aiter__(self) -> AsyncIterator[abi.Record | Gap]:
-        while (batch := await self.recv_batch()) is not None:
-            for ev in self.tracker.events(batch):
-                yield ev
 
-    async def aclose(self) -> None:
-        self.sock.close()
-
-    async def __aenter__(self) -> AsyncSubscriber:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-class AsyncioSubscriber:
+class AsyncioSubscriber(_AsyncSubscription[socket.socket]):
     """An asyncio subscription: ``async with await AsyncioSubscriber.connect(p) as s``.
 
     The same records and gaps as :class:`Subscriber`, from the same
@@ -189,17 +207,3 @@ class AsyncioSubscriber:
         """Return one message of whole records, or None at end of stream."""
         msg = await asyncio.get_running_loop().sock_recv(self.sock, abi.MAX_MESSAGE_BYTES)
         return _check_message(msg) if msg else None
-
-    async def __aiter__(self) -> AsyncIterator[abi.Record | Gap]:
-        while (batch := await self.recv_batch()) is not None:
-            for ev in self.tracker.events(batch):
-                yield ev
-
-    async def aclose(self) -> None:
-        self.sock.close()
-
-    async def __aenter__(self) -> AsyncioSubscriber:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
