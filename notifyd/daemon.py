@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         "with a warning, if the open-file limit cannot hold them)",
     )
     p.add_argument(
+        "--drain-delay",
+        metavar="MS",
+        type=float,
+        default=1.0,
+        help="scoutfs source: after a drain of fewer than 512 records, wait this long "
+        "before draining again, so that a busy mount is drained in batches: a record "
+        "reaches clients at most this much later than it could; the first record after "
+        "an idle spell is not delayed (default: %(default)s; 0: drain again at once)",
+    )
+    p.add_argument(
         "--metrics",
         metavar="[ADDR:]PORT",
         type=_listen_address,
@@ -139,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--client-queue must be at least 1")
     if args.max_clients < 1:
         p.error("--max-clients must be at least 1")
+    if not 0 <= args.drain_delay <= 1000:
+        p.error("--drain-delay must be from 0 to 1000 ms")
     # an empty path would mean the current directory
     if args.path == "":
         p.error("the watched path is empty: give a mount or directory")
@@ -198,7 +210,7 @@ def make_source(args: argparse.Namespace) -> Source:
         return FanotifySource(args.path)
     from .source_scoutfs import ScoutfsSource
 
-    return ScoutfsSource(args.path)
+    return ScoutfsSource(args.path, drain_delay_ms=args.drain_delay)
 
 
 def _group_id(name: str | None) -> int | None:

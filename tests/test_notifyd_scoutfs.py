@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from notifyd import abi, procs
 from notifyd.client import Subscriber
@@ -166,6 +167,52 @@ async def test_drain_loop_batches_gaps_and_detach(tmp_path) -> None:
     assert all(f == 0 for f, g in itertools.pairwise(flags) if g == abi.READ_NOTIFY_WAIT)
 
 
+@pytest.mark.parametrize("delay_ms", [0.0, 1.0, 5.0])
+def test_drain_delay_batches_a_steady_stream(tmp_path, delay_ms: float) -> None:
+    # A stream that never lets the ring empty: every publish pushes more.  Time
+    # is trio's MockClock (virtual: sleeps jump it), so the spacing of the drains
+    # is exact; the ring never empties, so no WAIT (a real-time thread) runs.
+    ring = FakeRing(0)
+    src = ScoutfsSource(
+        tmp_path, ioctl=ring, statfs=lambda fd: (FSID, 1), wait_ms=50, drain_delay_ms=delay_ms
+    )
+    ring.push(1)
+    src.open()
+    when: list[tuple[float, int]] = []
+    # drain sizes: small ones must wait, a half ring (512) or more must not
+    sizes = iter([3, 600, 511, 512, 1])
+    seq = itertools.count(2)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            def publish(batch: bytes) -> None:
+                when.append((trio.current_time(), len(batch) // abi.RECORD_SIZE))
+                n = next(sizes, None)
+                if n is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                ring.push(*(next(seq) for _ in range(n)))
+
+            await nursery.start(src.run, publish)
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        src.close()
+    assert [n for _, n in when] == [1, 3, 600, 511, 512, 1]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(when)]
+    d = delay_ms / 1000
+    # after 1, 3 and 511 records the next drain waits; after 600 and 512 it does not
+    assert gaps == pytest.approx([d, d, 0, d, 0])
+    assert src.stats()["drains"] == 6
+
+
+def test_drain_delay_refuses_negative(tmp_path) -> None:
+    with pytest.raises(ValueError, match="negative"):
+        ScoutfsSource(tmp_path, drain_delay_ms=-1)
+
+
 # The real daemon process with its scoutfs source; only the ioctl is a stand-in
 # (nr 26 answers, 25 is ENOTTY), serving 3 x 100 records once TRIGGER exists.
 DAEMON_WITH_FAKE_RING = """
@@ -246,3 +293,18 @@ def test_daemon_on_a_plain_directory_names_the_fix(tmp_path) -> None:
         f"scoutfs-notifyd: {tmp_path}: not a scoutfs mount "
         "(use --source fanotify for other filesystems)"
     ), res.stderr
+
+
+def test_drain_delay_option(capsys) -> None:
+    from notifyd import daemon, source_scoutfs
+
+    args = daemon.parse_args(["/mnt/x"])
+    assert args.drain_delay == source_scoutfs.DRAIN_DELAY_MS
+    src = daemon.make_source(daemon.parse_args(["/mnt/x", "--drain-delay", "0"]))
+    assert isinstance(src, ScoutfsSource)
+    assert src.drain_delay_ms == 0
+    for bad in ("-1", "1001", "nan", "x"):
+        with pytest.raises(SystemExit) as exc:
+            daemon.parse_args(["/mnt/x", "--drain-delay", bad])
+        assert exc.value.code == 2
+        assert "--drain-delay" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 # The emit cost on the real kernel (bench/kmod_emit.py): one read-heavy
 # workload timed on one filesystem three ways, rounds interleaved:
 # the unpatched module, the patched one with no reader, and the patched one
-# with scoutfs-notifyd attached and draining.
+# with scoutfs-notifyd attached and draining (NODELAY=1: a fourth way, the
+# daemon with --drain-delay 0, as it drained before that option).
 #
 #   emit_bench.sh VENV_BIN WORKLOAD OUTDIR REPEATS ROUNDS CHUNK FILES
 #
@@ -82,9 +83,11 @@ log "filesystem with $nfiles files of 16 KiB; $repeats repeats of $rounds rounds
 
 sock=/run/emit-bench/notify.sock
 mkdir -p /run/emit-bench
-with_daemon() {
+with_daemon() { # [VARIANT DAEMON-ARGS...]
+	local variant=${1:-patched-daemon}
+	shift $(($# ? 1 : 0))
 	"${on_daemon_cpu[@]}" "$bin/scoutfs-notifyd" "$mnt" --socket "$sock" --log-level warning \
-		>>"$out/daemon.log" 2>&1 &
+		"$@" >>"$out/daemon.log" 2>&1 &
 	local pid=$!
 	local n=0
 	until [ -S "$sock.stats" ]; do
@@ -92,18 +95,25 @@ with_daemon() {
 		n=$((n + 1))
 		[ "$n" -lt 600 ] || die "daemon did not start: see daemon.log"
 	done
-	run patched-daemon
+	run "$variant"
 	kill -TERM "$pid"
 	wait "$pid" || die "daemon exited non-zero"
+}
+
+# NODELAY=1 adds a fourth variant, the daemon with --drain-delay 0 (every
+# drain right after the last), to compare with the default in the same guest
+nodelay() {
+	[ "${NODELAY:-0}" = 1 ] || return 0
+	with_daemon patched-daemon-nodelay --drain-delay 0
 }
 
 for i in $(seq "$repeats"); do
 	# the order alternates so that drift over the run hits every variant alike
 	if [ $((i % 2)) = 1 ]; then
 		up "$unpatched" && warm && run unpatched && down
-		up "$PATCHED_BUILD" && warm && run patched-no-reader && with_daemon && down
+		up "$PATCHED_BUILD" && warm && run patched-no-reader && with_daemon && nodelay && down
 	else
-		up "$PATCHED_BUILD" && warm && with_daemon && run patched-no-reader && down
+		up "$PATCHED_BUILD" && warm && nodelay && with_daemon && run patched-no-reader && down
 		up "$unpatched" && warm && run unpatched && down
 	fi
 	log "repeat $i done"
