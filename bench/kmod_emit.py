@@ -82,6 +82,13 @@ def run(cfg: Config) -> Stage:
     smp = int(os.environ.get("BENCH_KMOD_SMP", "2"))
     nfiles = cfg.pick(200, 50)
     nodelay = os.environ.get("BENCH_KMOD_NODELAY") == "1"
+    # tsc: the guest reads time as real hardware does.  Under tcg it finds its
+    # TSCs unsynchronized and falls back to the emulated HPET, where every
+    # precise clock read (one per record: time_ns) is an MMIO exit costing
+    # microseconds; "guest" keeps that choice (BENCH_KMOD_CLOCKSOURCE)
+    clock = os.environ.get("BENCH_KMOD_CLOCKSOURCE", "tsc")
+    if clock not in ("tsc", "guest"):
+        raise RuntimeError(f"BENCH_KMOD_CLOCKSOURCE={clock!r}: give tsc or guest")
     stage = Stage(
         STAGE,
         "notify hooks on the real kernel",
@@ -99,12 +106,19 @@ def run(cfg: Config) -> Stage:
                 if smp > 1
                 else "the daemon sharing the guest's one vCPU with the workload"
             )
-            + f"; `BENCH_KMOD_SMP`"
+            + "; `BENCH_KMOD_SMP`"
             + (
                 "; and the daemon with `--drain-delay 0`, draining again right after each "
                 "drain as it did before that option (`BENCH_KMOD_NODELAY=1`)"
                 if nodelay
                 else ""
+            )
+            + (
+                "; the guest booted with `clocksource=tsc tsc=reliable`, so it reads the "
+                "time as real hardware does (tcg otherwise leaves it the emulated HPET, "
+                "an MMIO exit per clock read; `BENCH_KMOD_CLOCKSOURCE=guest`)"
+                if clock == "tsc"
+                else "; the guest's own clocksource (the emulated HPET under tcg)"
             )
             + f"). {repeats} repeats, the variants' order alternating; "
             "each figure is the median, its baseline the unpatched median of the same guest. "
@@ -135,6 +149,8 @@ def run(cfg: Config) -> Stage:
         args += ["--env", f"SCOUTFS_BUILD={build / 'unpatched'}"]
         args += ["--env", f"PATCHED_BUILD={build / 'patched'}"]
         args += ["--env", f"NODELAY={int(nodelay)}"]
+        if clock == "tsc":
+            args += ["--append", "clocksource=tsc tsc=reliable"]
         args += ["--", str(GUEST), str(venv_bin), str(exe), str(out)]
         args += [str(repeats), str(rounds), str(chunk), str(nfiles)]
         p = subprocess.run(
@@ -148,10 +164,12 @@ def run(cfg: Config) -> Stage:
             console = (out / "console.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the emit guest failed ({p.returncode}):\n{console}")
         runs = _parse(out / "emit.tsv")
+        clocksource = (out / "clocksource").read_text().strip()
         shutil.copy(out / "emit.tsv", cfg.workdir / "kmod_emit.tsv")
     _figures(stage, runs, smp)
     stage.notes.append(
-        f"guest: `qemu-system-x86_64 -accel tcg -smp {smp}`; host load average at the end "
+        f"guest: `qemu-system-x86_64 -accel tcg -smp {smp}`, clocksource {clocksource}; "
+        "host load average at the end "
         f"{os.getloadavg()[0]:.1f}; the guest's runs: {cfg.workdir / 'kmod_emit.tsv'}"
     )
     return stage

@@ -79,7 +79,9 @@ done
 ls -d "$mnt"/files/* >"$list"
 sync
 down
-log "filesystem with $nfiles files of 16 KiB; $repeats repeats of $rounds rounds, $chunk-byte reads; $(nproc) vCPU"
+# the clock every record's time_ns is read from (run-guest --append)
+cat /sys/devices/system/clocksource/clocksource0/current_clocksource >"$out/clocksource"
+log "filesystem with $nfiles files of 16 KiB; $repeats repeats of $rounds rounds, $chunk-byte reads; $(nproc) vCPU; clocksource $(cat "$out/clocksource")"
 
 sock=/run/emit-bench/notify.sock
 mkdir -p /run/emit-bench
