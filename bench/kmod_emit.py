@@ -73,6 +73,44 @@ def _parse(tsv: Path) -> dict[str, list[tuple[float, int, int, int]]]:
     return runs
 
 
+def _parse_daemon(tsv: Path) -> dict[str, list[tuple[float, int, int]]]:
+    """{variant: [(daemon CPU s during the run, records, drains), ...]} from daemon.tsv."""
+    runs: dict[str, list[tuple[float, int, int]]] = {}
+    for line in tsv.read_text().splitlines():
+        variant, ticks, records, drains, hz = line.split("\t")
+        runs.setdefault(variant, []).append((int(ticks) / int(hz), int(records), int(drains)))
+    return runs
+
+
+def _daemon_figures(stage: Stage, daemon: dict[str, list[tuple[float, int, int]]]) -> None:
+    """What the daemon itself spent: CPU per 1,000 records and records per drain."""
+    for variant, rows in sorted(daemon.items()):
+        name = variant.replace("-", "_")
+        cpu_ms = [1e6 * cpu / records for cpu, records, _ in rows if records]
+        batch = [records / drains for _, records, drains in rows if drains]
+        stage.add(
+            Figure(
+                STAGE,
+                f"{name}_cpu_ms_per_1000_records",
+                median(cpu_ms),
+                "ms",
+                note="the daemon's user+system CPU during the run (guest clock ticks) per "
+                "1,000 records it drained; runs " + ", ".join(f"{x:.1f}" for x in cpu_ms),
+                runs=cpu_ms,
+            )
+        )
+        stage.add(
+            Figure(
+                STAGE,
+                f"{name}_records_per_drain",
+                median(batch),
+                "records",
+                note="runs " + ", ".join(f"{x:.0f}" for x in batch),
+                runs=batch,
+            )
+        )
+
+
 def run(cfg: Config) -> Stage:
     tag = os.environ.get("BENCH_KMOD_TAG", "v1.30")
     repeats = max(cfg.repeats, 3)
@@ -164,9 +202,11 @@ def run(cfg: Config) -> Stage:
             console = (out / "console.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the emit guest failed ({p.returncode}):\n{console}")
         runs = _parse(out / "emit.tsv")
+        daemon = _parse_daemon(out / "daemon.tsv")
         clocksource = (out / "clocksource").read_text().strip()
         shutil.copy(out / "emit.tsv", cfg.workdir / "kmod_emit.tsv")
     _figures(stage, runs, smp)
+    _daemon_figures(stage, daemon)
     stage.notes.append(
         f"guest: `qemu-system-x86_64 -accel tcg -smp {smp}`, clocksource {clocksource}; "
         "host load average at the end "

@@ -10,7 +10,9 @@
 # SCOUTFS_BUILD is the unpatched build (its utils make the filesystem),
 # PATCHED_BUILD the patched one.  OUTDIR/emit.tsv gets one line per run:
 # "variant<TAB>seconds<TAB>opens<TAB>reads<TAB>emitted<TAB>dropped" (the last
-# two: the mount's notify counters moved by that run).
+# two: the mount's notify counters moved by that run); OUTDIR/daemon.tsv one
+# per run with the daemon: "variant<TAB>CPU ticks during the run<TAB>records
+# drained<TAB>drains<TAB>ticks a second" (drained and drains over its life).
 # Disks: /dev/vda (meta), /dev/vdb (data).  With two vCPUs or more the
 # workload runs on CPU 0 and the daemon on CPU 1, as a daemon on a core of
 # its own would; with one they share it.
@@ -28,6 +30,7 @@ unpatched=$SCOUTFS_BUILD
 mkdir -p "$out"
 tsv=$out/emit.tsv
 : >"$tsv"
+: >"$out/daemon.tsv"
 mnt=/mnt/bench
 on_workload_cpu=()
 on_daemon_cpu=()
@@ -85,6 +88,10 @@ log "filesystem with $nfiles files of 16 KiB; $repeats repeats of $rounds rounds
 
 sock=/run/emit-bench/notify.sock
 mkdir -p /run/emit-bench
+cpu_ticks() { # PID: its user + system CPU in clock ticks
+	awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
 with_daemon() { # [VARIANT DAEMON-ARGS...]
 	local variant=${1:-patched-daemon}
 	shift $(($# ? 1 : 0))
@@ -97,7 +104,14 @@ with_daemon() { # [VARIANT DAEMON-ARGS...]
 		n=$((n + 1))
 		[ "$n" -lt 600 ] || die "daemon did not start: see daemon.log"
 	done
+	local c0 st
+	c0=$(cpu_ticks "$pid")
 	run "$variant"
+	# what the daemon cost during the run: its CPU and how many drains it made
+	st=$("$bin/scoutfs-notify" stats --socket "$sock" --json) || die "no daemon stats"
+	printf '%s\t%s\t%s\t%s\n' "$variant" "$(($(cpu_ticks "$pid") - c0))" \
+		"$(echo "$st" | "$bin/python" -c 'import json, sys; d = json.load(sys.stdin); print(d["records"], d["drains"], sep="\t")')" \
+		"$(getconf CLK_TCK)" >>"$out/daemon.tsv"
 	kill -TERM "$pid"
 	wait "$pid" || die "daemon exited non-zero"
 }
