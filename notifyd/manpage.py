@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "watch the records scoutfs-notifyd relays, show its stats, check the set-up",
     ),
     "scoutfs-notify-shim": (
-        "compat.inotify_shim.main",
+        "compat.inotify_shim.args",
         "FUSE overlay that turns scoutfs access records into inotify events",
     ),
     "scoutfs-notify-forward": (
