@@ -29,11 +29,13 @@ def need_vm_host() -> None:
         pytest.skip(f"cannot boot the 6.1 test kernel: {why}")
 
 
-def run_guest(tmp_path: Path, *cmd: str, timeout: int = 300) -> tuple[int, str]:
+def run_guest(
+    tmp_path: Path, *cmd: str, timeout: int = 300, options: tuple[str, ...] = ()
+) -> tuple[int, str]:
     """Run ``cmd`` in a guest; return (run-guest's status, the console log)."""
     work = tmp_path / "work"
     p = subprocess.run(
-        [str(RUN_GUEST), "--work", str(work), "--timeout", str(timeout), "--", *cmd],
+        [str(RUN_GUEST), "--work", str(work), "--timeout", str(timeout), *options, "--", *cmd],
         capture_output=True,
         text=True,
         # run-guest bounds the guest; this only bounds a broken run-guest
@@ -59,3 +61,19 @@ def test_a_panic_fails_even_after_the_command_ran(tmp_path: Path) -> None:
 def test_a_hung_guest_is_killed_at_its_timeout(tmp_path: Path) -> None:
     rc, _ = run_guest(tmp_path, "sleep", "3600", timeout=60)
     assert rc == TIMED_OUT
+
+
+def test_append_reaches_the_guest_kernel(tmp_path: Path) -> None:
+    # what bench kmod_emit relies on: the guest reads time from the TSC, not the HPET
+    rc, console = run_guest(
+        tmp_path,
+        "bash",
+        "-c",
+        'echo "cmdline: $(cat /proc/cmdline)"; '
+        'echo "clock: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"',
+        options=("--append", "clocksource=tsc tsc=reliable", "--append", "nfy_mark=1"),
+    )
+    assert rc == 0
+    line = next(x for x in console.splitlines() if x.startswith("cmdline: "))
+    assert line.endswith(" clocksource=tsc tsc=reliable nfy_mark=1")
+    assert "clock: tsc" in console
