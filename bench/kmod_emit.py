@@ -31,6 +31,10 @@ VARIANTS = ("unpatched", "patched-no-reader", "patched-daemon")
 # BENCH_KMOD_NODELAY=1: also the daemon with --drain-delay 0 (a drain right after
 # each drain, as before that option), in the same guest as the default
 NODELAY = "patched-daemon-nodelay"
+# BENCH_KMOD_DIAG=1: the kernel's part alone, a reader attached that never drains
+# (every emit after the first 1024 a drop: the clock read, the lock and the
+# counters, no daemon), with the guest's clocksource and with the emulated HPET
+DIAG = ("patched-idle-reader", "patched-idle-reader-hpet")
 # vm-e2e's status when the host cannot boot the test kernel at all
 UNAVAILABLE = 3
 
@@ -66,7 +70,8 @@ def _compile(out: Path) -> Path:
 
 def _parse(tsv: Path) -> dict[str, list[tuple[float, int, int, int]]]:
     """{variant: [(seconds, reads, emitted, dropped), ...]} from emit_bench.sh's emit.tsv."""
-    runs: dict[str, list[tuple[float, int, int, int]]] = {v: [] for v in (*VARIANTS, NODELAY)}
+    variants = (*VARIANTS, NODELAY, *DIAG)
+    runs: dict[str, list[tuple[float, int, int, int]]] = {v: [] for v in variants}
     for line in tsv.read_text().splitlines():
         variant, secs, _opens, reads, emitted, dropped = line.split("\t")
         runs[variant].append((float(secs), int(reads), int(emitted), int(dropped)))
@@ -120,6 +125,7 @@ def run(cfg: Config) -> Stage:
     smp = int(os.environ.get("BENCH_KMOD_SMP", "2"))
     nfiles = cfg.pick(200, 50)
     nodelay = os.environ.get("BENCH_KMOD_NODELAY") == "1"
+    diag = os.environ.get("BENCH_KMOD_DIAG") == "1"
     # tsc: the guest reads time as real hardware does.  Under tcg it finds its
     # TSCs unsynchronized and falls back to the emulated HPET, where every
     # precise clock read (one per record: time_ns) is an MMIO exit costing
@@ -187,6 +193,7 @@ def run(cfg: Config) -> Stage:
         args += ["--env", f"SCOUTFS_BUILD={build / 'unpatched'}"]
         args += ["--env", f"PATCHED_BUILD={build / 'patched'}"]
         args += ["--env", f"NODELAY={int(nodelay)}"]
+        args += ["--env", f"DIAG={int(diag)}"]
         if clock == "tsc":
             args += ["--append", "clocksource=tsc tsc=reliable"]
         args += ["--", str(GUEST), str(venv_bin), str(exe), str(out)]
@@ -234,6 +241,26 @@ def _figures(stage: Stage, runs: dict[str, list[tuple[float, int, int, int]]], s
     judged = [("patched-no-reader", 1.03), ("patched-daemon", 1.10)]
     if runs[NODELAY]:
         judged.append((NODELAY, 1.10))
+    for variant in DIAG:
+        if not runs[variant]:
+            continue
+        secs = [r[0] for r in runs[variant]]
+        ratios = [v / u for v, u in zip(secs, base_runs, strict=True)]
+        stage.add(
+            Figure(
+                STAGE,
+                f"{variant.replace('-', '_')}_ratio",
+                median(ratios),
+                "x",
+                note=(
+                    "a reader attached that never drains (each emit after the first 1024 a "
+                    "drop: clock read, lock, counters; no daemon); dropped "
+                    f"{sum(r[3] for r in runs[variant])} of {sum(r[2] for r in runs[variant])}; "
+                    "per repeat: " + ", ".join(f"{x:.3f}" for x in ratios)
+                ),
+                runs=ratios,
+            )
+        )
     for variant, limit in judged:
         secs = [r[0] for r in runs[variant]]
         ratios = [v / u for v, u in zip(secs, base_runs, strict=True)]

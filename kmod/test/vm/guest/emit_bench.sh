@@ -3,7 +3,8 @@
 # workload timed on one filesystem three ways, rounds interleaved:
 # the unpatched module, the patched one with no reader, and the patched one
 # with scoutfs-notifyd attached and draining (NODELAY=1: a fourth way, the
-# daemon with --drain-delay 0, as it drained before that option).
+# daemon with --drain-delay 0, as it drained before that option; DIAG=1: an
+# attached reader that never drains, see diag()).
 #
 #   emit_bench.sh VENV_BIN WORKLOAD OUTDIR REPEATS ROUNDS CHUNK FILES
 #
@@ -123,13 +124,45 @@ nodelay() {
 	with_daemon patched-daemon-nodelay --drain-delay 0
 }
 
+# DIAG=1: the kernel's part alone.  A reader attaches and never drains: after
+# the first 1024 records every emit is a drop, which reads the clock, takes the
+# ring's lock and counts as a stored record does, with no daemon using a CPU;
+# once with the guest's clocksource and once with the emulated HPET.
+idle_reader() { # VARIANT
+	"$bin/python" -c 'import sys, time
+from notifyd.source_scoutfs import ScoutfsSource
+ScoutfsSource(sys.argv[1]).open()
+print("attached", flush=True)
+time.sleep(86400)' "$mnt" >"$out/idle-reader.out" 2>&1 &
+	local pid=$! n=0
+	until grep -q attached "$out/idle-reader.out"; do
+		sleep 0.2
+		n=$((n + 1))
+		[ "$n" -lt 600 ] || die "the idle reader did not attach: $(cat "$out/idle-reader.out")"
+	done
+	run "$1"
+	kill -KILL "$pid"
+	wait "$pid" 2>/dev/null || true
+}
+
+diag() {
+	[ "${DIAG:-0}" = 1 ] || return 0
+	local cs=/sys/devices/system/clocksource/clocksource0/current_clocksource
+	local was
+	was=$(cat "$cs")
+	idle_reader patched-idle-reader
+	echo hpet >"$cs"
+	idle_reader patched-idle-reader-hpet
+	echo "$was" >"$cs"
+}
+
 for i in $(seq "$repeats"); do
 	# the order alternates so that drift over the run hits every variant alike
 	if [ $((i % 2)) = 1 ]; then
 		up "$unpatched" && warm && run unpatched && down
-		up "$PATCHED_BUILD" && warm && run patched-no-reader && with_daemon && nodelay && down
+		up "$PATCHED_BUILD" && warm && run patched-no-reader && with_daemon && nodelay && diag && down
 	else
-		up "$PATCHED_BUILD" && warm && nodelay && with_daemon && run patched-no-reader && down
+		up "$PATCHED_BUILD" && warm && diag && nodelay && with_daemon && run patched-no-reader && down
 		up "$unpatched" && warm && run unpatched && down
 	fi
 	log "repeat $i done"
