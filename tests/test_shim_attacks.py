@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -289,3 +290,53 @@ def test_libc_openat2_refuses_symlinks(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="symbolic links") as exc:
         libc.openat2(libc.AT_FDCWD, tmp_path / "s" / "f", flags, libc.RESOLVE_NO_SYMLINKS)
     assert exc.value.errno == errno.ELOOP
+
+
+def test_a_hung_filesystem_mounted_under_backing_stops_nothing(top: Path) -> None:  # noqa: F811
+    # A mount under BACKING is never served, but the overlay still stat'ed
+    # it (to see it was one) on its one serving thread: a hung NFS or FUSE
+    # server there stopped the overlay for every user.  Here the hung server
+    # is another shim, stopped with SIGSTOP.
+    backing, mnt, other = top / "backing", top / "mnt", top / "other"
+    backing.mkdir()
+    other.mkdir()
+    (backing / "sub").mkdir()
+    (backing / "plain").write_text("plain")
+    probe = f"""
+import os
+m = {str(mnt)!r}
+print(sorted(os.listdir(m)))
+print([os.lstat(os.path.join(m, n)).st_size for n in sorted(os.listdir(m))])
+try:
+    os.stat(os.path.join(m, "sub"))
+except OSError as exc:
+    print(exc.errno)
+print(open(os.path.join(m, "plain")).read())
+"""
+    nested_stats = top / "nested.stats"
+    with (
+        run_shim(
+            other,
+            backing / "sub",
+            top / "absent.sock",
+            "--stats-socket",
+            str(nested_stats),
+            log=top / "nested.log",
+        ) as nested,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other"),
+    ):
+        os.kill(nested.proc.pid, signal.SIGSTOP)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                out, _ = proc.communicate(timeout=START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.kill(nested.proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.communicate()
+                pytest.fail("the overlay stopped with the filesystem mounted under BACKING")
+        finally:
+            os.kill(nested.proc.pid, signal.SIGCONT)
+    assert out.split("\n")[:4] == ["['plain']", "[5]", str(errno.EOPNOTSUPP), "plain"], out

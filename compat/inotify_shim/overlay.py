@@ -41,7 +41,7 @@ import resource
 import stat
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -93,6 +93,15 @@ _MAX_LEASE_WAITS = 16
 # time this close to the clock is taken as "now", which BACKING grants to
 # anyone who may write the file (an explicit time needs the owner).
 _NOW_SLACK_NS = 1_000_000_000
+
+
+def _open_here(dirfd: int, name: bytes) -> int:
+    """An O_PATH fd on ``name`` in ``dirfd``; EXDEV for a mount point.
+
+    A mount under BACKING is refused before anything is asked of it: a
+    hung network or FUSE filesystem there would stop the serving thread.
+    """
+    return libc.openat2(dirfd, name, _PATH_FLAGS, libc.RESOLVE_NO_XDEV)
 
 
 def _proc(fd: int) -> str:
@@ -254,7 +263,8 @@ class Overlay(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
-        self._warned_mounts: set[int] = set()
+        # devices or names of mounts under BACKING already logged
+        self._warned_mounts: set[int | bytes] = set()
 
     # --- the caller's identity -----------------------------------------------
 
@@ -365,7 +375,7 @@ class Overlay(pyfuse3.Operations):
             if parent is None or parent.fd is None:
                 continue
             try:
-                st = os.lstat(name, dir_fd=parent.fd)
+                st = libc.lstat_cached(parent.fd, name)
             except OSError:
                 continue
             if (st.st_dev, st.st_ino) == (node.dev, node.ino):
@@ -385,7 +395,7 @@ class Overlay(pyfuse3.Operations):
                 # directories are used as parents again and again: keep theirs
                 parent.fd = self._reopen(parent, depth + 1)
             try:
-                fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
+                fd = _open_here(self._fd(parent), name)
             except OSError:
                 continue
             st = os.fstat(fd)
@@ -396,7 +406,12 @@ class Overlay(pyfuse3.Operations):
 
     def _open_path(self, parent: _Inode, name: bytes) -> tuple[int, os.stat_result]:
         """An O_PATH fd on ``name`` in ``parent``, on BACKING's filesystem only."""
-        fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
+        try:
+            fd = _open_here(self._fd(parent), name)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._not_crossed(name, None)
         try:
             st = os.fstat(fd)
             self._check_same_fs(st, name)
@@ -405,15 +420,19 @@ class Overlay(pyfuse3.Operations):
             raise
         return fd, st
 
+    def _not_crossed(self, name: bytes, dev: int | None) -> NoReturn:
+        key = dev if dev is not None else name
+        if key not in self._warned_mounts and len(self._warned_mounts) < 1024:
+            self._warned_mounts.add(key)
+            log.warning(
+                "%r is a mount point under BACKING: not served (mounts are not crossed)",
+                os.fsdecode(name),
+            )
+        raise FUSEError(errno.EOPNOTSUPP)
+
     def _check_same_fs(self, st: os.stat_result, name: bytes) -> None:
         if st.st_dev != self._dev:
-            if st.st_dev not in self._warned_mounts:
-                self._warned_mounts.add(st.st_dev)
-                log.warning(
-                    "%r is a mount point under BACKING: not served (mounts are not crossed)",
-                    os.fsdecode(name),
-                )
-            raise FUSEError(errno.EOPNOTSUPP)
+            self._not_crossed(name, st.st_dev)
         if st.st_ino == pyfuse3.ROOT_INODE and st.st_ino != self._root_ino:
             # its number is taken by BACKING's root in the kernel's eyes
             log.warning("%r has inode number 1: not served", os.fsdecode(name))
@@ -449,7 +468,7 @@ class Overlay(pyfuse3.Operations):
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             # out of fds: serve it fd-less, reached through its parent when used
-            st = os.lstat(name, dir_fd=self._fd(parent))
+            st = libc.lstat_cached(self._fd(parent), name)
             self._check_same_fs(st, name)
             fd = None
         self._remember(fd, st, parent_inode, name)
@@ -637,7 +656,9 @@ class Overlay(pyfuse3.Operations):
         for i in range(start_id, len(names)):
             name = os.fsencode(names[i])
             try:
-                st = os.lstat(name, dir_fd=dfd)
+                # asks a filesystem mounted here nothing: a hung one must
+                # not stop this thread (the entry is left out below)
+                st = libc.lstat_cached(dfd, name)
                 self._check_same_fs(st, name)
             except (OSError, FUSEError):
                 continue  # removed on BACKING since the snapshot, or a nested mount
@@ -719,7 +740,7 @@ class Overlay(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            st = os.lstat(name, dir_fd=self._fd(parent))
+            st = libc.lstat_cached(self._fd(parent), name)
             os.unlink(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
@@ -727,7 +748,7 @@ class Overlay(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            st = os.lstat(name, dir_fd=self._fd(parent))
+            st = libc.lstat_cached(self._fd(parent), name)
             os.rmdir(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
@@ -744,9 +765,9 @@ class Overlay(pyfuse3.Operations):
         old_parent = self._inode(parent_inode_old)
         new_parent = self._inode(parent_inode_new)
         with self._acting(self._creds(ctx)):
-            st_old = os.lstat(name_old, dir_fd=self._fd(old_parent))
+            st_old = libc.lstat_cached(self._fd(old_parent), name_old)
             try:
-                st_new: os.stat_result | None = os.lstat(name_new, dir_fd=self._fd(new_parent))
+                st_new: os.stat_result | None = libc.lstat_cached(self._fd(new_parent), name_new)
             except FileNotFoundError:
                 st_new = None
             libc.renameat2(self._fd(old_parent), name_old, self._fd(new_parent), name_new, flags)
@@ -847,7 +868,9 @@ class Overlay(pyfuse3.Operations):
                     raise
                 # made on BACKING since the kernel's lookup: open it, but never
                 # wait on a FIFO or open anything but a regular file
-                fd = os.open(name, base | os.O_NONBLOCK, dir_fd=self._fd(parent))
+                fd = libc.openat2(
+                    self._fd(parent), name, base | os.O_NONBLOCK, libc.RESOLVE_NO_XDEV
+                )
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise FUSEError(errno.EEXIST)
@@ -933,7 +956,7 @@ class Overlay(pyfuse3.Operations):
             for part in rel.split(os.sep):
                 if part in ("", "."):
                     continue
-                nfd = os.open(part, _PATH_FLAGS, dir_fd=fd)
+                nfd = _open_here(fd, os.fsencode(part))
                 os.close(fd)
                 fd = nfd
             st = os.fstat(fd)
