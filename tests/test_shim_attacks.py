@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -340,3 +341,33 @@ print(open(os.path.join(m, "plain")).read())
         finally:
             os.kill(nested.proc.pid, signal.SIGCONT)
     assert out.split("\n")[:4] == ["['plain']", "[5]", str(errno.EOPNOTSUPP), "plain"], out
+
+
+def test_a_former_owner_cannot_strip_set_id_bits(top: Path) -> None:  # noqa: F811
+    # Dropping set-ID bits is the kernel's own step after a non-owner's
+    # write, made as root by the overlay.  The kernel lets a chmod through
+    # on ownership it cached for --timeout: a user whose file root took
+    # over (chown root, chmod 4755) could still strip its set-user-ID bit.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    os.chmod(backing, 0o777)
+    prog = backing / "prog"
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other", "--timeout", "60"):
+        made = _as_attacker(
+            f"import os; open({str(prog)!r}, 'w').close(); os.stat({str(mnt / 'prog')!r})"
+        )
+        assert made.returncode == 0, made.stderr
+        os.chown(prog, 0, 0)
+        os.chmod(prog, 0o4755)
+        out = _as_attacker(
+            f"""
+import os
+try:
+    os.chmod({str(mnt / "prog")!r}, 0o755)
+    print("changed")
+except PermissionError:
+    print("refused")
+"""
+        )
+    assert out.stdout.split() == ["refused"], out.stderr
+    assert stat.S_IMODE(prog.stat().st_mode) == 0o4755

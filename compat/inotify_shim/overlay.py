@@ -567,10 +567,15 @@ class Overlay(pyfuse3.Operations):
                 # Linux has no mode on symlinks (fchmodat refuses it too)
                 raise FUSEError(errno.EOPNOTSUPP)
             mode = stat.S_IMODE(attr.st_mode)
-            if _only_drops_setid(stat.S_IMODE(os.fstat(ifd).st_mode), mode):
-                # the kernel's own "kill suid/sgid" after a write or chown by
-                # a non-owner (it skips the owner check for it): BACKING would
-                # refuse the caller a chmod, and dropping privilege is safe
+            if _only_drops_setid(stat.S_IMODE(os.fstat(ifd).st_mode), mode) and self._may_write(
+                ifd, creds
+            ):
+                # the kernel's own "kill suid/sgid" after a write, truncate or
+                # chown by a non-owner (it skips the owner check for it):
+                # BACKING would refuse the caller a chmod, and dropping
+                # privilege is safe.  Only for one who may write the file: the
+                # kernel checked ownership on attributes cached up to
+                # --timeout, and the file may have changed hands since.
                 with self._acting(None):
                     os.chmod(_proc(ifd), mode)
             else:
@@ -590,6 +595,12 @@ class Overlay(pyfuse3.Operations):
             if fields.update_atime or fields.update_mtime:
                 self._utimens(node, attr, fields)
         return self._entry(os.fstat(ifd))
+
+    def _may_write(self, fd: int, creds: _Creds | None) -> bool:
+        """Whether BACKING lets ``creds`` write the inode ``fd`` holds, now."""
+        with self._acting(creds):
+            # AT_EACCESS: checked with the fsuid and groups taken on, not the real ids
+            return os.access(_proc(fd), os.W_OK, effective_ids=True)
 
     @staticmethod
     def _truncate(node: _Inode, handle: _Handle | None, size: int) -> None:
