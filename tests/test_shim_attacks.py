@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import select
 import signal
 import stat
@@ -142,7 +143,8 @@ p = {str(backing / "leased")!r}
 with open(p, "w") as f:
     f.write("mine")
 fd = os.open(p, os.O_RDONLY)
-signal.signal(signal.SIGIO, lambda *a: print("asked to let go", flush=True))
+# os.write: a print here could re-enter the print of "leased" still returning
+signal.signal(signal.SIGIO, lambda *a: os.write(1, b"asked to let go\\n"))
 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
 print("leased", flush=True)
 sys.stdin.read()
@@ -156,7 +158,7 @@ sys.stdin.read()
             assert holder.stdout.readline() == "leased\n", holder.stderr
             reader = _attacker_proc(reader_code)
             # the overlay's open of the file asked the holder to let go
-            assert holder.stdout.readline() == "asked to let go\n"
+            assert holder.stdout.readline() == "asked to let go\n", holder.communicate()
             # the overlay serves others while that open waits for the lease
             listing = sorted(os.listdir(mnt))
             assert (mnt / "leased").stat().st_size == 4
@@ -200,6 +202,7 @@ def test_a_user_sees_no_trusted_xattrs(top: Path) -> None:  # noqa: F811
     os.setxattr(backing / "f", "user.plain", b"1")
     probe = f"""
 import os
+import resource
 print(sorted(os.listxattr({str(backing / "f")!r})))
 print(sorted(os.listxattr({str(mnt / "f")!r})))
 """
@@ -305,6 +308,7 @@ def test_a_hung_filesystem_mounted_under_backing_stops_nothing(top: Path) -> Non
     (backing / "plain").write_text("plain")
     probe = f"""
 import os
+import resource
 m = {str(mnt)!r}
 print(sorted(os.listdir(m)))
 print([os.lstat(os.path.join(m, n)).st_size for n in sorted(os.listdir(m))])
@@ -362,6 +366,7 @@ def test_a_former_owner_cannot_strip_set_id_bits(top: Path) -> None:  # noqa: F8
         out = _as_attacker(
             f"""
 import os
+import resource
 try:
     os.chmod({str(mnt / "prog")!r}, 0o755)
     print("changed")
@@ -371,3 +376,57 @@ except PermissionError:
         )
     assert out.stdout.split() == ["refused"], out.stderr
     assert stat.S_IMODE(prog.stat().st_mode) == 0o4755
+
+
+def test_one_user_cannot_take_every_open_file_of_the_overlay(top: Path) -> None:  # noqa: F811
+    # Every file opened through the overlay holds one of its fds: a user
+    # with a high enough limit of their own took them all, and every other
+    # user's open failed with EMFILE.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    (backing / "f").write_text("f")
+    os.chmod(backing / "f", 0o644)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if limit == resource.RLIM_INFINITY or limit > 200_000:
+        pytest.skip(f"open-file hard limit {limit}: too many opens for one test")
+    probe = f"""
+import errno, os, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
+fds = []
+try:
+    while len(fds) < {limit} - 16:
+        fds.append(os.open({str(mnt / "f")!r}, os.O_RDONLY))
+except OSError as exc:
+    print(errno.errorcode[exc.errno], len(fds), flush=True)
+else:
+    print("all", len(fds), flush=True)
+"""
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
+        # two processes of the one user: more than the overlay may open at all
+        holders = [_attacker_proc(probe + "import sys; sys.stdin.read()\n") for _ in range(2)]
+        try:
+            stopped = []
+            for holder in holders:
+                assert holder.stdout is not None
+                stopped.append(holder.stdout.readline().split())
+            # another user, and root, still open files
+            other = subprocess.run(
+                [SYSTEM_PYTHON, "-I", "-c", f"print(open({str(mnt / 'f')!r}).read())"],
+                user=ATTACKER + 1,
+                group=ATTACKER + 1,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            as_root = (mnt / "f").read_text()
+        finally:
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+        log = shim.log()
+    assert other.stdout == "f\n", (other.stderr, stopped)
+    assert as_root == "f"
+    assert [s[0] for s in stopped] == ["EMFILE", "EMFILE"], stopped
+    assert sum(int(s[1]) for s in stopped) < limit // 2, stopped
+    assert log.count("its share: EMFILE") == 1, log

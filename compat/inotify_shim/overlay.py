@@ -89,6 +89,11 @@ _FD_LIMIT = 1 << 20
 # (max_tasks, 99): a user with many leases must not take them all.
 _MAX_LEASE_WAITS = 16
 
+# A non-root user may hold at most this share of the overlay's open-file
+# limit in open files (EMFILE past it), however many processes they run.
+_USER_SHARE_DIVISOR = 4
+_MIN_USER_SHARE = 256
+
 # pyfuse3 turns UTIME_NOW into the clock it read just before our handler; a
 # time this close to the clock is taken as "now", which BACKING grants to
 # anyone who may write the file (an explicit time needs the owner).
@@ -245,6 +250,13 @@ class Overlay(pyfuse3.Operations):
         self._hidden_xattrs = _HIDDEN_XATTRS if acl else _HIDDEN_XATTRS + _ACL_XATTRS
         self.replay_threads = threads
         _raise_fd_limit()
+        # open files per non-root uid: one user holding every fd we may open
+        # would leave every other user EMFILE
+        self._user_handles: dict[int, int] = {}
+        self._users_at_share: set[int] = set()
+        self._user_share = max(
+            _MIN_USER_SHARE, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // _USER_SHARE_DIVISOR
+        )
         fd = os.open(self.backing, _PATH_FLAGS | os.O_DIRECTORY)
         st = os.fstat(fd)
         self._dev = st.st_dev
@@ -821,6 +833,7 @@ class Overlay(pyfuse3.Operations):
             # devices and FIFOs are opened by the kernel itself, never here
             raise FUSEError(errno.EACCES)
         creds = self._creds(ctx)
+        self._check_share(creds)
         try:
             with self._acting(creds):
                 # O_NONBLOCK: an open that conflicts with a lease (any user
@@ -842,7 +855,32 @@ class Overlay(pyfuse3.Operations):
             os.close(fd)
             raise
         self._handles[fd] = _Handle(fd, inode, creds)
+        self._count_handle(creds, 1)
         return info
+
+    def _check_share(self, creds: _Creds | None) -> None:
+        """EMFILE for a user who holds their share of our open files already."""
+        if creds is not None and self._user_handles.get(creds.uid, 0) >= self._user_share:
+            if creds.uid in self._users_at_share:
+                raise FUSEError(errno.EMFILE)
+            # once until the user closes some: a loop of opens is one line
+            self._users_at_share.add(creds.uid)
+            log.warning(
+                "uid %d holds %d open files through the overlay, its share: EMFILE",
+                creds.uid,
+                self._user_share,
+            )
+            raise FUSEError(errno.EMFILE)
+
+    def _count_handle(self, creds: _Creds | None, change: int) -> None:
+        if creds is not None:
+            held = self._user_handles.get(creds.uid, 0) + change
+            if held > 0:
+                self._user_handles[creds.uid] = held
+            else:
+                self._user_handles.pop(creds.uid, None)
+            if held < self._user_share:
+                self._users_at_share.discard(creds.uid)
 
     async def _open_waiting(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
         """Open ``node`` in a thread, where waiting for a lease's holder stops no one."""
@@ -868,6 +906,7 @@ class Overlay(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._inode(parent_inode)
         creds = self._creds(ctx)
+        self._check_share(creds)
         base = _backing_flags(flags) | os.O_NOFOLLOW
         with self._acting(creds):
             try:
@@ -900,6 +939,7 @@ class Overlay(pyfuse3.Operations):
         ino = self._remember(pfd, st, parent_inode, name)
         entry = self._entry(st)
         self._handles[fd] = _Handle(fd, ino, creds)
+        self._count_handle(creds, 1)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
 
     @fuse_handler
@@ -931,7 +971,9 @@ class Overlay(pyfuse3.Operations):
         if fh in self._replay_fhs:
             self._replay_fhs.discard(fh)
             return
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self._count_handle(handle.creds, -1)
         os.close(fh)
 
     # --- replays: the one place that serves without opening a file ------------
