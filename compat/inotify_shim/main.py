@@ -240,6 +240,10 @@ def _mount_and_serve(
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if args.allow_other:
         options.add("allow_other")
+    # what BACKING's mount refuses, the overlay refuses too (FUSE mounts are
+    # nosuid and nodev already): a program there is not run through it
+    if os.statvfs(backing).f_flag & os.ST_NOEXEC:
+        options.add("noexec")
     try:
         pyfuse3.init(overlay, mountpoint, options)
     except RuntimeError as exc:
