@@ -35,21 +35,18 @@ def _loadavg() -> str:
         return "unknown"
 
 
+def _git(*args: str) -> str:
+    """The output of git in this checkout; empty where it fails (no git, no checkout)."""
+    res = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    return res.stdout.strip()
+
+
 def machine() -> dict[str, str]:
     """What the figures were measured on (read at the start of a run)."""
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    changed = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    if commit and changed:
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit and _git("status", "--porcelain", "--untracked-files=no"):
         # the figures are of the files as they were, not of that commit alone
         commit += " with uncommitted changes"
     mem_kib = 0
