@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,45 @@ def test_a_write_through_the_overlay_is_read_back_through_it(mounted) -> None:
     want = b"a" * (SIZE // 2) + b"w" * PAGE + b"a" * (SIZE // 2 - PAGE)
     assert (backing / "f").read_bytes() == want
     assert (mnt / "f").read_bytes() == want
+
+
+# A uid with no passwd entry, and the system's Python (the venv's may sit
+# under a directory that user cannot enter)
+OTHER_UID = 54321
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def test_pages_cached_for_root_are_not_read_by_another_user(tmp_path: Path) -> None:
+    # keep_cache keeps pages per inode, but each open is still made on BACKING
+    # with the opener's rights: another user's open is refused, cache or not
+    need_fuse()
+    if shutil.which("fincore") is None:
+        pytest.skip("fincore not installed (Debian package util-linux-extra)")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} missing: needed to open as another user")
+    top = Path(tempfile.mkdtemp(prefix="shim-cache-", dir="/tmp"))  # tmp_path is 0700
+    try:
+        os.chmod(top, 0o755)
+        backing, mnt = top / "backing", top / "mnt"
+        backing.mkdir()
+        (backing / "secret").write_bytes(b"s" * SIZE)
+        os.chmod(backing / "secret", 0o600)
+        with run_shim(backing, mnt, top / "absent.sock", "--allow-other", "--timeout", "300"):
+            assert (mnt / "secret").read_bytes() == b"s" * SIZE
+            assert _cached_pages(mnt / "secret") == SIZE // PAGE
+            probe = subprocess.run(
+                [SYSTEM_PYTHON, "-I", "-c", f"open({str(mnt / 'secret')!r}, 'rb').read(1)"],
+                user=OTHER_UID,
+                group=OTHER_UID,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=120,
+            )
+            assert probe.returncode != 0
+            assert "PermissionError" in probe.stderr, probe.stderr
+            # and root's pages are still there: the refusal dropped nothing
+            assert _cached_pages(mnt / "secret") == SIZE // PAGE
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
