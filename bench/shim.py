@@ -114,7 +114,7 @@ def _why_seq(
         f"the median of the per-run overlay/BACKING ratios was {paired:.2f}, with BACKING "
         f"at {back_mb_s:,.0f} MB/s; "
     )
-    if folios is not None and folios[0] < folios[1]:
+    if folios is not None and folios[1] >= 2 * folios[0]:
         over_pages, back_pages = folios
         text += (
             f"the page cache held the file in folios of {over_pages:,.1f} page(s) on the "
@@ -755,6 +755,8 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
     mib: dict[tuple[str, str], float] = {}
     # the reading thread's own CPU, by arm, kind and temperature
     reader_cpu: dict[tuple[str, str, str], float] = {}
+    # mean pages per page-cache folio after the last warm sequential pass, by arm
+    folios: dict[str, float | None] = {}
     pid = setup["shim"].proc.pid
     for r in range(cfg.repeats):
         for kind, fn in (("seq", _seq), ("rand", lambda p: _rand(p, offsets))):
@@ -775,13 +777,13 @@ def _throughput(cfg: Config, stage: Stage, setup: dict) -> None:
                         use[key] = use.get(key, Usage()) + (Usage.read(pid) - before)
                         read = size if kind == "seq" else len(offsets) * RAND_CHUNK
                         mib[key] = mib.get(key, 0.0) + read / (1 << 20)
-    # how each page cache holds the file, once all of it is cached
-    for path in paths.values():
-        _seq(path)
-    folios = {arm: _folio_pages(path) for arm, path in paths.items()}
+                if kind == "seq" and r == cfg.repeats - 1:
+                    # the folios the warm pass just read (their size depends on
+                    # how they were read in: measured before any other read)
+                    folios[arm] = _folio_pages(path)
     known_folios = (
         (folios["overlay"], folios["backing"])
-        if folios["overlay"] is not None and folios["backing"] is not None
+        if folios.get("overlay") is not None and folios.get("backing") is not None
         else None
     )
     seq_mib = size / (1 << 20) * cfg.repeats
