@@ -47,6 +47,9 @@ SEQ_CHUNK = 1 << 20
 # seconds; Python's default of 5 ms would delay the event reader behind the accessor
 GIL_SWITCH = 0.0002
 RAND_CHUNK = 4096
+# the share of the machine's CPU left idle above which a read miss is not put
+# down to a lack of CPU
+IDLE_ENOUGH = 0.25
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 SHIM_CPU_TARGET_US = 100  # shim CPU per replayed access
@@ -151,7 +154,17 @@ def _why_seq(
         cap = 1.048576e3 / per_mib
         measured = paired * back_mb_s
         text += f"; at that cost one core serves {cap:,.0f} MB/s"
-        if cap > 1.5 * measured:
+        if reader is not None:
+            over_ms, back_ms = reader
+            total = over_ms + per_mib
+            text += (
+                f"; with the reading thread's own, the overlay cost {total:.2f} ms of CPU per "
+                f"MiB against {back_ms:.2f} for reading BACKING directly, so where the cores are "
+                f"the limit ({use.idle_share():.0%} idle here) it reaches at most "
+                f"{back_ms / total:.2f} of BACKING's rate"
+            )
+        # one core's worth says nothing when no core was free
+        if cap > 1.5 * measured and use.idle_share() >= IDLE_ENOUGH:
             text += (
                 f", well above the overlay's {measured:,.0f}, so the shim's CPU is not what "
                 "holds it back: its requests are served one at a time, each a blocking "
