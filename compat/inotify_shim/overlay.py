@@ -263,6 +263,8 @@ class Overlay(pyfuse3.Operations):
         # inode -> BACKING's _Version of it at the last open served from the
         # page cache: what the kernel's cached pages may hold (close-to-open)
         self._opened: dict[int, _Version] = {}
+        # inode -> BACKING's _Version of it as last described to the kernel
+        self._described: dict[int, _Version] = {}
         # directory handle -> (inode, dir fd, entries snapshot taken at offset 0)
         self._dirs: dict[int, tuple[int, int, list[str]]] = {}
         self._handles: dict[int, _Handle] = {}
@@ -450,6 +452,7 @@ class Overlay(pyfuse3.Operations):
         entry.st_atime_ns = st.st_atime_ns
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
+        self._described[entry.st_ino] = _Version.of(st)
         return entry
 
     def _lookup_entry(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
@@ -534,6 +537,7 @@ class Overlay(pyfuse3.Operations):
                 continue
             del self._inodes[inode]
             self._opened.pop(inode, None)
+            self._described.pop(inode, None)
             if node.fd is not None:
                 os.close(node.fd)
 
@@ -795,9 +799,10 @@ class Overlay(pyfuse3.Operations):
         version = _Version.of(os.fstat(fd))
         changed = self._opened.get(inode) != version
         self._opened[inode] = version
-        if changed:
+        if self._described.get(inode) != version:
             # the kernel's size may be the old one too: make it ask again, so
-            # a read after an append on BACKING gets all of it
+            # a read after an append on BACKING gets all of it; a first open
+            # right after its lookup costs no extra GETATTR
             # (OSError: the inode is not in the kernel's cache, nothing to drop)
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
