@@ -378,14 +378,19 @@ except PermissionError:
     assert stat.S_IMODE(prog.stat().st_mode) == 0o4755
 
 
-def test_one_user_cannot_take_every_open_file_of_the_overlay(top: Path) -> None:  # noqa: F811
-    # Every file opened through the overlay holds one of its fds: a user
-    # with a high enough limit of their own took them all, and every other
-    # user's open failed with EMFILE.
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_one_user_cannot_take_every_open_file_of_the_overlay(top: Path, kind: str) -> None:  # noqa: F811
+    # Every file or directory opened through the overlay holds one of its
+    # fds: a user with a high enough limit of their own took them all, and
+    # every other user's open failed with EMFILE.
     backing, mnt = top / "backing", top / "mnt"
     backing.mkdir()
     (backing / "f").write_text("f")
     os.chmod(backing / "f", 0o644)
+    (backing / "d").mkdir()
+    target, flags = (
+        ("f", "os.O_RDONLY") if kind == "file" else ("d", "os.O_RDONLY | os.O_DIRECTORY")
+    )
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if limit == resource.RLIM_INFINITY or limit > 200_000:
         pytest.skip(f"open-file hard limit {limit}: too many opens for one test")
@@ -395,7 +400,7 @@ resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
 fds = []
 try:
     while len(fds) < {limit} - 16:
-        fds.append(os.open({str(mnt / "f")!r}, os.O_RDONLY))
+        fds.append(os.open({str(mnt / target)!r}, {flags}))
 except OSError as exc:
     print(errno.errorcode[exc.errno], len(fds), flush=True)
 else:

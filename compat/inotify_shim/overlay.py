@@ -267,6 +267,7 @@ class Overlay(pyfuse3.Operations):
         # would leave every other user EMFILE
         self._user_handles: dict[int, int] = {}
         self._users_at_share: set[int] = set()
+        self._dir_creds: dict[int, _Creds | None] = {}
         self._user_share = max(
             _MIN_USER_SHARE, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // _USER_SHARE_DIVISOR
         )
@@ -678,10 +679,15 @@ class Overlay(pyfuse3.Operations):
     @fuse_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._inode(inode)
-        with self._acting(self._creds(ctx)):
+        creds = self._creds(ctx)
+        self._check_share(creds)
+        with self._acting(creds):
             fd = os.open(_proc(self._fd(node)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # the dir fd is unique while open: a handle number nobody else has
         self._dirs[fd] = (inode, fd, [])
+        # an open directory holds one of our fds too: counted in the user's share
+        self._count_handle(creds, 1)
+        self._dir_creds[fd] = creds
         return fd
 
     @fuse_handler
@@ -713,6 +719,7 @@ class Overlay(pyfuse3.Operations):
         entry = self._dirs.pop(fh, None)
         if entry is not None:
             os.close(entry[1])
+            self._count_handle(self._dir_creds.pop(fh, None), -1)
 
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
