@@ -435,3 +435,40 @@ else:
     assert [s[0] for s in stopped] == ["EMFILE", "EMFILE"], stopped
     assert sum(int(s[1]) for s in stopped) < limit // 2, stopped
     assert log.count("its share: EMFILE") == 1, log
+
+
+def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # noqa: F811
+    # A record for a file the overlay never looked up is resolved by walking
+    # BACKING, which stat'ed every directory to see whether it was a mount
+    # point: a hung server mounted under BACKING stopped the walk, and with
+    # it every replay that needed one.
+    backing, mnt, other = top / "backing", top / "mnt", top / "other"
+    backing.mkdir()
+    other.mkdir()
+    (backing / "sub").mkdir()
+    (backing / "plain").write_text("plain")
+    ino = (backing / "plain").stat().st_ino
+    with (
+        run_shim(
+            other,
+            backing / "sub",
+            top / "absent.sock",
+            "--stats-socket",
+            str(top / "nested.stats"),
+            log=top / "nested.log",
+        ) as nested,
+        feeder(top / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path),
+    ):
+        feed.wait_client()
+        os.kill(nested.proc.pid, signal.SIGSTOP)
+        try:
+            feed.send([feed.record(abi.TYPE_OPEN, ino)])
+            doc = wait_for(
+                lambda: d if _settled(d := _shim_stats(mnt)) == 1 else None,
+                EVENT_TIMEOUT,
+                "the record to be replayed while the nested server is stopped",
+            )
+        finally:
+            os.kill(nested.proc.pid, signal.SIGCONT)
+    assert doc["replayed"] == 1, doc
