@@ -472,3 +472,88 @@ def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # 
         finally:
             os.kill(nested.proc.pid, signal.SIGCONT)
     assert doc["replayed"] == 1, doc
+
+
+REFUSALS = r"""
+import errno, json, os, sys
+base = sys.argv[1]
+res = {}
+
+def attempt(name, fn):
+    try:
+        fn()
+        res[name] = "ok"
+    except OSError as exc:
+        res[name] = errno.errorcode[exc.errno]
+
+f = f"{base}/rootfile"
+attempt("open for writing", lambda: os.close(os.open(f, os.O_WRONLY)))
+attempt("open with O_TRUNC", lambda: os.close(os.open(f, os.O_RDONLY | os.O_TRUNC)))
+attempt("open with O_APPEND", lambda: os.close(os.open(f, os.O_WRONLY | os.O_APPEND)))
+attempt("truncate", lambda: os.truncate(f, 0))
+attempt("chmod", lambda: os.chmod(f, 0o666))
+attempt("chown", lambda: os.chown(f, os.getuid(), os.getgid()))
+attempt("utime explicit", lambda: os.utime(f, (1, 1)))
+attempt("utime now", lambda: os.utime(f))
+attempt("setxattr user", lambda: os.setxattr(f, "user.x", b"1"))
+attempt("setxattr trusted", lambda: os.setxattr(f, "trusted.x", b"1"))
+attempt("removexattr user", lambda: os.removexattr(f, "user.root"))
+attempt("hard link", lambda: os.link(f, f"{base}/open/link"))
+attempt("rename into a root dir", lambda: os.rename(f"{base}/open/mine", f"{base}/closed/mine"))
+attempt("unlink in a sticky dir", lambda: os.unlink(f"{base}/sticky/theirs"))
+attempt("rename in a sticky dir", lambda: os.rename(f"{base}/sticky/theirs", f"{base}/sticky/x"))
+new = f"{base}/closed/new"
+attempt("create in a root dir", lambda: os.close(os.open(new, os.O_CREAT | os.O_WRONLY)))
+attempt("mkdir in a root dir", lambda: os.mkdir(f"{base}/closed/newdir"))
+attempt("symlink in a root dir", lambda: os.symlink("x", f"{base}/closed/newlink"))
+attempt("mkfifo in a root dir", lambda: os.mkfifo(f"{base}/closed/fifo"))
+attempt("mknod a device", lambda: os.mknod(f"{base}/open/dev", 0o666 | 0o020000, os.makedev(1, 3)))
+attempt("list a dir without x", lambda: os.listdir(f"{base}/noexec"))
+attempt("stat in a dir without x", lambda: os.stat(f"{base}/noexec/f"))
+attempt("list a dir without r", lambda: os.listdir(f"{base}/noread"))
+attempt("stat in a dir without r", lambda: os.stat(f"{base}/noread/f"))
+attempt("open a dir for writing", lambda: os.close(os.open(f"{base}/open", os.O_WRONLY)))
+attempt("read a 0600 file", lambda: open(f"{base}/noread/f").read())
+print(json.dumps(res))
+"""
+
+
+def test_refusals_through_the_overlay_are_backings(top: Path) -> None:  # noqa: F811
+    # The cases that did not break it: everything BACKING refuses this user
+    # is refused through the overlay with the same errno.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    for side in ("direct", "overlay"):
+        base = backing / side
+        base.mkdir()
+        (base / "rootfile").write_text("root's")
+        os.chmod(base / "rootfile", 0o644)
+        os.setxattr(base / "rootfile", "user.root", b"1")
+        (base / "open").mkdir(mode=0o777)
+        os.chmod(base / "open", 0o777)
+        (base / "open" / "mine").write_text("mine")
+        os.chown(base / "open" / "mine", ATTACKER, ATTACKER)
+        (base / "closed").mkdir()
+        (base / "sticky").mkdir()
+        os.chmod(base / "sticky", 0o1777)
+        (base / "sticky" / "theirs").write_text("theirs")
+        os.chown(base / "sticky" / "theirs", ATTACKER + 1, ATTACKER + 1)
+        os.chmod(base / "sticky" / "theirs", 0o666)
+        for name, mode in (("noexec", 0o744), ("noread", 0o711)):
+            (base / name).mkdir()
+            (base / name / "f").write_text("f")
+            os.chmod(base / name / "f", 0o600)
+            os.chmod(base / name, mode)
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
+        direct = _as_attacker(REFUSALS.replace("sys.argv[1]", repr(str(backing / "direct"))))
+        through = _as_attacker(REFUSALS.replace("sys.argv[1]", repr(str(mnt / "overlay"))))
+        alive = shim.proc.poll() is None
+    assert direct.returncode == 0, direct.stderr
+    assert through.returncode == 0, through.stderr
+    want, got = json.loads(direct.stdout), json.loads(through.stdout)
+    assert got == want
+    assert alive
+    # nothing was allowed but what r or x alone allow
+    assert set(want.values()) - {"EACCES", "EPERM", "EISDIR"} <= {"ok"}, want
+    allowed = [k for k, v in want.items() if v == "ok"]
+    assert allowed == ["list a dir without x", "stat in a dir without r"], want
