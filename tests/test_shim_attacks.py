@@ -18,12 +18,18 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
 from shim_support import EVENT_TIMEOUT, START_TIMEOUT, feeder, need_fuse, run_shim, wait_for
 from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noqa: F401
 
+from compat.inotify_shim.overlay import Overlay
+from compat.inotify_shim.replay import Announce, ReplayThreads
 from notifyd import abi, libc
 
 SECRET = "TOPSECRET"
@@ -557,3 +563,31 @@ def test_refusals_through_the_overlay_are_backings(top: Path) -> None:  # noqa: 
     assert set(want.values()) - {"EACCES", "EPERM", "EISDIR"} <= {"ok"}, want
     allowed = [k for k, v in want.items() if v == "ok"]
     assert allowed == ["list a dir without x", "stat in a dir without r"], want
+
+
+def test_an_announcing_replay_thread_never_makes_a_directory(tmp_path: Path) -> None:
+    # A replay thread makes its "mkdir" through the mount to announce a
+    # directory made on BACKING, and the overlay answers it without touching
+    # BACKING, if the parent and name are the ones announced.  Should a
+    # rename on BACKING put another directory (a root-only one the user
+    # moved there) on the thread's way, its mkdir was made for real, as
+    # root, mode 0777.  The overlay's own method, with a stand-in request.
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    threads = ReplayThreads()
+    overlay = Overlay(str(backing), threads)
+    ctx = types.SimpleNamespace(uid=0, gid=0, pid=threading.get_native_id(), umask=0)
+    threads.announce(Announce(parent=12345, name=b"b", ino=67890))
+
+    async def mkdir() -> int:
+        try:
+            await overlay.mkdir(pyfuse3.ROOT_INODE, b"b", 0o777, ctx)  # type: ignore[arg-type]
+        except pyfuse3.FUSEError as exc:
+            return exc.errno
+        return 0
+
+    try:
+        assert trio.run(mkdir) == errno.ESTALE
+    finally:
+        threads.announced(67890)
+    assert not (backing / "b").exists()

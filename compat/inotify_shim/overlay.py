@@ -739,6 +739,11 @@ class Overlay(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if self._announced_name(parent_inode, name, ctx):
             return self._mkdir_announced(parent_inode, name)
+        if self.replay_threads.announcing(ctx.pid) is not None:
+            # a replay thread (root) whose walk met another directory than
+            # the one it announces (renamed on BACKING meanwhile): it never
+            # makes a directory on BACKING
+            raise FUSEError(errno.ESTALE)
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
             os.mkdir(name, mode & ~ctx.umask, dir_fd=self._fd(parent))
