@@ -27,11 +27,13 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -54,6 +56,8 @@ __all__ = ["Forwarder", "Identity", "build_parser", "identify", "main", "parse_a
 
 log = logging.getLogger("scoutfs-notify-forward")
 
+_SEQ_AT = struct.Struct("<Q").unpack_from
+
 # Records held while NATS is slow or away: 64 MiB of records.
 DEFAULT_BACKLOG = 1 << 20
 # Records per message at most: 128 KiB, well under NATS's 1 MiB max_payload.
@@ -65,6 +69,12 @@ DEFAULT_MAX_AGE = "7d"
 DUPLICATE_WINDOW = 120.0
 # How long one publish waits for its ack before it is re-sent.
 PUBLISH_TIMEOUT = 5.0
+# Messages published before the first of them is acknowledged: one ack per
+# round trip caps a node at MAX_BATCH_RECORDS records per round trip.
+PUBLISH_WINDOW = 8
+# JetStream's refusal of a Nats-Expected-Last-Subject-Sequence that does not hold.
+HDR_EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
+ERR_WRONG_LAST_SEQ = 10071
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
 # Messages read from the daemon's socket before the publisher gets a turn.
@@ -173,6 +183,9 @@ class Counters:
     lost_daemon: int = 0
     lost_reported: int = 0
     duplicates: int = 0
+    # unacknowledged messages that a later message of ours overtook in the
+    # stream (a dropped connection): dropped, consumers see the seq gap
+    lost_unordered: int = 0
 
 
 @dataclass
@@ -181,6 +194,23 @@ class _Item:
     first: int
     last: int
     payload: bytes
+
+
+@dataclass
+class _Out:
+    """One message published or being published."""
+
+    epoch: str
+    first: int
+    last: int
+    payload: bytes
+    count: int
+    lost: int
+    hdrs: dict[str, str]
+    sent: float = 0.0
+    # the ack's future (nats-py publish_async); None when handing it over failed
+    ack: asyncio.Future[api.PubAck] | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -199,6 +229,10 @@ class Forwarder:
     last_seq: int | None = None
     # --metrics: called with the seconds from each publish to its ack
     observe_publish: Callable[[float], None] | None = None
+    # messages published and not yet acknowledged, at most
+    window: int = PUBLISH_WINDOW
+    # the stream seq of this node's last message known to be stored (0: none)
+    last_stream_seq: int = 0
 
     def __post_init__(self) -> None:
         self.backlog: collections.deque[_Item] = collections.deque()
@@ -209,6 +243,15 @@ class Forwarder:
         # the last record received from the daemon, for lost_daemon
         self._recv_epoch: str | None = None
         self._recv_seq = 0
+        self._inflight: collections.deque[_Out] = collections.deque()
+        self._settling = False
+        # the chunk the socket is read into: the next message's payload
+        self._chunk_size = self.max_batch * abi.RECORD_SIZE
+        self._chunk = bytearray(self._chunk_size)
+        self._view = memoryview(self._chunk)
+        self._used = 0
+        self._chunk_epoch = ""
+        self._chunk_first = self._chunk_last = 0
 
     async def resume_point(self) -> None:
         """Read the last message the stream holds from this node."""
@@ -225,6 +268,7 @@ class Forwarder:
             log.warning("last message of %s has no %s header", self.ident.subject, wire.HDR_SEQ)
             return
         self.last_epoch, self.last_seq = hdrs.get(wire.HDR_EPOCH), last
+        self.last_stream_seq = msg.seq or 0
         log.info(
             "the stream holds %s up to seq %d (epoch %s)", self.ident.subject, last, self.last_epoch
         )
@@ -274,7 +318,8 @@ class Forwarder:
         the intake at a few thousand messages a second.  The publisher gets
         the loop every READ_BURST messages.
         """
-        recv = sock.recv
+        recv_into = sock.recv_into
+        room = abi.MAX_MESSAGE_BYTES
         while True:
             ready = loop.create_future()
             loop.add_reader(sock.fileno(), _wake, ready)
@@ -283,23 +328,41 @@ class Forwarder:
             finally:
                 loop.remove_reader(sock.fileno())
             for _ in range(READ_BURST):
+                if self._chunk_size - self._used < room:
+                    self._close_chunk()
                 try:
-                    msg = recv(abi.MAX_MESSAGE_BYTES)
+                    n = recv_into(self._view[self._used :], room)
                 except BlockingIOError:
                     break
-                if not msg:
+                if not n:
                     return
-                self._take(epoch, msg)
+                self._took(epoch, n)
             else:
                 await asyncio.sleep(0)
 
     def _take(self, epoch: str, msg: bytes) -> None:
-        try:
-            first, last = abi.seq_range(msg)
-        except abi.ABIError as exc:
-            log.error("skipping a malformed message from the daemon: %s", exc)
+        """Take one message given as bytes (the socket path reads into the chunk)."""
+        if self._chunk_size - self._used < len(msg):
+            self._close_chunk()
+        self._chunk[self._used : self._used + len(msg)] = msg
+        self._took(epoch, len(msg))
+
+    def _took(self, epoch: str, size: int) -> None:
+        """Account for the message of ``size`` bytes just written at the chunk's end.
+
+        Records go straight into the chunk that becomes a message's payload:
+        no object per socket message, and no join of many small payloads.
+        """
+        at = self._used
+        if size % abi.RECORD_SIZE or not size:
+            log.error(
+                "skipping a malformed message from the daemon: %d bytes, not whole records", size
+            )
             return
-        n = len(msg) // abi.RECORD_SIZE
+        unpack = _SEQ_AT
+        first = unpack(self._chunk, at)[0]
+        last = unpack(self._chunk, at + size - abi.RECORD_SIZE)[0]
+        n = size // abi.RECORD_SIZE
         self.counters.received += n
         if epoch == self._recv_epoch and first > self._recv_seq + 1:
             self.counters.lost_daemon += first - self._recv_seq - 1
@@ -316,12 +379,37 @@ class Forwarder:
             return
         if self._dropping and self.backlog_records < self.backlog_limit // 2:
             self._dropping = False
-        self.backlog.append(_Item(epoch, first, last, msg))
+        if at and (epoch != self._chunk_epoch or first != self._chunk_last + 1):
+            # not contiguous with the chunk: the chunk ends before this message
+            msg = bytes(self._view[at : at + size])
+            self._close_chunk()
+            self._chunk[:size] = msg
+            at = 0
+        if not at:
+            self._chunk_epoch, self._chunk_first = epoch, first
+        self._chunk_last = last
+        self._used = at + size
         self.backlog_records += n
         self.wakeup.set()
 
+    def _new_chunk(self) -> None:
+        self._chunk = bytearray(self._chunk_size)
+        self._view = memoryview(self._chunk)
+        self._used = 0
+
+    def _close_chunk(self) -> None:
+        """Queue what the chunk holds as one message and start a new chunk."""
+        if self._used:
+            payload = bytes(self._view[: self._used])
+            self.backlog.append(
+                _Item(self._chunk_epoch, self._chunk_first, self._chunk_last, payload)
+            )
+        self._new_chunk()
+
     def _next_batch(self) -> tuple[str, int, int, bytes, int]:
         """Pop contiguous messages of one epoch: (epoch, first, last, payload, count)."""
+        if not self.backlog:
+            self._close_chunk()
         head = self.backlog.popleft()
         parts, epoch, first, last = [head.payload], head.epoch, head.first, head.last
         count = len(head.payload) // abi.RECORD_SIZE
@@ -335,74 +423,253 @@ class Forwarder:
             last = nxt.last
             count += n
         self.backlog_records -= count
-        return epoch, first, last, b"".join(parts), count
+        return epoch, first, last, parts[0] if len(parts) == 1 else b"".join(parts), count
 
-    async def publish_forever(self) -> None:
-        while True:
-            if not self.backlog:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            await self.publish_one()
+    def _pending(self) -> bool:
+        """Records wait for publishing: queued messages or a partly filled chunk."""
+        return bool(self.backlog) or self._used > 0
 
-    async def publish_one(self) -> None:
+    def _next_out(self) -> _Out:
+        """The next message to publish, its Lost header set against the one before."""
         epoch, first, last, payload, count = self._next_batch()
         lost = 0
         if self.last_epoch == epoch and self.last_seq is not None and first > self.last_seq + 1:
             lost = first - self.last_seq - 1
+        elif self.last_epoch is not None and self.last_epoch != epoch and first > 1:
+            # a new seq space (remount, daemon restart) that a forwarder of this
+            # node published before: its records below ``first`` were made
+            # before we were connected to the new daemon, and are lost
+            lost = first - 1
+        self.last_epoch, self.last_seq = epoch, last
         hdrs = wire.headers_for(self.ident.fsid, self.ident.node, epoch, first, last, lost)
-        failing = False
+        return _Out(epoch, first, last, payload, count, lost, hdrs)
+
+    async def _send(self, out: _Out) -> None:
+        """Hand one message to nats-py without waiting for its ack."""
+        out.sent = time.monotonic()
+        try:
+            out.ack = await self.js.publish_async(
+                self.ident.subject, out.payload, stream=self.stream, headers=dict(out.hdrs)
+            )
+        except _NATS_ERRORS as exc:
+            out.ack = None
+            out.error = exc
+
+    async def publish_forever(self) -> None:
+        """Publish the backlog until cancelled; see :meth:`_pump`."""
+        await self._pump(until_empty=False)
+
+    async def drain(self, seconds: float) -> bool:
+        """Publish what the backlog and the window hold, for at most ``seconds``."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._pump(until_empty=True)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _pump(self, until_empty: bool) -> None:
+        """Keep up to ``window`` messages in flight, acked in order.
+
+        Why a window keeps the stream in order and exactly once (docs/ABI.md
+        section 6, "Publishing"): the messages go out in order on one
+        connection, and the server stores a connection's messages in the order
+        it reads them, so what it stored of a window is an in-order
+        subsequence of it.  While every ack comes, in order, nothing is
+        missing.  The first failed or late ack ends the window: the rest of it
+        is settled one message at a time by :meth:`_settle`, which never lets
+        a message land after a later one of this node.
+        """
+        inflight = self._inflight
         while True:
-            log.debug("publishing seq %d-%d (%d records, lost %d)", first, last, count, lost)
+            if self._settling:
+                await self._settle()
+                continue
+            while self._pending() and len(inflight) < self.window:
+                out = self._next_out()
+                inflight.append(out)
+                await self._send(out)
+            if not inflight:
+                if until_empty:
+                    return
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            head = inflight[0]
+            if head.ack is None:
+                self._fail(head)
+                continue
+            waiters: set[asyncio.Future[Any]] = {head.ack}
+            wake: asyncio.Task[bool] | None = None
+            if len(inflight) < self.window and not until_empty:
+                self.wakeup.clear()
+                wake = asyncio.ensure_future(self.wakeup.wait())
+                waiters.add(wake)
+            remaining = head.sent + PUBLISH_TIMEOUT - time.monotonic()
+            await asyncio.wait(
+                waiters, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
+            )
+            if wake is not None:
+                wake.cancel()
+            if head.ack.done():
+                try:
+                    ack = head.ack.result()
+                except _NATS_ERRORS as exc:
+                    head.error = exc
+                    self._fail(head)
+                    continue
+                inflight.popleft()
+                self._confirmed(head, ack)
+            elif time.monotonic() >= head.sent + PUBLISH_TIMEOUT:
+                head.error = TimeoutError()
+                self._fail(head)
+
+    def _fail(self, head: _Out) -> None:
+        """The window broke at ``head``: forget the other acks, settle one by one."""
+        log.warning(
+            "publishing seq %d-%d failed (%s); re-sending %d messages one at a time, "
+            "%d records in the backlog",
+            head.first,
+            head.last,
+            str(head.error) or type(head.error).__name__,
+            len(self._inflight),
+            self.backlog_records,
+        )
+        for out in self._inflight:
+            if out.ack is not None and not out.ack.done():
+                out.ack.cancel()
+        self._settling = True
+
+    async def _settle(self) -> None:
+        """Publish the unacknowledged messages one at a time, never out of order.
+
+        Each re-send carries ``Nats-Expected-Last-Subject-Sequence``: the
+        stream seq of this node's last message we know is stored, so the
+        server stores it only directly after that one.  A refusal means a
+        later message of ours got in first (a connection dropped between two
+        messages of the window and nats-py sent the later one on the new
+        connection), or this message itself is stored (the server checks the
+        expectation before the duplicate id): the message after our last
+        known one tells which.  A message that cannot go in order anymore is
+        dropped, and consumers see its records as a seq gap (GAP lost=N),
+        never as records out of order.
+        """
+        inflight = self._inflight
+        failing = False
+        while inflight:
+            out = inflight[0]
+            done = out.ack is not None and out.ack.done() and not out.ack.cancelled()
+            if done and out.ack is not None and out.ack.exception() is None:
+                # acked before the window broke: stored, after everything before it
+                inflight.popleft()
+                self._confirmed(out, out.ack.result())
+                continue
+            hdrs = dict(out.hdrs)
+            hdrs[HDR_EXPECT_LAST] = str(self.last_stream_seq)
             sent = time.monotonic()
             try:
                 ack = await self.js.publish(
                     self.ident.subject,
-                    payload,
+                    out.payload,
                     timeout=PUBLISH_TIMEOUT,
                     stream=self.stream,
                     headers=hdrs,
                 )
             except _NATS_ERRORS as exc:
+                err: BaseException = exc
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == ERR_WRONG_LAST_SEQ:
+                    try:
+                        placed = await self._probe(out)
+                    except _NATS_ERRORS as exc2:
+                        err = exc2
+                    else:
+                        if placed is not None:
+                            inflight.popleft()
+                            self._placed_or_not(out, placed)
+                        continue
                 if not failing:
                     log.warning(
-                        "publishing seq %d-%d failed (%s); retrying, %d records in the backlog",
-                        first,
-                        last,
-                        str(exc) or type(exc).__name__,
-                        self.backlog_records + count,
+                        "re-sending seq %d-%d failed (%s); retrying",
+                        out.first,
+                        out.last,
+                        str(err) or type(err).__name__,
                     )
                     failing = True
                 await asyncio.sleep(RETRY_DELAY)
                 continue
-            break
+            inflight.popleft()
+            out.sent = sent
+            self._confirmed(out, ack)
+        self._settling = False
+        log.info(
+            "published every unacknowledged message; publishing %d at a time again", self.window
+        )
+
+    def _placed_or_not(self, out: _Out, placed: bool) -> None:
+        if placed:
+            self.counters.duplicates += 1
+            self._record_published(out)
+            return
+        self.counters.lost_unordered += out.count
+        log.warning(
+            "seq %d-%d of %s cannot be stored in order anymore (a later message got in "
+            "first): dropped, consumers see a gap of %d records",
+            out.first,
+            out.last,
+            self.ident.node,
+            out.count,
+        )
+
+    async def _probe(self, out: _Out) -> bool | None:
+        """After a refused re-send: is ``out`` stored (True), or can it not be (False)?
+
+        None: our last known message is gone (stream limits), so the
+        expectation is renewed from the subject's last message.
+        """
+        try:
+            msg = await self.js.get_msg(
+                self.stream, seq=self.last_stream_seq + 1, subject=self.ident.subject, next=True
+            )
+        except nats.js.errors.NotFoundError:
+            msg = None
+        if msg is None or msg.seq is None:
+            last = await self.js.get_last_msg(self.stream, self.ident.subject)
+            self.last_stream_seq = last.seq or 0
+            return None
+        hdrs = msg.headers or {}
+        if hdrs.get(wire.HDR_MSG_ID) == out.hdrs[wire.HDR_MSG_ID]:
+            self.last_stream_seq = msg.seq
+            return True
+        return False
+
+    def _confirmed(self, out: _Out, ack: api.PubAck) -> None:
         if self.observe_publish is not None:
-            self.observe_publish(time.monotonic() - sent)
-        if failing:
-            log.info("published seq %d-%d after retrying", first, last)
+            self.observe_publish(time.monotonic() - out.sent)
         if ack.duplicate:
             self.counters.duplicates += 1
-        if lost:
-            self.counters.lost_reported += lost
+        elif ack.seq <= self.last_stream_seq:
+            # cannot happen by the argument in _pump; say so loudly if it does
+            log.error(
+                "seq %d-%d was stored at stream seq %d, before our last (%d): out of order",
+                out.first,
+                out.last,
+                ack.seq,
+                self.last_stream_seq,
+            )
+        self.last_stream_seq = max(self.last_stream_seq, ack.seq)
+        self._record_published(out)
+
+    def _record_published(self, out: _Out) -> None:
+        if out.lost:
+            self.counters.lost_reported += out.lost
             log.warning(
                 "published a loss marker: %d records of %s lost before seq %d",
-                lost,
+                out.lost,
                 self.ident.node,
-                first,
+                out.first,
             )
-        self.counters.published += count
+        self.counters.published += out.count
         self.counters.messages += 1
-        self.last_epoch, self.last_seq = epoch, last
-
-    async def drain(self, seconds: float) -> bool:
-        """Publish what the backlog holds, for at most ``seconds``."""
-        try:
-            async with asyncio.timeout(seconds):
-                while self.backlog:
-                    await self.publish_one()
-        except TimeoutError:
-            return False
-        return True
 
 
 async def ensure_stream(
