@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from notifyd import abi
+from notifyd.paths import stats_path_for
+from notifyd.peer import peer_cred
 
 from .config import ROOT, Config
 from .figures import Figure, Stage, median
@@ -119,8 +121,22 @@ def feed(path: str, records: int) -> int:
         msgs.append(
             b"".join(pack(s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
         )
+    # the forwarder is ready once the daemon's stats list its connection
+    clients: list[dict[str, int]] = []
+    ssock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ssock.bind(os.fspath(stats_path_for(path)))
+    ssock.listen(8)
+
+    def serve_stats() -> None:
+        while True:
+            c, _ = ssock.accept()
+            with c:
+                c.sendall(json.dumps({"clients": clients}).encode())
+
+    threading.Thread(target=serve_stats, daemon=True).start()
     print("listening", flush=True)
     conn, _ = lsock.accept()
+    clients.append({"pid": peer_cred(conn)[0]})
     sys.stdin.readline()
     for m in msgs:
         conn.sendall(m)

@@ -1,17 +1,15 @@
-"""The forwarder's publishing window against a real nats-server (2.15).
+"""The forwarder's atomic batches against a real nats-server (2.15).
 
-The window (several messages awaiting their acks) must keep each node's
-records in order and once in the stream.  These tests put the stream in the
-states a dropped connection can leave behind (a message stored or not, a
-later one stored before it) and check what the forwarder's one-at-a-time
-settling makes of them: the unit is the publisher, so it is driven in this
-process with a real JetStream, without a daemon.
+Several messages per ack (an atomic batch) must keep each node's records in
+order and once in the stream.  These tests put the stream in the states a
+lost ack or a dead server leave behind and check what the forwarder makes of
+them: the unit is the publisher, so it is driven in this process with a real
+JetStream, without a daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 from pathlib import Path
 
 import nats
@@ -52,9 +50,16 @@ async def stored(js, subject: str = SUBJECT) -> list[tuple[int, str]]:  # type: 
 async def setup(url: str):  # type: ignore[no-untyped-def]
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await ensure_stream(js, STREAM, SUBJECT, 1 << 28, 0, 1)
+    atomic = await ensure_stream(js, STREAM, SUBJECT, 1 << 28, 0, 1)
+    assert atomic  # nats-server 2.15 takes atomic batches
     fwd = Forwarder(
-        js, Identity(FSID, NODE, False), Path("/nonexistent"), STREAM, max_batch=64, window=4
+        js,
+        Identity(FSID, NODE, False),
+        Path("/nonexistent"),
+        STREAM,
+        max_batch=64,
+        window=4,
+        atomic=atomic,
     )
     fwd._recv_epoch = "e1"
     return nc, js, fwd
@@ -83,6 +88,7 @@ def test_window_publishes_everything_in_order_once(tmp_path: Path) -> None:
             assert [h for _, h in got] == [f"{s}-{s + 63}" for s in range(1, 64 * 40, 64)]
             assert fwd.counters.published == 64 * 40
             assert fwd.counters.duplicates == 0
+            assert fwd.counters.messages == 40
             assert fwd.last_stream_seq == got[-1][0]
 
         run(server, body)
@@ -90,63 +96,55 @@ def test_window_publishes_everything_in_order_once(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_settling_drops_a_message_a_later_one_overtook(tmp_path: Path) -> None:
-    """m1's connection dropped, m2 went out on the next one and is stored: m1
-    can no longer go in order, so it is dropped (consumers see the gap) and
-    m2 is not stored twice."""
+def test_a_batch_stored_without_an_ack_is_not_stored_again(tmp_path: Path) -> None:
+    """The batch was committed but its ack was lost: the same messages again
+    are refused as duplicates, the forwarder counts them published once."""
     server = NatsServer(tmp_path, "n1")
     server.start()
     try:
 
         async def body(js, fwd: Forwarder) -> None:  # type: ignore[no-untyped-def]
-            feed(fwd, 1, 64)
-            assert await fwd.drain(30)  # m0: the last message known stored
-            feed(fwd, 65, 192)
-            m1, m2 = fwd._next_out(), fwd._next_out()
-            # what the lost connection left: m2 stored, m1 not
-            await js.publish(SUBJECT, m2.payload, headers=dict(m2.hdrs))
-            fwd._inflight = collections.deque([m1, m2])
-            fwd._settling = True
-            feed(fwd, 193, 256)
+            feed(fwd, 1, 64 * 3)
+            batch = [fwd._next_out() for _ in range(3)]
+            # the first attempt, whose ack the forwarder never saw
+            stored_at, dup = await fwd._publish_atomic(batch)
+            assert not dup
+            fwd._inflight = batch
+            feed(fwd, 64 * 3 + 1, 64 * 4)
             assert await fwd.drain(30)
-            got = [h for _, h in await stored(js)]
-            assert got == ["1-64", "129-192", "193-256"]
-            assert fwd.counters.lost_unordered == 64
-            assert fwd.counters.duplicates == 1  # m2's re-send
+            got = await stored(js)
+            assert [h for _, h in got] == ["1-64", "65-128", "129-192", "193-256"]
+            assert got[2][0] == stored_at
+            assert fwd.counters.duplicates == 3
+            assert fwd.counters.published == 256
 
         run(server, body)
     finally:
         server.stop()
 
 
-def test_settling_confirms_messages_stored_without_an_ack(tmp_path: Path) -> None:
-    """Both messages of the window were stored but no ack came: the re-sends
-    are refused or dropped as duplicates, nothing is stored twice or lost."""
+def test_a_stream_without_atomic_batches_gets_one_message_at_a_time(tmp_path: Path) -> None:
     server = NatsServer(tmp_path, "n1")
     server.start()
     try:
 
         async def body(js, fwd: Forwarder) -> None:  # type: ignore[no-untyped-def]
-            feed(fwd, 1, 128)
-            m1, m2 = fwd._next_out(), fwd._next_out()
-            for m in (m1, m2):
-                await js.publish(SUBJECT, m.payload, headers=dict(m.hdrs))
-            fwd._inflight = collections.deque([m1, m2])
-            fwd._settling = True
+            fwd.atomic = False
+            feed(fwd, 1, 64 * 10)
             assert await fwd.drain(30)
-            assert [h for _, h in await stored(js)] == ["1-64", "65-128"]
-            assert fwd.counters.lost_unordered == 0
-            assert fwd.counters.published == 128
-            assert fwd.counters.duplicates == 2
+            assert [h for _, h in await stored(js)] == [
+                f"{s}-{s + 63}" for s in range(1, 64 * 10, 64)
+            ]
+            assert fwd.counters.messages == 10
 
         run(server, body)
     finally:
         server.stop()
 
 
-def test_a_window_broken_by_a_dead_server_resumes_in_order(tmp_path: Path) -> None:
-    """The server dies with messages in flight and comes back on the same port:
-    every record ends up in the stream once, in order, or counted as lost."""
+def test_a_batch_broken_by_a_dead_server_is_stored_once_in_order(tmp_path: Path) -> None:
+    """The server dies with batches in flight and comes back on the same port:
+    every record ends up in the stream exactly once, in order."""
     server = NatsServer(tmp_path, "n1")
     server.start()
     try:
@@ -154,20 +152,17 @@ def test_a_window_broken_by_a_dead_server_resumes_in_order(tmp_path: Path) -> No
         async def body(js, fwd: Forwarder) -> None:  # type: ignore[no-untyped-def]
             acked = asyncio.Event()
             fwd.observe_publish = lambda _s: acked.set()
-            feed(fwd, 1, 64 * 20)
+            feed(fwd, 1, 64 * 40)
             pump = asyncio.create_task(fwd.publish_forever())
             await asyncio.wait_for(acked.wait(), 30)
             server.kill()
-            feed(fwd, 64 * 20 + 1, 64 * 40)
-            await asyncio.sleep(0.5)
+            feed(fwd, 64 * 40 + 1, 64 * 80)
             server.start()
             pump.cancel()
             assert await fwd.drain(60)
             heads = [h for _, h in await stored(js)]
-            firsts = [int(h.split("-")[0]) for h in heads]
-            assert firsts == sorted(set(firsts)), heads
-            kept = sum(int(h.split("-")[1]) - int(h.split("-")[0]) + 1 for h in heads)
-            assert kept + fwd.counters.lost_unordered == 64 * 40
+            assert heads == [f"{s}-{s + 63}" for s in range(1, 64 * 80, 64)]
+            assert fwd.counters.published == 64 * 80
 
         run(server, body)
     finally:

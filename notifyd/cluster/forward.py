@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -30,10 +31,10 @@ import socket
 import struct
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -42,7 +43,9 @@ from nats.js import JetStreamContext, api
 
 from .. import abi, ioctls, paths
 from ..metrics import ForwardMetrics, MetricsServer, listen_arg
+from ..peer import UntrustedPeerError, peer_cred
 from ..sdnotify import sd_notify
+from ..stats import read_stats
 from . import wire
 from .server import (
     ClusterError,
@@ -50,6 +53,7 @@ from .server import (
     add_connection_args,
     connect,
     credentials_from_args,
+    version_tuple,
 )
 
 __all__ = ["Forwarder", "Identity", "build_parser", "identify", "main", "parse_args"]
@@ -69,16 +73,21 @@ DEFAULT_MAX_AGE = "7d"
 DUPLICATE_WINDOW = 120.0
 # How long one publish waits for its ack before it is re-sent.
 PUBLISH_TIMEOUT = 5.0
-# Messages published before the first of them is acknowledged: one ack per
-# round trip caps a node at MAX_BATCH_RECORDS records per round trip.
+# Messages per atomic batch (one ack per batch): one ack per message caps a
+# node at MAX_BATCH_RECORDS records per round trip.  8 x 128 KiB.
 PUBLISH_WINDOW = 8
-# JetStream's refusal of a Nats-Expected-Last-Subject-Sequence that does not hold.
-HDR_EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
-ERR_WRONG_LAST_SEQ = 10071
+# JetStream's atomic batch publish (nats-server 2.12, ADR-50).
+HDR_BATCH_ID = "Nats-Batch-Id"
+HDR_BATCH_SEQ = "Nats-Batch-Sequence"
+HDR_BATCH_COMMIT = "Nats-Batch-Commit"
+ERR_BATCH_DUPLICATE = 10201
+ATOMIC_SERVER_VERSION = (2, 12, 0)
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
 # Messages read from the daemon's socket before the publisher gets a turn.
 READ_BURST = 1024
+# Between looks at the daemon's stats for our connection (see _wait_accepted).
+ACCEPT_POLL = 0.05
 # Reconnect backoff to the local daemon's socket.
 DAEMON_BACKOFF_MIN = 0.1
 DAEMON_BACKOFF_MAX = 5.0
@@ -161,9 +170,31 @@ def identify(path: str, socket_path: Path, fsid: str | None, node: str | None) -
         raise ClusterError(str(exc)) from None
 
 
-def socket_epoch(socket_path: Path) -> str:
-    """The fanotify source's seq space: its socket, made anew by each daemon."""
-    return f"{os.stat(socket_path).st_ctime_ns:x}"
+def daemon_epoch(sock: socket.socket) -> str:
+    """The fanotify source's seq space: the daemon process serving ``sock``.
+
+    Each fanotify daemon numbers its records from 1, so its seq space is the
+    process: the boot, its pid and its start time (the pid alone is reused).
+    Not the socket's ctime: a daemon binds its socket again when it was
+    removed, and that must not look like a new seq space.
+
+    Raises:
+        OSError: the daemon is gone already.
+    """
+    pid = peer_cred(sock)[0]
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        # field 22, starttime; the fields after the command's ")" start at 3
+        start = int(f.read().rpartition(")")[2].split()[19])
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        boot = f.read().strip().replace("-", "")[:12]
+    return f"{boot}-{pid:x}-{start:x}"
+
+
+def _listed(doc: dict[str, object], pid: int) -> bool:
+    clients = doc.get("clients")
+    return isinstance(clients, list) and any(
+        isinstance(c, dict) and c.get("pid") == pid for c in clients
+    )
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -183,9 +214,6 @@ class Counters:
     lost_daemon: int = 0
     lost_reported: int = 0
     duplicates: int = 0
-    # unacknowledged messages that a later message of ours overtook in the
-    # stream (a dropped connection): dropped, consumers see the seq gap
-    lost_unordered: int = 0
 
 
 @dataclass
@@ -198,7 +226,7 @@ class _Item:
 
 @dataclass
 class _Out:
-    """One message published or being published."""
+    """One message of the batch being published."""
 
     epoch: str
     first: int
@@ -207,10 +235,6 @@ class _Out:
     count: int
     lost: int
     hdrs: dict[str, str]
-    sent: float = 0.0
-    # the ack's future (nats-py publish_async); None when handing it over failed
-    ack: asyncio.Future[api.PubAck] | None = None
-    error: BaseException | None = None
 
 
 @dataclass
@@ -229,8 +253,9 @@ class Forwarder:
     last_seq: int | None = None
     # --metrics: called with the seconds from each publish to its ack
     observe_publish: Callable[[float], None] | None = None
-    # messages published and not yet acknowledged, at most
+    # messages per atomic batch, when the stream allows atomic batches
     window: int = PUBLISH_WINDOW
+    atomic: bool = False
     # the stream seq of this node's last message known to be stored (0: none)
     last_stream_seq: int = 0
 
@@ -243,8 +268,8 @@ class Forwarder:
         # the last record received from the daemon, for lost_daemon
         self._recv_epoch: str | None = None
         self._recv_seq = 0
-        self._inflight: collections.deque[_Out] = collections.deque()
-        self._settling = False
+        # the batch being published, until the stream holds it
+        self._inflight: list[_Out] = []
         # the chunk the socket is read into: the next message's payload
         self._chunk_size = self.max_batch * abi.RECORD_SIZE
         self._chunk = bytearray(self._chunk_size)
@@ -283,7 +308,7 @@ class Forwarder:
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, os.fspath(self.socket_path))
-                epoch = self.ident.node if self.ident.scoutfs else socket_epoch(self.socket_path)
+                epoch = self.ident.node if self.ident.scoutfs else daemon_epoch(sock)
             except OSError as exc:
                 sock.close()
                 if exc.errno != logged:
@@ -295,8 +320,8 @@ class Forwarder:
                 backoff = min(backoff * 2, DAEMON_BACKOFF_MAX)
                 continue
             log.info("subscribed to %s (epoch %s)", self.socket_path, epoch)
-            self.connected.set()
             backoff, logged = DAEMON_BACKOFF_MIN, None
+            accepted = asyncio.create_task(self._wait_accepted())
             try:
                 await self._drain_socket(loop, sock, epoch)
             except OSError as exc:
@@ -304,9 +329,35 @@ class Forwarder:
             else:
                 log.warning("scoutfs-notifyd closed %s; reconnecting", self.socket_path)
             finally:
+                accepted.cancel()
                 sock.close()
             self.connected.clear()
             await asyncio.sleep(backoff)
+
+    async def _wait_accepted(self) -> None:
+        """Set ``connected`` once the daemon has accepted our connection.
+
+        connect() returns as soon as the connection waits in the daemon's
+        listen queue, before the daemon serves it; the daemon's stats socket
+        lists the clients it accepted, with their pids.  A record from the
+        daemon proves it too (:meth:`_took`).
+        """
+        stats = os.fspath(paths.stats_path_for(self.socket_path))
+        pid = os.getpid()
+        logged = False
+        while not self.connected.is_set():
+            try:
+                doc = await asyncio.to_thread(read_stats, stats, ACCEPT_POLL * 10)
+            except (OSError, ValueError, UntrustedPeerError) as exc:
+                if not logged:
+                    log.warning("cannot read the daemon's stats at %s yet (%s)", stats, exc)
+                    logged = True
+            else:
+                if _listed(doc, pid):
+                    log.info("scoutfs-notifyd accepted our connection")
+                    self.connected.set()
+                    return
+            await asyncio.sleep(ACCEPT_POLL)
 
     async def _drain_socket(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, epoch: str
@@ -391,6 +442,8 @@ class Forwarder:
         self._used = at + size
         self.backlog_records += n
         self.wakeup.set()
+        if not self.connected.is_set():
+            self.connected.set()  # a record: the daemon serves us
 
     def _new_chunk(self) -> None:
         self._chunk = bytearray(self._chunk_size)
@@ -444,23 +497,12 @@ class Forwarder:
         hdrs = wire.headers_for(self.ident.fsid, self.ident.node, epoch, first, last, lost)
         return _Out(epoch, first, last, payload, count, lost, hdrs)
 
-    async def _send(self, out: _Out) -> None:
-        """Hand one message to nats-py without waiting for its ack."""
-        out.sent = time.monotonic()
-        try:
-            out.ack = await self.js.publish_async(
-                self.ident.subject, out.payload, stream=self.stream, headers=dict(out.hdrs)
-            )
-        except _NATS_ERRORS as exc:
-            out.ack = None
-            out.error = exc
-
     async def publish_forever(self) -> None:
         """Publish the backlog until cancelled; see :meth:`_pump`."""
         await self._pump(until_empty=False)
 
     async def drain(self, seconds: float) -> bool:
-        """Publish what the backlog and the window hold, for at most ``seconds``."""
+        """Publish what the backlog and the batch in hand hold, for at most ``seconds``."""
         try:
             async with asyncio.timeout(seconds):
                 await self._pump(until_empty=True)
@@ -469,195 +511,124 @@ class Forwarder:
         return True
 
     async def _pump(self, until_empty: bool) -> None:
-        """Keep up to ``window`` messages in flight, acked in order.
+        """Publish one batch at a time until it is stored, then the next.
 
-        Why a window keeps the stream in order and exactly once (docs/ABI.md
-        section 6, "Publishing"): the messages go out in order on one
-        connection, and the server stores a connection's messages in the order
-        it reads them, so what it stored of a window is an in-order
-        subsequence of it.  While every ack comes, in order, nothing is
-        missing.  The first failed or late ack ends the window: the rest of it
-        is settled one message at a time by :meth:`_settle`, which never lets
-        a message land after a later one of this node.
+        Why this keeps each node's records in order and once in the stream
+        (docs/ABI.md section 6, "Publishing"): one batch is in flight at a
+        time, and it is stored whole or not at all (an atomic batch, or a
+        single message); a batch whose ack did not come is re-sent as the
+        same messages under the same Nats-Msg-Ids, which the stream refuses
+        as duplicates if the first attempt was stored after all.  Several
+        messages awaiting their acks at once could not give this: a
+        connection that drops between two of them can lose the first while
+        nats-py sends the second on the next connection.
         """
-        inflight = self._inflight
         while True:
-            if self._settling:
-                await self._settle()
-                continue
-            while self._pending() and len(inflight) < self.window:
-                out = self._next_out()
-                inflight.append(out)
-                await self._send(out)
-            if not inflight:
-                if until_empty:
-                    return
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            head = inflight[0]
-            if head.ack is None:
-                self._fail(head)
-                continue
-            waiters: set[asyncio.Future[Any]] = {head.ack}
-            wake: asyncio.Task[bool] | None = None
-            if len(inflight) < self.window and not until_empty:
-                self.wakeup.clear()
-                wake = asyncio.ensure_future(self.wakeup.wait())
-                waiters.add(wake)
-            remaining = head.sent + PUBLISH_TIMEOUT - time.monotonic()
-            await asyncio.wait(
-                waiters, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
-            )
-            if wake is not None:
-                wake.cancel()
-            if head.ack.done():
-                try:
-                    ack = head.ack.result()
-                except _NATS_ERRORS as exc:
-                    head.error = exc
-                    self._fail(head)
+            if not self._inflight:
+                if not self._pending():
+                    if until_empty:
+                        return
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
                     continue
-                inflight.popleft()
-                self._confirmed(head, ack)
-            elif time.monotonic() >= head.sent + PUBLISH_TIMEOUT:
-                head.error = TimeoutError()
-                self._fail(head)
+                size = self.window if self.atomic else 1
+                while self._pending() and len(self._inflight) < size:
+                    self._inflight.append(self._next_out())
+            await self._publish_batch()
 
-    def _fail(self, head: _Out) -> None:
-        """The window broke at ``head``: forget the other acks, settle one by one."""
-        log.warning(
-            "publishing seq %d-%d failed (%s); re-sending %d messages one at a time, "
-            "%d records in the backlog",
-            head.first,
-            head.last,
-            str(head.error) or type(head.error).__name__,
-            len(self._inflight),
-            self.backlog_records,
-        )
-        for out in self._inflight:
-            if out.ack is not None and not out.ack.done():
-                out.ack.cancel()
-        self._settling = True
-
-    async def _settle(self) -> None:
-        """Publish the unacknowledged messages one at a time, never out of order.
-
-        Each re-send carries ``Nats-Expected-Last-Subject-Sequence``: the
-        stream seq of this node's last message we know is stored, so the
-        server stores it only directly after that one.  A refusal means a
-        later message of ours got in first (a connection dropped between two
-        messages of the window and nats-py sent the later one on the new
-        connection), or this message itself is stored (the server checks the
-        expectation before the duplicate id): the message after our last
-        known one tells which.  A message that cannot go in order anymore is
-        dropped, and consumers see its records as a seq gap (GAP lost=N),
-        never as records out of order.
-        """
-        inflight = self._inflight
+    async def _publish_batch(self) -> None:
+        """Publish ``_inflight`` until the stream holds it; then empty it."""
+        batch = self._inflight
+        first, last = batch[0].first, batch[-1].last
         failing = False
-        while inflight:
-            out = inflight[0]
-            done = out.ack is not None and out.ack.done() and not out.ack.cancelled()
-            if done and out.ack is not None and out.ack.exception() is None:
-                # acked before the window broke: stored, after everything before it
-                inflight.popleft()
-                self._confirmed(out, out.ack.result())
-                continue
-            hdrs = dict(out.hdrs)
-            hdrs[HDR_EXPECT_LAST] = str(self.last_stream_seq)
+        while True:
             sent = time.monotonic()
             try:
-                ack = await self.js.publish(
-                    self.ident.subject,
-                    out.payload,
-                    timeout=PUBLISH_TIMEOUT,
-                    stream=self.stream,
-                    headers=hdrs,
-                )
+                if len(batch) == 1:
+                    ack = await self.js.publish(
+                        self.ident.subject,
+                        batch[0].payload,
+                        timeout=PUBLISH_TIMEOUT,
+                        stream=self.stream,
+                        headers=dict(batch[0].hdrs),
+                    )
+                    stored_at, duplicate = ack.seq, bool(ack.duplicate)
+                else:
+                    stored_at, duplicate = await self._publish_atomic(list(batch))
             except _NATS_ERRORS as exc:
-                err: BaseException = exc
-                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == ERR_WRONG_LAST_SEQ:
-                    try:
-                        placed = await self._probe(out)
-                    except _NATS_ERRORS as exc2:
-                        err = exc2
-                    else:
-                        if placed is not None:
-                            inflight.popleft()
-                            self._placed_or_not(out, placed)
-                        continue
                 if not failing:
                     log.warning(
-                        "re-sending seq %d-%d failed (%s); retrying",
-                        out.first,
-                        out.last,
-                        str(err) or type(err).__name__,
+                        "publishing seq %d-%d failed (%s); retrying, %d records in the backlog",
+                        first,
+                        last,
+                        str(exc) or type(exc).__name__,
+                        self.backlog_records + sum(o.count for o in batch),
                     )
                     failing = True
                 await asyncio.sleep(RETRY_DELAY)
                 continue
-            inflight.popleft()
-            out.sent = sent
-            self._confirmed(out, ack)
-        self._settling = False
-        log.info(
-            "published every unacknowledged message; publishing %d at a time again", self.window
-        )
-
-    def _placed_or_not(self, out: _Out, placed: bool) -> None:
-        if placed:
-            self.counters.duplicates += 1
-            self._record_published(out)
-            return
-        self.counters.lost_unordered += out.count
-        log.warning(
-            "seq %d-%d of %s cannot be stored in order anymore (a later message got in "
-            "first): dropped, consumers see a gap of %d records",
-            out.first,
-            out.last,
-            self.ident.node,
-            out.count,
-        )
-
-    async def _probe(self, out: _Out) -> bool | None:
-        """After a refused re-send: is ``out`` stored (True), or can it not be (False)?
-
-        None: our last known message is gone (stream limits), so the
-        expectation is renewed from the subject's last message.
-        """
-        try:
-            msg = await self.js.get_msg(
-                self.stream, seq=self.last_stream_seq + 1, subject=self.ident.subject, next=True
-            )
-        except nats.js.errors.NotFoundError:
-            msg = None
-        if msg is None or msg.seq is None:
-            last = await self.js.get_last_msg(self.stream, self.ident.subject)
-            self.last_stream_seq = last.seq or 0
-            return None
-        hdrs = msg.headers or {}
-        if hdrs.get(wire.HDR_MSG_ID) == out.hdrs[wire.HDR_MSG_ID]:
-            self.last_stream_seq = msg.seq
-            return True
-        return False
-
-    def _confirmed(self, out: _Out, ack: api.PubAck) -> None:
+            break
+        if failing:
+            log.info("published seq %d-%d after retrying", first, last)
         if self.observe_publish is not None:
-            self.observe_publish(time.monotonic() - out.sent)
-        if ack.duplicate:
-            self.counters.duplicates += 1
-        elif ack.seq <= self.last_stream_seq:
+            self.observe_publish(time.monotonic() - sent)
+        if duplicate:
+            self.counters.duplicates += len(batch)
+        elif stored_at - len(batch) < self.last_stream_seq:
             # cannot happen by the argument in _pump; say so loudly if it does
             log.error(
-                "seq %d-%d was stored at stream seq %d, before our last (%d): out of order",
-                out.first,
-                out.last,
-                ack.seq,
+                "seq %d-%d was stored ending at stream seq %d, before our last (%d)",
+                first,
+                last,
+                stored_at,
                 self.last_stream_seq,
             )
-        self.last_stream_seq = max(self.last_stream_seq, ack.seq)
-        self._record_published(out)
+        self.last_stream_seq = max(self.last_stream_seq, stored_at)
+        for out in batch:
+            self._record_published(out)
+        batch.clear()
+
+    async def _publish_atomic(self, batch: list[_Out]) -> tuple[int, bool]:
+        """Publish ``batch`` as one atomic batch: (stream seq of its last message, duplicate).
+
+        Only the commit (the last message) is answered.  A batch is stored
+        whole or not at all; the same messages again are refused with
+        ERR_BATCH_DUPLICATE when the first attempt was stored, and then the
+        subject's last message must be this batch's last.
+
+        Raises:
+            nats.errors.Error, nats.js.errors.Error, OSError: not stored (yet).
+        """
+        nc = self.js._nc
+        batch_id = uuid.uuid4().hex
+        for i, out in enumerate(batch, 1):
+            hdrs = dict(out.hdrs)
+            hdrs[HDR_BATCH_ID] = batch_id
+            hdrs[HDR_BATCH_SEQ] = str(i)
+            hdrs[api.Header.EXPECTED_STREAM] = self.stream
+            if i < len(batch):
+                await nc.publish(self.ident.subject, out.payload, headers=hdrs)
+                continue
+            hdrs[HDR_BATCH_COMMIT] = "1"
+            try:
+                msg = await nc.request(
+                    self.ident.subject, out.payload, timeout=PUBLISH_TIMEOUT, headers=hdrs
+                )
+            except nats.errors.NoRespondersError:
+                raise nats.js.errors.NoStreamResponseError from None
+        resp = json.loads(msg.data)
+        err = resp.get("error")
+        if not err:
+            return int(resp["seq"]), False
+        if err.get("err_code") != ERR_BATCH_DUPLICATE:
+            raise nats.js.errors.APIError.from_error(err)
+        last = await self.js.get_last_msg(self.stream, self.ident.subject)
+        if (last.headers or {}).get(wire.HDR_MSG_ID) != batch[-1].hdrs[wire.HDR_MSG_ID]:
+            raise nats.js.errors.Error(
+                f"a re-sent batch was refused as a duplicate, but the last message of "
+                f"{self.ident.subject} is not its last: another forwarder publishes it?"
+            )
+        return int(last.seq or 0), True
 
     def _record_published(self, out: _Out) -> None:
         if out.lost:
@@ -674,8 +645,14 @@ class Forwarder:
 
 async def ensure_stream(
     js: JetStreamContext, name: str, subject: str, max_bytes: int, max_age: float, replicas: int
-) -> None:
-    """Create the stream if missing; check that it takes ``subject``."""
+) -> bool:
+    """Create the stream if missing; check that it takes ``subject``.
+
+    Returns whether the stream takes atomic batches (allow_atomic), which the
+    forwarder then publishes in (a stream made here does on nats-server 2.12
+    and later).
+    """
+    atomic = version_tuple(str(js._nc._server_info.get("version", ""))) >= ATOMIC_SERVER_VERSION
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
@@ -689,6 +666,7 @@ async def ensure_stream(
             max_age=max_age,
             num_replicas=replicas,
             duplicate_window=DUPLICATE_WINDOW,
+            allow_atomic=True if atomic else None,
         )
         try:
             info = await js.add_stream(cfg)
@@ -701,7 +679,7 @@ async def ensure_stream(
             max_bytes,
             max_age,
         )
-        return
+        return atomic
     try:
         found = await js.find_stream_name_by_subject(subject)
     except nats.js.errors.NotFoundError:
@@ -716,6 +694,15 @@ async def ensure_stream(
             "the stream %s has no duplicate window: re-sent batches may be stored twice", name
         )
     log.info("using the existing stream %s (R%s)", name, info.config.num_replicas)
+    if not info.config.allow_atomic:
+        log.info(
+            "the stream %s does not allow atomic batches: publishing one message per "
+            "round trip (nats stream edit %s --allow-batch, on nats-server 2.12 or later, "
+            "lifts that)",
+            name,
+            name,
+        )
+    return bool(info.config.allow_atomic)
 
 
 def _size(text: str) -> int:
@@ -877,10 +864,12 @@ async def _run(
     nc: Client = await connect(args.nats, cred, name=f"scoutfs-notify-forward {ident.node}")
     try:
         js = nc.jetstream()
-        await ensure_stream(
+        atomic = await ensure_stream(
             js, args.stream, ident.subject, args.max_bytes, args.max_age, args.replicas
         )
-        fwd = Forwarder(js, ident, socket_path, args.stream, backlog_limit=args.backlog)
+        fwd = Forwarder(
+            js, ident, socket_path, args.stream, backlog_limit=args.backlog, atomic=atomic
+        )
         if metrics is not None:
             fwd.observe_publish = metrics.publish_seconds.observe
             metrics.attach(
