@@ -1,10 +1,9 @@
-"""The forwarder's atomic batches against a real nats-server (2.15).
+"""The forwarder's publisher against a real nats-server (2.15).
 
-Several messages per ack (an atomic batch) must keep each node's records in
-order and once in the stream.  These tests put the stream in the states a
-lost ack or a dead server leave behind and check what the forwarder makes of
-them: the unit is the publisher, so it is driven in this process with a real
-JetStream, without a daemon.
+Each node's records must be in the stream in order and once.  These tests put
+the stream in the states a lost ack or a dead server leave behind and check
+what the forwarder makes of them: the unit is the publisher, so it is driven
+in this process with a real JetStream, without a daemon.
 """
 
 from __future__ import annotations
@@ -50,17 +49,8 @@ async def stored(js, subject: str = SUBJECT) -> list[tuple[int, str]]:  # type: 
 async def setup(url: str):  # type: ignore[no-untyped-def]
     nc = await nats.connect(url)
     js = nc.jetstream()
-    atomic = await ensure_stream(js, STREAM, SUBJECT, 1 << 28, 0, 1)
-    assert atomic  # nats-server 2.15 takes atomic batches
-    fwd = Forwarder(
-        js,
-        Identity(FSID, NODE, False),
-        Path("/nonexistent"),
-        STREAM,
-        max_batch=64,
-        window=4,
-        atomic=atomic,
-    )
+    await ensure_stream(js, STREAM, SUBJECT, 1 << 28, 0, 1)
+    fwd = Forwarder(js, Identity(FSID, NODE, False), Path("/nonexistent"), STREAM, max_batch=64)
     fwd._recv_epoch = "e1"
     return nc, js, fwd
 
@@ -76,7 +66,7 @@ def run(server: NatsServer, body) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(main())
 
 
-def test_window_publishes_everything_in_order_once(tmp_path: Path) -> None:
+def test_publishes_everything_in_order_once(tmp_path: Path) -> None:
     server = NatsServer(tmp_path, "n1")
     server.start()
     try:
@@ -89,61 +79,37 @@ def test_window_publishes_everything_in_order_once(tmp_path: Path) -> None:
             assert fwd.counters.published == 64 * 40
             assert fwd.counters.duplicates == 0
             assert fwd.counters.messages == 40
-            assert fwd.last_stream_seq == got[-1][0]
 
         run(server, body)
     finally:
         server.stop()
 
 
-def test_a_batch_stored_without_an_ack_is_not_stored_again(tmp_path: Path) -> None:
-    """The batch was committed but its ack was lost: the same messages again
-    are refused as duplicates, the forwarder counts them published once."""
+def test_a_message_stored_without_an_ack_is_not_stored_again(tmp_path: Path) -> None:
+    """The message was stored but its ack was lost: the re-send under the same
+    Nats-Msg-Id is dropped by the stream, the forwarder counts it once."""
     server = NatsServer(tmp_path, "n1")
     server.start()
     try:
 
         async def body(js, fwd: Forwarder) -> None:  # type: ignore[no-untyped-def]
-            feed(fwd, 1, 64 * 3)
-            batch = [fwd._next_out() for _ in range(3)]
+            feed(fwd, 1, 64 * 2)
+            out = fwd._next_out()
             # the first attempt, whose ack the forwarder never saw
-            stored_at, dup = await fwd._publish_atomic(batch)
-            assert not dup
-            fwd._inflight = batch
-            feed(fwd, 64 * 3 + 1, 64 * 4)
+            await js.publish(SUBJECT, out.payload, headers=dict(out.hdrs))
+            await fwd._publish(out)
             assert await fwd.drain(30)
-            got = await stored(js)
-            assert [h for _, h in got] == ["1-64", "65-128", "129-192", "193-256"]
-            assert got[2][0] == stored_at
-            assert fwd.counters.duplicates == 3
-            assert fwd.counters.published == 256
+            assert [h for _, h in await stored(js)] == ["1-64", "65-128"]
+            assert fwd.counters.duplicates == 1
+            assert fwd.counters.published == 128
 
         run(server, body)
     finally:
         server.stop()
 
 
-def test_a_stream_without_atomic_batches_gets_one_message_at_a_time(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path, "n1")
-    server.start()
-    try:
-
-        async def body(js, fwd: Forwarder) -> None:  # type: ignore[no-untyped-def]
-            fwd.atomic = False
-            feed(fwd, 1, 64 * 10)
-            assert await fwd.drain(30)
-            assert [h for _, h in await stored(js)] == [
-                f"{s}-{s + 63}" for s in range(1, 64 * 10, 64)
-            ]
-            assert fwd.counters.messages == 10
-
-        run(server, body)
-    finally:
-        server.stop()
-
-
-def test_a_batch_broken_by_a_dead_server_is_stored_once_in_order(tmp_path: Path) -> None:
-    """The server dies with batches in flight and comes back on the same port:
+def test_a_server_dead_while_publishing_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """The server goes away with a message in flight and comes back on the same port:
     every record ends up in the stream exactly once, in order."""
     server = NatsServer(tmp_path, "n1")
     server.start()
@@ -155,7 +121,9 @@ def test_a_batch_broken_by_a_dead_server_is_stored_once_in_order(tmp_path: Path)
             feed(fwd, 1, 64 * 40)
             pump = asyncio.create_task(fwd.publish_forever())
             await asyncio.wait_for(acked.wait(), 30)
-            server.kill()
+            # stopped, not killed: a lone server killed with -9 loses messages
+            # it acked and had not yet written (JetStream's file store)
+            server.stop()
             feed(fwd, 64 * 40 + 1, 64 * 80)
             server.start()
             pump.cancel()

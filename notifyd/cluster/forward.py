@@ -23,7 +23,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -31,7 +30,6 @@ import socket
 import struct
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,6 @@ from .server import (
     add_connection_args,
     connect,
     credentials_from_args,
-    version_tuple,
 )
 
 __all__ = ["Forwarder", "Identity", "build_parser", "identify", "main", "parse_args"]
@@ -73,15 +70,6 @@ DEFAULT_MAX_AGE = "7d"
 DUPLICATE_WINDOW = 120.0
 # How long one publish waits for its ack before it is re-sent.
 PUBLISH_TIMEOUT = 5.0
-# Messages per atomic batch (one ack per batch): one ack per message caps a
-# node at MAX_BATCH_RECORDS records per round trip.  8 x 128 KiB.
-PUBLISH_WINDOW = 8
-# JetStream's atomic batch publish (nats-server 2.12, ADR-50).
-HDR_BATCH_ID = "Nats-Batch-Id"
-HDR_BATCH_SEQ = "Nats-Batch-Sequence"
-HDR_BATCH_COMMIT = "Nats-Batch-Commit"
-ERR_BATCH_DUPLICATE = 10201
-ATOMIC_SERVER_VERSION = (2, 12, 0)
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
 # Messages read from the daemon's socket before the publisher gets a turn.
@@ -253,11 +241,6 @@ class Forwarder:
     last_seq: int | None = None
     # --metrics: called with the seconds from each publish to its ack
     observe_publish: Callable[[float], None] | None = None
-    # messages per atomic batch, when the stream allows atomic batches
-    window: int = PUBLISH_WINDOW
-    atomic: bool = False
-    # the stream seq of this node's last message known to be stored (0: none)
-    last_stream_seq: int = 0
 
     def __post_init__(self) -> None:
         self.backlog: collections.deque[_Item] = collections.deque()
@@ -268,8 +251,8 @@ class Forwarder:
         # the last record received from the daemon, for lost_daemon
         self._recv_epoch: str | None = None
         self._recv_seq = 0
-        # the batch being published, until the stream holds it
-        self._inflight: list[_Out] = []
+        # the message being published, until the stream holds it
+        self._current: _Out | None = None
         # the chunk the socket is read into: the next message's payload
         self._chunk_size = self.max_batch * abi.RECORD_SIZE
         self._chunk = bytearray(self._chunk_size)
@@ -293,7 +276,6 @@ class Forwarder:
             log.warning("last message of %s has no %s header", self.ident.subject, wire.HDR_SEQ)
             return
         self.last_epoch, self.last_seq = hdrs.get(wire.HDR_EPOCH), last
-        self.last_stream_seq = msg.seq or 0
         log.info(
             "the stream holds %s up to seq %d (epoch %s)", self.ident.subject, last, self.last_epoch
         )
@@ -478,6 +460,11 @@ class Forwarder:
         self.backlog_records -= count
         return epoch, first, last, parts[0] if len(parts) == 1 else b"".join(parts), count
 
+    @property
+    def unpublished(self) -> int:
+        """Records read from the daemon that the stream does not hold yet."""
+        return self.backlog_records + (self._current.count if self._current else 0)
+
     def _pending(self) -> bool:
         """Records wait for publishing: queued messages or a partly filled chunk."""
         return bool(self.backlog) or self._used > 0
@@ -502,7 +489,7 @@ class Forwarder:
         await self._pump(until_empty=False)
 
     async def drain(self, seconds: float) -> bool:
-        """Publish what the backlog and the batch in hand hold, for at most ``seconds``."""
+        """Publish what the backlog holds, for at most ``seconds``."""
         try:
             async with asyncio.timeout(seconds):
                 await self._pump(until_empty=True)
@@ -511,124 +498,65 @@ class Forwarder:
         return True
 
     async def _pump(self, until_empty: bool) -> None:
-        """Publish one batch at a time until it is stored, then the next.
+        """Publish one message at a time until the stream holds it, then the next.
 
-        Why this keeps each node's records in order and once in the stream
-        (docs/ABI.md section 6, "Publishing"): one batch is in flight at a
-        time, and it is stored whole or not at all (an atomic batch, or a
-        single message); a batch whose ack did not come is re-sent as the
-        same messages under the same Nats-Msg-Ids, which the stream refuses
-        as duplicates if the first attempt was stored after all.  Several
-        messages awaiting their acks at once could not give this: a
-        connection that drops between two of them can lose the first while
-        nats-py sends the second on the next connection.
+        Why one: each node's records must be in the stream in order and once.
+        A message whose ack did not come is re-sent under the same
+        Nats-Msg-Id, which the stream drops if the first attempt was stored
+        after all; with nothing else in flight, nothing can get in before it.
+        Several messages awaiting their acks cannot give this with nats-py: a
+        connection that drops between two of them loses the first while the
+        second, still in nats-py's buffer, goes out on the next connection
+        and is stored first (seen in tests/test_cluster_stream.py's server
+        kill).  JetStream's atomic batches (nats-server 2.12) would keep a
+        batch whole, but took 25 ms and more per batch here.
         """
         while True:
-            if not self._inflight:
+            if self._current is None:
                 if not self._pending():
                     if until_empty:
                         return
                     self.wakeup.clear()
                     await self.wakeup.wait()
                     continue
-                size = self.window if self.atomic else 1
-                while self._pending() and len(self._inflight) < size:
-                    self._inflight.append(self._next_out())
-            await self._publish_batch()
+                self._current = self._next_out()
+            # kept until stored: a publisher cancelled on SIGTERM left it to drain()
+            await self._publish(self._current)
+            self._current = None
 
-    async def _publish_batch(self) -> None:
-        """Publish ``_inflight`` until the stream holds it; then empty it."""
-        batch = self._inflight
-        first, last = batch[0].first, batch[-1].last
+    async def _publish(self, out: _Out) -> None:
+        """Publish ``out`` until the stream holds it."""
         failing = False
         while True:
             sent = time.monotonic()
             try:
-                if len(batch) == 1:
-                    ack = await self.js.publish(
-                        self.ident.subject,
-                        batch[0].payload,
-                        timeout=PUBLISH_TIMEOUT,
-                        stream=self.stream,
-                        headers=dict(batch[0].hdrs),
-                    )
-                    stored_at, duplicate = ack.seq, bool(ack.duplicate)
-                else:
-                    stored_at, duplicate = await self._publish_atomic(list(batch))
+                ack = await self.js.publish(
+                    self.ident.subject,
+                    out.payload,
+                    timeout=PUBLISH_TIMEOUT,
+                    stream=self.stream,
+                    headers=dict(out.hdrs),
+                )
             except _NATS_ERRORS as exc:
                 if not failing:
                     log.warning(
                         "publishing seq %d-%d failed (%s); retrying, %d records in the backlog",
-                        first,
-                        last,
+                        out.first,
+                        out.last,
                         str(exc) or type(exc).__name__,
-                        self.backlog_records + sum(o.count for o in batch),
+                        self.backlog_records + out.count,
                     )
                     failing = True
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             break
         if failing:
-            log.info("published seq %d-%d after retrying", first, last)
+            log.info("published seq %d-%d after retrying", out.first, out.last)
         if self.observe_publish is not None:
             self.observe_publish(time.monotonic() - sent)
-        if duplicate:
-            self.counters.duplicates += len(batch)
-        elif stored_at - len(batch) < self.last_stream_seq:
-            # cannot happen by the argument in _pump; say so loudly if it does
-            log.error(
-                "seq %d-%d was stored ending at stream seq %d, before our last (%d)",
-                first,
-                last,
-                stored_at,
-                self.last_stream_seq,
-            )
-        self.last_stream_seq = max(self.last_stream_seq, stored_at)
-        for out in batch:
-            self._record_published(out)
-        batch.clear()
-
-    async def _publish_atomic(self, batch: list[_Out]) -> tuple[int, bool]:
-        """Publish ``batch`` as one atomic batch: (stream seq of its last message, duplicate).
-
-        Only the commit (the last message) is answered.  A batch is stored
-        whole or not at all; the same messages again are refused with
-        ERR_BATCH_DUPLICATE when the first attempt was stored, and then the
-        subject's last message must be this batch's last.
-
-        Raises:
-            nats.errors.Error, nats.js.errors.Error, OSError: not stored (yet).
-        """
-        nc = self.js._nc
-        batch_id = uuid.uuid4().hex
-        for i, out in enumerate(batch, 1):
-            hdrs = dict(out.hdrs)
-            hdrs[HDR_BATCH_ID] = batch_id
-            hdrs[HDR_BATCH_SEQ] = str(i)
-            hdrs[api.Header.EXPECTED_STREAM] = self.stream
-            if i < len(batch):
-                await nc.publish(self.ident.subject, out.payload, headers=hdrs)
-                continue
-            hdrs[HDR_BATCH_COMMIT] = "1"
-            try:
-                msg = await nc.request(
-                    self.ident.subject, out.payload, timeout=PUBLISH_TIMEOUT, headers=hdrs
-                )
-            except nats.errors.NoRespondersError:
-                raise nats.js.errors.NoStreamResponseError from None
-        resp = json.loads(msg.data)
-        err = resp.get("error")
-        if not err:
-            return int(resp["seq"]), False
-        if err.get("err_code") != ERR_BATCH_DUPLICATE:
-            raise nats.js.errors.APIError.from_error(err)
-        last = await self.js.get_last_msg(self.stream, self.ident.subject)
-        if (last.headers or {}).get(wire.HDR_MSG_ID) != batch[-1].hdrs[wire.HDR_MSG_ID]:
-            raise nats.js.errors.Error(
-                f"a re-sent batch was refused as a duplicate, but the last message of "
-                f"{self.ident.subject} is not its last: another forwarder publishes it?"
-            )
-        return int(last.seq or 0), True
+        if ack.duplicate:
+            self.counters.duplicates += 1
+        self._record_published(out)
 
     def _record_published(self, out: _Out) -> None:
         if out.lost:
@@ -645,14 +573,8 @@ class Forwarder:
 
 async def ensure_stream(
     js: JetStreamContext, name: str, subject: str, max_bytes: int, max_age: float, replicas: int
-) -> bool:
-    """Create the stream if missing; check that it takes ``subject``.
-
-    Returns whether the stream takes atomic batches (allow_atomic), which the
-    forwarder then publishes in (a stream made here does on nats-server 2.12
-    and later).
-    """
-    atomic = version_tuple(str(js._nc._server_info.get("version", ""))) >= ATOMIC_SERVER_VERSION
+) -> None:
+    """Create the stream if missing; check that it takes ``subject``."""
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
@@ -666,7 +588,6 @@ async def ensure_stream(
             max_age=max_age,
             num_replicas=replicas,
             duplicate_window=DUPLICATE_WINDOW,
-            allow_atomic=True if atomic else None,
         )
         try:
             info = await js.add_stream(cfg)
@@ -679,7 +600,7 @@ async def ensure_stream(
             max_bytes,
             max_age,
         )
-        return atomic
+        return
     try:
         found = await js.find_stream_name_by_subject(subject)
     except nats.js.errors.NotFoundError:
@@ -694,15 +615,6 @@ async def ensure_stream(
             "the stream %s has no duplicate window: re-sent batches may be stored twice", name
         )
     log.info("using the existing stream %s (R%s)", name, info.config.num_replicas)
-    if not info.config.allow_atomic:
-        log.info(
-            "the stream %s does not allow atomic batches: publishing one message per "
-            "round trip (nats stream edit %s --allow-batch, on nats-server 2.12 or later, "
-            "lifts that)",
-            name,
-            name,
-        )
-    return bool(info.config.allow_atomic)
 
 
 def _size(text: str) -> int:
@@ -864,18 +776,16 @@ async def _run(
     nc: Client = await connect(args.nats, cred, name=f"scoutfs-notify-forward {ident.node}")
     try:
         js = nc.jetstream()
-        atomic = await ensure_stream(
+        await ensure_stream(
             js, args.stream, ident.subject, args.max_bytes, args.max_age, args.replicas
         )
-        fwd = Forwarder(
-            js, ident, socket_path, args.stream, backlog_limit=args.backlog, atomic=atomic
-        )
+        fwd = Forwarder(js, ident, socket_path, args.stream, backlog_limit=args.backlog)
         if metrics is not None:
             fwd.observe_publish = metrics.publish_seconds.observe
             metrics.attach(
                 lambda: {
                     **dataclasses.asdict(fwd.counters),
-                    "backlog_records": fwd.backlog_records,
+                    "backlog_records": fwd.unpublished,
                     "reconnects": nc.stats["reconnects"],
                 }
             )
@@ -912,7 +822,7 @@ async def _run(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if not await fwd.drain(DRAIN_ON_EXIT):
-            log.warning("exiting with %d records not published", fwd.backlog_records)
+            log.warning("exiting with %d records not published", fwd.unpublished)
         c = fwd.counters
         log.info(
             "stopping: %d records received, %d published in %d messages, %d dropped "
