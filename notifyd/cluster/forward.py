@@ -4,12 +4,13 @@ An ordinary client of the local daemon's socket, in its own asyncio process
 (nats-py is asyncio-only; the trio daemon never sees it).  Two tasks share a
 bounded backlog:
 
-- the reader takes every message the daemon sends and appends it, never
-  waiting on NATS, so the daemon never waits on us; past ``--backlog``
+- the reader reads every message the daemon sends straight into the payload
+  being built (contiguous records of one epoch, up to MAX_BATCH_RECORDS),
+  never waiting on NATS, so the daemon never waits on us; past ``--backlog``
   records a message is dropped and counted;
-- the publisher sends the backlog in order, coalescing contiguous messages
-  into one of up to MAX_BATCH_RECORDS records, and re-sends a message whose
-  ack did not come under the same ``Nats-Msg-Id`` (the stream drops the copy).
+- the publisher sends the backlog in order, one message in flight at a time
+  (see ``_pump`` for why), and re-sends a message whose ack did not come
+  under the same ``Nats-Msg-Id`` (the stream drops the copy).
 
 A ``seq`` jump between two published messages (the ring, the daemon's queue
 for us, our backlog bound, or records made while no forwarder ran) becomes
