@@ -154,3 +154,65 @@ def test_daemon_restart_is_a_new_epoch_with_the_exact_loss(tmp_path: Path, notif
     assert new
     assert min(new) > unseen
     assert f"{unseen} records of nodeA lost before seq {unseen + 1}" in fwd2.log()
+
+
+def test_forwarder_running_across_a_daemon_restart_counts_exactly(
+    tmp_path: Path, notifyd_factory
+) -> None:
+    """The forwarder keeps running while its daemon restarts: the new epoch's
+    gap is exactly the new daemon's records it was not served (maybe none, if
+    it reconnected first), and every later record arrives."""
+    daemon = notifyd_factory()
+    server = NatsServer(tmp_path, "n1")
+    server.start()
+    try:
+        with forwarders(tmp_path) as fwds:
+            fwd = start_forwarder(
+                fwds, tmp_path, daemon.backing, *fwd_args(server.url, daemon, "A")
+            )
+            watch = Watch(server.url, "--all")
+            try:
+                s1 = sentinel(daemon.backing, "s1")
+                watch.wait_ino("A", s1, "the first daemon's sentinel")
+                daemon.stop()
+                daemon2 = notifyd_factory(daemon.backing, socket=daemon.socket)
+                truth = Truth(daemon2.socket)
+                try:
+                    read_files(daemon.backing, 10, "early")
+                    s2 = sentinel(daemon.backing, "s2")
+                    wait_truth(truth, s2)
+                    # records read before the forwarder is served again are
+                    # lost (the gap says how many); s3 must come after that
+                    procs.wait_until(
+                        lambda: fwd.log().count("accepted our connection") == 2,
+                        TIMEOUT,
+                        "the forwarder to be served by the new daemon",
+                    )
+                    s3 = sentinel(daemon.backing, "s3")
+                    wait_truth(truth, s3)
+                    watch.wait_ino("A", s3, "the new daemon's sentinel")
+                finally:
+                    truth.close()
+                assert fwd.stop() == 0, fwd.log()
+            finally:
+                assert watch.stop() == 0, watch.stderr()
+    finally:
+        server.stop()
+    daemon2.stop()
+    lines = watch.lines
+    # the first daemon's last record is s1's; everything after is the new epoch
+    end_old = max(i for i, d in enumerate(lines) if d.get("ino") == s1)
+    new = lines[end_old + 1 :]
+    if new[0]["type"] == "GAP":
+        gap = new.pop(0)
+        assert gap["last_seq"] is None  # a new epoch: nothing to count from
+        assert gap["lost"] == gap["next_seq"] - 1
+        first_new = gap["next_seq"]
+    else:
+        first_new = new[0]["seq"]
+        assert first_new == 1
+    assert not [d for d in new if d["type"] == "GAP"]
+    last = max(truth.seqs_of(s3))
+    want = [r.seq for r in truth.records if first_new <= r.seq <= last]
+    assert [d["seq"] for d in new if d["seq"] <= last] == want
+    assert truth.records[0].seq == 1

@@ -77,9 +77,10 @@ RETRY_DELAY = 0.5
 READ_BURST = 1024
 # Between looks at the daemon's stats for our connection (see _wait_accepted).
 ACCEPT_POLL = 0.05
-# Reconnect backoff to the local daemon's socket.
+# Reconnect backoff to the local daemon's socket: what a restarted daemon
+# reads before we are back is lost (and reported), so retry often.
 DAEMON_BACKOFF_MIN = 0.1
-DAEMON_BACKOFF_MAX = 5.0
+DAEMON_BACKOFF_MAX = 1.0
 # On SIGTERM, how long the backlog may take to go out before we exit anyway.
 DRAIN_ON_EXIT = 5.0
 
@@ -397,9 +398,14 @@ class Forwarder:
         first = unpack(self._chunk, at)[0]
         last = unpack(self._chunk, at + size - abi.RECORD_SIZE)[0]
         n = size // abi.RECORD_SIZE
+        if epoch != self._recv_epoch:
+            log.debug("first records of epoch %s: seq %d-%d", epoch, first, last)
         self.counters.received += n
         if epoch == self._recv_epoch and first > self._recv_seq + 1:
             self.counters.lost_daemon += first - self._recv_seq - 1
+        elif self._recv_epoch is not None and epoch != self._recv_epoch and first > 1:
+            # a restarted daemon: what it read before it served us
+            self.counters.lost_daemon += first - 1
         self._recv_epoch, self._recv_seq = epoch, last
         if self.backlog_records + n > self.backlog_limit:
             # the next published message carries the seq jump as its Lost header
@@ -529,6 +535,13 @@ class Forwarder:
         """Publish ``out`` until the stream holds it."""
         failing = False
         while True:
+            log.debug(
+                "publishing seq %d-%d (%d records, lost %d)",
+                out.first,
+                out.last,
+                out.count,
+                out.lost,
+            )
             sent = time.monotonic()
             try:
                 ack = await self.js.publish(
