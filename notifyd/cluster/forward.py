@@ -73,8 +73,10 @@ DUPLICATE_WINDOW = 120.0
 PUBLISH_TIMEOUT = 5.0
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
-# Messages read from the daemon's socket before the publisher gets a turn.
-READ_BURST = 1024
+# Messages read from the daemon's socket before the publisher gets a turn: one
+# full payload's worth, so an ack that came is acted on without waiting
+# behind a long run of reads (with 1024, it could wait behind 1024 of them).
+READ_BURST = MAX_BATCH_RECORDS // abi.MAX_MESSAGE_RECORDS
 # Between looks at the daemon's stats for our connection (see _wait_accepted).
 ACCEPT_POLL = 0.05
 # Reconnect backoff to the local daemon's socket: what a restarted daemon
