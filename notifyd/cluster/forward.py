@@ -484,7 +484,14 @@ class Forwarder:
         lost = 0
         if self.last_epoch == epoch and self.last_seq is not None and first > self.last_seq + 1:
             lost = first - self.last_seq - 1
-        elif self.last_epoch is not None and self.last_epoch != epoch and first > 1:
+        elif (
+            self.last_epoch is not None
+            and self.last_epoch != epoch
+            and first > 1
+            # a daemon process (daemon_epoch); an epoch of the socket's ctime,
+            # from a forwarder before that, may be this same daemon: no claim
+            and "-" in self.last_epoch
+        ):
             # a new seq space (remount, daemon restart) that a forwarder of this
             # node published before: its records below ``first`` were made
             # before we were connected to the new daemon, and are lost
