@@ -356,3 +356,43 @@ def test_one_byte_reads_when_asked(tmp_path: Path, size: int) -> None:
             w.expect("f", "CLOSE_NOWRITE")
             assert w.sequence("f") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
         assert "zero-length reads" not in shim.log()
+
+
+def test_the_overlay_leaves_fds_for_replays_at_the_open_file_limit(tmp_path: Path) -> None:
+    """More files than the shim may hold fds for: every one is still replayed.
+
+    The kernel keeps the entries it looked up, and the overlay holds an
+    O_PATH fd for each; past the open-file limit the replay threads' own
+    opens failed with EMFILE ("failed" in the stats) where a root without
+    CAP_SYS_RESOURCE cannot raise the limit (a container).  The limit here is
+    set on the running shim, so the test does not depend on the machine's.
+    """
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    limit = 1024
+    files = []
+    for i in range(2 * limit):
+        p = backing / f"f{i:04d}"
+        p.write_text("x")
+        files.append(p)
+    mnt = tmp_path / "mnt"
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path, "--workers", "1") as shim,
+    ):
+        feed.wait_client()
+        import resource
+
+        resource.prlimit(shim.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        with watch(mnt) as w:
+            # in bunches, each waited for, so that the synthetic opens held at
+            # once stay few: what fills the fd table is the overlay's inodes
+            for start in range(0, len(files), 64):
+                bunch = files[start : start + 64]
+                feed.send([feed.record(abi.TYPE_OPEN, p.stat().st_ino) for p in bunch])
+                for p in bunch:
+                    w.expect(p.name, "OPEN")
+        doc = shim_stats(mnt)
+        assert doc["replayed"] == len(files), doc
+        assert (doc["failed"], doc["gone"]) == (0, 0), doc

@@ -248,6 +248,8 @@ class ReplayStats:
     gap: int = 0  # never received: seq gaps in the daemon's stream
     dirs_announced: int = 0  # directories the kernel was told of (IN_CREATE)
     dirs_watched: int = 0  # ... that someone looked up within new_dir_wait
+    # the errnos behind ``failed``, by name (EMFILE, EACCES...): what to fix
+    failed_by_errno: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def losses(self) -> tuple[int, ...]:
         return (self.overload, self.unresolved, self.gone, self.failed, self.gap)
@@ -392,12 +394,13 @@ class Replayer:
         self._warned = losses
         log.warning(
             "records not replayed: %d dropped on overload (raise --max-pending or "
-            "--workers), %d with no file under BACKING, %d for files gone, %d failed, "
+            "--workers), %d with no file under BACKING, %d for files gone, %d failed%s, "
             "%d lost before the shim got them (seq gaps from the daemon)",
             overload,
             unresolved,
             gone,
             failed,
+            _errnos(self.stats.failed_by_errno) if failed else "",
             gap,
         )
 
@@ -516,6 +519,9 @@ class Replayer:
                     self.stats.gone += len(left)
                 else:
                     self.stats.failed += len(left)
+                    name = errno.errorcode.get(job.errno, str(job.errno))
+                    by = self.stats.failed_by_errno
+                    by[name] = by.get(name, 0) + len(left)
                     log.debug("synthetic access to %s failed: %s", job.path, os.strerror(job.errno))
                 f.stale = None
                 self._warn_losses()
@@ -683,6 +689,12 @@ class _WorkerThread:
 
     def stop(self) -> None:
         self._jobs.put(None)
+
+
+def _errnos(by: dict[str, int]) -> str:
+    """`` (EMFILE 3, EACCES 1 since the start)`` from ReplayStats.failed_by_errno."""
+    most = sorted(by.items(), key=lambda kv: -kv[1])
+    return " (" + ", ".join(f"{name} {n}" for name, n in most) + " since the start)"
 
 
 # ESTALE: the overlay refused because the name now leads to another inode
