@@ -265,6 +265,7 @@ class _File:
     fd: int | None = None  # the synthetic open, held until quiet
     queued: bool = False
     busy: bool = False  # a worker or the closer owns it
+    reading: int = 0  # READs on ``fd`` handed to the reader thread, not done yet
     close_at: float = 0.0
     stale: str | None = None  # a path that led elsewhere; retried once
     since: float = 0.0  # when its oldest pending action arrived (trio clock)
@@ -333,6 +334,10 @@ class Replayer:
         # files holding a synthetic open, oldest activity first
         self._open: OrderedDict[int, _File] = OrderedDict()
         self._send, self._recv = trio.open_memory_channel[_File](max_pending)
+        self._max_pending = max_pending
+        # READs of held, idle synthetic opens, in arrival order (see _read_held)
+        self._reads: list[_File] = []
+        self._reads_ready = trio.Event()
         # how a READ is replayed; None until the first READ has checked
         self._reader: Callable[[int], None] | None = None if zero_read else _read_a_byte
         self._reader_lock = threading.Lock()
@@ -352,6 +357,10 @@ class Replayer:
         if f is None:
             f = self._files[ino] = _File(ino)
         acts = f.actions
+        if rec_type == READ and not acts and f.fd is not None and not f.busy and self._reader:
+            # (once the first READ has checked how to read)
+            self._read_held(f)
+            return
         if rec_type == READ and acts and acts[-1] == READ:
             self.stats.collapsed += 1
             return
@@ -362,8 +371,28 @@ class Replayer:
             self._warn_losses()
             return
         acts.append(rec_type)
-        if not (f.queued or f.busy):
+        if not (f.queued or f.busy or f.reading):
             self._enqueue(f)
+
+    def _read_held(self, f: _File) -> None:
+        """A READ of a file whose synthetic open is held and idle: the reader's.
+
+        Such READs go to one thread in the order they came, one zero-length
+        read each on the held fd, never merged: watchers see the same
+        interleaving of IN_ACCESS as the accessors made (inotify itself
+        merges only adjacent identical events).  Neither the closer nor a
+        worker's reopen touches ``f.fd`` while ``f.reading``.
+        """
+        if len(self._reads) >= self._max_pending:
+            self.stats.overload += 1
+            self._warn_losses()
+            return
+        f.reading += 1
+        f.close_at = trio.current_time() + self._close_after
+        if f.ino in self._open:
+            self._open.move_to_end(f.ino)
+        self._reads.append(f)
+        self._reads_ready.set()
 
     def _enqueue(self, f: _File) -> None:
         try:
@@ -416,8 +445,10 @@ class Replayer:
         return doc
 
     def _settle(self, f: _File) -> None:
-        """After a worker or the closer let go of ``f``: requeue, park or forget it."""
+        """After a worker, the closer or the reader let go of ``f``: requeue, park or forget it."""
         f.busy = False
+        if f.reading:
+            return  # the reader settles it when its READs are done
         if f.actions:
             self._enqueue(f)
         elif f.fd is not None:
@@ -440,6 +471,7 @@ class Replayer:
                 for _ in range(self._workers):
                     nursery.start_soon(self._worker)
                 nursery.start_soon(self._closer)
+                nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._report_losses)
                 task_status.started()
         finally:
@@ -455,6 +487,48 @@ class Replayer:
         while True:
             await trio.sleep(LOSS_WARN_INTERVAL)
             self._warn_losses()
+
+    async def _read_loop(self) -> None:
+        thread = _WorkerThread()
+        try:
+            while True:
+                await self._reads_ready.wait()
+                self._reads_ready = trio.Event()
+                files, self._reads = self._reads, []
+                fds = [f.fd for f in files]
+                failed: list[int] = []
+                await thread.run(functools.partial(self._read_fds, fds, failed))
+                done = len(files) - len(failed)
+                self.stats.replayed += done
+                for err in failed:
+                    self._count_failed(errno.errorcode.get(err, str(err)), 1)
+                for f in files:
+                    f.reading -= 1
+                    if self.on_replayed is not None:
+                        self.on_replayed(f.ino)
+                    if not f.reading and not f.busy:
+                        self._settle(f)
+                if failed:
+                    self._warn_losses()
+        finally:
+            thread.stop()
+
+    def _read_fds(self, fds: list[int | None], failed: list[int]) -> None:
+        """Reader thread: one replayed READ on each held fd, in order."""
+        read = self._reader or _read_a_byte
+        for fd in fds:
+            if fd is None:
+                failed.append(errno.EBADF)
+                continue
+            try:
+                read(fd)
+            except OSError as exc:
+                failed.append(exc.errno or errno.EIO)
+
+    def _count_failed(self, name: str, n: int) -> None:
+        self.stats.failed += n
+        by = self.stats.failed_by_errno
+        by[name] = by.get(name, 0) + n
 
     async def _worker(self) -> None:
         thread = _WorkerThread()
@@ -518,10 +592,7 @@ class Replayer:
                 if job.errno in _GONE_ERRNOS:
                     self.stats.gone += len(left)
                 else:
-                    self.stats.failed += len(left)
-                    name = errno.errorcode.get(job.errno, str(job.errno))
-                    by = self.stats.failed_by_errno
-                    by[name] = by.get(name, 0) + len(left)
+                    self._count_failed(errno.errorcode.get(job.errno, str(job.errno)), len(left))
                     log.debug("synthetic access to %s failed: %s", job.path, os.strerror(job.errno))
                 f.stale = None
                 self._warn_losses()
@@ -630,7 +701,8 @@ class Replayer:
             for f in self._open.values():
                 if f.close_at > now and len(due) >= excess:
                     break
-                due.append(f)
+                if not f.reading:
+                    due.append(f)
             if not due:
                 continue
             for f in due:
