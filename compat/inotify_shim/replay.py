@@ -29,6 +29,7 @@ bound.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -333,8 +334,19 @@ class Replayer:
         self._files: dict[int, _File] = {}
         # files holding a synthetic open, oldest activity first
         self._open: OrderedDict[int, _File] = OrderedDict()
-        self._send, self._recv = trio.open_memory_channel[_File](max_pending)
         self._max_pending = max_pending
+        # files handed to the worker threads and not collected yet
+        self._in_threads = 0
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # jobs the worker threads are done with, collected on the trio thread
+        self._done: collections.deque[list[_Job]] = collections.deque()
+        self._wake_pending = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._worker_threads: list[threading.Thread] = []
+        # files whose path needs the resolver's await, in arrival order; the
+        # files behind one wait there too, so that files are taken in order
+        self._to_resolve: collections.deque[_File] = collections.deque()
+        self._resolve_ready = trio.Event()
         # READs of held, idle synthetic opens, in arrival order (see _read_held)
         self._reads: list[_File] = []
         self._reads_ready = trio.Event()
@@ -352,6 +364,8 @@ class Replayer:
 
     def submit(self, rec_type: int, ino: int) -> None:
         """Queue the replay of one OPEN or READ record; never blocks."""
+        if self._done:
+            self._collect()
         self.stats.submitted += 1
         f = self._files.get(ino)
         if f is None:
@@ -395,15 +409,27 @@ class Replayer:
         self._reads_ready.set()
 
     def _enqueue(self, f: _File) -> None:
-        try:
-            self._send.send_nowait(f)
-        except trio.WouldBlock:
+        """Hand ``f``'s actions to a worker thread, or to the resolver first."""
+        if self._in_threads + len(self._to_resolve) >= self._max_pending:
             self.stats.overload += len(f.actions)
             f.actions.clear()
             self._settle(f)
             self._warn_losses()
             return
-        f.queued = True
+        self._open.pop(f.ino, None)
+        path = None if f.stale or self._to_resolve else self._resolver.cached(f.ino)
+        if path is None:
+            f.queued = True
+            self._to_resolve.append(f)
+            self._resolve_ready.set()
+            return
+        self._dispatch(f, path)
+
+    def _dispatch(self, f: _File, path: str) -> None:
+        f.busy = True
+        actions, f.actions = f.actions, []
+        self._in_threads += 1
+        self._jobs.put(_Job(f, path, actions))
 
     def lost_in_gap(self, count: int) -> None:
         """Count ``count`` records the daemon lost before this shim got them."""
@@ -435,8 +461,9 @@ class Replayer:
 
     def snapshot(self) -> dict[str, object]:
         """The counters and the state of the queue, for the stats socket."""
+        self._collect()
         doc: dict[str, object] = dataclasses.asdict(self.stats)
-        doc["files_waiting"] = sum(f.queued for f in self._files.values())
+        doc["files_waiting"] = self._in_threads + len(self._to_resolve)
         doc["synthetic_opens"] = len(self._open)
         if self._reader is None:
             doc["read_by"] = "not checked yet"
@@ -466,16 +493,23 @@ class Replayer:
         The overlay must keep serving until this returns: the closes are
         requests to it.
         """
+        self._token = trio.lowlevel.current_trio_token()
+        for _ in range(self._workers):
+            t = threading.Thread(target=self._worker_loop, name="replay", daemon=True)
+            t.start()
+            self._worker_threads.append(t)
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(self._workers):
-                    nursery.start_soon(self._worker)
+                nursery.start_soon(self._resolve_loop)
                 nursery.start_soon(self._closer)
                 nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._report_losses)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
+                # the fds they open must be known before closing what is held
+                await trio.to_thread.run_sync(self._stop_workers)
+                self._collect()
                 fds = [f.fd for f in self._files.values() if f.fd is not None]
                 await trio.to_thread.run_sync(_close_all, fds)
                 for f in self._files.values():
@@ -530,50 +564,91 @@ class Replayer:
         by = self.stats.failed_by_errno
         by[name] = by.get(name, 0) + n
 
-    async def _worker(self) -> None:
-        thread = _WorkerThread()
-        try:
-            await self._work(thread)
-        finally:
-            thread.stop()
+    # --- worker threads --------------------------------------------------------
 
-    async def _work(self, thread: _WorkerThread) -> None:
-        async for first in self._recv:
-            batch = [first]
+    def _worker_loop(self) -> None:
+        """Worker thread: take jobs in batches, leave them for :meth:`_collect`.
+
+        The trio thread is not woken for every batch: it collects finished
+        jobs when it next runs anyway (a record arrives, the closer ticks),
+        and is woken only when a collected job matters at once (records came
+        for its file meanwhile, or metrics time the replay).
+        """
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            batch = [job]
             while len(batch) < BATCH:
                 try:
-                    batch.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
+                    more = jobs.get_nowait()
+                except queue.Empty:
                     break
-            jobs = []
-            for f in batch:
-                f.queued = False
-                f.busy = True
-                self._open.pop(f.ino, None)
-                job = await self._job(f)
-                if job is not None:
-                    jobs.append(job)
-                else:
-                    self._settle(f)
-            if jobs:
-                await thread.run(functools.partial(self._run_jobs, jobs))
-                for job in jobs:
-                    self._finish(job)
+                if more is None:
+                    jobs.put(None)  # for the next thread: every one stops
+                    break
+                batch.append(more)
+            try:
+                self._run_jobs(batch)
+            except BaseException:
+                log.exception("replay worker failed; its jobs count as failed")
+                for j in batch:
+                    j.errno = j.errno or errno.EIO
+            self._done.append(batch)
+            if self.on_replayed is not None or any(j.file.actions for j in batch):
+                self._wake()
+        jobs.put(None)
 
-    async def _job(self, f: _File) -> _Job | None:
-        actions, f.actions = f.actions, []
-        path = None if f.stale else self._resolver.cached(f.ino)
-        if path is None:
-            path = await self._resolver.resolve(f.ino, f.since, stale=f.stale)
-        if path is None:
-            if f.stale:
-                self.stats.gone += len(actions)
+    def _wake(self) -> None:
+        """Worker thread: have the trio thread collect soon (once per wakeup)."""
+        if self._wake_pending or self._token is None:
+            return
+        self._wake_pending = True
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._collect)
+
+    def _stop_workers(self) -> None:
+        self._jobs.put(None)
+        for t in self._worker_threads:
+            t.join()
+        self._worker_threads.clear()
+
+    def _collect(self) -> None:
+        """Trio thread: account for the jobs the worker threads are done with."""
+        self._wake_pending = False
+        done = self._done
+        while done:
+            batch = done.popleft()
+            self._in_threads -= len(batch)
+            for job in batch:
+                self._finish(job)
+
+    async def _resolve_loop(self) -> None:
+        """Files whose path is not cached: resolved here in order, then dispatched."""
+        pending = self._to_resolve
+        while True:
+            if not pending:
+                await self._resolve_ready.wait()
+                self._resolve_ready = trio.Event()
+                continue
+            f = pending[0]
+            path = None if f.stale else self._resolver.cached(f.ino)
+            if path is None:
+                path = await self._resolver.resolve(f.ino, f.since, stale=f.stale)
+            pending.popleft()
+            f.queued = False
+            if not f.actions:
+                # dropped on overload meanwhile
+                self._settle(f)
+            elif path is None:
+                if f.stale:
+                    self.stats.gone += len(f.actions)
+                else:
+                    self.stats.unresolved += len(f.actions)
+                f.actions.clear()
+                f.stale = None
+                self._warn_losses()
+                self._settle(f)
             else:
-                self.stats.unresolved += len(actions)
-            f.stale = None
-            self._warn_losses()
-            return None
-        return _Job(f, path, actions)
+                self._dispatch(f, path)
 
     def _finish(self, job: _Job) -> None:
         f = job.file
@@ -695,6 +770,7 @@ class Replayer:
         tick = self._close_after / 4
         while True:
             await trio.sleep(tick)
+            self._collect()
             now = trio.current_time()
             due: list[_File] = []
             excess = len(self._open) - self._max_open
