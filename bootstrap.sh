@@ -47,11 +47,27 @@ install_packages() {
 	fi
 }
 
+# The package build makes the man pages (setup.py's build_man) into VENV/share/man/man1,
+# where man finds them for the commands in VENV/bin when that is on PATH; link each
+# into DIR, where man looks whatever PATH holds: one copy, never two that disagree.
+link_man_pages() {
+	local venv=$1 dir=$2 page n=0
+	mkdir -p "$dir"
+	for page in "$venv"/share/man/man1/scoutfs-notify*.1; do
+		[ -e "$page" ] || continue
+		ln -sfn "$page" "$dir/${page##*/}"
+		n=$((n + 1))
+	done
+	if [ "$n" = 0 ]; then
+		echo "bootstrap.sh: the package install left no man pages in $venv/share/man/man1" >&2
+		return 1
+	fi
+}
+
 install_venv() {
 	[ -x .venv/bin/python ] || python3 -m venv .venv
 	.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
-	# man pages made from the installed commands' own parsers, where man-db looks
-	.venv/bin/python -m notifyd.manpage /usr/local/share/man/man1 >/dev/null
+	link_man_pages "$PWD/.venv" /usr/local/share/man/man1
 }
 
 need_root

@@ -15,15 +15,21 @@ __all__ = [
     "AT_EMPTY_PATH",
     "AT_FDCWD",
     "AT_SYMLINK_NOFOLLOW",
+    "RESOLVE_BENEATH",
+    "RESOLVE_NO_SYMLINKS",
+    "RESOLVE_NO_XDEV",
     "UTIME_NOW",
     "UTIME_OMIT",
+    "effective_caps",
     "fanotify_init",
     "fanotify_mark",
     "fchownat",
     "inotify_add_watch",
     "inotify_init1",
     "ioctl",
+    "openat2",
     "renameat2",
+    "set_effective_caps",
     "setfsgid",
     "setfsuid",
     "setgroups_thread",
@@ -36,10 +42,17 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
+# <linux/openat2.h>
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 
 # x86_64 system call number: glibc's setgroups() changes every thread of the
 # process (its setxid broadcast); the raw call changes the calling thread only.
 _SYS_SETGROUPS = 116
+_SYS_OPENAT2 = 437
+# _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+_CAP_VERSION_3 = 0x20080522
 
 # None: the symbols of the running process, which links the C library.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -172,3 +185,64 @@ def utimensat(
     """``utimensat(2)`` with ``(sec, nsec)`` pairs; nsec may be UTIME_NOW or UTIME_OMIT."""
     times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
     _check(_libc.utimensat(dirfd, os.fsencode(path), times, flags), path)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(
+    dirfd: int, path: str | bytes | os.PathLike[str], flags: int, resolve: int, mode: int = 0
+) -> int:
+    """``openat2(2)``: ``os.open`` with ``RESOLVE_*`` restrictions on the whole walk."""
+    how = _OpenHow(flags, mode, resolve)
+    ret = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(ret, path)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capget.restype = ctypes.c_int
+_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capset.restype = ctypes.c_int
+
+
+def _caps() -> tuple[_CapHeader, ctypes.Array[_CapData]]:
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data))
+    return header, data
+
+
+def effective_caps() -> int:
+    """The calling thread's effective capability set, as a bit mask."""
+    _header, data = _caps()
+    return int(data[0].effective) | int(data[1].effective) << 32
+
+
+def set_effective_caps(mask: int) -> None:
+    """Set the calling thread's effective capabilities (``capset(2)``, this thread only).
+
+    The permitted set is kept, so a mask within it can be set again later.
+    """
+    header, data = _caps()
+    data[0].effective = mask & 0xFFFFFFFF
+    data[1].effective = mask >> 32
+    _check(_libc.capset(ctypes.byref(header), data))

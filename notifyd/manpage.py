@@ -3,10 +3,11 @@
 ``python -m notifyd.manpage [DIR]`` writes ``scoutfs-notifyd.1``,
 ``scoutfs-notify.1``, ``scoutfs-notify-shim.1`` and
 ``scoutfs-notify-forward.1`` into DIR (default
-``/usr/local/share/man/man1``, where man-db looks).  ``bootstrap.sh`` runs it
-after installing the package, so a page can never describe options the
+``/usr/local/share/man/man1``, where man-db looks).  The package build runs it
+(``setup.py``'s ``build_man``) and installs the pages in
+``<prefix>/share/man/man1``, so a page can never describe options the
 installed command does not have: it is made from the very parser the command
-runs (each module's ``build_parser()``).
+runs (each module's ``build_parser()``, none of which imports pyfuse3).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "watch the records scoutfs-notifyd relays, show its stats, check the set-up",
     ),
     "scoutfs-notify-shim": (
-        "compat.inotify_shim.main",
+        "compat.inotify_shim.args",
         "FUSE overlay that turns scoutfs access records into inotify events",
     ),
     "scoutfs-notify-forward": (
@@ -168,12 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="where to write NAME.1 (default: %(default)s)",
     )
+    p.add_argument(
+        "--version",
+        metavar="VERSION",
+        help="the package version the pages name (default: the installed package's; "
+        "the package build gives its own, since it is not installed yet)",
+    )
     args = p.parse_args(argv)
+    version = args.version or _version()
     out = Path(args.dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name, (module, summary) in COMMANDS.items():
-            page = render(name, build_parser_of(module), summary, _version())
+            page = render(name, build_parser_of(module), summary, version)
             path = out / f"{name}.1"
             tmp = path.with_suffix(".1.tmp")
             tmp.write_text(page)

@@ -19,6 +19,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -113,7 +114,8 @@ exit status (as inotifywait(1) documents its own):
   1    an error: no daemon, no permission, bad input, or the daemon closed the
        connection (it stopped)
   2    -t S ran out and no record passed the filters
-  130  interrupted by SIGINT
+  130  interrupted by SIGINT (also when started with SIGINT ignored, as a shell
+       script's background job is)
 """
 
 
@@ -570,6 +572,11 @@ def run(args: argparse.Namespace, sock_path: Path, filters: Filters) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     printed = 0
     quiet = args.quiet
+    # SIGINT ends watch with 130 however it was started.  A shell script's background
+    # job (`scoutfs-notify watch ... &`) starts with SIGINT ignored, Python then keeps
+    # it ignored, and `kill -INT $!` would leave watch running for ever.  Set before
+    # connecting: once the daemon counts this client, SIGINT is honoured.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with Subscriber(sock_path, timeout=args.timeout or None) as sub:
             check_peer(sub.sock, sock_path)

@@ -30,9 +30,13 @@ CLI = [sys.executable, "-m", "notifyd.cli"]
 class Watch:
     """A running ``scoutfs-notify watch`` whose lines the test reads."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
+        cmd = [*CLI, "watch", *args]
+        if sigint_ignored:
+            # as a non-interactive shell starts a background job (`watch ... &`)
+            cmd = ["bash", "-c", 'trap "" INT; exec "$0" "$@"', *cmd]
         self.proc = subprocess.Popen(
-            [*CLI, "watch", *args],
+            cmd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -54,6 +58,12 @@ class Watch:
         return got
 
     def stop(self) -> tuple[int, str]:
+        """SIGINT, then its exit status and stderr.
+
+        Only once the daemon counts this client (``_connected``): watch honours
+        SIGINT from before it connects, and before that the interpreter may
+        still be starting (a SIGINT then ends it as the signal's default does).
+        """
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
@@ -69,8 +79,8 @@ class Watch:
 def watch():
     started: list[Watch] = []
 
-    def start(*args: str) -> Watch:
-        w = Watch(*args)
+    def start(*args: str, sigint_ignored: bool = False) -> Watch:
+        w = Watch(*args, sigint_ignored=sigint_ignored)
         started.append(w)
         return w
 
@@ -142,6 +152,22 @@ def test_watch_text_and_json(fanotify_daemon, watch) -> None:
         rc, err = w.stop()
         assert rc == 130, err
         assert "Traceback" not in err, err
+
+
+def test_watch_started_with_sigint_ignored_still_ends_on_it(fanotify_daemon, watch) -> None:
+    """A script's `scoutfs-notify watch ... & kill -INT $!` ends it (130, no traceback)."""
+    f = fanotify_daemon.backing / "data"
+    f.write_text("x")
+    w = watch("--socket", str(fanotify_daemon.socket), sigint_ignored=True)
+    _connected(fanotify_daemon, 1)
+    with open(f"/proc/{w.proc.pid}/status") as st:
+        ignored = int(next(line for line in st if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGINT - 1)) == 0, "watch kept SIGINT ignored"
+    pid = _read_file(f)
+    w.lines_until(lambda line: f" pid={pid} " in line)
+    rc, err = w.stop()
+    assert rc == 130, err
+    assert "Traceback" not in err, err
 
 
 def test_watch_exits_cleanly_on_epipe(fanotify_daemon, watch) -> None:

@@ -20,39 +20,17 @@ import trio
 
 from notifyd import abi, ioctls
 from notifyd.cluster.bridge import TrioClusterSubscriber
-from notifyd.cluster.server import ClusterError, add_connection_args, credentials_from_args
-from notifyd.cluster.wire import DEFAULT_STREAM, ClusterGap, WireError, check_token
+from notifyd.cluster.server import ClusterError, credentials_from_args
+from notifyd.cluster.wire import ClusterGap, WireError, check_token
 
 from .replay import Replayer
 
-__all__ = ["add_cluster_args", "check_cluster_args", "cluster_identity", "follow_cluster"]
+__all__ = ["check_cluster_args", "cluster_identity", "follow_cluster"]
 
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 10.0
-
-
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "cluster (--nats)",
-        "Also replay the records of the other nodes of BACKING's filesystem, from the "
-        "NATS JetStream stream scoutfs-notify-forward fills on every node.",
-    )
-    add_connection_args(g, url_required=False)  # type: ignore[arg-type]
-    g.add_argument(
-        "--fsid",
-        metavar="NAME",
-        help="off scoutfs: the --fsid the forwarders use (default: the local socket's "
-        "directory name); on scoutfs the filesystem's fsid",
-    )
-    g.add_argument(
-        "--node",
-        metavar="NAME",
-        help="off scoutfs: this node's --node, whose records come from the local socket "
-        "(default: the hostname); on scoutfs the mount's rid",
-    )
-    g.add_argument("--stream", default=DEFAULT_STREAM, metavar="NAME", help="default: %(default)s")
 
 
 def cluster_identity(

@@ -44,6 +44,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from notifyd import libc
@@ -87,6 +88,11 @@ _FD_LIMIT = 1 << 20
 _FD_RESERVE_SHARE = 4
 _FD_RESERVE_MIN = 640
 
+# Opens that wait for a lease's holder (in a thread) at once; past this they
+# answer EAGAIN.  Each holds one of the requests pyfuse3.main serves at once
+# (max_tasks, 99): a user with many leases must not take them all.
+_MAX_LEASE_WAITS = 16
+
 # pyfuse3 turns UTIME_NOW into the clock it read just before our handler; a
 # time this close to the clock is taken as "now", which BACKING grants to
 # anyone who may write the file (an explicit time needs the owner).
@@ -108,8 +114,10 @@ def _only_drops_setid(old: int, new: int) -> bool:
 def _backing_flags(flags: int) -> int:
     # O_DIRECT is the kernel's business between the caller and the overlay:
     # our reads go through Python buffers, which O_DIRECT would refuse.
-    # O_CREAT/O_EXCL mean nothing on a reopen of an inode we hold.
-    return (flags & ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_CLOEXEC
+    # O_CREAT/O_EXCL mean nothing on a reopen of an inode we hold, and
+    # O_NOFOLLOW (the kernel already applied it) would refuse the magic link.
+    drop = os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
+    return (flags & ~drop) | os.O_CLOEXEC
 
 
 def fuse_handler(
@@ -147,7 +155,10 @@ class _Creds:
     so a change around synchronous syscalls (no ``await`` in between)
     affects no other request and none of the replay threads, which stay
     root.  A non-zero fsuid drops the filesystem capabilities
-    (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_FOWNER...) until it is set back to 0.
+    (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_FOWNER...) until it is set back to 0;
+    the others (CAP_SYS_ADMIN lists trusted.* xattrs, CAP_SYS_RESOURCE
+    writes past quotas and reserved blocks) are dropped from the thread's
+    effective set by :meth:`Overlay._acting`.
     """
 
     uid: int
@@ -236,8 +247,10 @@ class Overlay(pyfuse3.Operations):
         root = _Inode(fd, st)
         root.lookups = 1  # the kernel never forgets the root
         self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: root}
-        # our own groups, restored after acting for a caller
+        # our own groups and capabilities, restored after acting for a caller
         self._own_groups = tuple(os.getgroups())
+        self._own_caps = libc.effective_caps()
+        self._lease_waits = 0
         # inode -> (size, mtime_ns) as last reported to the kernel
         self._described: dict[int, tuple[int, int]] = {}
         # directory handle -> (inode, dir fd, entries snapshot taken at offset 0)
@@ -265,8 +278,10 @@ class Overlay(pyfuse3.Operations):
             libc.setgroups_thread(creds.groups)
             libc.setfsgid(creds.gid)
             libc.setfsuid(creds.uid)
+            libc.set_effective_caps(0)
             yield
         finally:
+            libc.set_effective_caps(self._own_caps)
             libc.setfsuid(0)
             libc.setfsgid(0)
             libc.setgroups_thread(self._own_groups)
@@ -796,8 +811,21 @@ class Overlay(pyfuse3.Operations):
             # devices and FIFOs are opened by the kernel itself, never here
             raise FUSEError(errno.EACCES)
         creds = self._creds(ctx)
-        with self._acting(creds):
-            fd = os.open(_proc(self._fd(node)), _backing_flags(flags))
+        try:
+            with self._acting(creds):
+                # O_NONBLOCK: an open that conflicts with a lease (any user
+                # may take one on their own file) waits for its holder, up
+                # to lease-break-time; never on this one serving thread
+                fd = os.open(_proc(self._fd(node)), _backing_flags(flags) | os.O_NONBLOCK)
+        except BlockingIOError:
+            fd = await self._open_waiting(node, _backing_flags(flags), creds)
+        else:
+            if not flags & os.O_NONBLOCK:
+                try:
+                    os.set_blocking(fd, True)
+                except BaseException:
+                    os.close(fd)
+                    raise
         try:
             info = self._file_info(inode, fd)
         except BaseException:
@@ -805,6 +833,24 @@ class Overlay(pyfuse3.Operations):
             raise
         self._handles[fd] = _Handle(fd, inode, creds)
         return info
+
+    async def _open_waiting(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
+        """Open ``node`` in a thread, where waiting for a lease's holder stops no one."""
+        if self._lease_waits >= _MAX_LEASE_WAITS:
+            raise FUSEError(errno.EAGAIN)
+        # our own fd: a FORGET may close the inode's while the thread waits
+        fd = os.dup(self._fd(node))
+
+        def wait() -> int:
+            with self._acting(creds):
+                return os.open(_proc(fd), flags)
+
+        self._lease_waits += 1
+        try:
+            return await trio.to_thread.run_sync(wait)
+        finally:
+            self._lease_waits -= 1
+            os.close(fd)
 
     @fuse_handler
     async def create(

@@ -655,7 +655,8 @@ class Replayer:
         self.stats.replayed += job.done
         if job.done and self.on_replayed is not None:
             self.on_replayed(f.ino)
-        log.debug("replayed %d of %s on %s", job.done, job.actions, job.path)
+        # names with %r: a user's file name may hold a newline, never a forged log line
+        log.debug("replayed %d of %s on %r", job.done, job.actions, job.path)
         left = job.actions[job.done :]
         if left:
             if job.errno in _GONE_ERRNOS and f.stale is None:
@@ -668,7 +669,7 @@ class Replayer:
                     self.stats.gone += len(left)
                 else:
                     self._count_failed(errno.errorcode.get(job.errno, str(job.errno)), len(left))
-                    log.debug("synthetic access to %s failed: %s", job.path, os.strerror(job.errno))
+                    log.debug("synthetic access to %r failed: %s", job.path, os.strerror(job.errno))
                 f.stale = None
                 self._warn_losses()
         else:
@@ -726,11 +727,16 @@ class Replayer:
                 what = Announce(parent, os.fsencode(name), st.st_ino)
                 looks = self._threads.announce(what)
                 try:
-                    os.mkdir(os.path.join(self.mountpoint, *parts[: i + 1]))
+                    # as root: the walk to the parent must stay in the mount
+                    pfd = _walk_mount(os.path.join(self.mountpoint, *parts[:i]), os.O_DIRECTORY)
+                    try:
+                        os.mkdir(name, dir_fd=pfd)
+                    finally:
+                        os.close(pfd)
                 except FileExistsError:
                     pass  # the kernel learnt of it meanwhile, from someone else
                 except OSError as exc:
-                    log.debug("announcing %s: %s", path, exc)
+                    log.debug("announcing %r: %s", path, exc)
                     self._threads.announced(st.st_ino)
                     return
                 else:
@@ -755,7 +761,7 @@ class Replayer:
                 works = zero_read_raises_access(full, fd)
             except OSError as exc:
                 # no inotify to check with (limits reached): the safe choice
-                log.warning("cannot check zero-length reads on %s: %s", full, exc)
+                log.warning("cannot check zero-length reads on %r: %s", full, exc)
                 works = False
             if works:
                 log.info("zero-length reads raise IN_ACCESS here: a replayed READ costs no request")
@@ -845,8 +851,9 @@ def _errnos(by: dict[str, int]) -> str:
     return " (" + ", ".join(f"{name} {n}" for name, n in most) + " since the start)"
 
 
-# ESTALE: the overlay refused because the name now leads to another inode
-_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESTALE})
+# ESTALE: the overlay refused because the name now leads to another inode;
+# ELOOP: a directory on the way is a symlink now (never followed)
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESTALE, errno.ELOOP})
 
 
 def _apply(
@@ -878,14 +885,31 @@ def _apply(
         job.done += 1
 
 
+def _walk_mount(path: str, flags: int = 0) -> int:
+    """An O_PATH fd on ``path`` (absolute, in the mount), no symlink followed.
+
+    The replay threads act as root on paths learnt earlier: a directory on
+    the way may have been swapped for a symlink on BACKING since, and
+    following it would lead them anywhere (``/etc``).  The mount point
+    itself has no symlink above it (``check_paths`` resolved it).
+    """
+    return libc.openat2(
+        libc.AT_FDCWD,
+        path,
+        os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | flags,
+        libc.RESOLVE_NO_SYMLINKS,
+    )
+
+
 def _open_regular(path: str) -> int:
     """Open ``path`` for a synthetic access, only if it is a regular file.
 
     The name is first held with O_PATH, which opens nothing (a FIFO's
-    blocked writer is not woken), checked, then reopened through
-    /proc/self/fd: the check and the open are on the very same inode.
+    blocked writer is not woken), reached without following any symlink,
+    checked, then reopened through /proc/self/fd: the check and the open
+    are on the very same inode.
     """
-    pfd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    pfd = _walk_mount(path)
     try:
         if not stat.S_ISREG(os.fstat(pfd).st_mode):
             # another kind of file took the name: as for a name reused
