@@ -135,3 +135,4 @@ async def _pump(
                 state.own_skipped += 1
                 continue
             submit(ev.type, ev.ino)
+        replayer.flush()

@@ -346,6 +346,8 @@ class Replayer:
         # files whose path needs the resolver's await, in arrival order; the
         # files behind one wait there too, so that files are taken in order
         self._to_resolve: collections.deque[_File] = collections.deque()
+        # files that got records since the last flush()
+        self._ready: list[_File] = []
         self._resolve_ready = trio.Event()
         # READs of held, idle synthetic opens, in arrival order (see _read_held)
         self._reads: list[_File] = []
@@ -363,7 +365,7 @@ class Replayer:
     # --- intake (trio thread) ------------------------------------------------
 
     def submit(self, rec_type: int, ino: int) -> None:
-        """Queue the replay of one OPEN or READ record; never blocks."""
+        """Queue the replay of one OPEN or READ record; never blocks; see :meth:`flush`."""
         if self._done:
             self._collect()
         self.stats.submitted += 1
@@ -409,21 +411,34 @@ class Replayer:
         self._reads_ready.set()
 
     def _enqueue(self, f: _File) -> None:
-        """Hand ``f``'s actions to a worker thread, or to the resolver first."""
-        if self._in_threads + len(self._to_resolve) >= self._max_pending:
+        """Make ``f`` wait for :meth:`flush`, which hands it to a worker thread."""
+        if self._in_threads + len(self._to_resolve) + len(self._ready) >= self._max_pending:
             self.stats.overload += len(f.actions)
             f.actions.clear()
             self._settle(f)
             self._warn_losses()
             return
         self._open.pop(f.ino, None)
-        path = None if f.stale or self._to_resolve else self._resolver.cached(f.ino)
-        if path is None:
-            f.queued = True
-            self._to_resolve.append(f)
-            self._resolve_ready.set()
-            return
-        self._dispatch(f, path)
+        f.queued = True
+        self._ready.append(f)
+
+    def flush(self) -> None:
+        """Hand the files that got records to the worker threads (the resolver first
+        for a file with no cached path, and for every file behind one).
+
+        Called once a message's records are all submitted, so that an OPEN
+        and the READs after it make one job, one trip to a thread.
+        """
+        ready, self._ready = self._ready, []
+        for f in ready:
+            f.queued = False
+            path = None if f.stale or self._to_resolve else self._resolver.cached(f.ino)
+            if path is None:
+                f.queued = True
+                self._to_resolve.append(f)
+                self._resolve_ready.set()
+            else:
+                self._dispatch(f, path)
 
     def _dispatch(self, f: _File, path: str) -> None:
         f.busy = True
@@ -463,7 +478,7 @@ class Replayer:
         """The counters and the state of the queue, for the stats socket."""
         self._collect()
         doc: dict[str, object] = dataclasses.asdict(self.stats)
-        doc["files_waiting"] = self._in_threads + len(self._to_resolve)
+        doc["files_waiting"] = self._in_threads + len(self._to_resolve) + len(self._ready)
         doc["synthetic_opens"] = len(self._open)
         if self._reader is None:
             doc["read_by"] = "not checked yet"
@@ -542,6 +557,7 @@ class Replayer:
                         self.on_replayed(f.ino)
                     if not f.reading and not f.busy:
                         self._settle(f)
+                self.flush()
                 if failed:
                     self._warn_losses()
         finally:
@@ -603,7 +619,7 @@ class Replayer:
             return
         self._wake_pending = True
         with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._collect)
+            self._token.run_sync_soon(self._collect_and_flush)
 
     def _stop_workers(self) -> None:
         self._jobs.put(None)
@@ -620,6 +636,10 @@ class Replayer:
             self._in_threads -= len(batch)
             for job in batch:
                 self._finish(job)
+
+    def _collect_and_flush(self) -> None:
+        self._collect()
+        self.flush()
 
     async def _resolve_loop(self) -> None:
         """Files whose path is not cached: resolved here in order, then dispatched."""
@@ -776,7 +796,8 @@ class Replayer:
         tick = self._close_after / 4
         while True:
             await trio.sleep(tick)
-            self._collect()
+            # (a submit() without flush() waits for this tick)
+            self._collect_and_flush()
             now = trio.current_time()
             due: list[_File] = []
             excess = len(self._open) - self._max_open
