@@ -18,13 +18,20 @@ not hold.  A replayed open therefore costs LOOKUP (when the kernel has no
 fresh entry for the name), OPEN, and RELEASE once the file is quiet.
 
 Why threads: the mount point is served by the trio thread, and an ``open``
-of it from that same thread waits forever for its own reply.
+of it from that same thread waits forever for its own reply.  The trio
+thread hands files to the worker threads once per message (:meth:`Replayer.flush`)
+through a plain queue, and collects the finished jobs when it next runs
+anyway; each FUSE request already costs it a wakeup, and on these machines
+a wakeup (a context switch, the GIL handed over) costs as much as the
+Python around it.
 
 Load: each file has one slot.  Records for a file that is already waiting
 append to its action list, where a READ after a READ collapses (inotify
-merges identical adjacent events anyway).  The queue of waiting files is
-bounded; past it records are dropped and counted, never queued without
-bound.
+merges identical adjacent events anyway).  A READ for a file whose
+synthetic open is held and idle is not queued there: it goes to one reader
+thread in arrival order (:meth:`Replayer._read_held`).  The queue of waiting
+files is bounded; past it records are dropped and counted, never queued
+without bound.
 """
 
 from __future__ import annotations
