@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import random
 import shutil
@@ -110,6 +111,29 @@ def _why_cpu(used: Used, events: int, runs: str) -> str:
     if used.profile:
         text += f". Profile: {used.profile}"
     return text
+
+
+def _why_daemon_wakeups(daemon: Usage) -> str:
+    """What batching the daemon's wakeups would take to meet its target at LATENCY_RATE."""
+    if daemon.voluntary == 0:
+        return ""
+    per_wakeup = daemon.cpu / daemon.voluntary * 1e6
+    need = math.ceil(per_wakeup / DAEMON_CPU_TARGET_US)
+    if need <= 1:
+        return ""
+    # accesses come every 1/LATENCY_RATE s: gathering `need` of them waits for the last
+    wait_ms = (need - 1) * 1e3 / LATENCY_RATE
+    return (
+        f"A wakeup cost it {per_wakeup:.0f} us: to reach {DAEMON_CPU_TARGET_US} us per access "
+        f"each would have to carry {need} accesses, i.e. hold the first for about "
+        f"{wait_ms:.0f} ms at {LATENCY_RATE:,}/s"
+        + (
+            f", beyond the {LATENCY_TARGET_MS:g} ms latency target, so the daemon wakes per "
+            "access at this rate"
+            if wait_ms >= LATENCY_TARGET_MS
+            else ""
+        )
+    )
 
 
 def _loadavg() -> str:
@@ -554,7 +578,7 @@ def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
                 "wakeup (trio's loop, the fanotify read, one publish and one send to the "
                 "shim: notifyd/source_fanotify.py, notifyd/broadcast.py), not per record; the "
                 "fanotify stage's `cpu_us_per_record` is the same source under a "
-                "workload that fills each wakeup"
+                "workload that fills each wakeup. " + _why_daemon_wakeups(daemon)
             ),
             note=f"CPU of scoutfs-notifyd (fanotify source, one client: the shim) per access "
             f"at {LATENCY_RATE}/s during the latency runs",
