@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stages",
         default=",".join(STAGES),
-        help=f"comma-separated, in this order: {','.join(STAGES)} (default: all)",
+        help=f"comma-separated, in this order: {','.join(STAGES)} (default: all); a run of "
+        "some stages rewrites only their sections of --output and their rows of its Targets "
+        "table, and keeps the rest",
     )
     p.add_argument("--repeats", type=int, help="runs per figure (default: 5, 2 with --quick)")
     p.add_argument(
@@ -88,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         if stage.skipped:
             print(f"# stage {name} not measured: {stage.skipped}", flush=True)
         stages.append(stage)
-    report.write(args.output, cfg, info, stages)
-    print(f"# wrote {args.output}", flush=True)
+    # a run of some stages rewrites only their parts of the report; every stage: all of it
+    only = None if set(args.stages) == set(STAGES) else [s.name for s in stages]
+    report.write(args.output, cfg, info, stages, only=only, order=list(STAGES))
+    if only is None:
+        print(f"# wrote {args.output}", flush=True)
+    else:
+        print(f"# wrote the sections of {', '.join(only)} in {args.output}", flush=True)
     return 1 if failed else 0
 
 

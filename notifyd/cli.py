@@ -44,13 +44,7 @@ watched by the fanotify source, or any --socket the daemon was given.
 
 
 def _add_target(p: argparse.ArgumentParser, json_help: str) -> None:
-    p.add_argument(
-        "mount",
-        nargs="?",
-        metavar="MOUNT",
-        help="the scoutfs mount (or fanotify-watched directory) whose daemon to ask",
-    )
-    p.add_argument("--socket", metavar="PATH", help="the daemon's notify socket")
+    watch.add_target_arguments(p)
     p.add_argument("--json", action="store_true", help=json_help)
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -166,6 +166,22 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+# One program's counters: (name, help, the key of its value in the program's counters).
+CounterTable = tuple[tuple[str, str, str], ...]
+
+
+def _counters(table: CounterTable, values: Mapping[str, float]) -> list[Metric]:
+    return [_counter(name, doc, values.get(key, 0)) for name, doc, key in table]
+
+
+def _losses(name: str, doc: str, by_cause: Mapping[str, float]) -> CounterMetricFamily:
+    """One counter family of records lost, labelled by cause."""
+    lost = CounterMetricFamily(name, doc, labels=["cause"])
+    for cause, value in by_cause.items():
+        lost.add_metric([cause], value)
+    return lost
+
+
 # --- the daemon ----------------------------------------------------------------
 
 
@@ -215,6 +231,22 @@ def _kmod_counters(counters: Path) -> Iterator[Metric]:
         )
 
 
+DAEMON_COUNTERS: CounterTable = (
+    ("scoutfs_notify_records_drained", "Records read from the source", "records"),
+    (
+        "scoutfs_notify_records_relayed",
+        "Records handed to the clients' queues (each record once)",
+        "records_published",
+    ),
+    ("scoutfs_notify_clients_accepted", "Client connections accepted", "clients_total"),
+    (
+        "scoutfs_notify_clients_refused",
+        "Client connections refused (--max-clients)",
+        "clients_refused",
+    ),
+)
+
+
 class DaemonMetrics:
     """The daemon's metrics, from its stats snapshot and a hook on publish.
 
@@ -251,43 +283,26 @@ class DaemonMetrics:
 
     def _collect(self) -> list[Metric]:
         st = self._snapshot()
-        out: list[Metric] = [
-            _counter(
-                "scoutfs_notify_records_drained",
-                "Records read from the source",
-                st.get("records", 0),
-            ),
-            _counter(
-                "scoutfs_notify_records_relayed",
-                "Records handed to the clients' queues (each record once)",
-                st.get("records_published", 0),
-            ),
+        out = _counters(DAEMON_COUNTERS, st)
+        out += [
             _gauge("scoutfs_notify_clients", "Clients connected now", len(st.get("clients", []))),
-            _counter(
-                "scoutfs_notify_clients_accepted",
-                "Client connections accepted",
-                st.get("clients_total", 0),
-            ),
-            _counter(
-                "scoutfs_notify_clients_refused",
-                "Client connections refused (--max-clients)",
-                st.get("clients_refused", 0),
-            ),
             _gauge("scoutfs_notify_last_seq", "seq of the last record drained", st.get("seq") or 0),
         ]
-        lost = CounterMetricFamily(
-            "scoutfs_notify_records_lost",
-            "Records lost, by cause: ring_full (the kernel ring was full; the kernel's own "
-            "count), fanotify_overflow (FAN_Q_OVERFLOW: at least one each), client_queue "
-            "(a slow client's queue was full; counted once per client)",
-            labels=["cause"],
-        )
+        by_cause: dict[str, float] = {}
         if st.get("source") == "scoutfs":
-            lost.add_metric(["ring_full"], st.get("ring_dropped", 0))
+            by_cause["ring_full"] = st.get("ring_dropped", 0)
         if st.get("source") == "fanotify":
-            lost.add_metric(["fanotify_overflow"], st.get("source_overflows", 0))
-        lost.add_metric(["client_queue"], st.get("client_records_dropped", 0))
-        out.append(lost)
+            by_cause["fanotify_overflow"] = st.get("source_overflows", 0)
+        by_cause["client_queue"] = st.get("client_records_dropped", 0)
+        out.append(
+            _losses(
+                "scoutfs_notify_records_lost",
+                "Records lost, by cause: ring_full (the kernel ring was full; the kernel's own "
+                "count), fanotify_overflow (FAN_Q_OVERFLOW: at least one each), client_queue "
+                "(a slow client's queue was full; counted once per client)",
+                by_cause,
+            )
+        )
         if self._kmod is not None:
             out += _kmod_counters(self._kmod)
         return out
@@ -298,6 +313,26 @@ class DaemonMetrics:
 # Inodes whose oldest unreplayed record time is kept for the latency: a bound
 # for records that are never replayed (lost to overload, file gone).
 PENDING_LIMIT = 65536
+
+
+SHIM_COUNTERS: CounterTable = (
+    ("scoutfs_notify_shim_records_received", "Records received from the daemon", "received"),
+    (
+        "scoutfs_notify_shim_records_own",
+        "Records of the shim's own accesses to BACKING (not replayed)",
+        "own",
+    ),
+    (
+        "scoutfs_notify_shim_events_replayed",
+        "Synthetic accesses made (each raises IN_OPEN or IN_ACCESS)",
+        "replayed",
+    ),
+    (
+        "scoutfs_notify_shim_reads_collapsed",
+        "READ records merged into a READ already waiting (one IN_ACCESS for both)",
+        "collapsed",
+    ),
+)
 
 
 class ShimMetrics:
@@ -352,39 +387,20 @@ class ShimMetrics:
 
     def _collect(self) -> list[Metric]:
         st = self._replay_stats()
-        lost = CounterMetricFamily(
-            "scoutfs_notify_shim_records_lost",
-            "Records that raised no event, by cause: gap (lost before the shim: kernel ring, "
-            "source or its client queue), overload (too many files waiting), unresolved (no "
-            "file has the inode), gone (deleted before its replay), failed (other errors)",
-            labels=["cause"],
+        mine = {"received": self.records_in, "own": self.records_own}
+        out = _counters(SHIM_COUNTERS, {**st, **mine})
+        causes = ("overload", "unresolved", "gone", "failed")
+        out.append(
+            _losses(
+                "scoutfs_notify_shim_records_lost",
+                "Records that raised no event, by cause: gap (lost before the shim: kernel "
+                "ring, source or its client queue), overload (too many files waiting), "
+                "unresolved (no file has the inode), gone (deleted before its replay), failed "
+                "(other errors)",
+                {"gap": self.gap_lost} | {c: st.get(c, 0) for c in causes},
+            )
         )
-        lost.add_metric(["gap"], self.gap_lost)
-        for cause in ("overload", "unresolved", "gone", "failed"):
-            lost.add_metric([cause], st.get(cause, 0))
-        return [
-            _counter(
-                "scoutfs_notify_shim_records_received",
-                "Records received from the daemon",
-                self.records_in,
-            ),
-            _counter(
-                "scoutfs_notify_shim_records_own",
-                "Records of the shim's own accesses to BACKING (not replayed)",
-                self.records_own,
-            ),
-            _counter(
-                "scoutfs_notify_shim_events_replayed",
-                "Synthetic accesses made (each raises IN_OPEN or IN_ACCESS)",
-                st.get("replayed", 0),
-            ),
-            _counter(
-                "scoutfs_notify_shim_reads_collapsed",
-                "READ records merged into a READ already waiting (one IN_ACCESS for both)",
-                st.get("collapsed", 0),
-            ),
-            lost,
-        ]
+        return out
 
 
 # --- the forwarder -------------------------------------------------------------
@@ -417,6 +433,37 @@ class _AsyncioCollector(Collector):
             return []
 
 
+FORWARD_COUNTERS: CounterTable = (
+    ("scoutfs_notify_forward_records_received", "Records received from the daemon", "received"),
+    (
+        "scoutfs_notify_forward_records_published",
+        "Records in messages JetStream acknowledged",
+        "published",
+    ),
+    (
+        "scoutfs_notify_forward_messages_published",
+        "Messages JetStream acknowledged (each a batch of records)",
+        "messages",
+    ),
+    (
+        "scoutfs_notify_forward_messages_duplicate",
+        "Acknowledged messages the stream already held (a re-send after a lost ack)",
+        "duplicates",
+    ),
+    (
+        "scoutfs_notify_forward_records_lost_published",
+        "Records declared lost in published Scoutfs-Notify-Lost headers (every seq "
+        "jump in the stream, including those before this process started)",
+        "lost_reported",
+    ),
+    (
+        "scoutfs_notify_forward_nats_reconnects",
+        "Reconnections to NATS after a lost connection",
+        "reconnects",
+    ),
+)
+
+
 class ForwardMetrics:
     """The forwarder's metrics: records in and out, losses by cause, backlog, NATS.
 
@@ -446,51 +493,20 @@ class ForwardMetrics:
 
     def _collect(self) -> list[Metric]:
         st = self._snapshot()
-        lost = CounterMetricFamily(
-            "scoutfs_notify_forward_records_lost",
-            "Records that did not reach the stream, by cause: daemon_gap (a seq jump in what "
-            "the daemon sent: its ring, its queue for the forwarder, or while disconnected "
-            "from it), backlog (dropped past --backlog while NATS was slow or away)",
-            labels=["cause"],
-        )
-        lost.add_metric(["daemon_gap"], st.get("lost_daemon", 0))
-        lost.add_metric(["backlog"], st.get("dropped_backlog", 0))
-        return [
-            _counter(
-                "scoutfs_notify_forward_records_received",
-                "Records received from the daemon",
-                st.get("received", 0),
-            ),
-            _counter(
-                "scoutfs_notify_forward_records_published",
-                "Records in messages JetStream acknowledged",
-                st.get("published", 0),
-            ),
-            _counter(
-                "scoutfs_notify_forward_messages_published",
-                "Messages JetStream acknowledged (each a batch of records)",
-                st.get("messages", 0),
-            ),
-            _counter(
-                "scoutfs_notify_forward_messages_duplicate",
-                "Acknowledged messages the stream already held (a re-send after a lost ack)",
-                st.get("duplicates", 0),
-            ),
-            lost,
-            _counter(
-                "scoutfs_notify_forward_records_lost_published",
-                "Records declared lost in published Scoutfs-Notify-Lost headers (every seq "
-                "jump in the stream, including those before this process started)",
-                st.get("lost_reported", 0),
+        out = _counters(FORWARD_COUNTERS, st)
+        out += [
+            _losses(
+                "scoutfs_notify_forward_records_lost",
+                "Records that did not reach the stream, by cause: daemon_gap (a seq jump in "
+                "what the daemon sent: its ring, its queue for the forwarder, or while "
+                "disconnected from it), backlog (dropped past --backlog while NATS was slow "
+                "or away)",
+                {"daemon_gap": st.get("lost_daemon", 0), "backlog": st.get("dropped_backlog", 0)},
             ),
             _gauge(
                 "scoutfs_notify_forward_backlog_records",
                 "Records waiting to be published now",
                 st.get("backlog_records", 0),
             ),
-            _counter(
-                "scoutfs_notify_forward_nats_reconnects",
-                "Reconnections to NATS after a lost connection",
-                st.get("reconnects", 0),
-            ),
         ]
+        return out

@@ -38,6 +38,7 @@ __all__ = [
     "Filters",
     "PathResolver",
     "add_arguments",
+    "add_target_arguments",
     "check_arguments",
     "expand_format",
     "format_csv",
@@ -398,18 +399,23 @@ def _csv_items(values: list[str] | None) -> list[str]:
     return [item.strip() for v in values or [] for item in v.split(",") if item.strip()]
 
 
-def add_arguments(w: argparse.ArgumentParser) -> None:
-    """The ``watch`` options, on a subparser the dispatcher made."""
-    w.description = WATCH_DESCRIPTION
-    w.epilog = FORMAT_HELP
-    w.formatter_class = argparse.RawDescriptionHelpFormatter
-    w.add_argument(
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    """MOUNT and ``--socket``: which daemon a command asks."""
+    p.add_argument(
         "mount",
         nargs="?",
         metavar="MOUNT",
         help="the scoutfs mount (or fanotify-watched directory) whose daemon to ask",
     )
-    w.add_argument("--socket", metavar="PATH", help="the daemon's notify socket")
+    p.add_argument("--socket", metavar="PATH", help="the daemon's notify socket")
+
+
+def add_arguments(w: argparse.ArgumentParser) -> None:
+    """The ``watch`` options, on a subparser the dispatcher made."""
+    w.description = WATCH_DESCRIPTION
+    w.epilog = FORMAT_HELP
+    w.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_target_arguments(w)
     out = w.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object per record or gap")
     out.add_argument("--csv", action="store_true", help="CSV rows (columns below)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -452,7 +454,9 @@ sys.stdin.read()
 NOBODY = 65534
 
 
-def test_watch_and_stats_refuse_a_socket_another_user_serves(tmp_path) -> None:
+@contextlib.contextmanager
+def _squatter() -> Iterator[tuple[Path, int]]:
+    """(socket path, pid): SQUATTER serving as nobody in a directory anyone may write."""
     open_dir = Path(tempfile.mkdtemp(prefix="nfy-sq-", dir="/tmp"))
     try:
         open_dir.chmod(0o1777)
@@ -466,41 +470,31 @@ def test_watch_and_stats_refuse_a_socket_another_user_serves(tmp_path) -> None:
         )
         try:
             assert squatter.stdout.readline() == "ready\n"
-            for command in ("watch", "stats"):
-                err = _fails_cleanly([*CLI, command, "--socket", str(path)])
-                assert f"is served by uid {NOBODY} (pid {squatter.pid}), not by root" in err
+            yield path, squatter.pid
         finally:
             squatter.stdin.close()
             squatter.wait(FAIL_TIMEOUT)
     finally:
         shutil.rmtree(open_dir)
+
+
+def test_watch_and_stats_refuse_a_socket_another_user_serves(tmp_path) -> None:
+    with _squatter() as (path, pid):
+        for command in ("watch", "stats"):
+            err = _fails_cleanly([*CLI, command, "--socket", str(path)])
+            assert f"is served by uid {NOBODY} (pid {pid}), not by root" in err
 
 
 def test_the_shim_refuses_a_socket_another_user_serves(tmp_path) -> None:
     need_fuse()
-    open_dir = Path(tempfile.mkdtemp(prefix="nfy-sq-", dir="/tmp"))
     backing = tmp_path / "backing"
     backing.mkdir()
-    try:
-        open_dir.chmod(0o1777)
-        path = open_dir / "notify.sock"
-        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-        squatter = subprocess.Popen(
-            [*as_nobody, sys.executable, "-c", SQUATTER, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert squatter.stdout.readline() == "ready\n"
-            with run_shim(backing, tmp_path / "mnt", path, ready_log="not by root") as shim:
-                log = shim.log()
-        finally:
-            squatter.stdin.close()
-            squatter.wait(FAIL_TIMEOUT)
-    finally:
-        shutil.rmtree(open_dir)
-    assert f"is served by uid {NOBODY} (pid {squatter.pid}), not by root" in log
+    with (
+        _squatter() as (path, pid),
+        run_shim(backing, tmp_path / "mnt", path, ready_log="not by root") as shim,
+    ):
+        log = shim.log()
+    assert f"is served by uid {NOBODY} (pid {pid}), not by root" in log
     assert "subscribed to" not in log
     assert "Traceback" not in log
 

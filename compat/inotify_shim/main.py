@@ -23,6 +23,7 @@ from notifyd.paths import RUN_DIR, default_socket_path, shim_stats_path
 from notifyd.sdnotify import sd_notify
 from notifyd.stats import serve_stats
 
+from . import rundir
 from .args import build_parser
 from .follow import FollowState, follow
 from .follow_cluster import check_cluster_args, follow_cluster
@@ -98,7 +99,11 @@ def _bind_stats(mountpoint: str, given: str | None) -> Listener:
         path = shim_stats_path(mountpoint)
         # the run dir is shared with the daemons: made as they make it, never re-moded
         prepare_dir(RUN_DIR, create=True, mode=0o711, shared=True)
-        prepare_dir(path.parent, create=True)
+        # the directory is made and the socket bound under the lock that sweeps take
+        with rundir.locked(RUN_DIR):
+            rundir.sweep(RUN_DIR, keep=path.parent)
+            prepare_dir(path.parent, create=True)
+            return bind_listener(path, kind=socket.SOCK_STREAM)
     return bind_listener(path, kind=socket.SOCK_STREAM)
 
 
