@@ -396,3 +396,39 @@ def test_the_overlay_leaves_fds_for_replays_at_the_open_file_limit(tmp_path: Pat
         doc = shim_stats(mnt)
         assert doc["replayed"] == len(files), doc
         assert (doc["failed"], doc["gone"]) == (0, 0), doc
+
+
+def test_reads_of_held_opens_keep_their_interleaving(tmp_path: Path) -> None:
+    """READs of two files held open arrive a, b, a, b: the watcher sees four IN_ACCESS in
+    that order, none merged into a pending READ of its file."""
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    a, b = backing / "a", backing / "b"
+    a.write_text("a")
+    b.write_text("b")
+    mnt = tmp_path / "mnt"
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        # the longest linger: the READs below must find both synthetic opens held
+        run_shim(backing, mnt, feed.path, "--workers", "1", "--close-after", "1") as shim,
+        watch(mnt) as w,
+    ):
+        feed.wait_client()
+        feed.access(a)
+        feed.access(b)
+        w.expect("a", "ACCESS")
+        w.expect("b", "ACCESS")
+        wait_for(lambda: shim_stats(mnt)["replayed"] == 4, EVENT_TIMEOUT, "the cats replayed")
+        for p in (a, b, a, b):
+            feed.send([feed.record(abi.TYPE_READ, p.stat().st_ino)])
+
+        def accesses() -> list[str]:
+            return [p for p, names in w.seen if "ACCESS" in names]
+
+        while len(accesses()) < 6:
+            w.seen.append(w.events.get(timeout=EVENT_TIMEOUT))
+        assert accesses() == ["a", "b", "a", "b", "a", "b"]
+        doc = shim_stats(mnt)
+        assert (doc["replayed"], doc["collapsed"]) == (8, 0), doc
+        assert shim.proc.poll() is None
