@@ -983,7 +983,10 @@ def run(cfg: Config) -> Stage:
             "full speed; IN_ACCESS counted on the overlay against the same reads watched "
             "locally. CPU and context switches are read from /proc for the shim's and the "
             "daemon's processes around the overlay's runs; the reasons given for missed "
-            "targets are computed from them. Reads: one file on BACKING (the daemon and shim "
+            "targets are computed from them, with the shim's CPU for one FUSE LOOKUP (a "
+            "stat of never-seen names through the overlay) and, where py-spy is installed, "
+            "a profile of the shim and the daemon taken before the figures. Reads: one file "
+            "on BACKING (the daemon and shim "
             "running), read through the overlay vs directly; cold = after dropping the page "
             "cache, warm = the pass right after."
         ),
