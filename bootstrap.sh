@@ -24,7 +24,7 @@ APT_PACKAGES=(
 	uuid-dev libssl-dev libblkid-dev attr xfsprogs uuid-runtime dmsetup bc bsdextrautils
 	systemd man-db
 	autoconf automake libacl1-dev
-	acl sudo
+	acl sudo util-linux-extra
 )
 
 need_root() {

@@ -112,3 +112,21 @@ def test_overlay_read_miss_is_explained_from_the_run():
     assert "75% of it system time" in busy, busy
     assert "one core serves 839 MB/s, well above the overlay's 500" in busy, busy
     assert "50% idle" in busy, busy
+    # the per-folio costs and the reader's own CPU, when the run measured them
+    warm = _why_seq(Usage(machine_total=2.0), 32.0, 0.3, 9000.0, reader=(0.4, 0.1), folios=(1, 256))
+    assert "folios of 1.0 page(s) on the overlay and 256.0 on BACKING" in warm, warm
+    assert "(lookup, reference, LRU activation at the second access, a copy) 256 times" in warm
+    assert "0.40 ms of CPU per MiB through the overlay and 0.10 on BACKING" in warm, warm
+    # the CPU ceiling: 0.4 ms the reader + 1.25 the shim against 0.5 directly
+    capped = _why_seq(
+        Usage(user=0.02, system=0.06, voluntary=64, machine_busy=2.0, machine_total=2.0),
+        64.0,
+        0.2,
+        1000.0,
+        reader=(0.4, 0.5),
+    )
+    assert "the overlay cost 1.65 ms of CPU per MiB against 0.50" in capped, capped
+    assert "(0% idle here) it reaches at most 0.30 of BACKING's rate" in capped, capped
+    assert "well above" not in capped, capped
+    same = _why_seq(Usage(machine_total=2.0), 32.0, 0.3, 9000.0, folios=(256, 256))
+    assert "folios" not in same, same

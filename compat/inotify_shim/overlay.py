@@ -201,6 +201,19 @@ class _Inode:
         self.links: set[tuple[int, bytes]] = set()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Version:
+    """What tells one version of a BACKING file's data from another."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Version:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclasses.dataclass
 class _Handle:
     """An open file: its BACKING fd, its inode and the opener's identity."""
@@ -251,8 +264,11 @@ class Overlay(pyfuse3.Operations):
         self._own_groups = tuple(os.getgroups())
         self._own_caps = libc.effective_caps()
         self._lease_waits = 0
-        # inode -> (size, mtime_ns) as last reported to the kernel
-        self._described: dict[int, tuple[int, int]] = {}
+        # inode -> BACKING's _Version of it at the last open served from the
+        # page cache: what the kernel's cached pages may hold (close-to-open)
+        self._opened: dict[int, _Version] = {}
+        # inode -> BACKING's _Version of it as last described to the kernel
+        self._described: dict[int, _Version] = {}
         # directory handle -> (inode, dir fd, entries snapshot taken at offset 0)
         self._dirs: dict[int, tuple[int, int, list[str]]] = {}
         self._handles: dict[int, _Handle] = {}
@@ -440,7 +456,7 @@ class Overlay(pyfuse3.Operations):
         entry.st_atime_ns = st.st_atime_ns
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
-        self._described[entry.st_ino] = (st.st_size, st.st_mtime_ns)
+        self._described[entry.st_ino] = _Version.of(st)
         return entry
 
     def _lookup_entry(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
@@ -542,6 +558,7 @@ class Overlay(pyfuse3.Operations):
             if node.lookups > 0 or inode == pyfuse3.ROOT_INODE:
                 continue
             del self._inodes[inode]
+            self._opened.pop(inode, None)
             self._described.pop(inode, None)
             if node.fd is not None:
                 os.close(node.fd)
@@ -787,16 +804,28 @@ class Overlay(pyfuse3.Operations):
     # --- files ---------------------------------------------------------------
 
     def _file_info(self, inode: int, fd: int) -> pyfuse3.FileInfo:
-        # Drop cached attributes and pages only when BACKING changed since we
-        # last described the file: a read after an append there gets it all,
-        # and an unchanged file keeps its page cache across opens.  Some
-        # kernels revalidate at open by themselves; this makes close-to-open
-        # coherence independent of that.
-        st = os.fstat(fd)
-        changed = self._described.get(inode) != (st.st_size, st.st_mtime_ns)
-        if changed:
-            self._described[inode] = (st.st_size, st.st_mtime_ns)
-            # FileNotFoundError: not in the kernel's cache, nothing to drop
+        """How to answer an open of ``inode`` whose BACKING file is open as ``fd``.
+
+        Close-to-open coherence, as NFS gives: the kernel keeps the pages it
+        cached for ``inode`` only if BACKING's file is the version it was at
+        the last open, so a reread of an unchanged file never reaches us and
+        any change made on BACKING (by any process, on any node) is read in
+        full by the next open.  The version includes ctime, which no caller
+        can set back: a rewrite that restores size and mtime (``cp -p``,
+        ``rsync -t``, ``tar -x``) still counts as a change.  It is taken here,
+        never from GETATTR: a stat in between hands the kernel new attributes
+        but leaves its pages.  Keeping pages is no permission hole: this open
+        was made on BACKING with the caller's rights, and pages are only
+        reached through an open file.
+        """
+        version = _Version.of(os.fstat(fd))
+        changed = self._opened.get(inode) != version
+        self._opened[inode] = version
+        if self._described.get(inode) != version:
+            # the kernel's size may be the old one too: make it ask again, so
+            # a read after an append on BACKING gets all of it; a first open
+            # right after its lookup costs no extra GETATTR
+            # (OSError: the inode is not in the kernel's cache, nothing to drop)
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         return pyfuse3.FileInfo(fh=fd, keep_cache=not changed)
