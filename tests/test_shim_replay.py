@@ -418,9 +418,10 @@ def test_reads_of_held_opens_keep_their_interleaving(tmp_path: Path) -> None:
         feed.wait_client()
         feed.access(a)
         feed.access(b)
+        # their synthetic opens are held from here for a second (no stats call in
+        # between: starting one can take that long on a busy machine)
         w.expect("a", "ACCESS")
         w.expect("b", "ACCESS")
-        wait_for(lambda: shim_stats(mnt)["replayed"] == 4, EVENT_TIMEOUT, "the cats replayed")
         # one message, as a busy daemon sends them: a READ for a file that already has
         # one pending would be merged into it, these find their files' opens idle
         feed.send([feed.record(abi.TYPE_READ, p.stat().st_ino) for p in (a, b, a, b)])
