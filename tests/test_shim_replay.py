@@ -23,6 +23,8 @@ import pytest
 from shim_support import EVENT_TIMEOUT, feeder, need_fuse, run_shim, wait_for, watch
 
 from notifyd import abi
+from notifyd.paths import shim_stats_path
+from notifyd.stats import read_stats
 
 
 @pytest.fixture
@@ -418,10 +420,13 @@ def test_reads_of_held_opens_keep_their_interleaving(tmp_path: Path) -> None:
         feed.wait_client()
         feed.access(a)
         feed.access(b)
-        # their synthetic opens are held from here for a second (no stats call in
-        # between: starting one can take that long on a busy machine)
         w.expect("a", "ACCESS")
         w.expect("b", "ACCESS")
+        # the cats' jobs are settled once the stats count them (a READ that finds its
+        # file's job still running waits behind it, and may be merged there); read in
+        # this process: a `scoutfs-notify stats` could outlast the second of linger
+        stats_path = str(shim_stats_path(mnt))
+        wait_for(lambda: read_stats(stats_path)["replayed"] == 4, EVENT_TIMEOUT, "the cats")
         # one message, as a busy daemon sends them: a READ for a file that already has
         # one pending would be merged into it, these find their files' opens idle
         feed.send([feed.record(abi.TYPE_READ, p.stat().st_ino) for p in (a, b, a, b)])
