@@ -27,6 +27,7 @@ __all__ = [
     "inotify_add_watch",
     "inotify_init1",
     "ioctl",
+    "lstat_cached",
     "openat2",
     "renameat2",
     "set_effective_caps",
@@ -246,3 +247,76 @@ def set_effective_caps(mask: int) -> None:
     data[0].effective = mask & 0xFFFFFFFF
     data[1].effective = mask >> 32
     _check(_libc.capset(ctypes.byref(header), data))
+
+
+class _StatxTimestamp(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_int64), ("nsec", ctypes.c_uint32), ("_pad", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [
+        ("mask", ctypes.c_uint32),
+        ("blksize", ctypes.c_uint32),
+        ("attributes", ctypes.c_uint64),
+        ("nlink", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("mode", ctypes.c_uint16),
+        ("_pad1", ctypes.c_uint16),
+        ("ino", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("attributes_mask", ctypes.c_uint64),
+        ("atime", _StatxTimestamp),
+        ("btime", _StatxTimestamp),
+        ("ctime", _StatxTimestamp),
+        ("mtime", _StatxTimestamp),
+        ("rdev_major", ctypes.c_uint32),
+        ("rdev_minor", ctypes.c_uint32),
+        ("dev_major", ctypes.c_uint32),
+        ("dev_minor", ctypes.c_uint32),
+        ("_spare", ctypes.c_uint64 * 14),
+    ]
+
+
+_libc.statx.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.POINTER(_Statx),
+]
+_libc.statx.restype = ctypes.c_int
+_AT_STATX_DONT_SYNC = 0x4000
+_STATX_BASIC_STATS = 0x7FF
+
+
+def lstat_cached(dirfd: int, name: str | bytes) -> os.stat_result:
+    """``os.lstat(name, dir_fd=dirfd)`` that asks a remote filesystem nothing.
+
+    ``statx(2)`` with ``AT_STATX_DONT_SYNC``: a network or FUSE filesystem
+    answers from what it has cached, so a hung one cannot block the caller.
+    Local filesystems (and scoutfs) ignore the flag and answer as ``lstat``.
+    """
+    buf = _Statx()
+    flags = AT_SYMLINK_NOFOLLOW | _AT_STATX_DONT_SYNC
+    _check(_libc.statx(dirfd, os.fsencode(name), flags, _STATX_BASIC_STATS, buf), name)
+    times = (buf.atime, buf.mtime, buf.ctime)
+    ns = tuple(t.sec * 1_000_000_000 + t.nsec for t in times)
+    return os.stat_result(
+        (
+            buf.mode,
+            buf.ino,
+            os.makedev(buf.dev_major, buf.dev_minor),
+            buf.nlink,
+            buf.uid,
+            buf.gid,
+            buf.size,
+            *(t.sec for t in times),
+            *(n / 1e9 for n in ns),
+            *ns,
+            buf.blksize,
+            buf.blocks,
+            os.makedev(buf.rdev_major, buf.rdev_minor),
+        )
+    )

@@ -63,12 +63,13 @@ class Truth:
 class Watch:
     """``scoutfs-notify watch --nats URL --json ...`` with its lines collected."""
 
-    def __init__(self, url: str, *args: str) -> None:
+    def __init__(self, url: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "notifyd.cli", "watch", "--nats", url, "--json", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.lines: list[dict] = []
         self.err_lines: list[str] = []

@@ -11,16 +11,25 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import select
+import signal
+import stat
 import struct
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
 from shim_support import EVENT_TIMEOUT, START_TIMEOUT, feeder, need_fuse, run_shim, wait_for
 from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noqa: F401
 
+from compat.inotify_shim.overlay import Overlay
+from compat.inotify_shim.replay import Announce, ReplayThreads
 from notifyd import abi, libc
 
 SECRET = "TOPSECRET"
@@ -140,7 +149,8 @@ p = {str(backing / "leased")!r}
 with open(p, "w") as f:
     f.write("mine")
 fd = os.open(p, os.O_RDONLY)
-signal.signal(signal.SIGIO, lambda *a: print("asked to let go", flush=True))
+# os.write: a print here could re-enter the print of "leased" still returning
+signal.signal(signal.SIGIO, lambda *a: os.write(1, b"asked to let go\\n"))
 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
 print("leased", flush=True)
 sys.stdin.read()
@@ -154,7 +164,7 @@ sys.stdin.read()
             assert holder.stdout.readline() == "leased\n", holder.stderr
             reader = _attacker_proc(reader_code)
             # the overlay's open of the file asked the holder to let go
-            assert holder.stdout.readline() == "asked to let go\n"
+            assert holder.stdout.readline() == "asked to let go\n", holder.communicate()
             # the overlay serves others while that open waits for the lease
             listing = sorted(os.listdir(mnt))
             assert (mnt / "leased").stat().st_size == 4
@@ -198,6 +208,7 @@ def test_a_user_sees_no_trusted_xattrs(top: Path) -> None:  # noqa: F811
     os.setxattr(backing / "f", "user.plain", b"1")
     probe = f"""
 import os
+import resource
 print(sorted(os.listxattr({str(backing / "f")!r})))
 print(sorted(os.listxattr({str(mnt / "f")!r})))
 """
@@ -289,3 +300,294 @@ def test_libc_openat2_refuses_symlinks(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="symbolic links") as exc:
         libc.openat2(libc.AT_FDCWD, tmp_path / "s" / "f", flags, libc.RESOLVE_NO_SYMLINKS)
     assert exc.value.errno == errno.ELOOP
+
+
+def test_a_hung_filesystem_mounted_under_backing_stops_nothing(top: Path) -> None:  # noqa: F811
+    # A mount under BACKING is never served, but the overlay still stat'ed
+    # it (to see it was one) on its one serving thread: a hung NFS or FUSE
+    # server there stopped the overlay for every user.  Here the hung server
+    # is another shim, stopped with SIGSTOP.
+    backing, mnt, other = top / "backing", top / "mnt", top / "other"
+    backing.mkdir()
+    other.mkdir()
+    (backing / "sub").mkdir()
+    (backing / "plain").write_text("plain")
+    probe = f"""
+import os
+import resource
+m = {str(mnt)!r}
+print(sorted(os.listdir(m)))
+print([os.lstat(os.path.join(m, n)).st_size for n in sorted(os.listdir(m))])
+try:
+    os.stat(os.path.join(m, "sub"))
+except OSError as exc:
+    print(exc.errno)
+print(open(os.path.join(m, "plain")).read())
+"""
+    nested_stats = top / "nested.stats"
+    with (
+        run_shim(
+            other,
+            backing / "sub",
+            top / "absent.sock",
+            "--stats-socket",
+            str(nested_stats),
+            log=top / "nested.log",
+        ) as nested,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other"),
+    ):
+        os.kill(nested.proc.pid, signal.SIGSTOP)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                out, _ = proc.communicate(timeout=START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.kill(nested.proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.communicate()
+                pytest.fail("the overlay stopped with the filesystem mounted under BACKING")
+        finally:
+            os.kill(nested.proc.pid, signal.SIGCONT)
+    assert out.split("\n")[:4] == ["['plain']", "[5]", str(errno.EOPNOTSUPP), "plain"], out
+
+
+def test_a_former_owner_cannot_strip_set_id_bits(top: Path) -> None:  # noqa: F811
+    # Dropping set-ID bits is the kernel's own step after a non-owner's
+    # write, made as root by the overlay.  The kernel lets a chmod through
+    # on ownership it cached for --timeout: a user whose file root took
+    # over (chown root, chmod 4755) could still strip its set-user-ID bit.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    os.chmod(backing, 0o777)
+    prog = backing / "prog"
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other", "--timeout", "60"):
+        made = _as_attacker(
+            f"import os; open({str(prog)!r}, 'w').close(); os.stat({str(mnt / 'prog')!r})"
+        )
+        assert made.returncode == 0, made.stderr
+        os.chown(prog, 0, 0)
+        os.chmod(prog, 0o4755)
+        out = _as_attacker(
+            f"""
+import os
+import resource
+try:
+    os.chmod({str(mnt / "prog")!r}, 0o755)
+    print("changed")
+except PermissionError:
+    print("refused")
+"""
+        )
+    assert out.stdout.split() == ["refused"], out.stderr
+    assert stat.S_IMODE(prog.stat().st_mode) == 0o4755
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_one_user_cannot_take_every_open_file_of_the_overlay(top: Path, kind: str) -> None:  # noqa: F811
+    # Every file or directory opened through the overlay holds one of its
+    # fds: a user with a high enough limit of their own took them all, and
+    # every other user's open failed with EMFILE.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    (backing / "f").write_text("f")
+    os.chmod(backing / "f", 0o644)
+    (backing / "d").mkdir()
+    target, flags = (
+        ("f", "os.O_RDONLY") if kind == "file" else ("d", "os.O_RDONLY | os.O_DIRECTORY")
+    )
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if limit == resource.RLIM_INFINITY or limit > 200_000:
+        pytest.skip(f"open-file hard limit {limit}: too many opens for one test")
+    probe = f"""
+import errno, os, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
+fds = []
+try:
+    while len(fds) < {limit} - 16:
+        fds.append(os.open({str(mnt / target)!r}, {flags}))
+except OSError as exc:
+    print(errno.errorcode[exc.errno], len(fds), flush=True)
+else:
+    print("all", len(fds), flush=True)
+"""
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
+        # two processes of the one user: more than the overlay may open at all
+        holders = [_attacker_proc(probe + "import sys; sys.stdin.read()\n") for _ in range(2)]
+        try:
+            stopped = []
+            for holder in holders:
+                assert holder.stdout is not None
+                stopped.append(holder.stdout.readline().split())
+            # another user, and root, still open files
+            other = subprocess.run(
+                [SYSTEM_PYTHON, "-I", "-c", f"print(open({str(mnt / 'f')!r}).read())"],
+                user=ATTACKER + 1,
+                group=ATTACKER + 1,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            as_root = (mnt / "f").read_text()
+        finally:
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+        log = shim.log()
+    assert other.stdout == "f\n", (other.stderr, stopped)
+    assert as_root == "f"
+    assert [s[0] for s in stopped] == ["EMFILE", "EMFILE"], stopped
+    assert sum(int(s[1]) for s in stopped) < limit // 2, stopped
+    assert log.count("its share: EMFILE") == 1, log
+
+
+def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # noqa: F811
+    # A record for a file the overlay never looked up is resolved by walking
+    # BACKING, which stat'ed every directory to see whether it was a mount
+    # point: a hung server mounted under BACKING stopped the walk, and with
+    # it every replay that needed one.
+    backing, mnt, other = top / "backing", top / "mnt", top / "other"
+    backing.mkdir()
+    other.mkdir()
+    (backing / "sub").mkdir()
+    (backing / "plain").write_text("plain")
+    ino = (backing / "plain").stat().st_ino
+    with (
+        run_shim(
+            other,
+            backing / "sub",
+            top / "absent.sock",
+            "--stats-socket",
+            str(top / "nested.stats"),
+            log=top / "nested.log",
+        ) as nested,
+        feeder(top / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path),
+    ):
+        feed.wait_client()
+        os.kill(nested.proc.pid, signal.SIGSTOP)
+        try:
+            feed.send([feed.record(abi.TYPE_OPEN, ino)])
+            doc = wait_for(
+                lambda: d if _settled(d := _shim_stats(mnt)) == 1 else None,
+                EVENT_TIMEOUT,
+                "the record to be replayed while the nested server is stopped",
+            )
+        finally:
+            os.kill(nested.proc.pid, signal.SIGCONT)
+    assert doc["replayed"] == 1, doc
+
+
+REFUSALS = r"""
+import errno, json, os, sys
+base = sys.argv[1]
+res = {}
+
+def attempt(name, fn):
+    try:
+        fn()
+        res[name] = "ok"
+    except OSError as exc:
+        res[name] = errno.errorcode[exc.errno]
+
+f = f"{base}/rootfile"
+attempt("open for writing", lambda: os.close(os.open(f, os.O_WRONLY)))
+attempt("open with O_TRUNC", lambda: os.close(os.open(f, os.O_RDONLY | os.O_TRUNC)))
+attempt("open with O_APPEND", lambda: os.close(os.open(f, os.O_WRONLY | os.O_APPEND)))
+attempt("truncate", lambda: os.truncate(f, 0))
+attempt("chmod", lambda: os.chmod(f, 0o666))
+attempt("chown", lambda: os.chown(f, os.getuid(), os.getgid()))
+attempt("utime explicit", lambda: os.utime(f, (1, 1)))
+attempt("utime now", lambda: os.utime(f))
+attempt("setxattr user", lambda: os.setxattr(f, "user.x", b"1"))
+attempt("setxattr trusted", lambda: os.setxattr(f, "trusted.x", b"1"))
+attempt("removexattr user", lambda: os.removexattr(f, "user.root"))
+attempt("hard link", lambda: os.link(f, f"{base}/open/link"))
+attempt("rename into a root dir", lambda: os.rename(f"{base}/open/mine", f"{base}/closed/mine"))
+attempt("unlink in a sticky dir", lambda: os.unlink(f"{base}/sticky/theirs"))
+attempt("rename in a sticky dir", lambda: os.rename(f"{base}/sticky/theirs", f"{base}/sticky/x"))
+new = f"{base}/closed/new"
+attempt("create in a root dir", lambda: os.close(os.open(new, os.O_CREAT | os.O_WRONLY)))
+attempt("mkdir in a root dir", lambda: os.mkdir(f"{base}/closed/newdir"))
+attempt("symlink in a root dir", lambda: os.symlink("x", f"{base}/closed/newlink"))
+attempt("mkfifo in a root dir", lambda: os.mkfifo(f"{base}/closed/fifo"))
+attempt("mknod a device", lambda: os.mknod(f"{base}/open/dev", 0o666 | 0o020000, os.makedev(1, 3)))
+attempt("list a dir without x", lambda: os.listdir(f"{base}/noexec"))
+attempt("stat in a dir without x", lambda: os.stat(f"{base}/noexec/f"))
+attempt("list a dir without r", lambda: os.listdir(f"{base}/noread"))
+attempt("stat in a dir without r", lambda: os.stat(f"{base}/noread/f"))
+attempt("open a dir for writing", lambda: os.close(os.open(f"{base}/open", os.O_WRONLY)))
+attempt("read a 0600 file", lambda: open(f"{base}/noread/f").read())
+print(json.dumps(res))
+"""
+
+
+def test_refusals_through_the_overlay_are_backings(top: Path) -> None:  # noqa: F811
+    # The cases that did not break it: everything BACKING refuses this user
+    # is refused through the overlay with the same errno.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    for side in ("direct", "overlay"):
+        base = backing / side
+        base.mkdir()
+        (base / "rootfile").write_text("root's")
+        os.chmod(base / "rootfile", 0o644)
+        os.setxattr(base / "rootfile", "user.root", b"1")
+        (base / "open").mkdir(mode=0o777)
+        os.chmod(base / "open", 0o777)
+        (base / "open" / "mine").write_text("mine")
+        os.chown(base / "open" / "mine", ATTACKER, ATTACKER)
+        (base / "closed").mkdir()
+        (base / "sticky").mkdir()
+        os.chmod(base / "sticky", 0o1777)
+        (base / "sticky" / "theirs").write_text("theirs")
+        os.chown(base / "sticky" / "theirs", ATTACKER + 1, ATTACKER + 1)
+        os.chmod(base / "sticky" / "theirs", 0o666)
+        for name, mode in (("noexec", 0o744), ("noread", 0o711)):
+            (base / name).mkdir()
+            (base / name / "f").write_text("f")
+            os.chmod(base / name / "f", 0o600)
+            os.chmod(base / name, mode)
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
+        direct = _as_attacker(REFUSALS.replace("sys.argv[1]", repr(str(backing / "direct"))))
+        through = _as_attacker(REFUSALS.replace("sys.argv[1]", repr(str(mnt / "overlay"))))
+        alive = shim.proc.poll() is None
+    assert direct.returncode == 0, direct.stderr
+    assert through.returncode == 0, through.stderr
+    want, got = json.loads(direct.stdout), json.loads(through.stdout)
+    assert got == want
+    assert alive
+    # nothing was allowed but what r or x alone allow
+    assert set(want.values()) - {"EACCES", "EPERM", "EISDIR"} <= {"ok"}, want
+    allowed = [k for k, v in want.items() if v == "ok"]
+    assert allowed == ["list a dir without x", "stat in a dir without r"], want
+
+
+def test_an_announcing_replay_thread_never_makes_a_directory(tmp_path: Path) -> None:
+    # A replay thread makes its "mkdir" through the mount to announce a
+    # directory made on BACKING, and the overlay answers it without touching
+    # BACKING, if the parent and name are the ones announced.  Should a
+    # rename on BACKING put another directory (a root-only one the user
+    # moved there) on the thread's way, its mkdir was made for real, as
+    # root, mode 0777.  The overlay's own method, with a stand-in request.
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    threads = ReplayThreads()
+    overlay = Overlay(str(backing), threads)
+    ctx = types.SimpleNamespace(uid=0, gid=0, pid=threading.get_native_id(), umask=0)
+    threads.announce(Announce(parent=12345, name=b"b", ino=67890))
+
+    async def mkdir() -> int:
+        try:
+            await overlay.mkdir(pyfuse3.ROOT_INODE, b"b", 0o777, ctx)  # type: ignore[arg-type]
+        except pyfuse3.FUSEError as exc:
+            return exc.errno
+        return 0
+
+    try:
+        assert trio.run(mkdir) == errno.ESTALE
+    finally:
+        threads.announced(67890)
+    assert not (backing / "b").exists()

@@ -41,7 +41,7 @@ import resource
 import stat
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -93,10 +93,24 @@ _FD_RESERVE_MIN = 640
 # (max_tasks, 99): a user with many leases must not take them all.
 _MAX_LEASE_WAITS = 16
 
+# A non-root user may hold at most this share of the overlay's open-file
+# limit in open files (EMFILE past it), however many processes they run.
+_USER_SHARE_DIVISOR = 4
+_MIN_USER_SHARE = 256
+
 # pyfuse3 turns UTIME_NOW into the clock it read just before our handler; a
 # time this close to the clock is taken as "now", which BACKING grants to
 # anyone who may write the file (an explicit time needs the owner).
 _NOW_SLACK_NS = 1_000_000_000
+
+
+def _open_here(dirfd: int, name: bytes) -> int:
+    """An O_PATH fd on ``name`` in ``dirfd``; EXDEV for a mount point.
+
+    A mount under BACKING is refused before anything is asked of it: a
+    hung network or FUSE filesystem there would stop the serving thread.
+    """
+    return libc.openat2(dirfd, name, _PATH_FLAGS, libc.RESOLVE_NO_XDEV)
 
 
 def _proc(fd: int) -> str:
@@ -253,6 +267,14 @@ class Overlay(pyfuse3.Operations):
         self._hidden_xattrs = _HIDDEN_XATTRS if acl else _HIDDEN_XATTRS + _ACL_XATTRS
         self.replay_threads = threads
         _raise_fd_limit()
+        # open files per non-root uid: one user holding every fd we may open
+        # would leave every other user EMFILE
+        self._user_handles: dict[int, int] = {}
+        self._users_at_share: set[int] = set()
+        self._dir_creds: dict[int, _Creds | None] = {}
+        self._user_share = max(
+            _MIN_USER_SHARE, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // _USER_SHARE_DIVISOR
+        )
         fd = os.open(self.backing, _PATH_FLAGS | os.O_DIRECTORY)
         st = os.fstat(fd)
         self._dev = st.st_dev
@@ -274,7 +296,8 @@ class Overlay(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
-        self._warned_mounts: set[int] = set()
+        # devices or names of mounts under BACKING already logged
+        self._warned_mounts: set[int | bytes] = set()
 
     # --- the caller's identity -----------------------------------------------
 
@@ -385,7 +408,7 @@ class Overlay(pyfuse3.Operations):
             if parent is None or parent.fd is None:
                 continue
             try:
-                st = os.lstat(name, dir_fd=parent.fd)
+                st = libc.lstat_cached(parent.fd, name)
             except OSError:
                 continue
             if (st.st_dev, st.st_ino) == (node.dev, node.ino):
@@ -405,7 +428,7 @@ class Overlay(pyfuse3.Operations):
                 # directories are used as parents again and again: keep theirs
                 parent.fd = self._reopen(parent, depth + 1)
             try:
-                fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
+                fd = _open_here(self._fd(parent), name)
             except OSError:
                 continue
             st = os.fstat(fd)
@@ -416,7 +439,12 @@ class Overlay(pyfuse3.Operations):
 
     def _open_path(self, parent: _Inode, name: bytes) -> tuple[int, os.stat_result]:
         """An O_PATH fd on ``name`` in ``parent``, on BACKING's filesystem only."""
-        fd = os.open(name, _PATH_FLAGS, dir_fd=self._fd(parent))
+        try:
+            fd = _open_here(self._fd(parent), name)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._not_crossed(name, None)
         try:
             st = os.fstat(fd)
             self._check_same_fs(st, name)
@@ -425,15 +453,19 @@ class Overlay(pyfuse3.Operations):
             raise
         return fd, st
 
+    def _not_crossed(self, name: bytes, dev: int | None) -> NoReturn:
+        key = dev if dev is not None else name
+        if key not in self._warned_mounts and len(self._warned_mounts) < 1024:
+            self._warned_mounts.add(key)
+            log.warning(
+                "%r is a mount point under BACKING: not served (mounts are not crossed)",
+                os.fsdecode(name),
+            )
+        raise FUSEError(errno.EOPNOTSUPP)
+
     def _check_same_fs(self, st: os.stat_result, name: bytes) -> None:
         if st.st_dev != self._dev:
-            if st.st_dev not in self._warned_mounts:
-                self._warned_mounts.add(st.st_dev)
-                log.warning(
-                    "%r is a mount point under BACKING: not served (mounts are not crossed)",
-                    os.fsdecode(name),
-                )
-            raise FUSEError(errno.EOPNOTSUPP)
+            self._not_crossed(name, st.st_dev)
         if st.st_ino == pyfuse3.ROOT_INODE and st.st_ino != self._root_ino:
             # its number is taken by BACKING's root in the kernel's eyes
             log.warning("%r has inode number 1: not served", os.fsdecode(name))
@@ -469,7 +501,7 @@ class Overlay(pyfuse3.Operations):
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             # out of fds: serve it fd-less, reached through its parent when used
-            st = os.lstat(name, dir_fd=self._fd(parent))
+            st = libc.lstat_cached(self._fd(parent), name)
             self._check_same_fs(st, name)
             fd = None
         else:
@@ -587,10 +619,15 @@ class Overlay(pyfuse3.Operations):
                 # Linux has no mode on symlinks (fchmodat refuses it too)
                 raise FUSEError(errno.EOPNOTSUPP)
             mode = stat.S_IMODE(attr.st_mode)
-            if _only_drops_setid(stat.S_IMODE(os.fstat(ifd).st_mode), mode):
-                # the kernel's own "kill suid/sgid" after a write or chown by
-                # a non-owner (it skips the owner check for it): BACKING would
-                # refuse the caller a chmod, and dropping privilege is safe
+            if _only_drops_setid(stat.S_IMODE(os.fstat(ifd).st_mode), mode) and self._may_write(
+                ifd, creds
+            ):
+                # the kernel's own "kill suid/sgid" after a write, truncate or
+                # chown by a non-owner (it skips the owner check for it):
+                # BACKING would refuse the caller a chmod, and dropping
+                # privilege is safe.  Only for one who may write the file: the
+                # kernel checked ownership on attributes cached up to
+                # --timeout, and the file may have changed hands since.
                 with self._acting(None):
                     os.chmod(_proc(ifd), mode)
             else:
@@ -610,6 +647,12 @@ class Overlay(pyfuse3.Operations):
             if fields.update_atime or fields.update_mtime:
                 self._utimens(node, attr, fields)
         return self._entry(os.fstat(ifd))
+
+    def _may_write(self, fd: int, creds: _Creds | None) -> bool:
+        """Whether BACKING lets ``creds`` write the inode ``fd`` holds, now."""
+        with self._acting(creds):
+            # AT_EACCESS: checked with the fsuid and groups taken on, not the real ids
+            return os.access(_proc(fd), os.W_OK, effective_ids=True)
 
     @staticmethod
     def _truncate(node: _Inode, handle: _Handle | None, size: int) -> None:
@@ -658,10 +701,15 @@ class Overlay(pyfuse3.Operations):
     @fuse_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._inode(inode)
-        with self._acting(self._creds(ctx)):
+        creds = self._creds(ctx)
+        self._check_share(creds)
+        with self._acting(creds):
             fd = os.open(_proc(self._fd(node)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # the dir fd is unique while open: a handle number nobody else has
         self._dirs[fd] = (inode, fd, [])
+        # an open directory holds one of our fds too: counted in the user's share
+        self._count_handle(creds, 1)
+        self._dir_creds[fd] = creds
         return fd
 
     @fuse_handler
@@ -676,7 +724,9 @@ class Overlay(pyfuse3.Operations):
         for i in range(start_id, len(names)):
             name = os.fsencode(names[i])
             try:
-                st = os.lstat(name, dir_fd=dfd)
+                # asks a filesystem mounted here nothing: a hung one must
+                # not stop this thread (the entry is left out below)
+                st = libc.lstat_cached(dfd, name)
                 self._check_same_fs(st, name)
             except (OSError, FUSEError):
                 continue  # removed on BACKING since the snapshot, or a nested mount
@@ -691,6 +741,7 @@ class Overlay(pyfuse3.Operations):
         entry = self._dirs.pop(fh, None)
         if entry is not None:
             os.close(entry[1])
+            self._count_handle(self._dir_creds.pop(fh, None), -1)
 
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -710,6 +761,11 @@ class Overlay(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if self._announced_name(parent_inode, name, ctx):
             return self._mkdir_announced(parent_inode, name)
+        if self.replay_threads.announcing(ctx.pid) is not None:
+            # a replay thread (root) whose walk met another directory than
+            # the one it announces (renamed on BACKING meanwhile): it never
+            # makes a directory on BACKING
+            raise FUSEError(errno.ESTALE)
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
             os.mkdir(name, mode & ~ctx.umask, dir_fd=self._fd(parent))
@@ -758,7 +814,7 @@ class Overlay(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            st = os.lstat(name, dir_fd=self._fd(parent))
+            st = libc.lstat_cached(self._fd(parent), name)
             os.unlink(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
@@ -766,7 +822,7 @@ class Overlay(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
         with self._acting(self._creds(ctx)):
-            st = os.lstat(name, dir_fd=self._fd(parent))
+            st = libc.lstat_cached(self._fd(parent), name)
             os.rmdir(name, dir_fd=self._fd(parent))
         self._unlinked(parent_inode, name, st)
 
@@ -783,9 +839,9 @@ class Overlay(pyfuse3.Operations):
         old_parent = self._inode(parent_inode_old)
         new_parent = self._inode(parent_inode_new)
         with self._acting(self._creds(ctx)):
-            st_old = os.lstat(name_old, dir_fd=self._fd(old_parent))
+            st_old = libc.lstat_cached(self._fd(old_parent), name_old)
             try:
-                st_new: os.stat_result | None = os.lstat(name_new, dir_fd=self._fd(new_parent))
+                st_new: os.stat_result | None = libc.lstat_cached(self._fd(new_parent), name_new)
             except FileNotFoundError:
                 st_new = None
             libc.renameat2(self._fd(old_parent), name_old, self._fd(new_parent), name_new, flags)
@@ -840,6 +896,7 @@ class Overlay(pyfuse3.Operations):
             # devices and FIFOs are opened by the kernel itself, never here
             raise FUSEError(errno.EACCES)
         creds = self._creds(ctx)
+        self._check_share(creds)
         try:
             with self._acting(creds):
                 # O_NONBLOCK: an open that conflicts with a lease (any user
@@ -861,7 +918,32 @@ class Overlay(pyfuse3.Operations):
             os.close(fd)
             raise
         self._handles[fd] = _Handle(fd, inode, creds)
+        self._count_handle(creds, 1)
         return info
+
+    def _check_share(self, creds: _Creds | None) -> None:
+        """EMFILE for a user who holds their share of our open files already."""
+        if creds is not None and self._user_handles.get(creds.uid, 0) >= self._user_share:
+            if creds.uid in self._users_at_share:
+                raise FUSEError(errno.EMFILE)
+            # once until the user closes some: a loop of opens is one line
+            self._users_at_share.add(creds.uid)
+            log.warning(
+                "uid %d holds %d open files through the overlay, its share: EMFILE",
+                creds.uid,
+                self._user_share,
+            )
+            raise FUSEError(errno.EMFILE)
+
+    def _count_handle(self, creds: _Creds | None, change: int) -> None:
+        if creds is not None:
+            held = self._user_handles.get(creds.uid, 0) + change
+            if held > 0:
+                self._user_handles[creds.uid] = held
+            else:
+                self._user_handles.pop(creds.uid, None)
+            if held < self._user_share:
+                self._users_at_share.discard(creds.uid)
 
     async def _open_waiting(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
         """Open ``node`` in a thread, where waiting for a lease's holder stops no one."""
@@ -887,6 +969,7 @@ class Overlay(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._inode(parent_inode)
         creds = self._creds(ctx)
+        self._check_share(creds)
         base = _backing_flags(flags) | os.O_NOFOLLOW
         with self._acting(creds):
             try:
@@ -898,7 +981,9 @@ class Overlay(pyfuse3.Operations):
                     raise
                 # made on BACKING since the kernel's lookup: open it, but never
                 # wait on a FIFO or open anything but a regular file
-                fd = os.open(name, base | os.O_NONBLOCK, dir_fd=self._fd(parent))
+                fd = libc.openat2(
+                    self._fd(parent), name, base | os.O_NONBLOCK, libc.RESOLVE_NO_XDEV
+                )
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise FUSEError(errno.EEXIST)
@@ -917,6 +1002,7 @@ class Overlay(pyfuse3.Operations):
         ino = self._remember(pfd, st, parent_inode, name)
         entry = self._entry(st)
         self._handles[fd] = _Handle(fd, ino, creds)
+        self._count_handle(creds, 1)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
 
     @fuse_handler
@@ -948,7 +1034,9 @@ class Overlay(pyfuse3.Operations):
         if fh in self._replay_fhs:
             self._replay_fhs.discard(fh)
             return
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self._count_handle(handle.creds, -1)
         os.close(fh)
 
     # --- replays: the one place that serves without opening a file ------------
@@ -984,7 +1072,7 @@ class Overlay(pyfuse3.Operations):
             for part in rel.split(os.sep):
                 if part in ("", "."):
                     continue
-                nfd = os.open(part, _PATH_FLAGS, dir_fd=fd)
+                nfd = _open_here(fd, os.fsencode(part))
                 os.close(fd)
                 fd = nfd
             st = os.fstat(fd)

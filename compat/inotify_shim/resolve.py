@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import trio
 
+from notifyd import libc
 from notifyd.ioctls import NotScoutfsError, ino_paths, statfs_more
 
 __all__ = ["Resolver"]
@@ -51,27 +52,43 @@ def walk_index(backing: str, limit: int) -> tuple[dict[int, str], bool]:
     cut it short.
     """
     index: dict[int, str] = {}
-    dev = os.lstat(backing).st_dev
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        try:
-            it = os.scandir(os.path.join(backing, rel))
-        except OSError:
-            continue  # gone, or not a directory any more
-        with it:
-            for de in it:
-                name = os.path.join(rel, de.name) if rel else de.name
-                try:
-                    if de.is_dir(follow_symlinks=False):
-                        if de.stat(follow_symlinks=False).st_dev == dev:
-                            stack.append(name)
-                    elif de.is_file(follow_symlinks=False):
-                        index.setdefault(de.inode(), name)
-                        if len(index) >= limit:
-                            return index, True
-                except OSError:
-                    continue
+    root = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            try:
+                # from BACKING's fd, through no symlink and into no mount: a
+                # directory swapped for a symlink since it was listed must
+                # not lead the walk out, and a hung filesystem mounted under
+                # BACKING must not stop it (nothing is asked of it)
+                fd = libc.openat2(
+                    root,
+                    rel or ".",
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    libc.RESOLVE_BENEATH | libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_XDEV,
+                )
+            except OSError:
+                continue  # gone, not a directory any more, or a mount point
+            try:
+                with os.scandir(fd) as it:
+                    for de in it:
+                        name = os.path.join(rel, de.name) if rel else de.name
+                        try:
+                            if de.is_dir(follow_symlinks=False):
+                                stack.append(name)
+                            elif de.is_file(follow_symlinks=False):
+                                index.setdefault(de.inode(), name)
+                                if len(index) >= limit:
+                                    return index, True
+                        except OSError:
+                            continue
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root)
     return index, False
 
 

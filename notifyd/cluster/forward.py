@@ -4,12 +4,13 @@ An ordinary client of the local daemon's socket, in its own asyncio process
 (nats-py is asyncio-only; the trio daemon never sees it).  Two tasks share a
 bounded backlog:
 
-- the reader takes every message the daemon sends and appends it, never
-  waiting on NATS, so the daemon never waits on us; past ``--backlog``
+- the reader reads every message the daemon sends straight into the payload
+  being built (contiguous records of one epoch, up to MAX_BATCH_RECORDS),
+  never waiting on NATS, so the daemon never waits on us; past ``--backlog``
   records a message is dropped and counted;
-- the publisher sends the backlog in order, coalescing contiguous messages
-  into one of up to MAX_BATCH_RECORDS records, and re-sends a message whose
-  ack did not come under the same ``Nats-Msg-Id`` (the stream drops the copy).
+- the publisher sends the backlog in order, one message in flight at a time
+  (see ``_pump`` for why), and re-sends a message whose ack did not come
+  under the same ``Nats-Msg-Id`` (the stream drops the copy).
 
 A ``seq`` jump between two published messages (the ring, the daemon's queue
 for us, our backlog bound, or records made while no forwarder ran) becomes
@@ -27,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +42,9 @@ from nats.js import JetStreamContext, api
 
 from .. import abi, ioctls, paths
 from ..metrics import ForwardMetrics, MetricsServer, listen_arg
+from ..peer import UntrustedPeerError, peer_cred
 from ..sdnotify import sd_notify
+from ..stats import read_stats
 from . import wire
 from .server import (
     ClusterError,
@@ -53,6 +57,8 @@ from .server import (
 __all__ = ["Forwarder", "Identity", "build_parser", "identify", "main", "parse_args"]
 
 log = logging.getLogger("scoutfs-notify-forward")
+
+_SEQ_AT = struct.Struct("<Q").unpack_from
 
 # Records held while NATS is slow or away: 64 MiB of records.
 DEFAULT_BACKLOG = 1 << 20
@@ -67,11 +73,16 @@ DUPLICATE_WINDOW = 120.0
 PUBLISH_TIMEOUT = 5.0
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
-# Messages read from the daemon's socket before the publisher gets a turn.
-READ_BURST = 1024
-# Reconnect backoff to the local daemon's socket.
+# Messages read from the daemon's socket before the publisher gets a turn: one
+# full payload's worth, so an ack that came is acted on without waiting
+# behind a long run of reads (with 1024, it could wait behind 1024 of them).
+READ_BURST = MAX_BATCH_RECORDS // abi.MAX_MESSAGE_RECORDS
+# Between looks at the daemon's stats for our connection (see _wait_accepted).
+ACCEPT_POLL = 0.05
+# Reconnect backoff to the local daemon's socket: what a restarted daemon
+# reads before we are back is lost (and reported), so retry often.
 DAEMON_BACKOFF_MIN = 0.1
-DAEMON_BACKOFF_MAX = 5.0
+DAEMON_BACKOFF_MAX = 1.0
 # On SIGTERM, how long the backlog may take to go out before we exit anyway.
 DRAIN_ON_EXIT = 5.0
 
@@ -151,9 +162,31 @@ def identify(path: str, socket_path: Path, fsid: str | None, node: str | None) -
         raise ClusterError(str(exc)) from None
 
 
-def socket_epoch(socket_path: Path) -> str:
-    """The fanotify source's seq space: its socket, made anew by each daemon."""
-    return f"{os.stat(socket_path).st_ctime_ns:x}"
+def daemon_epoch(sock: socket.socket) -> str:
+    """The fanotify source's seq space: the daemon process serving ``sock``.
+
+    Each fanotify daemon numbers its records from 1, so its seq space is the
+    process: the boot, its pid and its start time (the pid alone is reused).
+    Not the socket's ctime: a daemon binds its socket again when it was
+    removed, and that must not look like a new seq space.
+
+    Raises:
+        OSError: the daemon is gone already.
+    """
+    pid = peer_cred(sock)[0]
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        # field 22, starttime; the fields after the command's ")" start at 3
+        start = int(f.read().rpartition(")")[2].split()[19])
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        boot = f.read().strip().replace("-", "")[:12]
+    return f"{boot}-{pid:x}-{start:x}"
+
+
+def _listed(doc: dict[str, object], pid: int) -> bool:
+    clients = doc.get("clients")
+    return isinstance(clients, list) and any(
+        isinstance(c, dict) and c.get("pid") == pid for c in clients
+    )
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -184,6 +217,19 @@ class _Item:
 
 
 @dataclass
+class _Out:
+    """One message of the batch being published."""
+
+    epoch: str
+    first: int
+    last: int
+    payload: bytes
+    count: int
+    lost: int
+    hdrs: dict[str, str]
+
+
+@dataclass
 class Forwarder:
     """The reader and publisher of one mount (see the module docstring)."""
 
@@ -209,6 +255,15 @@ class Forwarder:
         # the last record received from the daemon, for lost_daemon
         self._recv_epoch: str | None = None
         self._recv_seq = 0
+        # the message being published, until the stream holds it
+        self._current: _Out | None = None
+        # the chunk the socket is read into: the next message's payload
+        self._chunk_size = self.max_batch * abi.RECORD_SIZE
+        self._chunk = bytearray(self._chunk_size)
+        self._view = memoryview(self._chunk)
+        self._used = 0
+        self._chunk_epoch = ""
+        self._chunk_first = self._chunk_last = 0
 
     async def resume_point(self) -> None:
         """Read the last message the stream holds from this node."""
@@ -239,7 +294,7 @@ class Forwarder:
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, os.fspath(self.socket_path))
-                epoch = self.ident.node if self.ident.scoutfs else socket_epoch(self.socket_path)
+                epoch = self.ident.node if self.ident.scoutfs else daemon_epoch(sock)
             except OSError as exc:
                 sock.close()
                 if exc.errno != logged:
@@ -251,8 +306,8 @@ class Forwarder:
                 backoff = min(backoff * 2, DAEMON_BACKOFF_MAX)
                 continue
             log.info("subscribed to %s (epoch %s)", self.socket_path, epoch)
-            self.connected.set()
             backoff, logged = DAEMON_BACKOFF_MIN, None
+            accepted = asyncio.create_task(self._wait_accepted())
             try:
                 await self._drain_socket(loop, sock, epoch)
             except OSError as exc:
@@ -260,9 +315,35 @@ class Forwarder:
             else:
                 log.warning("scoutfs-notifyd closed %s; reconnecting", self.socket_path)
             finally:
+                accepted.cancel()
                 sock.close()
             self.connected.clear()
             await asyncio.sleep(backoff)
+
+    async def _wait_accepted(self) -> None:
+        """Set ``connected`` once the daemon has accepted our connection.
+
+        connect() returns as soon as the connection waits in the daemon's
+        listen queue, before the daemon serves it; the daemon's stats socket
+        lists the clients it accepted, with their pids.  A record from the
+        daemon proves it too (:meth:`_took`).
+        """
+        stats = os.fspath(paths.stats_path_for(self.socket_path))
+        pid = os.getpid()
+        logged = False
+        while not self.connected.is_set():
+            try:
+                doc = await asyncio.to_thread(read_stats, stats, ACCEPT_POLL * 10)
+            except (OSError, ValueError, UntrustedPeerError) as exc:
+                if not logged:
+                    log.warning("cannot read the daemon's stats at %s yet (%s)", stats, exc)
+                    logged = True
+            else:
+                if _listed(doc, pid):
+                    log.info("scoutfs-notifyd accepted our connection")
+                    self.connected.set()
+                    return
+            await asyncio.sleep(ACCEPT_POLL)
 
     async def _drain_socket(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, epoch: str
@@ -274,7 +355,8 @@ class Forwarder:
         the intake at a few thousand messages a second.  The publisher gets
         the loop every READ_BURST messages.
         """
-        recv = sock.recv
+        recv_into = sock.recv_into
+        room = abi.MAX_MESSAGE_BYTES
         while True:
             ready = loop.create_future()
             loop.add_reader(sock.fileno(), _wake, ready)
@@ -283,26 +365,49 @@ class Forwarder:
             finally:
                 loop.remove_reader(sock.fileno())
             for _ in range(READ_BURST):
+                if self._chunk_size - self._used < room:
+                    self._close_chunk()
                 try:
-                    msg = recv(abi.MAX_MESSAGE_BYTES)
+                    n = recv_into(self._view[self._used :], room)
                 except BlockingIOError:
                     break
-                if not msg:
+                if not n:
                     return
-                self._take(epoch, msg)
+                self._took(epoch, n)
             else:
                 await asyncio.sleep(0)
 
     def _take(self, epoch: str, msg: bytes) -> None:
-        try:
-            first, last = abi.seq_range(msg)
-        except abi.ABIError as exc:
-            log.error("skipping a malformed message from the daemon: %s", exc)
+        """Take one message given as bytes (the socket path reads into the chunk)."""
+        if self._chunk_size - self._used < len(msg):
+            self._close_chunk()
+        self._chunk[self._used : self._used + len(msg)] = msg
+        self._took(epoch, len(msg))
+
+    def _took(self, epoch: str, size: int) -> None:
+        """Account for the message of ``size`` bytes just written at the chunk's end.
+
+        Records go straight into the chunk that becomes a message's payload:
+        no object per socket message, and no join of many small payloads.
+        """
+        at = self._used
+        if size % abi.RECORD_SIZE or not size:
+            log.error(
+                "skipping a malformed message from the daemon: %d bytes, not whole records", size
+            )
             return
-        n = len(msg) // abi.RECORD_SIZE
+        unpack = _SEQ_AT
+        first = unpack(self._chunk, at)[0]
+        last = unpack(self._chunk, at + size - abi.RECORD_SIZE)[0]
+        n = size // abi.RECORD_SIZE
+        if epoch != self._recv_epoch:
+            log.debug("first records of epoch %s: seq %d-%d", epoch, first, last)
         self.counters.received += n
         if epoch == self._recv_epoch and first > self._recv_seq + 1:
             self.counters.lost_daemon += first - self._recv_seq - 1
+        elif self._recv_epoch is not None and epoch != self._recv_epoch and first > 1:
+            # a restarted daemon: what it read before it served us
+            self.counters.lost_daemon += first - 1
         self._recv_epoch, self._recv_seq = epoch, last
         if self.backlog_records + n > self.backlog_limit:
             # the next published message carries the seq jump as its Lost header
@@ -316,12 +421,39 @@ class Forwarder:
             return
         if self._dropping and self.backlog_records < self.backlog_limit // 2:
             self._dropping = False
-        self.backlog.append(_Item(epoch, first, last, msg))
+        if at and (epoch != self._chunk_epoch or first != self._chunk_last + 1):
+            # not contiguous with the chunk: the chunk ends before this message
+            msg = bytes(self._view[at : at + size])
+            self._close_chunk()
+            self._chunk[:size] = msg
+            at = 0
+        if not at:
+            self._chunk_epoch, self._chunk_first = epoch, first
+        self._chunk_last = last
+        self._used = at + size
         self.backlog_records += n
         self.wakeup.set()
+        if not self.connected.is_set():
+            self.connected.set()  # a record: the daemon serves us
+
+    def _new_chunk(self) -> None:
+        self._chunk = bytearray(self._chunk_size)
+        self._view = memoryview(self._chunk)
+        self._used = 0
+
+    def _close_chunk(self) -> None:
+        """Queue what the chunk holds as one message and start a new chunk."""
+        if self._used:
+            payload = bytes(self._view[: self._used])
+            self.backlog.append(
+                _Item(self._chunk_epoch, self._chunk_first, self._chunk_last, payload)
+            )
+        self._new_chunk()
 
     def _next_batch(self) -> tuple[str, int, int, bytes, int]:
         """Pop contiguous messages of one epoch: (epoch, first, last, payload, count)."""
+        if not self.backlog:
+            self._close_chunk()
         head = self.backlog.popleft()
         parts, epoch, first, last = [head.payload], head.epoch, head.first, head.last
         count = len(head.payload) // abi.RECORD_SIZE
@@ -335,74 +467,131 @@ class Forwarder:
             last = nxt.last
             count += n
         self.backlog_records -= count
-        return epoch, first, last, b"".join(parts), count
+        return epoch, first, last, parts[0] if len(parts) == 1 else b"".join(parts), count
 
-    async def publish_forever(self) -> None:
-        while True:
-            if not self.backlog:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            await self.publish_one()
+    @property
+    def unpublished(self) -> int:
+        """Records read from the daemon that the stream does not hold yet."""
+        return self.backlog_records + (self._current.count if self._current else 0)
 
-    async def publish_one(self) -> None:
+    def _pending(self) -> bool:
+        """Records wait for publishing: queued messages or a partly filled chunk."""
+        return bool(self.backlog) or self._used > 0
+
+    def _next_out(self) -> _Out:
+        """The next message to publish, its Lost header set against the one before."""
         epoch, first, last, payload, count = self._next_batch()
         lost = 0
         if self.last_epoch == epoch and self.last_seq is not None and first > self.last_seq + 1:
             lost = first - self.last_seq - 1
-        hdrs = wire.headers_for(self.ident.fsid, self.ident.node, epoch, first, last, lost)
-        failing = False
-        while True:
-            log.debug("publishing seq %d-%d (%d records, lost %d)", first, last, count, lost)
-            sent = time.monotonic()
-            try:
-                ack = await self.js.publish(
-                    self.ident.subject,
-                    payload,
-                    timeout=PUBLISH_TIMEOUT,
-                    stream=self.stream,
-                    headers=hdrs,
-                )
-            except _NATS_ERRORS as exc:
-                if not failing:
-                    log.warning(
-                        "publishing seq %d-%d failed (%s); retrying, %d records in the backlog",
-                        first,
-                        last,
-                        str(exc) or type(exc).__name__,
-                        self.backlog_records + count,
-                    )
-                    failing = True
-                await asyncio.sleep(RETRY_DELAY)
-                continue
-            break
-        if self.observe_publish is not None:
-            self.observe_publish(time.monotonic() - sent)
-        if failing:
-            log.info("published seq %d-%d after retrying", first, last)
-        if ack.duplicate:
-            self.counters.duplicates += 1
-        if lost:
-            self.counters.lost_reported += lost
-            log.warning(
-                "published a loss marker: %d records of %s lost before seq %d",
-                lost,
-                self.ident.node,
-                first,
-            )
-        self.counters.published += count
-        self.counters.messages += 1
+        elif (
+            self.last_epoch is not None
+            and self.last_epoch != epoch
+            and first > 1
+            # a daemon process (daemon_epoch); an epoch of the socket's ctime,
+            # from a forwarder before that, may be this same daemon: no claim
+            and "-" in self.last_epoch
+        ):
+            # a new seq space (remount, daemon restart) that a forwarder of this
+            # node published before: its records below ``first`` were made
+            # before we were connected to the new daemon, and are lost
+            lost = first - 1
         self.last_epoch, self.last_seq = epoch, last
+        hdrs = wire.headers_for(self.ident.fsid, self.ident.node, epoch, first, last, lost)
+        return _Out(epoch, first, last, payload, count, lost, hdrs)
+
+    async def publish_forever(self) -> None:
+        """Publish the backlog until cancelled; see :meth:`_pump`."""
+        await self._pump(until_empty=False)
 
     async def drain(self, seconds: float) -> bool:
         """Publish what the backlog holds, for at most ``seconds``."""
         try:
             async with asyncio.timeout(seconds):
-                while self.backlog:
-                    await self.publish_one()
+                await self._pump(until_empty=True)
         except TimeoutError:
             return False
         return True
+
+    async def _pump(self, until_empty: bool) -> None:
+        """Publish one message at a time until the stream holds it, then the next.
+
+        Why one: each node's records must be in the stream in order and once.
+        A message whose ack did not come is re-sent under the same
+        Nats-Msg-Id, which the stream drops if the first attempt was stored
+        after all; with nothing else in flight, nothing can get in before it.
+        Several messages awaiting their acks cannot give this with nats-py: a
+        connection that drops between two of them loses the first while the
+        second, still in nats-py's buffer, goes out on the next connection
+        and is stored first (seen in tests/test_cluster_stream.py's server
+        kill).  JetStream's atomic batches (nats-server 2.12) would keep a
+        batch whole, but took 12 to 41 ms per batch on 2.15.1 (docs/ABI.md).
+        """
+        while True:
+            if self._current is None:
+                if not self._pending():
+                    if until_empty:
+                        return
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
+                    continue
+                self._current = self._next_out()
+            # kept until stored: a publisher cancelled on SIGTERM left it to drain()
+            await self._publish(self._current)
+            self._current = None
+
+    async def _publish(self, out: _Out) -> None:
+        """Publish ``out`` until the stream holds it."""
+        failing = False
+        while True:
+            log.debug(
+                "publishing seq %d-%d (%d records, lost %d)",
+                out.first,
+                out.last,
+                out.count,
+                out.lost,
+            )
+            sent = time.monotonic()
+            try:
+                ack = await self.js.publish(
+                    self.ident.subject,
+                    out.payload,
+                    timeout=PUBLISH_TIMEOUT,
+                    stream=self.stream,
+                    headers=dict(out.hdrs),
+                )
+            except _NATS_ERRORS as exc:
+                if not failing:
+                    log.warning(
+                        "publishing seq %d-%d failed (%s); retrying, %d records in the backlog",
+                        out.first,
+                        out.last,
+                        str(exc) or type(exc).__name__,
+                        self.backlog_records + out.count,
+                    )
+                    failing = True
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            break
+        if failing:
+            log.info("published seq %d-%d after retrying", out.first, out.last)
+        if self.observe_publish is not None:
+            self.observe_publish(time.monotonic() - sent)
+        if ack.duplicate:
+            self.counters.duplicates += 1
+        self._record_published(out)
+
+    def _record_published(self, out: _Out) -> None:
+        if out.lost:
+            self.counters.lost_reported += out.lost
+            log.warning(
+                "published a loss marker: %d records of %s lost before seq %d",
+                out.lost,
+                self.ident.node,
+                out.first,
+            )
+        self.counters.published += out.count
+        self.counters.messages += 1
 
 
 async def ensure_stream(
@@ -619,7 +808,7 @@ async def _run(
             metrics.attach(
                 lambda: {
                     **dataclasses.asdict(fwd.counters),
-                    "backlog_records": fwd.backlog_records,
+                    "backlog_records": fwd.unpublished,
                     "reconnects": nc.stats["reconnects"],
                 }
             )
@@ -656,7 +845,7 @@ async def _run(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if not await fwd.drain(DRAIN_ON_EXIT):
-            log.warning("exiting with %d records not published", fwd.backlog_records)
+            log.warning("exiting with %d records not published", fwd.unpublished)
         c = fwd.counters
         log.info(
             "stopping: %d records received, %d published in %d messages, %d dropped "

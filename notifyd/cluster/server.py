@@ -27,6 +27,7 @@ __all__ = [
     "check_server",
     "connect",
     "credentials_from_args",
+    "version_tuple",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ def _tls_context(cred: Credentials) -> ssl.SSLContext | None:
     return ctx
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
+    """``v2.12.0-beta`` -> (2, 12, 0): the numbers of a server version."""
     nums = []
     for part in text.lstrip("v").split("-")[0].split("."):
         if not part.isdigit():
@@ -167,7 +169,7 @@ def check_server(info: dict[str, Any]) -> str:
     """
     version = str(info.get("version", "?"))
     want = ".".join(map(str, MIN_SERVER_VERSION))
-    if _version(version) < MIN_SERVER_VERSION:
+    if version_tuple(version) < MIN_SERVER_VERSION:
         raise ClusterError(
             f"NATS server {info.get('server_name') or info.get('server_id', '?')} is version "
             f"{version}; scoutfs-notify needs {want} or later (older servers silently "
