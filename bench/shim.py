@@ -10,11 +10,16 @@ access on a plain local directory watched directly by the same reader.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import mmap
 import os
 import random
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +59,16 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 SHIM_CPU_TARGET_US = 100  # shim CPU per replayed access
 DAEMON_CPU_TARGET_US = 50  # the fanotify source's CPU per access
+# FUSE requests a replay of a file the kernel has no fresh entry for costs
+# (LOOKUP, OPEN, RELEASE; the IN_ACCESS is a zero-length read, no request)
+REPLAY_REQUESTS = 3
+# names stat'ed through the overlay, each once, to time one LOOKUP
+LOOKUP_PROBES = 4000
+LOOKUP_PROBES_QUICK = 1500
+# the profile taken before the figures (py-spy, when installed): its length
+PROFILE_SECONDS = 4.0
+PROFILE_SECONDS_QUICK = 2.0
+PROFILE_TOP = 6
 
 
 def _why_cpu(used: Used, events: int, runs: str) -> str:
@@ -89,7 +104,41 @@ def _why_cpu(used: Used, events: int, runs: str) -> str:
             "zero-length read, no request), each served by pyfuse3's one trio thread "
             "(compat/inotify_shim/replay.py)"
         )
+    lookup_us = used.lookup_us
+    if lookup_us:
+        text += (
+            f". In this run one LOOKUP cost the shim {lookup_us:.0f} us of CPU "
+            f"(`shim.lookup_cpu_us`), so the {REPLAY_REQUESTS} requests of a replay alone "
+            f"come to about {REPLAY_REQUESTS * lookup_us:.0f} us against the "
+            f"{SHIM_CPU_TARGET_US} us target: pyfuse3 serves every request in Python on one "
+            "thread, and the replay threads hand the GIL to and from it around each one"
+        )
+    if used.profile:
+        text += f". Profile: {used.profile}"
     return text
+
+
+def _why_daemon_wakeups(daemon: Usage) -> str:
+    """What batching the daemon's wakeups would take to meet its target at LATENCY_RATE."""
+    if daemon.voluntary == 0:
+        return ""
+    per_wakeup = daemon.cpu / daemon.voluntary * 1e6
+    need = math.ceil(per_wakeup / DAEMON_CPU_TARGET_US)
+    if need <= 1:
+        return ""
+    # accesses come every 1/LATENCY_RATE s: gathering `need` of them waits for the last
+    wait_ms = (need - 1) * 1e3 / LATENCY_RATE
+    return (
+        f"A wakeup cost it {per_wakeup:.0f} us: to reach {DAEMON_CPU_TARGET_US} us per access "
+        f"each would have to carry {need} accesses, i.e. hold the first for about "
+        f"{wait_ms:.0f} ms at {LATENCY_RATE:,}/s"
+        + (
+            f", beyond the {LATENCY_TARGET_MS:g} ms latency target, so the daemon wakes per "
+            "access at this rate"
+            if wait_ms >= LATENCY_TARGET_MS
+            else ""
+        )
+    )
 
 
 def _loadavg() -> str:
@@ -363,6 +412,9 @@ class Used:
         self.use = {k: Usage() for k in self._pids}
         self.stats: dict[str, int] = {}
         self.seconds = 0.0
+        # from the setup: one LOOKUP's CPU in the shim, and the profile's text
+        self.lookup_us: float = setup.get("lookup_us", 0.0)
+        self.profile: str = setup.get("profile", "")
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
@@ -392,6 +444,124 @@ def _latency_runs(
 
 
 ACCESS_CPU_COUNT = 5000
+
+
+def _lookups(cfg: Config, stage: Stage, setup: dict) -> None:
+    """The shim's CPU for one FUSE request: a stat of each never-seen probe name through
+    the overlay is one LOOKUP (the kernel has no entry for it), and nothing else runs."""
+    mnt = str(setup["shim"].mountpoint) + "/"
+    local = str(setup["local_dir"]) + "/"
+    probes = setup["probes"]
+    pid = setup["shim"].proc.pid
+    before = Usage.read(pid)
+    for name in probes:
+        os.lstat(mnt + name)
+    use = Usage.read(pid) - before
+    t0 = time.thread_time()
+    for name in probes:
+        os.lstat(local + name)
+    local_us = (time.thread_time() - t0) / len(probes) * 1e6
+    us = use.cpu / len(probes) * 1e6
+    setup["lookup_us"] = us
+    stage.add(
+        Figure(
+            STAGE,
+            "lookup_cpu_us",
+            us,
+            "us",
+            local_us,
+            "the caller's own CPU for the same lstat on the local directory",
+            note=f"CPU of the shim per FUSE LOOKUP: lstat of {len(probes):,} names never looked "
+            f"up before, through the overlay, one at a time; the shim's threads woke "
+            f"{use.voluntary / len(probes):.1f} times per LOOKUP. A replay of a file the kernel "
+            f"has no entry for costs {REPLAY_REQUESTS} requests (LOOKUP, OPEN, RELEASE)",
+        )
+    )
+
+
+def _py_spy() -> str | None:
+    """py-spy (a developer's tool, not a dependency) if installed beside this Python."""
+    for cand in (str(Path(sys.executable).parent / "py-spy"), shutil.which("py-spy")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+# leaf frames that are trio waiting in epoll_wait, which py-spy samples as active
+_WAITING = ("EpollIOManager.get_events ", "EpollIOManager._epoll_wait ")
+
+
+def _top_frames(raw: Path) -> tuple[int, str]:
+    """(samples, the PROFILE_TOP functions by own samples) from py-spy's raw output."""
+    own: collections.Counter[str] = collections.Counter()
+    with open(raw) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            leaf = stack.rsplit(";", 1)[-1]
+            if leaf.startswith(_WAITING):
+                continue
+            # "function (path/file.py:line)" -> "function (file.py)"
+            fn, _, where = leaf.partition(" (")
+            own[f"{fn} ({where.rsplit('/', 1)[-1].split(':')[0]})"] += int(count)
+    total = sum(own.values())
+    top = ", ".join(f"{n / max(total, 1):.0%} {fn}" for fn, n in own.most_common(PROFILE_TOP))
+    return total, top
+
+
+def _profile(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
+    """py-spy on the shim and the daemon while accesses run at LATENCY_RATE, before the
+    figures (so that its sampling weighs on none of them); its top frames go in the notes."""
+    spy = _py_spy()
+    if spy is None:
+        setup["profile"] = "none taken (py-spy is not installed beside this Python)"
+        stage.notes.append("profile: " + setup["profile"])
+        return
+    seconds = PROFILE_SECONDS_QUICK if cfg.quick else PROFILE_SECONDS
+    work = setup["backing"].parent
+    pids = {"shim": setup["shim"].proc.pid, "daemon": setup["shim"].daemon_pid}
+    spies = {
+        who: subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--nonblocking",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(work / f"profile-{who}.txt"),
+                "-p",
+                str(pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for who, pid in pids.items()
+    }
+    time.sleep(0.5)  # attached
+    _run_once(
+        setup["overlay"], setup["backing"], names.take(int(LATENCY_RATE * seconds)), LATENCY_RATE
+    )
+    texts = []
+    for who, proc in spies.items():
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+            samples, top = _top_frames(work / f"profile-{who}.txt")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            proc.kill()
+            texts.append(f"{who}: no profile ({exc})")
+            continue
+        texts.append(f"{who} ({samples:,} samples, own time): {top}")
+    setup["profile"] = (
+        f"py-spy --nonblocking at 200 Hz over {seconds:g} s of accesses at "
+        f"{LATENCY_RATE:,}/s, idle and trio's epoll waits left out (a replay thread "
+        "blocked in open() on the overlay's answer counts as busy); " + "; ".join(texts)
+    )
+    stage.notes.append("profile: " + setup["profile"])
 
 
 def _access_cpu_us(d: Path, names: list[str]) -> float:
@@ -452,7 +622,7 @@ def _latency(cfg: Config, stage: Stage, setup: dict, names: Names) -> None:
                 "wakeup (trio's loop, the fanotify read, one publish and one send to the "
                 "shim: notifyd/source_fanotify.py, notifyd/broadcast.py), not per record; the "
                 "fanotify stage's `cpu_us_per_record` is the same source under a "
-                "workload that fills each wakeup"
+                "workload that fills each wakeup. " + _why_daemon_wakeups(daemon)
             ),
             note=f"CPU of scoutfs-notifyd (fanotify source, one client: the shim) per access "
             f"at {LATENCY_RATE}/s during the latency runs",
@@ -571,8 +741,12 @@ def _repeated(cfg: Config, stage: Stage, setup: dict) -> None:
     why = (
         f"the reader made {median(r['read_rate'] for r in over):,.0f} reads/s on BACKING and "
         f"got {events:,} IN_ACCESS for {reads:,} reads; the daemon delivered "
-        f"{st.get('submitted', 0):,} records to the shim (fanotify merges an event into an "
-        "unread one of the same file, the shim collapses a READ into a pending one: "
+        f"{st.get('submitted', 0):,} records to the shim, at most "
+        f"{st.get('submitted', 0) / (len(over) * seconds):,.0f} IN_ACCESS/s over the "
+        f"{len(over) * seconds:g} s of reading (fanotify merges an event into an unread one of "
+        "the same file, so a daemon that falls behind gets fewer records than there were "
+        "reads; the shim replays each READ of a held open, and collapses a READ only into "
+        "one still pending: "
         f"{st.get('collapsed', 0):,} collapsed, {st.get('replayed', 0):,} replayed, "
         f"{st.get('overload', 0):,} lost to overload), the last of them "
         f"{median(r['drain'] for r in over):.2f} s after the reads stopped. Per IN_ACCESS "
@@ -860,11 +1034,12 @@ def _events_setup(cfg: Config, tmp: Path, names: Names) -> Iterator[dict]:
     come and go in no time, and only this benchmark's accesses reach the daemon."""
     backing, local_dir = tmp / "backing", tmp / "local"
     repeat = [f"r{i:03d}" for i in range(REPEAT_FILES)]
+    probes = [f"p{i:05d}" for i in range(LOOKUP_PROBES_QUICK if cfg.quick else LOOKUP_PROBES)]
     with contextlib.ExitStack() as stack:
         for d in (backing, local_dir):
             d.mkdir()
             stack.enter_context(tmpfs(d))
-            _make_files(d, names.all() + repeat)
+            _make_files(d, names.all() + repeat + probes)
         mnt, shim = stack.enter_context(_pipeline(cfg, tmp, backing, "events"))
         overlay = OpenStamps(mnt)
         stack.callback(overlay.close)
@@ -879,6 +1054,7 @@ def _events_setup(cfg: Config, tmp: Path, names: Names) -> Iterator[dict]:
             local=local,
             shim=shim,
             repeat_names=repeat,
+            probes=probes,
         )
 
 
@@ -930,7 +1106,10 @@ def run(cfg: Config) -> Stage:
             "full speed; IN_ACCESS counted on the overlay against the same reads watched "
             "locally. CPU and context switches are read from /proc for the shim's and the "
             "daemon's processes around the overlay's runs; the reasons given for missed "
-            "targets are computed from them. Reads: one file on BACKING (the daemon and shim "
+            "targets are computed from them, with the shim's CPU for one FUSE LOOKUP (a "
+            "stat of never-seen names through the overlay) and, where py-spy is installed, "
+            "a profile of the shim and the daemon taken before the figures. Reads: one file "
+            "on BACKING (the daemon and shim "
             "running), read through the overlay vs directly; cold = after dropping the page "
             "cache, warm = the pass right after."
         ),
@@ -954,6 +1133,8 @@ def run(cfg: Config) -> Stage:
     try:
         with tempfile.TemporaryDirectory(prefix="nfyb-shim-", dir=cfg.workdir) as tmp:
             with _events_setup(cfg, Path(tmp), names) as setup:
+                _lookups(cfg, stage, setup)
+                _profile(cfg, stage, setup, names)
                 _latency(cfg, stage, setup, names)
                 _sustained(cfg, stage, setup, names)
                 _repeated(cfg, stage, setup)

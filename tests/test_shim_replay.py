@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import pytest
 from shim_support import EVENT_TIMEOUT, feeder, need_fuse, run_shim, wait_for, watch
 
 from notifyd import abi
+from notifyd.paths import shim_stats_path
+from notifyd.stats import read_stats
 
 
 @pytest.fixture
@@ -356,3 +359,87 @@ def test_one_byte_reads_when_asked(tmp_path: Path, size: int) -> None:
             w.expect("f", "CLOSE_NOWRITE")
             assert w.sequence("f") == ["OPEN", "ACCESS", "CLOSE_NOWRITE"]
         assert "zero-length reads" not in shim.log()
+
+
+def test_the_overlay_leaves_fds_for_replays_at_the_open_file_limit(tmp_path: Path) -> None:
+    """More files than the shim may hold fds for: every one is still replayed.
+
+    The kernel keeps the entries it looked up, and the overlay holds an
+    O_PATH fd for each; past the open-file limit the replay threads' own
+    opens failed with EMFILE ("failed" in the stats) where a root without
+    CAP_SYS_RESOURCE cannot raise the limit (a container).  The limit here is
+    set on the running shim, so the test does not depend on the machine's.
+    """
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    limit = 1024
+    files = []
+    for i in range(2 * limit):
+        p = backing / f"f{i:04d}"
+        p.write_text("x")
+        files.append(p)
+    mnt = tmp_path / "mnt"
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path, "--workers", "1") as shim,
+    ):
+        feed.wait_client()
+        import resource
+
+        resource.prlimit(shim.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        with watch(mnt) as w:
+            # in bunches, each waited for, so that the synthetic opens held at
+            # once stay few: what fills the fd table is the overlay's inodes
+            for start in range(0, len(files), 64):
+                bunch = files[start : start + 64]
+                feed.send([feed.record(abi.TYPE_OPEN, p.stat().st_ino) for p in bunch])
+                for p in bunch:
+                    w.expect(p.name, "OPEN")
+        doc = shim_stats(mnt)
+        assert doc["replayed"] == len(files), doc
+        assert (doc["failed"], doc["gone"]) == (0, 0), doc
+
+
+def test_reads_of_held_opens_keep_their_interleaving(tmp_path: Path) -> None:
+    """READs of two files held open arrive a, b, a, b: the watcher sees four IN_ACCESS in
+    that order, none merged into a pending READ of its file."""
+    need_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    a, b = backing / "a", backing / "b"
+    a.write_text("a")
+    b.write_text("b")
+    mnt = tmp_path / "mnt"
+    with (
+        feeder(tmp_path / "notify.sock") as feed,
+        # the longest linger: the READs below must find both synthetic opens held
+        run_shim(backing, mnt, feed.path, "--workers", "1", "--close-after", "1") as shim,
+        watch(mnt) as w,
+    ):
+        feed.wait_client()
+        feed.access(a)
+        feed.access(b)
+        w.expect("a", "ACCESS")
+        w.expect("b", "ACCESS")
+        # the cats' jobs are settled once the stats count them (a READ that finds its
+        # file's job still running waits behind it, and may be merged there); read in
+        # this process: a `scoutfs-notify stats` could outlast the second of linger
+        stats_path = str(shim_stats_path(mnt))
+        wait_for(lambda: read_stats(stats_path)["replayed"] == 4, EVENT_TIMEOUT, "the cats")
+        # one message, as a busy daemon sends them: a READ for a file that already has
+        # one pending would be merged into it, these find their files' opens idle
+        feed.send([feed.record(abi.TYPE_READ, p.stat().st_ino) for p in (a, b, a, b)])
+
+        def accesses() -> list[str]:
+            return [p for p, names in w.seen if "ACCESS" in names]
+
+        while len(accesses()) < 6:
+            try:
+                w.seen.append(w.events.get(timeout=EVENT_TIMEOUT))
+            except queue.Empty:
+                raise AssertionError(f"6 IN_ACCESS expected, saw {accesses()}") from None
+        assert accesses() == ["a", "b", "a", "b", "a", "b"]
+        doc = shim_stats(mnt)
+        assert (doc["replayed"], doc["collapsed"]) == (8, 0), doc
+        assert shim.proc.poll() is None

@@ -107,6 +107,7 @@ async def follow_cluster(
                     rec = ev.record
                     if rec.type in (abi.TYPE_OPEN, abi.TYPE_READ):
                         submit(rec.type, rec.ino)
+                        replayer.flush()
         except ClusterError as exc:
             log.warning("cluster stream: %s; retrying", exc)
         except Exception as exc:  # never fatal: the overlay keeps serving

@@ -83,6 +83,10 @@ _MAX_DEPTH = 4096
 # Open files the overlay asks for: an O_PATH fd for each inode the kernel
 # holds, so this bounds how many it may hold at once.
 _FD_LIMIT = 1 << 20
+# ... and of the limit that is, what inode fds leave free: a quarter, at least
+# this many (the synthetic opens held at once, and some)
+_FD_RESERVE_SHARE = 4
+_FD_RESERVE_MIN = 640
 
 # Opens that wait for a lease's holder (in a thread) at once; past this they
 # answer EAGAIN.  Each holds one of the requests pyfuse3.main serves at once
@@ -500,8 +504,26 @@ class Overlay(pyfuse3.Operations):
             st = libc.lstat_cached(self._fd(parent), name)
             self._check_same_fs(st, name)
             fd = None
+        else:
+            fd = self._within_fd_budget(fd)
         self._remember(fd, st, parent_inode, name)
         return self._entry(st)
+
+    def _within_fd_budget(self, fd: int) -> int | None:
+        """``fd``, or None (closed) when holding it would crowd out the replays.
+
+        The kernel keeps the entries it looked up, each of them an fd here
+        until FORGET: without a bound those fill the whole fd table, and the
+        replay threads' opens, real opens and ``_walk`` fail with EMFILE.  A
+        new fd is numbered lowest-free first, so a number at or past the
+        budget means that many are held already; the inode is then served
+        fd-less, reached through its parent when used.  The limit is read
+        each time (one cheap syscall): an admin's ``prlimit`` applies at once.
+        """
+        if fd < _inode_fd_budget():
+            return fd
+        os.close(fd)
+        return None
 
     # --- lookups -------------------------------------------------------------
 
@@ -1114,6 +1136,16 @@ class Overlay(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             os.removexattr(path, name)
+
+
+def _inode_fd_budget() -> int:
+    # Inode fds may take all but this share of the open-file limit: the rest
+    # is for the synthetic opens (up to the replayer's max_open, 512), the
+    # replay's and _walk's passing fds, and the files users hold open.
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _FD_LIMIT
+    return soft - max(soft // _FD_RESERVE_SHARE, _FD_RESERVE_MIN)
 
 
 def _raise_fd_limit() -> None:

@@ -18,17 +18,25 @@ not hold.  A replayed open therefore costs LOOKUP (when the kernel has no
 fresh entry for the name), OPEN, and RELEASE once the file is quiet.
 
 Why threads: the mount point is served by the trio thread, and an ``open``
-of it from that same thread waits forever for its own reply.
+of it from that same thread waits forever for its own reply.  The trio
+thread hands files to the worker threads once per message (:meth:`Replayer.flush`)
+through a plain queue, and collects the finished jobs when it next runs
+anyway; each FUSE request already costs it a wakeup, and on these machines
+a wakeup (a context switch, the GIL handed over) costs as much as the
+Python around it.
 
 Load: each file has one slot.  Records for a file that is already waiting
 append to its action list, where a READ after a READ collapses (inotify
-merges identical adjacent events anyway).  The queue of waiting files is
-bounded; past it records are dropped and counted, never queued without
-bound.
+merges identical adjacent events anyway).  A READ for a file whose
+synthetic open is held and idle is not queued there: it goes to one reader
+thread in arrival order (:meth:`Replayer._read_held`).  The queue of waiting
+files is bounded; past it records are dropped and counted, never queued
+without bound.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -248,6 +256,8 @@ class ReplayStats:
     gap: int = 0  # never received: seq gaps in the daemon's stream
     dirs_announced: int = 0  # directories the kernel was told of (IN_CREATE)
     dirs_watched: int = 0  # ... that someone looked up within new_dir_wait
+    # the errnos behind ``failed``, by name (EMFILE, EACCES...): what to fix
+    failed_by_errno: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def losses(self) -> tuple[int, ...]:
         return (self.overload, self.unresolved, self.gone, self.failed, self.gap)
@@ -263,6 +273,7 @@ class _File:
     fd: int | None = None  # the synthetic open, held until quiet
     queued: bool = False
     busy: bool = False  # a worker or the closer owns it
+    reading: int = 0  # READs on ``fd`` handed to the reader thread, not done yet
     close_at: float = 0.0
     stale: str | None = None  # a path that led elsewhere; retried once
     since: float = 0.0  # when its oldest pending action arrived (trio clock)
@@ -330,7 +341,24 @@ class Replayer:
         self._files: dict[int, _File] = {}
         # files holding a synthetic open, oldest activity first
         self._open: OrderedDict[int, _File] = OrderedDict()
-        self._send, self._recv = trio.open_memory_channel[_File](max_pending)
+        self._max_pending = max_pending
+        # files handed to the worker threads and not collected yet
+        self._in_threads = 0
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # jobs the worker threads are done with, collected on the trio thread
+        self._done: collections.deque[list[_Job]] = collections.deque()
+        self._wake_pending = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._worker_threads: list[threading.Thread] = []
+        # files whose path needs the resolver's await, in arrival order; the
+        # files behind one wait there too, so that files are taken in order
+        self._to_resolve: collections.deque[_File] = collections.deque()
+        # files that got records since the last flush()
+        self._ready: list[_File] = []
+        self._resolve_ready = trio.Event()
+        # READs of held, idle synthetic opens, in arrival order (see _read_held)
+        self._reads: list[_File] = []
+        self._reads_ready = trio.Event()
         # how a READ is replayed; None until the first READ has checked
         self._reader: Callable[[int], None] | None = None if zero_read else _read_a_byte
         self._reader_lock = threading.Lock()
@@ -344,12 +372,18 @@ class Replayer:
     # --- intake (trio thread) ------------------------------------------------
 
     def submit(self, rec_type: int, ino: int) -> None:
-        """Queue the replay of one OPEN or READ record; never blocks."""
+        """Queue the replay of one OPEN or READ record; never blocks; see :meth:`flush`."""
+        if self._done:
+            self._collect()
         self.stats.submitted += 1
         f = self._files.get(ino)
         if f is None:
             f = self._files[ino] = _File(ino)
         acts = f.actions
+        if rec_type == READ and not acts and f.fd is not None and not f.busy and self._reader:
+            # (once the first READ has checked how to read)
+            self._read_held(f)
+            return
         if rec_type == READ and acts and acts[-1] == READ:
             self.stats.collapsed += 1
             return
@@ -360,19 +394,64 @@ class Replayer:
             self._warn_losses()
             return
         acts.append(rec_type)
-        if not (f.queued or f.busy):
+        if not (f.queued or f.busy or f.reading):
             self._enqueue(f)
 
+    def _read_held(self, f: _File) -> None:
+        """A READ of a file whose synthetic open is held and idle: the reader's.
+
+        Such READs go to one thread in the order they came, one zero-length
+        read each on the held fd, never merged: watchers see the same
+        interleaving of IN_ACCESS as the accessors made (inotify itself
+        merges only adjacent identical events).  Neither the closer nor a
+        worker's reopen touches ``f.fd`` while ``f.reading``.
+        """
+        if len(self._reads) >= self._max_pending:
+            self.stats.overload += 1
+            self._warn_losses()
+            return
+        f.reading += 1
+        f.close_at = trio.current_time() + self._close_after
+        if f.ino in self._open:
+            self._open.move_to_end(f.ino)
+        self._reads.append(f)
+        self._reads_ready.set()
+
     def _enqueue(self, f: _File) -> None:
-        try:
-            self._send.send_nowait(f)
-        except trio.WouldBlock:
+        """Make ``f`` wait for :meth:`flush`, which hands it to a worker thread."""
+        if self._in_threads + len(self._to_resolve) + len(self._ready) >= self._max_pending:
             self.stats.overload += len(f.actions)
             f.actions.clear()
             self._settle(f)
             self._warn_losses()
             return
+        self._open.pop(f.ino, None)
         f.queued = True
+        self._ready.append(f)
+
+    def flush(self) -> None:
+        """Hand the files that got records to the worker threads (the resolver first
+        for a file with no cached path, and for every file behind one).
+
+        Called once a message's records are all submitted, so that an OPEN
+        and the READs after it make one job, one trip to a thread.
+        """
+        ready, self._ready = self._ready, []
+        for f in ready:
+            f.queued = False
+            path = None if f.stale or self._to_resolve else self._resolver.cached(f.ino)
+            if path is None:
+                f.queued = True
+                self._to_resolve.append(f)
+                self._resolve_ready.set()
+            else:
+                self._dispatch(f, path)
+
+    def _dispatch(self, f: _File, path: str) -> None:
+        f.busy = True
+        actions, f.actions = f.actions, []
+        self._in_threads += 1
+        self._jobs.put(_Job(f, path, actions))
 
     def lost_in_gap(self, count: int) -> None:
         """Count ``count`` records the daemon lost before this shim got them."""
@@ -392,19 +471,21 @@ class Replayer:
         self._warned = losses
         log.warning(
             "records not replayed: %d dropped on overload (raise --max-pending or "
-            "--workers), %d with no file under BACKING, %d for files gone, %d failed, "
+            "--workers), %d with no file under BACKING, %d for files gone, %d failed%s, "
             "%d lost before the shim got them (seq gaps from the daemon)",
             overload,
             unresolved,
             gone,
             failed,
+            _errnos(self.stats.failed_by_errno) if failed else "",
             gap,
         )
 
     def snapshot(self) -> dict[str, object]:
         """The counters and the state of the queue, for the stats socket."""
+        self._collect()
         doc: dict[str, object] = dataclasses.asdict(self.stats)
-        doc["files_waiting"] = sum(f.queued for f in self._files.values())
+        doc["files_waiting"] = self._in_threads + len(self._to_resolve) + len(self._ready)
         doc["synthetic_opens"] = len(self._open)
         if self._reader is None:
             doc["read_by"] = "not checked yet"
@@ -413,8 +494,10 @@ class Replayer:
         return doc
 
     def _settle(self, f: _File) -> None:
-        """After a worker or the closer let go of ``f``: requeue, park or forget it."""
+        """After a worker, the closer or the reader let go of ``f``: requeue, park or forget it."""
         f.busy = False
+        if f.reading:
+            return  # the reader settles it when its READs are done
         if f.actions:
             self._enqueue(f)
         elif f.fd is not None:
@@ -432,15 +515,23 @@ class Replayer:
         The overlay must keep serving until this returns: the closes are
         requests to it.
         """
+        self._token = trio.lowlevel.current_trio_token()
+        for _ in range(self._workers):
+            t = threading.Thread(target=self._worker_loop, name="replay", daemon=True)
+            t.start()
+            self._worker_threads.append(t)
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(self._workers):
-                    nursery.start_soon(self._worker)
+                nursery.start_soon(self._resolve_loop)
                 nursery.start_soon(self._closer)
+                nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._report_losses)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
+                # the fds they open must be known before closing what is held
+                await trio.to_thread.run_sync(self._stop_workers)
+                self._collect()
                 fds = [f.fd for f in self._files.values() if f.fd is not None]
                 await trio.to_thread.run_sync(_close_all, fds)
                 for f in self._files.values():
@@ -453,50 +544,138 @@ class Replayer:
             await trio.sleep(LOSS_WARN_INTERVAL)
             self._warn_losses()
 
-    async def _worker(self) -> None:
+    async def _read_loop(self) -> None:
         thread = _WorkerThread()
         try:
-            await self._work(thread)
+            while True:
+                await self._reads_ready.wait()
+                self._reads_ready = trio.Event()
+                files, self._reads = self._reads, []
+                fds = [f.fd for f in files]
+                failed: list[int] = []
+                await thread.run(functools.partial(self._read_fds, fds, failed))
+                done = len(files) - len(failed)
+                self.stats.replayed += done
+                for err in failed:
+                    self._count_failed(errno.errorcode.get(err, str(err)), 1)
+                for f in files:
+                    f.reading -= 1
+                    if self.on_replayed is not None:
+                        self.on_replayed(f.ino)
+                    if not f.reading and not f.busy:
+                        self._settle(f)
+                self.flush()
+                if failed:
+                    self._warn_losses()
         finally:
             thread.stop()
 
-    async def _work(self, thread: _WorkerThread) -> None:
-        async for first in self._recv:
-            batch = [first]
+    def _read_fds(self, fds: list[int | None], failed: list[int]) -> None:
+        """Reader thread: one replayed READ on each held fd, in order."""
+        read = self._reader or _read_a_byte
+        for fd in fds:
+            if fd is None:
+                failed.append(errno.EBADF)
+                continue
+            try:
+                read(fd)
+            except OSError as exc:
+                failed.append(exc.errno or errno.EIO)
+
+    def _count_failed(self, name: str, n: int) -> None:
+        self.stats.failed += n
+        by = self.stats.failed_by_errno
+        by[name] = by.get(name, 0) + n
+
+    # --- worker threads --------------------------------------------------------
+
+    def _worker_loop(self) -> None:
+        """Worker thread: take jobs in batches, leave them for :meth:`_collect`.
+
+        The trio thread is not woken for every batch: it collects finished
+        jobs when it next runs anyway (a record arrives, the closer ticks),
+        and is woken only when a collected job matters at once (records came
+        for its file meanwhile, or metrics time the replay).
+        """
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            batch = [job]
             while len(batch) < BATCH:
                 try:
-                    batch.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
+                    more = jobs.get_nowait()
+                except queue.Empty:
                     break
-            jobs = []
-            for f in batch:
-                f.queued = False
-                f.busy = True
-                self._open.pop(f.ino, None)
-                job = await self._job(f)
-                if job is not None:
-                    jobs.append(job)
-                else:
-                    self._settle(f)
-            if jobs:
-                await thread.run(functools.partial(self._run_jobs, jobs))
-                for job in jobs:
-                    self._finish(job)
+                if more is None:
+                    jobs.put(None)  # for the next thread: every one stops
+                    break
+                batch.append(more)
+            try:
+                self._run_jobs(batch)
+            except BaseException:
+                log.exception("replay worker failed; its jobs count as failed")
+                for j in batch:
+                    j.errno = j.errno or errno.EIO
+            self._done.append(batch)
+            if self.on_replayed is not None or any(j.file.actions for j in batch):
+                self._wake()
+        jobs.put(None)
 
-    async def _job(self, f: _File) -> _Job | None:
-        actions, f.actions = f.actions, []
-        path = None if f.stale else self._resolver.cached(f.ino)
-        if path is None:
-            path = await self._resolver.resolve(f.ino, f.since, stale=f.stale)
-        if path is None:
-            if f.stale:
-                self.stats.gone += len(actions)
+    def _wake(self) -> None:
+        """Worker thread: have the trio thread collect soon (once per wakeup)."""
+        if self._wake_pending or self._token is None:
+            return
+        self._wake_pending = True
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._collect_and_flush)
+
+    def _stop_workers(self) -> None:
+        self._jobs.put(None)
+        for t in self._worker_threads:
+            t.join()
+        self._worker_threads.clear()
+
+    def _collect(self) -> None:
+        """Trio thread: account for the jobs the worker threads are done with."""
+        self._wake_pending = False
+        done = self._done
+        while done:
+            batch = done.popleft()
+            self._in_threads -= len(batch)
+            for job in batch:
+                self._finish(job)
+
+    def _collect_and_flush(self) -> None:
+        self._collect()
+        self.flush()
+
+    async def _resolve_loop(self) -> None:
+        """Files whose path is not cached: resolved here in order, then dispatched."""
+        pending = self._to_resolve
+        while True:
+            if not pending:
+                await self._resolve_ready.wait()
+                self._resolve_ready = trio.Event()
+                continue
+            f = pending[0]
+            path = None if f.stale else self._resolver.cached(f.ino)
+            if path is None:
+                path = await self._resolver.resolve(f.ino, f.since, stale=f.stale)
+            pending.popleft()
+            f.queued = False
+            if not f.actions:
+                # dropped on overload meanwhile
+                self._settle(f)
+            elif path is None:
+                if f.stale:
+                    self.stats.gone += len(f.actions)
+                else:
+                    self.stats.unresolved += len(f.actions)
+                f.actions.clear()
+                f.stale = None
+                self._warn_losses()
+                self._settle(f)
             else:
-                self.stats.unresolved += len(actions)
-            f.stale = None
-            self._warn_losses()
-            return None
-        return _Job(f, path, actions)
+                self._dispatch(f, path)
 
     def _finish(self, job: _Job) -> None:
         f = job.file
@@ -516,7 +695,7 @@ class Replayer:
                 if job.errno in _GONE_ERRNOS:
                     self.stats.gone += len(left)
                 else:
-                    self.stats.failed += len(left)
+                    self._count_failed(errno.errorcode.get(job.errno, str(job.errno)), len(left))
                     log.debug("synthetic access to %r failed: %s", job.path, os.strerror(job.errno))
                 f.stale = None
                 self._warn_losses()
@@ -624,13 +803,16 @@ class Replayer:
         tick = self._close_after / 4
         while True:
             await trio.sleep(tick)
+            # (a submit() without flush() waits for this tick)
+            self._collect_and_flush()
             now = trio.current_time()
             due: list[_File] = []
             excess = len(self._open) - self._max_open
             for f in self._open.values():
                 if f.close_at > now and len(due) >= excess:
                     break
-                due.append(f)
+                if not f.reading:
+                    due.append(f)
             if not due:
                 continue
             for f in due:
@@ -689,6 +871,12 @@ class _WorkerThread:
 
     def stop(self) -> None:
         self._jobs.put(None)
+
+
+def _errnos(by: dict[str, int]) -> str:
+    """`` (EMFILE 3, EACCES 1 since the start)`` from ReplayStats.failed_by_errno."""
+    most = sorted(by.items(), key=lambda kv: -kv[1])
+    return " (" + ", ".join(f"{name} {n}" for name, n in most) + " since the start)"
 
 
 # ESTALE: the overlay refused because the name now leads to another inode;
