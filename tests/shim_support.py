@@ -9,11 +9,13 @@ then ``umount -l``); watchers are killed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -198,3 +200,15 @@ def feeder(path: Path) -> Iterator[Feeder]:
         yield f
     finally:
         f.close()
+
+
+def shim_stats(mnt: Path) -> dict[str, object]:
+    """``scoutfs-notify stats --shim MNT --json``, the operator's view."""
+    out = subprocess.run(
+        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(mnt), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    doc: dict[str, object] = json.loads(out)
+    return doc

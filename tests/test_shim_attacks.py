@@ -25,7 +25,15 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from shim_support import EVENT_TIMEOUT, START_TIMEOUT, feeder, need_fuse, run_shim, wait_for
+from shim_support import (
+    EVENT_TIMEOUT,
+    START_TIMEOUT,
+    feeder,
+    need_fuse,
+    run_shim,
+    shim_stats,
+    wait_for,
+)
 from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noqa: F401
 
 from compat.inotify_shim.overlay import Overlay
@@ -51,17 +59,6 @@ def _attacker_proc(code: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _shim_stats(mnt: Path) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(mnt), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    doc: dict[str, object] = json.loads(out)
-    return doc
 
 
 def _settled(doc: dict[str, object]) -> int:
@@ -114,7 +111,7 @@ sys.stdin.read()
                 feed.send([feed.record(abi.TYPE_OPEN, ino), feed.record(abi.TYPE_READ, ino)])
                 # the sentinel: both records have ended, one way or another
                 doc = wait_for(
-                    lambda: d if _settled(d := _shim_stats(mnt)) == 2 else None,
+                    lambda: d if _settled(d := shim_stats(mnt)) == 2 else None,
                     EVENT_TIMEOUT,
                     "the records to be replayed or refused",
                 )
@@ -471,7 +468,7 @@ def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # 
         try:
             feed.send([feed.record(abi.TYPE_OPEN, ino)])
             doc = wait_for(
-                lambda: d if _settled(d := _shim_stats(mnt)) == 1 else None,
+                lambda: d if _settled(d := shim_stats(mnt)) == 1 else None,
                 EVENT_TIMEOUT,
                 "the record to be replayed while the nested server is stopped",
             )

@@ -11,7 +11,6 @@ the sentinel's.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -20,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shim_support import EVENT_TIMEOUT, feeder, need_fuse, run_shim, wait_for, watch
+from shim_support import EVENT_TIMEOUT, feeder, need_fuse, run_shim, shim_stats, wait_for, watch
 
 from notifyd import abi
 from notifyd.paths import shim_stats_path
@@ -164,17 +163,6 @@ def test_gap_is_logged_with_its_size(rig) -> None:
         feed.send([feed.record(abi.TYPE_READ, ino, skip=5)])
         w.expect("sentinel", "ACCESS")
     shim.wait_log("5 lost before the shim got them (seq gaps from the daemon)")
-
-
-def shim_stats(mnt: Path) -> dict:
-    """``scoutfs-notify stats --shim MNT --json``, the operator's view."""
-    out = subprocess.run(
-        [sys.executable, "-m", "notifyd.cli", "stats", "--shim", str(mnt), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)
 
 
 def test_every_record_not_replayed_is_counted_by_cause(rig) -> None:
