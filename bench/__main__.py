@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import time
 import traceback
@@ -68,8 +69,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # the stages stop their daemons, shims, servers and mounts on the way out
+    # of a KeyboardInterrupt; a bare SIGTERM would leave them running
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     repeats = args.repeats or (2 if args.quick else 5)
     cfg = Config(quick=args.quick, repeats=repeats, workdir=args.workdir)
     info = report.machine()
