@@ -92,7 +92,11 @@ def test_daemon_metrics_move_with_accesses(notifyd_factory) -> None:
         wait_for(lambda: value(scrape(url), "scoutfs_notify_clients") == 1, WAIT, "a client")
 
         def flood_and_look() -> bool:
-            read_files(*files)
+            # the client's socket buffer takes a few hundred messages before
+            # its queue of one is used: a scrape per 3 reads filled it only
+            # after about 30 s on a busy machine
+            for _ in range(50):
+                read_files(*files)
             lost = value(scrape(url), "scoutfs_notify_records_lost_total", cause="client_queue")
             return lost > 0
 
