@@ -409,17 +409,19 @@ class Forwarder:
             # a restarted daemon: what it read before it served us
             self.counters.lost_daemon += first - 1
         self._recv_epoch, self._recv_seq = epoch, last
-        if self.backlog_records + n > self.backlog_limit:
+        # the message in flight came out of the backlog and still counts
+        # against --backlog until the stream holds it
+        if self.unpublished + n > self.backlog_limit:
             # the next published message carries the seq jump as its Lost header
             self.counters.dropped_backlog += n
             if not self._dropping:
                 log.warning(
                     "backlog full (%d records, --backlog): dropping records until NATS catches up",
-                    self.backlog_records,
+                    self.unpublished,
                 )
                 self._dropping = True
             return
-        if self._dropping and self.backlog_records < self.backlog_limit // 2:
+        if self._dropping and self.unpublished < self.backlog_limit // 2:
             self._dropping = False
         if at and (epoch != self._chunk_epoch or first != self._chunk_last + 1):
             # not contiguous with the chunk: the chunk ends before this message
