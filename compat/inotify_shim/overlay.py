@@ -229,6 +229,17 @@ class _Version:
 
 
 @dataclasses.dataclass
+class _Dir:
+    """An open directory: its fd, its inode, the opener, and the listing."""
+
+    inode: int
+    fd: int
+    creds: _Creds | None
+    # the snapshot taken at offset 0, so offsets stay stable while BACKING changes
+    names: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class _Handle:
     """An open file: its BACKING fd, its inode and the opener's identity."""
 
@@ -271,7 +282,6 @@ class Overlay(pyfuse3.Operations):
         # would leave every other user EMFILE
         self._user_handles: dict[int, int] = {}
         self._users_at_share: set[int] = set()
-        self._dir_creds: dict[int, _Creds | None] = {}
         self._user_share = max(
             _MIN_USER_SHARE, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // _USER_SHARE_DIVISOR
         )
@@ -291,8 +301,8 @@ class Overlay(pyfuse3.Operations):
         self._opened: dict[int, _Version] = {}
         # inode -> BACKING's _Version of it as last described to the kernel
         self._described: dict[int, _Version] = {}
-        # directory handle -> (inode, dir fd, entries snapshot taken at offset 0)
-        self._dirs: dict[int, tuple[int, int, list[str]]] = {}
+        # directory handle (its fd) -> the open directory
+        self._dirs: dict[int, _Dir] = {}
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
@@ -706,19 +716,18 @@ class Overlay(pyfuse3.Operations):
         with self._acting(creds):
             fd = os.open(_proc(self._fd(node)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # the dir fd is unique while open: a handle number nobody else has
-        self._dirs[fd] = (inode, fd, [])
+        self._dirs[fd] = _Dir(inode, fd, creds)
         # an open directory holds one of our fds too: counted in the user's share
         self._count_handle(creds, 1)
-        self._dir_creds[fd] = creds
         return fd
 
     @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        inode, dfd, names = self._dirs[fh]
+        d = self._dirs[fh]
+        inode, dfd = d.inode, d.fd
         if start_id == 0:
-            # Snapshot once so offsets stay stable while BACKING changes.
-            names = sorted(os.listdir(dfd))
-            self._dirs[fh] = (inode, dfd, names)
+            d.names = sorted(os.listdir(dfd))
+        names = d.names
         # readdir gets no request context: the entries are the ones the
         # opener was allowed to list (opendir ran as them)
         for i in range(start_id, len(names)):
@@ -738,14 +747,14 @@ class Overlay(pyfuse3.Operations):
 
     @fuse_handler
     async def releasedir(self, fh: int) -> None:
-        entry = self._dirs.pop(fh, None)
-        if entry is not None:
-            os.close(entry[1])
-            self._count_handle(self._dir_creds.pop(fh, None), -1)
+        d = self._dirs.pop(fh, None)
+        if d is not None:
+            os.close(d.fd)
+            self._count_handle(d.creds, -1)
 
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        os.fsync(self._dirs[fh][1])
+        os.fsync(self._dirs[fh].fd)
 
     # --- namespace changes ---------------------------------------------------
 
