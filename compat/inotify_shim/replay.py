@@ -557,7 +557,7 @@ class Replayer:
                 done = len(files) - len(failed)
                 self.stats.replayed += done
                 for err in failed:
-                    self._count_failed(errno.errorcode.get(err, str(err)), 1)
+                    self._count_failed(err, 1)
                 for f in files:
                     f.reading -= 1
                     if self.on_replayed is not None:
@@ -582,9 +582,10 @@ class Replayer:
             except OSError as exc:
                 failed.append(exc.errno or errno.EIO)
 
-    def _count_failed(self, name: str, n: int) -> None:
+    def _count_failed(self, err: int, n: int) -> None:
         self.stats.failed += n
         by = self.stats.failed_by_errno
+        name = errno.errorcode.get(err, str(err))
         by[name] = by.get(name, 0) + n
 
     # --- worker threads --------------------------------------------------------
@@ -695,7 +696,7 @@ class Replayer:
                 if job.errno in _GONE_ERRNOS:
                     self.stats.gone += len(left)
                 else:
-                    self._count_failed(errno.errorcode.get(job.errno, str(job.errno)), len(left))
+                    self._count_failed(job.errno, len(left))
                     log.debug("synthetic access to %r failed: %s", job.path, os.strerror(job.errno))
                 f.stale = None
                 self._warn_losses()
