@@ -569,7 +569,7 @@ class Forwarder:
                         out.first,
                         out.last,
                         str(exc) or type(exc).__name__,
-                        self.backlog_records + out.count,
+                        self.unpublished,
                     )
                     failing = True
                 await asyncio.sleep(RETRY_DELAY)
