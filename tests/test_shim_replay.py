@@ -470,3 +470,33 @@ async def test_failed_read_of_a_held_open_is_no_replay(tmp_path: Path) -> None:
     assert (replayer.stats.replayed, replayer.stats.failed) == (1, 1)
     assert replayer.stats.failed_by_errno == {"ESPIPE": 1}
     assert replayed == [2]
+
+
+def test_the_replay_open_check_walks_backing_without_following_anything(tmp_path: Path) -> None:
+    """Unit test of Overlay._walk, which a replay's OPEN trusts: the BACKING path leads to
+    the file only through real directories of BACKING's own mount, never through a
+    symlink (on the way or at the end) and never above BACKING."""
+    from compat.inotify_shim.overlay import Overlay
+    from compat.inotify_shim.replay import ReplayThreads
+
+    backing = tmp_path / "backing"
+    (backing / "d" / "e").mkdir(parents=True)
+    f = backing / "d" / "e" / "f"
+    f.write_text("x")
+    (backing / "dlink").symlink_to("d")
+    (backing / "d" / "flink").symlink_to("e/f")
+    (tmp_path / "outside").write_text("o")
+    overlay = Overlay(str(backing), ReplayThreads())
+    st = f.stat()
+    assert overlay._walk(str(f)) == (st.st_dev, st.st_ino)
+    assert overlay._walk(f"{backing}/d/./e//f") == (st.st_dev, st.st_ino)
+    # a symlink at the end is the symlink itself, never its target
+    link = os.lstat(backing / "d" / "flink")
+    assert overlay._walk(f"{backing}/d/flink") == (link.st_dev, link.st_ino)
+    for refused in (
+        f"{backing}/dlink/e/f",  # a symlinked directory on the way
+        f"{backing}/d/../../outside",  # above BACKING
+        f"{tmp_path}/outside",  # not under BACKING at all
+        f"{backing}/d/e/missing",
+    ):
+        assert overlay._walk(refused) is None, refused
