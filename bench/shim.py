@@ -113,6 +113,16 @@ def _why_cpu(used: Used, events: int, runs: str) -> str:
             f"{SHIM_CPU_TARGET_US} us target: pyfuse3 serves every request in Python on one "
             "thread, and the replay threads hand the GIL to and from it around each one"
         )
+    th = used.threads
+    if sum(th.values()):
+        text += (
+            f". By thread: the trio thread (every FUSE request, the records from the "
+            f"daemon, the hand-offs) {th['trio'] / n * 1e6:.0f} us per access, the replay "
+            f"threads {th['replay'] / n * 1e6:.0f} us (mostly system time: the opens through "
+            "the overlay wait for its replies, and each blocking call gives the GIL up and "
+            "takes it back), trio's thread pool (closes, path look-ups) "
+            f"{th['closes'] / n * 1e6:.0f} us"
+        )
     if used.profile:
         text += f". Profile: {used.profile}"
     return text
@@ -393,6 +403,29 @@ class Names:
         return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+# the shim's threads, by what they do: the main thread runs trio and pyfuse3 (every
+# FUSE request, the records from the daemon), trio's thread pool closes synthetic
+# opens and walks BACKING for the resolver, and the rest are the replay threads
+# (compat/inotify_shim/replay.py)
+_SHIM_THREADS = ("trio", "replay", "closes")
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of ``pid``'s live threads, summed per kind of _SHIM_THREADS."""
+    out = dict.fromkeys(_SHIM_THREADS, 0.0)
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rpartition(")")[2].split()
+            cpu = (int(fields[11]) + int(fields[12])) / _TICK
+            kind = "trio" if tid == str(pid) else "closes" if comm.startswith("Trio") else "replay"
+            out[kind] += cpu
+    return out
+
+
 def _shim_stats(setup: dict) -> dict[str, int]:
     """The shim's integer counters now ({} if its stats socket does not answer)."""
     try:
@@ -411,6 +444,8 @@ class Used:
         self._pids = {"shim": shim.proc.pid, "daemon": shim.daemon_pid}
         self.use = {k: Usage() for k in self._pids}
         self.stats: dict[str, int] = {}
+        # the shim's CPU seconds per kind of thread (threads alive at both readings)
+        self.threads = dict.fromkeys(_SHIM_THREADS, 0.0)
         self.seconds = 0.0
         # from the setup: one LOOKUP's CPU in the shim, and the profile's text
         self.lookup_us: float = setup.get("lookup_us", 0.0)
@@ -419,12 +454,15 @@ class Used:
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
         before = {k: Usage.read(pid) for k, pid in self._pids.items()}
+        threads = _thread_cpu(self._pids["shim"])
         stats = _shim_stats(self._setup)
         t0 = time.monotonic()
         yield
         self.seconds += time.monotonic() - t0
         for k, pid in self._pids.items():
             self.use[k] = self.use[k] + (Usage.read(pid) - before[k])
+        for k, v in _thread_cpu(self._pids["shim"]).items():
+            self.threads[k] += max(v - threads[k], 0.0)
         for k, v in _shim_stats(self._setup).items():
             self.stats[k] = self.stats.get(k, 0) + v - stats.get(k, 0)
 

@@ -169,3 +169,30 @@ def test_the_real_report_is_one_the_writer_can_merge_into(tmp_path) -> None:
     assert [r for r in _targets(new) if not r.startswith("| `relay.")] == [
         r for r in _targets(old) if not r.startswith("| `relay.")
     ]
+
+
+def test_hand_written_subsections_outlive_every_rewrite(tmp_path) -> None:
+    """A ``### ... (hand-written, DATE)`` subsection of a stage's section is kept by a
+    ``--stages`` run of that stage and by a full run; other ``###`` text is not."""
+    path = tmp_path / "B.md"
+    old = _full(path)
+    mine = ["### Profile before and after (hand-written, 2026-12-07)", "", "it was slow", ""]
+    lines = old.split("\n")
+    end = lines.index("## Targets")
+    path.write_text("\n".join([*lines[:end], *mine, "### generated", "", "gone", "", *lines[end:]]))
+    relay_before = _section(path.read_text(), "relay")
+    text = report.write(
+        path, Config(), _info("d2", "c2"), [_stage("fanotify", 7)], only=["fanotify"], order=ORDER
+    )
+    section = _section(text, "fanotify")
+    assert "| `fanotify.speed` | 7 ops/s |" in section
+    assert section.endswith("\n".join(mine[:-1]) + "\n")
+    assert "gone" not in text
+    assert _section(text, "relay") == relay_before
+    # the report stays one the writer merges into unchanged
+    assert report.merge(text, text, only=[], order=ORDER) == text
+    text = report.write(
+        path, Config(), _info("d3", "c3"), [_stage("ring", 1), _stage("fanotify", 2)]
+    )
+    assert _section(text, "fanotify").endswith("\n".join(mine[:-1]) + "\n")
+    assert text.count("it was slow") == 1

@@ -431,3 +431,72 @@ def test_reads_of_held_opens_keep_their_interleaving(tmp_path: Path) -> None:
         doc = shim_stats(mnt)
         assert (doc["replayed"], doc["collapsed"]) == (8, 0), doc
         assert shim.proc.poll() is None
+
+
+async def test_failed_read_of_a_held_open_is_no_replay(tmp_path: Path) -> None:
+    """Unit test of the reader alone: a READ of a held open whose read fails is counted
+    failed, by its errno, and not reported to ``on_replayed`` (the metrics' latency of a
+    replay); the READ of the other held open, which works, is."""
+    import trio
+
+    from compat.inotify_shim.replay import Replayer, ReplayThreads, _File
+    from compat.inotify_shim.resolve import Resolver
+
+    limiter = trio.CapacityLimiter(1)
+    resolver = Resolver(str(tmp_path), lambda ino: None, limiter)
+    # zero_read=False: READs are 1-byte preads, which a pipe refuses with ESPIPE
+    replayer = Replayer(str(tmp_path), resolver, ReplayThreads(), limiter, zero_read=False)
+    replayed: list[int] = []
+    replayer.on_replayed = replayed.append
+    (tmp_path / "good").write_text("x")
+    good = os.open(tmp_path / "good", os.O_RDONLY)
+    bad, bad_w = os.pipe()
+    try:
+        replayer._files[1] = _File(1, fd=bad)
+        replayer._files[2] = _File(2, fd=good)
+        # the reader's round ends with a flush(): the sign both READs were made
+        flushed = trio.Event()
+        replayer.flush = flushed.set  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replayer._read_loop)
+            replayer.submit(abi.TYPE_READ, 1)
+            replayer.submit(abi.TYPE_READ, 2)
+            with trio.fail_after(EVENT_TIMEOUT):
+                await flushed.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        for fd in (good, bad, bad_w):
+            os.close(fd)
+    assert (replayer.stats.replayed, replayer.stats.failed) == (1, 1)
+    assert replayer.stats.failed_by_errno == {"ESPIPE": 1}
+    assert replayed == [2]
+
+
+def test_the_replay_open_check_walks_backing_without_following_anything(tmp_path: Path) -> None:
+    """Unit test of Overlay._walk, which a replay's OPEN trusts: the BACKING path leads to
+    the file only through real directories of BACKING's own mount, never through a
+    symlink (on the way or at the end) and never above BACKING."""
+    from compat.inotify_shim.overlay import Overlay
+    from compat.inotify_shim.replay import ReplayThreads
+
+    backing = tmp_path / "backing"
+    (backing / "d" / "e").mkdir(parents=True)
+    f = backing / "d" / "e" / "f"
+    f.write_text("x")
+    (backing / "dlink").symlink_to("d")
+    (backing / "d" / "flink").symlink_to("e/f")
+    (tmp_path / "outside").write_text("o")
+    overlay = Overlay(str(backing), ReplayThreads())
+    st = f.stat()
+    assert overlay._walk(str(f)) == (st.st_dev, st.st_ino)
+    assert overlay._walk(f"{backing}/d/./e//f") == (st.st_dev, st.st_ino)
+    # a symlink at the end is the symlink itself, never its target
+    link = os.lstat(backing / "d" / "flink")
+    assert overlay._walk(f"{backing}/d/flink") == (link.st_dev, link.st_ino)
+    for refused in (
+        f"{backing}/dlink/e/f",  # a symlinked directory on the way
+        f"{backing}/d/../../outside",  # above BACKING
+        f"{tmp_path}/outside",  # not under BACKING at all
+        f"{backing}/d/e/missing",
+    ):
+        assert overlay._walk(refused) is None, refused

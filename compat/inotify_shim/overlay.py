@@ -1072,21 +1072,23 @@ class Overlay(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=True)
 
     def _walk(self, backing_path: str) -> tuple[int, int] | None:
-        """``(st_dev, st_ino)`` of ``backing_path``, one O_PATH|O_NOFOLLOW step at a time."""
-        rel = os.path.relpath(backing_path, self.backing)
-        if rel.startswith(".."):
+        """``(st_dev, st_ino)`` of ``backing_path``, reached from BACKING's root in one
+        ``openat2``: no symlink followed on the way or at the end, no mount crossed,
+        never above the root (three syscalls for any depth: on the replay's path)."""
+        prefix = self.backing.rstrip("/") + "/"
+        if not backing_path.startswith(prefix):
             return None
-        fd = os.dup(self._fd(self._inodes[pyfuse3.ROOT_INODE]))
         try:
-            for part in rel.split(os.sep):
-                if part in ("", "."):
-                    continue
-                nfd = _open_here(fd, os.fsencode(part))
-                os.close(fd)
-                fd = nfd
-            st = os.fstat(fd)
-        except OSError:
+            fd = libc.openat2(
+                self._fd(self._inodes[pyfuse3.ROOT_INODE]),
+                backing_path[len(prefix) :],
+                _PATH_FLAGS,
+                libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_XDEV | libc.RESOLVE_BENEATH,
+            )
+        except (OSError, ValueError):
             return None
+        try:
+            st = os.fstat(fd)
         finally:
             os.close(fd)
         return (st.st_dev, st.st_ino)

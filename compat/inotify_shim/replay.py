@@ -552,16 +552,19 @@ class Replayer:
                 self._reads_ready = trio.Event()
                 files, self._reads = self._reads, []
                 fds = [f.fd for f in files]
-                failed: list[int] = []
-                await thread.run(functools.partial(self._read_fds, fds, failed))
-                done = len(files) - len(failed)
-                self.stats.replayed += done
-                for err in failed:
-                    self._count_failed(err, 1)
-                for f in files:
+                errs = [0] * len(files)
+                await thread.run(functools.partial(self._read_fds, fds, errs))
+                failed = False
+                for f, err in zip(files, errs, strict=True):
                     f.reading -= 1
-                    if self.on_replayed is not None:
-                        self.on_replayed(f.ino)
+                    if err:
+                        # no IN_ACCESS was raised: not a replay (for metrics: still pending)
+                        self._count_failed(err, 1)
+                        failed = True
+                    else:
+                        self.stats.replayed += 1
+                        if self.on_replayed is not None:
+                            self.on_replayed(f.ino)
                     if not f.reading and not f.busy:
                         self._settle(f)
                 self.flush()
@@ -570,17 +573,18 @@ class Replayer:
         finally:
             thread.stop()
 
-    def _read_fds(self, fds: list[int | None], failed: list[int]) -> None:
-        """Reader thread: one replayed READ on each held fd, in order."""
+    def _read_fds(self, fds: list[int | None], errs: list[int]) -> None:
+        """Reader thread: one replayed READ on each held fd, in order; ``errs[i]`` is
+        set to the errno of the read of ``fds[i]`` if it failed."""
         read = self._reader or _read_a_byte
-        for fd in fds:
+        for i, fd in enumerate(fds):
             if fd is None:
-                failed.append(errno.EBADF)
+                errs[i] = errno.EBADF
                 continue
             try:
                 read(fd)
             except OSError as exc:
-                failed.append(exc.errno or errno.EIO)
+                errs[i] = exc.errno or errno.EIO
 
     def _count_failed(self, err: int, n: int) -> None:
         self.stats.failed += n
