@@ -342,7 +342,8 @@ class ShimMetrics:
     :meth:`attach`-ed to the replayer's counters (``replayed``, ``collapsed``,
     and the losses ``overload``, ``unresolved``, ``gone``, ``failed``).
     Hooks: :meth:`on_event` for every record or gap from the daemon,
-    :meth:`on_replayed` when a file's pending records have been replayed.
+    :meth:`on_replayed` when a file's pending records have been replayed,
+    :meth:`on_lost` when they were all dropped without an event.
     Latency is measured from the time of the oldest record a replay answers
     (``time_ns``, CLOCK_REALTIME at emit) to the end of that synthetic access.
     """
@@ -384,6 +385,14 @@ class ShimMetrics:
         t = self._pending.pop(ino, None)
         if t is not None:
             self.latency.observe(max(0, time.time_ns() - t) / 1e9)
+
+    def on_lost(self, ino: int) -> None:
+        """No record of ``ino`` is waiting any more: the ones pending raised no event.
+
+        Their time is forgotten, so that the next replay of the file is timed
+        from the records it answers, not from the lost ones.
+        """
+        self._pending.pop(ino, None)
 
     def _collect(self) -> list[Metric]:
         st = self._replay_stats()

@@ -436,7 +436,7 @@ def test_reads_of_held_opens_keep_their_interleaving(tmp_path: Path) -> None:
 async def test_failed_read_of_a_held_open_is_no_replay(tmp_path: Path) -> None:
     """Unit test of the reader alone: a READ of a held open whose read fails is counted
     failed, by its errno, and not reported to ``on_replayed`` (the metrics' latency of a
-    replay); the READ of the other held open, which works, is."""
+    replay) but to ``on_lost``; the READ of the other held open, which works, is."""
     import trio
 
     from compat.inotify_shim.replay import Replayer, ReplayThreads, _File
@@ -447,7 +447,9 @@ async def test_failed_read_of_a_held_open_is_no_replay(tmp_path: Path) -> None:
     # zero_read=False: READs are 1-byte preads, which a pipe refuses with ESPIPE
     replayer = Replayer(str(tmp_path), resolver, ReplayThreads(), limiter, zero_read=False)
     replayed: list[int] = []
+    lost: list[int] = []
     replayer.on_replayed = replayed.append
+    replayer.on_lost = lost.append
     (tmp_path / "good").write_text("x")
     good = os.open(tmp_path / "good", os.O_RDONLY)
     bad, bad_w = os.pipe()
@@ -470,6 +472,8 @@ async def test_failed_read_of_a_held_open_is_no_replay(tmp_path: Path) -> None:
     assert (replayer.stats.replayed, replayer.stats.failed) == (1, 1)
     assert replayer.stats.failed_by_errno == {"ESPIPE": 1}
     assert replayed == [2]
+    # nothing of file 1 waits any more: metrics forget its record's time
+    assert lost == [1]
 
 
 def test_the_replay_open_check_walks_backing_without_following_anything(tmp_path: Path) -> None:

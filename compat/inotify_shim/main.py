@@ -160,6 +160,7 @@ async def serve(
             if metrics is not None:
                 metrics.attach(lambda: dataclasses.asdict(replayer.stats))
                 replayer.on_replayed = metrics.on_replayed
+                replayer.on_lost = metrics.on_lost
                 on_event = metrics.on_event
             await bridge.start(
                 functools.partial(follow, state=following, on_event=on_event),

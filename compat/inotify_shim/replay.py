@@ -366,8 +366,10 @@ class Replayer:
         self._new_dir_wait = new_dir_wait
         self._warned = self.stats.losses()
         self._next_warn = -math.inf
-        # metrics: called with a file's inode once its pending records are replayed
+        # metrics: called with a file's inode once its pending records are replayed,
+        # and once every record of it still waiting raised no event (see _lost)
         self.on_replayed: Callable[[int], None] | None = None
+        self.on_lost: Callable[[int], None] | None = None
 
     # --- intake (trio thread) ------------------------------------------------
 
@@ -408,6 +410,7 @@ class Replayer:
         """
         if len(self._reads) >= self._max_pending:
             self.stats.overload += 1
+            self._lost(f)
             self._warn_losses()
             return
         f.reading += 1
@@ -422,6 +425,7 @@ class Replayer:
         if self._in_threads + len(self._to_resolve) + len(self._ready) >= self._max_pending:
             self.stats.overload += len(f.actions)
             f.actions.clear()
+            self._lost(f)
             self._settle(f)
             self._warn_losses()
             return
@@ -558,8 +562,9 @@ class Replayer:
                 for f, err in zip(files, errs, strict=True):
                     f.reading -= 1
                     if err:
-                        # no IN_ACCESS was raised: not a replay (for metrics: still pending)
+                        # no IN_ACCESS was raised: not a replay
                         self._count_failed(err, 1)
+                        self._lost(f)
                         failed = True
                     else:
                         self.stats.replayed += 1
@@ -585,6 +590,15 @@ class Replayer:
                 read(fd)
             except OSError as exc:
                 errs[i] = exc.errno or errno.EIO
+
+    def _lost(self, f: _File) -> None:
+        """Records of ``f`` raised no event: if none of it is still waiting, tell metrics.
+
+        Their time must not be taken for the latency of a later replay of the
+        same file, which answers only the records that came after them.
+        """
+        if self.on_lost is not None and not (f.actions or f.reading):
+            self.on_lost(f.ino)
 
     def _count_failed(self, err: int, n: int) -> None:
         self.stats.failed += n
@@ -677,6 +691,7 @@ class Replayer:
                     self.stats.unresolved += len(f.actions)
                 f.actions.clear()
                 f.stale = None
+                self._lost(f)
                 self._warn_losses()
                 self._settle(f)
             else:
@@ -703,6 +718,7 @@ class Replayer:
                     self._count_failed(job.errno, len(left))
                     log.debug("synthetic access to %r failed: %s", job.path, os.strerror(job.errno))
                 f.stale = None
+                self._lost(f)
                 self._warn_losses()
         else:
             f.stale = None
