@@ -8,6 +8,7 @@ fix.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -38,6 +40,7 @@ from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noq
 
 from compat.inotify_shim.overlay import Overlay
 from compat.inotify_shim.replay import Announce, ReplayThreads
+from compat.procs import mount_type, unmount
 from notifyd import abi, libc
 
 SECRET = "TOPSECRET"
@@ -588,3 +591,72 @@ def test_an_announcing_replay_thread_never_makes_a_directory(tmp_path: Path) -> 
     finally:
         threads.announced(67890)
     assert not (backing / "b").exists()
+
+
+@contextlib.contextmanager
+def _held_listing_backing(at: Path) -> Iterator[subprocess.Popen[str]]:
+    """``tests/held_listing_fs.py`` mounted at ``at``: its ``held`` listing waits for stdin."""
+    at.mkdir()
+    fs = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("held_listing_fs.py")), str(at)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: mount_type(str(at)) is not None or fs.poll() is not None,
+            START_TIMEOUT,
+            "the held-listing filesystem to mount",
+        )
+        assert fs.poll() is None, "the held-listing filesystem exited"
+        yield fs
+    finally:
+        assert fs.stdin is not None
+        fs.stdin.close()
+        unmount(at)
+        try:
+            fs.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            fs.kill()
+            fs.wait()
+
+
+def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F811
+    # A listing was read whole from BACKING at its first READDIR, on the
+    # overlay's one serving thread: a user's `ls` of a huge directory (or of
+    # one on a slow disk) stopped every other user's calls until it was
+    # read.  Here BACKING is a FUSE filesystem whose `held` directory answers
+    # its READDIR only when the test says: the listing is provably still in
+    # progress while root looks a file up and reads it.
+    backing, mnt = top / "backing", top / "mnt"
+    lister_code = f"print(sorted(os.listdir({str(mnt / 'held')!r})), flush=True)"
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        lister = _attacker_proc("import os\n" + lister_code)
+        try:
+            assert fs.stdout is not None
+            # the sentinel: BACKING's READDIR of `held` has begun, and waits
+            assert fs.stdout.readline() == "listing\n"
+            done: list[str] = []
+            reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
+            reader.start()
+            reader.join(START_TIMEOUT)
+            read_meanwhile = list(done)
+            still_listing = lister.poll() is None
+            assert fs.stdin is not None
+            fs.stdin.write("go\n")
+            fs.stdin.flush()
+            reader.join()
+            out, err = lister.communicate(timeout=START_TIMEOUT)
+        finally:
+            lister.kill()
+            lister.wait()
+        alive = shim.proc.poll() is None
+    assert read_meanwhile == ["f\n"], "root's read waited for another user's listing"
+    assert still_listing
+    assert done == ["f\n"]
+    assert out == "['a', 'b']\n", err
+    assert alive

@@ -31,6 +31,7 @@ file's data and are served one byte with ``direct_io``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -92,6 +93,16 @@ _FD_RESERVE_MIN = 640
 # answer EAGAIN.  Each holds one of the requests pyfuse3.main serves at once
 # (max_tasks, 99): a user with many leases must not take them all.
 _MAX_LEASE_WAITS = 16
+
+# Bytes of a directory read from BACKING at once: a few READDIRPLUS replies' worth
+_LISTING_BATCH = 16384
+# Directory reads in threads at once, and per user (root counts as one);
+# a user's reads past this many pending answer EAGAIN
+_LISTING_THREADS = 8
+_USER_LISTINGS = 4
+_MAX_PENDING_LISTINGS = 24
+# Open directories that keep entries read but not yet sent (one batch each)
+_MAX_READ_AHEAD = 256
 
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
@@ -230,13 +241,20 @@ class _Version:
 
 @dataclasses.dataclass
 class _Dir:
-    """An open directory: its fd, its inode, the opener, and the listing."""
+    """An open directory: its fd, its inode, the opener, and where the fd is.
+
+    A listing is BACKING's own, read a batch at a time as the kernel asks
+    for it, with BACKING's offsets (``d_off`` cookies): they stay valid while
+    BACKING changes as they do for a reader of BACKING itself, and nothing in
+    proportion to the directory's size is ever held or done at once.
+    """
 
     inode: int
     fd: int
     creds: _Creds | None
-    # the snapshot taken at offset 0, so offsets stay stable while BACKING changes
-    names: list[str] = dataclasses.field(default_factory=list)
+    # BACKING's offset the fd is at: a listing read in order never seeks
+    # (a seek costs a walk from the start on some filesystems)
+    pos: int = 0
 
 
 @dataclasses.dataclass
@@ -303,6 +321,14 @@ class Overlay(pyfuse3.Operations):
         self._described: dict[int, _Version] = {}
         # directory handle (its fd) -> the open directory
         self._dirs: dict[int, _Dir] = {}
+        # directory handle -> (offset, entries from it on) read but not sent
+        self._read_ahead: collections.OrderedDict[int, tuple[int, list[tuple[bytes, int]]]] = (
+            collections.OrderedDict()
+        )
+        self._listing_threads = trio.CapacityLimiter(_LISTING_THREADS)
+        # uid -> its directory reads pending, and the limiter they wait on
+        self._listings: dict[int, int] = {}
+        self._listing_limiters: dict[int, trio.CapacityLimiter] = {}
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
@@ -724,30 +750,82 @@ class Overlay(pyfuse3.Operations):
     @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
-        inode, dfd = d.inode, d.fd
-        if start_id == 0:
-            d.names = sorted(os.listdir(dfd))
-        names = d.names
+        ahead = self._read_ahead.pop(fh, None)
+        if ahead is not None and ahead[0] == start_id:
+            batch = ahead[1]
+        else:
+            batch = await self._next_entries(d, start_id)
+        offset = start_id
         # readdir gets no request context: the entries are the ones the
         # opener was allowed to list (opendir ran as them)
-        for i in range(start_id, len(names)):
-            name = os.fsencode(names[i])
-            try:
-                # asks a filesystem mounted here nothing: a hung one must
-                # not stop this thread (the entry is left out below)
-                st = libc.lstat_cached(dfd, name)
-                self._check_same_fs(st, name)
-            except (OSError, FUSEError):
-                continue  # removed on BACKING since the snapshot, or a nested mount
-            # pyfuse3 answers READDIRPLUS: every entry sent is a lookup.  No
-            # fd is taken: the entry is reached through this directory if used.
-            if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
-                break
-            self._remember(None, st, inode, name)
+        while batch:
+            sent = False
+            for i, (name, next_offset) in enumerate(batch):
+                if name in (b".", b".."):
+                    offset = next_offset
+                    continue
+                try:
+                    # asks a filesystem mounted here nothing: a hung one must
+                    # not stop this thread (the entry is left out below)
+                    st = libc.lstat_cached(d.fd, name)
+                    self._check_same_fs(st, name)
+                except (OSError, FUSEError):
+                    # removed on BACKING since it was read, or a nested mount
+                    offset = next_offset
+                    continue
+                # pyfuse3 answers READDIRPLUS: every entry sent is a lookup.  No
+                # fd is taken: the entry is reached through this directory if used.
+                if not pyfuse3.readdir_reply(token, name, self._entry(st), next_offset):
+                    self._keep_ahead(fh, offset, batch[i:])
+                    return
+                sent = True
+                self._remember(None, st, d.inode, name)
+                offset = next_offset
+            if sent:
+                return
+            # nothing of that batch could be sent: an empty reply would end the listing
+            batch = await self._next_entries(d, offset)
+
+    async def _next_entries(self, d: _Dir, offset: int) -> list[tuple[bytes, int]]:
+        """BACKING's entries of ``d`` from ``offset`` on, one batch, read in a thread.
+
+        Reading a directory may wait for a disk or a server: never on the
+        serving thread, where it would stop every user's calls.  A user's
+        reads beyond their share wait for one of theirs to end, and beyond
+        what may wait, they answer EAGAIN: none can hold every request
+        pyfuse3 serves at once.
+        """
+        uid = d.creds.uid if d.creds is not None else 0
+        pending = self._listings.get(uid, 0)
+        if pending >= _MAX_PENDING_LISTINGS:
+            raise FUSEError(errno.EAGAIN)
+        limiter = self._listing_limiters.get(uid)
+        if limiter is None:
+            limiter = self._listing_limiters[uid] = trio.CapacityLimiter(_USER_LISTINGS)
+        self._listings[uid] = pending + 1
+        try:
+            async with limiter:
+                return await trio.to_thread.run_sync(
+                    _read_entries, d, offset, limiter=self._listing_threads
+                )
+        finally:
+            if self._listings[uid] == 1:
+                del self._listings[uid]
+                del self._listing_limiters[uid]
+            else:
+                self._listings[uid] -= 1
+
+    def _keep_ahead(self, fh: int, offset: int, entries: list[tuple[bytes, int]]) -> None:
+        """Keep entries read but not sent for the next call, in a bounded table."""
+        self._read_ahead[fh] = (offset, entries)
+        if len(self._read_ahead) > _MAX_READ_AHEAD:
+            # the oldest is read again from BACKING if its listing goes on
+            self._read_ahead.popitem(last=False)
 
     @fuse_handler
     async def releasedir(self, fh: int) -> None:
         d = self._dirs.pop(fh, None)
+        self._read_ahead.pop(fh, None)
         if d is not None:
             os.close(d.fd)
             self._count_handle(d.creds, -1)
@@ -1145,6 +1223,18 @@ class Overlay(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             os.removexattr(path, name)
+
+
+def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
+    # in a worker thread; the kernel sends one READDIR of an open directory
+    # at a time, so nothing else moves this fd meanwhile
+    if d.pos != offset:
+        os.lseek(d.fd, offset, os.SEEK_SET)
+        d.pos = offset
+    entries = libc.getdents(d.fd, _LISTING_BATCH)
+    if entries:
+        d.pos = entries[-1][1]
+    return entries
 
 
 def _inode_fd_budget() -> int:
