@@ -660,3 +660,59 @@ def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F
     assert done == ["f\n"]
     assert out == "['a', 'b']\n", err
     assert alive
+
+
+def test_one_users_lookups_leave_others_their_open_files(top: Path) -> None:  # noqa: F811
+    # The inode fds the overlay holds for the kernel's entries were counted
+    # against no one: a user who listed a directory of their own files and
+    # opened each made the overlay keep an fd per inode on top of each open
+    # file, past its budget, until every fd of the shim was taken (root's
+    # open then failed, with ESTALE).  The shim's limit is lowered once it
+    # runs (the budgets follow it) so that a few thousand files show it.
+    backing, mnt = top / "backing", top / "mnt"
+    (backing / "mine").mkdir(parents=True)
+    for i in range(1500):
+        (backing / "mine" / f"f{i:04d}").touch()
+    for p in (backing / "mine", *(backing / "mine").iterdir()):
+        os.chown(p, ATTACKER, ATTACKER)
+    (backing / "rootfile").write_text("root's")
+    (backing / "rootdir").mkdir()
+    (backing / "rootdir" / "late").write_text("late")
+    limit = 1024
+    attack = f"""
+import errno, os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+d = {str(mnt / "mine")!r}
+names = sorted(os.listdir(d))
+for n in names:
+    os.stat(os.path.join(d, n))
+fds = []
+try:
+    for n in names:
+        fds.append(os.open(os.path.join(d, n), os.O_RDONLY))
+except OSError as exc:
+    print(errno.errorcode[exc.errno], len(fds), flush=True)
+else:
+    print("all", len(fds), flush=True)
+sys.stdin.read()
+"""
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
+        resource.prlimit(shim.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        attacker = _attacker_proc(attack)
+        try:
+            assert attacker.stdout is not None
+            stopped = attacker.stdout.readline().split()
+            assert stopped, attacker.stderr.read() if attacker.stderr else ""
+            held = len(os.listdir(f"/proc/{shim.proc.pid}/fd"))
+            as_root = (mnt / "rootfile").read_text()
+            late = (mnt / "rootdir" / "late").read_text()
+        finally:
+            attacker.kill()
+            attacker.wait()
+        alive = shim.proc.poll() is None
+    assert as_root == "root's", stopped
+    assert late == "late"
+    assert stopped[0] == "EMFILE", stopped
+    # their open files and the inode fds kept for them: under half of it
+    assert held < limit // 2, (held, stopped)
+    assert alive

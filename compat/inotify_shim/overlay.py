@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import functools
@@ -145,6 +146,15 @@ def _backing_flags(flags: int) -> int:
     return (flags & ~drop) | os.O_CLOEXEC
 
 
+# Per request (pyfuse3 serves each in a trio task of its own, so a context
+# variable is the request's): the uid the inode fds it keeps are counted
+# against, and the fds it opened for itself only, closed when it is answered.
+_caller_uid: contextvars.ContextVar[int] = contextvars.ContextVar("caller_uid", default=0)
+_passing_fds: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "passing_fds", default=None
+)
+
+
 def fuse_handler(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -153,11 +163,19 @@ def fuse_handler(
     pyfuse3 ends its session on any exception but ``FUSEError``, so each of
     :class:`Overlay`'s handlers wears this.  An OSError keeps its errno;
     anything else is a bug, logged with its traceback and answered EIO, and
-    the mount keeps serving.
+    the mount keeps serving.  It also says whose request it serves (the
+    ``RequestContext``'s uid, root without one) and closes the fds the
+    request opened for itself (:meth:`Overlay._fd` past a budget).
     """
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        uid = 0
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, pyfuse3.RequestContext):
+                uid = arg.uid
+                break
+        token = _caller_uid.set(uid)
         try:
             return await handler(*args, **kwargs)
         except FUSEError:
@@ -167,8 +185,25 @@ def fuse_handler(
         except Exception:
             log.exception("%s failed; answered EIO", handler.__name__)
             raise FUSEError(errno.EIO) from None
+        finally:
+            _caller_uid.reset(token)
+            passing = _passing_fds.get()
+            if passing is not None:
+                _passing_fds.set(None)
+                for fd in passing:
+                    os.close(fd)
 
     return wrapper
+
+
+def _pass_fd(fd: int) -> int:
+    """``fd``, to be closed once the request being served is answered."""
+    passing = _passing_fds.get()
+    if passing is None:
+        passing = []
+        _passing_fds.set(passing)
+    passing.append(fd)
+    return fd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,10 +249,12 @@ class _Inode:
     a name, no symlink followed) and must still be ``(dev, ino)``.
     """
 
-    __slots__ = ("dev", "fd", "ino", "kind", "links", "lookups")
+    __slots__ = ("dev", "fd", "holder", "ino", "kind", "links", "lookups")
 
     def __init__(self, fd: int | None, st: os.stat_result) -> None:
         self.fd = fd
+        # the uid whose request made us keep ``fd`` (0: root, or no request)
+        self.holder = 0
         self.dev = st.st_dev
         self.ino = st.st_ino
         self.kind = stat.S_IFMT(st.st_mode)
@@ -300,9 +337,9 @@ class Overlay(pyfuse3.Operations):
         # would leave every other user EMFILE
         self._user_handles: dict[int, int] = {}
         self._users_at_share: set[int] = set()
-        self._user_share = max(
-            _MIN_USER_SHARE, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // _USER_SHARE_DIVISOR
-        )
+        # inode fds kept per non-root uid (see _hold): the kernel keeps what
+        # one user looked up as long as it likes, so those are bounded too
+        self._user_inode_fds: dict[int, int] = {}
         fd = os.open(self.backing, _PATH_FLAGS | os.O_DIRECTORY)
         st = os.fstat(fd)
         self._dev = st.st_dev
@@ -404,23 +441,64 @@ class Overlay(pyfuse3.Operations):
         ino = self._fuse_ino(st.st_ino)
         node = self._inodes.get(ino)
         if node is None:
-            node = self._inodes[ino] = _Inode(fd, st)
+            node = self._inodes[ino] = _Inode(None, st)
         elif node.fd is None:
-            node.fd = fd
             # an fd-less inode's number may have been freed and reused since
             node.kind = stat.S_IFMT(st.st_mode)
-        elif fd is not None and fd != node.fd:
+        if fd is not None and fd != node.fd and (node.fd is not None or not self._hold(node, fd)):
             os.close(fd)
         node.lookups += 1
         if ino != pyfuse3.ROOT_INODE:
             node.links.add((parent, name))
         return ino
 
-    def _fd(self, node: _Inode) -> int:
-        """The inode's O_PATH fd, reopened (and kept) if it has none."""
+    def _fd(self, node: _Inode, depth: int = 0) -> int:
+        """The inode's O_PATH fd, reopened if it has none.
+
+        The reopened fd is kept for the next calls if :meth:`_hold` allows,
+        else closed once the request is answered.
+        """
+        if node.fd is not None:
+            return node.fd
+        fd = self._reopen(node, depth)
+        if not self._hold(node, fd):
+            _pass_fd(fd)
+        return fd
+
+    def _hold(self, node: _Inode, fd: int) -> bool:
+        """Keep ``fd`` as ``node``'s inode fd, if the budgets allow; whether it is kept.
+
+        Kept fds stay until the kernel forgets the inode, however many of
+        them one user's lookups made: past the overlay's budget
+        (:func:`_inode_fd_budget`), or past a quarter of it for the non-root
+        user whose request this is, an inode is served without one.  Those
+        open files others need stay free.
+        """
+        if fd >= _inode_fd_budget():
+            # numbered lowest-free first: that many fds are open already
+            return False
+        uid = _caller_uid.get()
+        if uid != 0:
+            held = self._user_inode_fds.get(uid, 0)
+            if held >= _inode_fd_budget() // _USER_SHARE_DIVISOR:
+                return False
+            self._user_inode_fds[uid] = held + 1
+        node.fd = fd
+        node.holder = uid
+        return True
+
+    def _release_fd(self, node: _Inode) -> None:
+        """Close ``node``'s inode fd and free it from its holder's count."""
         if node.fd is None:
-            node.fd = self._reopen(node)
-        return node.fd
+            return
+        os.close(node.fd)
+        node.fd = None
+        if node.holder != 0:
+            held = self._user_inode_fds.get(node.holder, 0) - 1
+            if held > 0:
+                self._user_inode_fds[node.holder] = held
+            else:
+                self._user_inode_fds.pop(node.holder, None)
 
     @contextlib.contextmanager
     def _path_fd(self, node: _Inode) -> Iterator[int]:
@@ -460,12 +538,12 @@ class Overlay(pyfuse3.Operations):
             parent = self._inodes.get(parent_ino)
             if parent is None:
                 continue
-            if parent.fd is None:
-                # directories are used as parents again and again: keep theirs
-                parent.fd = self._reopen(parent, depth + 1)
             try:
-                fd = _open_here(self._fd(parent), name)
-            except OSError:
+                # directories are used as parents again and again: keep theirs
+                fd = _open_here(self._fd(parent, depth + 1), name)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # not a stale link: out of fds
                 continue
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) == (node.dev, node.ino):
@@ -540,26 +618,9 @@ class Overlay(pyfuse3.Operations):
             st = libc.lstat_cached(self._fd(parent), name)
             self._check_same_fs(st, name)
             fd = None
-        else:
-            fd = self._within_fd_budget(fd)
+        # kept within the budgets (_hold), else served fd-less
         self._remember(fd, st, parent_inode, name)
         return self._entry(st)
-
-    def _within_fd_budget(self, fd: int) -> int | None:
-        """``fd``, or None (closed) when holding it would crowd out the replays.
-
-        The kernel keeps the entries it looked up, each of them an fd here
-        until FORGET: without a bound those fill the whole fd table, and the
-        replay threads' opens, real opens and ``_walk`` fail with EMFILE.  A
-        new fd is numbered lowest-free first, so a number at or past the
-        budget means that many are held already; the inode is then served
-        fd-less, reached through its parent when used.  The limit is read
-        each time (one cheap syscall): an admin's ``prlimit`` applies at once.
-        """
-        if fd < _inode_fd_budget():
-            return fd
-        os.close(fd)
-        return None
 
     # --- lookups -------------------------------------------------------------
 
@@ -628,8 +689,7 @@ class Overlay(pyfuse3.Operations):
             del self._inodes[inode]
             self._opened.pop(inode, None)
             self._described.pop(inode, None)
-            if node.fd is not None:
-                os.close(node.fd)
+            self._release_fd(node)
 
     @fuse_handler
     async def getattr(
@@ -674,14 +734,14 @@ class Overlay(pyfuse3.Operations):
                         os.chmod(_proc(ifd), mode)
         with self._acting(creds):
             if fields.update_size:
-                self._truncate(node, handle, attr.st_size)
+                self._truncate(node, ifd, handle, attr.st_size)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
                 flags = libc.AT_EMPTY_PATH | libc.AT_SYMLINK_NOFOLLOW
                 libc.fchownat(ifd, b"", uid, gid, flags)
             if fields.update_atime or fields.update_mtime:
-                self._utimens(node, attr, fields)
+                self._utimens(node, ifd, attr, fields)
         return self._entry(os.fstat(ifd))
 
     def _may_write(self, fd: int, creds: _Creds | None) -> bool:
@@ -691,15 +751,14 @@ class Overlay(pyfuse3.Operations):
             return os.access(_proc(fd), os.W_OK, effective_ids=True)
 
     @staticmethod
-    def _truncate(node: _Inode, handle: _Handle | None, size: int) -> None:
+    def _truncate(node: _Inode, ifd: int, handle: _Handle | None, size: int) -> None:
         if handle is not None:
             os.ftruncate(handle.fd, size)
             return
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
         # truncate through an fd on the very inode; O_NONBLOCK: never wait
-        assert node.fd is not None  # setattr took it
-        fd = os.open(_proc(node.fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(_proc(ifd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, size)
         finally:
@@ -707,7 +766,7 @@ class Overlay(pyfuse3.Operations):
 
     @staticmethod
     def _utimens(
-        node: _Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+        node: _Inode, ifd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
     ) -> None:
         now = time.time_ns()
 
@@ -720,11 +779,10 @@ class Overlay(pyfuse3.Operations):
 
         atime = spec(fields.update_atime, attr.st_atime_ns)
         mtime = spec(fields.update_mtime, attr.st_mtime_ns)
-        assert node.fd is not None  # setattr took it
         if node.kind == stat.S_IFLNK:
-            libc.utimensat(node.fd, b"", atime, mtime, libc.AT_EMPTY_PATH)
+            libc.utimensat(ifd, b"", atime, mtime, libc.AT_EMPTY_PATH)
         else:
-            libc.utimensat(libc.AT_FDCWD, _proc(node.fd), atime, mtime, 0)
+            libc.utimensat(libc.AT_FDCWD, _proc(ifd), atime, mtime, 0)
 
     @fuse_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -1010,7 +1068,7 @@ class Overlay(pyfuse3.Operations):
 
     def _check_share(self, creds: _Creds | None) -> None:
         """EMFILE for a user who holds their share of our open files already."""
-        if creds is not None and self._user_handles.get(creds.uid, 0) >= self._user_share:
+        if creds is not None and self._user_handles.get(creds.uid, 0) >= _user_share():
             if creds.uid in self._users_at_share:
                 raise FUSEError(errno.EMFILE)
             # once until the user closes some: a loop of opens is one line
@@ -1018,7 +1076,7 @@ class Overlay(pyfuse3.Operations):
             log.warning(
                 "uid %d holds %d open files through the overlay, its share: EMFILE",
                 creds.uid,
-                self._user_share,
+                _user_share(),
             )
             raise FUSEError(errno.EMFILE)
 
@@ -1029,7 +1087,7 @@ class Overlay(pyfuse3.Operations):
                 self._user_handles[creds.uid] = held
             else:
                 self._user_handles.pop(creds.uid, None)
-            if held < self._user_share:
+            if held < _user_share():
                 self._users_at_share.discard(creds.uid)
 
     async def _open_waiting(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
@@ -1245,6 +1303,14 @@ def _inode_fd_budget() -> int:
     if soft == resource.RLIM_INFINITY:
         return _FD_LIMIT
     return soft - max(soft // _FD_RESERVE_SHARE, _FD_RESERVE_MIN)
+
+
+def _user_share() -> int:
+    # read each time, as the budget: an admin's prlimit applies at once
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = _FD_LIMIT
+    return max(_MIN_USER_SHARE, soft // _USER_SHARE_DIVISOR)
 
 
 def _raise_fd_limit() -> None:
