@@ -716,3 +716,31 @@ sys.stdin.read()
     # their open files and the inode fds kept for them: under half of it
     assert held < limit // 2, (held, stopped)
     assert alive
+
+
+def test_groups_are_taken_only_from_a_task_with_the_requests_ids(tmp_path: Path) -> None:
+    # A request carries the caller's fsuid, fsgid and thread id; the
+    # supplementary groups were read from /proc/<tid> whoever that task
+    # was.  A task whose own ids are not the request's (nfsd or a stacked
+    # filesystem acting for a client over its own groups) lent the request
+    # its groups.  The overlay's own method, with a stand-in request and a
+    # real task of another user in another group.
+    group = 54329
+    other = subprocess.Popen(
+        [SYSTEM_PYTHON, "-I", "-c", "import sys; sys.stdin.read()"],
+        user=ATTACKER + 1,
+        group=ATTACKER + 1,
+        extra_groups=[group],
+        stdin=subprocess.PIPE,
+    )
+    overlay = Overlay(str(tmp_path), ReplayThreads())
+    try:
+        ctx = types.SimpleNamespace(uid=ATTACKER, gid=ATTACKER, pid=other.pid)
+        lent = overlay._creds(ctx)  # type: ignore[arg-type]
+        ctx_own = types.SimpleNamespace(uid=ATTACKER + 1, gid=ATTACKER + 1, pid=other.pid)
+        own = overlay._creds(ctx_own)  # type: ignore[arg-type]
+    finally:
+        other.kill()
+        other.wait()
+    gone = overlay._creds(ctx)  # type: ignore[arg-type]
+    assert [c.groups if c else None for c in (lent, own, gone)] == [(), (group,), ()]

@@ -226,18 +226,37 @@ class _Creds:
     groups: tuple[int, ...]
 
 
-def _caller_groups(tid: int) -> tuple[int, ...]:
-    # The request gives the calling thread's id; its supplementary groups are
-    # only in /proc.  A caller gone before we read them gets none: fewer
-    # rights, never more.
+def _caller_groups(tid: int, uid: int, gid: int) -> tuple[int, ...]:
+    """The supplementary groups of task ``tid``, which made a request as ``uid``/``gid``.
+
+    The request gives the calling thread's id; its groups are only in
+    /proc, and /proc shows a task's own credentials, not those a request
+    may be made with: a kernel thread serving another machine (nfsd
+    exporting the overlay) or a filesystem stacked on it acts with a
+    client's fsuid and fsgid over its own groups, root's included.  So the
+    groups count only if the task's filesystem ids there are the
+    request's; otherwise, or if the task is gone, none: fewer rights,
+    never more.  (A task whose request we are serving cannot exit, not even
+    killed, until it has its answer, so its id is not someone else's yet.)
+    """
+    fields: dict[bytes, list[bytes]] = {}
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
             for line in f:
-                if line.startswith(b"Groups:"):
-                    return tuple(int(g) for g in line.split()[1:])
+                key, _, value = line.partition(b":")
+                if key in (b"Uid", b"Gid", b"Groups"):
+                    fields[key] = value.split()
+                    if key == b"Groups":
+                        break
     except OSError:
-        pass
-    return ()
+        return ()
+    try:
+        # real, effective, saved, filesystem
+        if int(fields[b"Uid"][3]) != uid or int(fields[b"Gid"][3]) != gid:
+            return ()
+        return tuple(int(g) for g in fields[b"Groups"])
+    except (KeyError, IndexError, ValueError):
+        return ()
 
 
 class _Inode:
@@ -378,7 +397,7 @@ class Overlay(pyfuse3.Operations):
         """Whom to act as: None for root (and for requests without a context)."""
         if ctx is None or ctx.uid == 0:
             return None
-        return _Creds(ctx.uid, ctx.gid, _caller_groups(ctx.pid))
+        return _Creds(ctx.uid, ctx.gid, _caller_groups(ctx.pid, ctx.uid, ctx.gid))
 
     @contextlib.contextmanager
     def _acting(self, creds: _Creds | None) -> Iterator[None]:
