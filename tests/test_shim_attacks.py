@@ -744,3 +744,39 @@ def test_groups_are_taken_only_from_a_task_with_the_requests_ids(tmp_path: Path)
         other.wait()
     gone = overlay._creds(ctx)  # type: ignore[arg-type]
     assert [c.groups if c else None for c in (lent, own, gone)] == [(), (group,), ()]
+
+
+def _task_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_killed_caller_waits_for_its_answer_so_its_tid_stays_its_own(top: Path) -> None:  # noqa: F811
+    # What _caller_groups relies on: a task whose request the server has
+    # read cannot exit, not even on SIGKILL, until it has its answer, so
+    # the thread id in the request is not another task's while the request
+    # is served.  Checked on this kernel with a real FUSE server holding a
+    # READDIR (no overlay involved).
+    backing = top / "held"
+    with _held_listing_backing(backing) as fs:
+        lister = _attacker_proc(f"import os\nos.listdir({str(backing / 'held')!r})")
+        try:
+            assert fs.stdout is not None
+            assert fs.stdout.readline() == "listing\n"
+            lister.kill()
+            # the sentinel: the kill reached it, and it waits, uninterruptibly
+            wait_for(
+                lambda: _task_state(lister.pid) == "D" or None,
+                START_TIMEOUT,
+                "the killed caller to wait out its request",
+            )
+            exited_meanwhile = lister.poll() is not None
+            assert fs.stdin is not None
+            fs.stdin.write("go\n")
+            fs.stdin.flush()
+            code = lister.wait(timeout=START_TIMEOUT)
+        finally:
+            lister.kill()
+            lister.wait()
+    assert not exited_meanwhile
+    assert code == -signal.SIGKILL
