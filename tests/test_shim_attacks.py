@@ -40,7 +40,7 @@ from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noq
 
 from compat.inotify_shim.overlay import Overlay
 from compat.inotify_shim.replay import Announce, ReplayThreads
-from compat.procs import mount_type, unmount
+from compat.procs import ShimProcess, mount_type, unmount
 from notifyd import abi, libc
 
 SECRET = "TOPSECRET"
@@ -302,16 +302,40 @@ def test_libc_openat2_refuses_symlinks(tmp_path: Path) -> None:
     assert exc.value.errno == errno.ELOOP
 
 
-def test_a_hung_filesystem_mounted_under_backing_stops_nothing(top: Path) -> None:  # noqa: F811
-    # A mount under BACKING is never served, but the overlay still stat'ed
-    # it (to see it was one) on its one serving thread: a hung NFS or FUSE
-    # server there stopped the overlay for every user.  Here the hung server
-    # is another shim, stopped with SIGSTOP.
-    backing, mnt, other = top / "backing", top / "mnt", top / "other"
+@pytest.fixture
+def nested_shim(top: Path) -> Iterator[ShimProcess]:  # noqa: F811
+    """``top/backing`` with a file ``plain`` and, at ``sub``, another shim's mount.
+
+    The test stops that shim (SIGSTOP) to play a hung NFS or FUSE server
+    mounted under BACKING; it is let go on the way out, whatever the test did.
+    """
+    backing, other = top / "backing", top / "other"
     backing.mkdir()
     other.mkdir()
     (backing / "sub").mkdir()
     (backing / "plain").write_text("plain")
+    with run_shim(
+        other,
+        backing / "sub",
+        top / "absent.sock",
+        "--stats-socket",
+        str(top / "nested.stats"),
+        log=top / "nested.log",
+    ) as nested:
+        try:
+            yield nested
+        finally:
+            os.kill(nested.proc.pid, signal.SIGCONT)
+
+
+def test_a_hung_filesystem_mounted_under_backing_stops_nothing(
+    top: Path,  # noqa: F811
+    nested_shim: ShimProcess,
+) -> None:
+    # A mount under BACKING is never served, but the overlay still stat'ed
+    # it (to see it was one) on its one serving thread: a hung NFS or FUSE
+    # server there stopped the overlay for every user.
+    backing, mnt = top / "backing", top / "mnt"
     probe = f"""
 import os
 import resource
@@ -324,32 +348,18 @@ except OSError as exc:
     print(exc.errno)
 print(open(os.path.join(m, "plain")).read())
 """
-    nested_stats = top / "nested.stats"
-    with (
-        run_shim(
-            other,
-            backing / "sub",
-            top / "absent.sock",
-            "--stats-socket",
-            str(nested_stats),
-            log=top / "nested.log",
-        ) as nested,
-        run_shim(backing, mnt, top / "absent.sock", "--allow-other"),
-    ):
-        os.kill(nested.proc.pid, signal.SIGSTOP)
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other"):
+        os.kill(nested_shim.proc.pid, signal.SIGSTOP)
+        proc = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True
-            )
-            try:
-                out, _ = proc.communicate(timeout=START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(nested.proc.pid, signal.SIGCONT)
-                proc.kill()
-                proc.communicate()
-                pytest.fail("the overlay stopped with the filesystem mounted under BACKING")
+            out, _ = proc.communicate(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(nested_shim.proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the overlay stopped with the filesystem mounted under BACKING")
         finally:
-            os.kill(nested.proc.pid, signal.SIGCONT)
+            os.kill(nested_shim.proc.pid, signal.SIGCONT)
     assert out.split("\n")[:4] == ["['plain']", "[5]", str(errno.EOPNOTSUPP), "plain"], out
 
 
@@ -443,31 +453,19 @@ else:
     assert log.count("its share: EMFILE") == 1, log
 
 
-def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # noqa: F811
+def test_a_hung_filesystem_under_backing_stops_no_replay(
+    top: Path,  # noqa: F811
+    nested_shim: ShimProcess,
+) -> None:
     # A record for a file the overlay never looked up is resolved by walking
     # BACKING, which stat'ed every directory to see whether it was a mount
     # point: a hung server mounted under BACKING stopped the walk, and with
     # it every replay that needed one.
-    backing, mnt, other = top / "backing", top / "mnt", top / "other"
-    backing.mkdir()
-    other.mkdir()
-    (backing / "sub").mkdir()
-    (backing / "plain").write_text("plain")
+    backing, mnt = top / "backing", top / "mnt"
     ino = (backing / "plain").stat().st_ino
-    with (
-        run_shim(
-            other,
-            backing / "sub",
-            top / "absent.sock",
-            "--stats-socket",
-            str(top / "nested.stats"),
-            log=top / "nested.log",
-        ) as nested,
-        feeder(top / "notify.sock") as feed,
-        run_shim(backing, mnt, feed.path),
-    ):
+    with feeder(top / "notify.sock") as feed, run_shim(backing, mnt, feed.path):
         feed.wait_client()
-        os.kill(nested.proc.pid, signal.SIGSTOP)
+        os.kill(nested_shim.proc.pid, signal.SIGSTOP)
         try:
             feed.send([feed.record(abi.TYPE_OPEN, ino)])
             doc = wait_for(
@@ -476,7 +474,7 @@ def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # 
                 "the record to be replayed while the nested server is stopped",
             )
         finally:
-            os.kill(nested.proc.pid, signal.SIGCONT)
+            os.kill(nested_shim.proc.pid, signal.SIGCONT)
     assert doc["replayed"] == 1, doc
 
 
