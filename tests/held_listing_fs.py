@@ -1,8 +1,9 @@
 """A FUSE filesystem whose one directory's listing is held until the test lets it go.
 
-``python held_listing_fs.py MOUNTPOINT``: the root holds a file ``f`` and a
-directory ``held`` with the files ``a`` and ``b``.  A READDIR of ``held``
-prints ``listing`` on stdout and answers only once a line arrives on stdin:
+``python held_listing_fs.py MOUNTPOINT``: the root holds a file ``f`` and the
+directories ``held`` and ``h00`` to ``h39``, each with the files ``a`` and
+``b``.  A READDIR of one of those prints ``listing NAME`` on stdout and
+answers only once a line arrives on stdin:
 a directory read that provably is in progress for as long as the test wants,
 with every other request served meanwhile.  Mounted ``allow_other``, for
 root to serve as ``BACKING`` to an overlay acting for other users.
@@ -18,8 +19,10 @@ import sys
 import pyfuse3
 import trio
 
-ROOT, HELD, FILE, A, B = pyfuse3.ROOT_INODE, 2, 3, 4, 5
-NAMES = {ROOT: {b"held": HELD, b"f": FILE}, HELD: {b"a": A, b"b": B}}
+ROOT, FILE, A, B = pyfuse3.ROOT_INODE, 2, 3, 4
+HELD = {10 + i: name for i, name in enumerate([b"held"] + [b"h%02d" % i for i in range(40)])}
+NAMES = {ROOT: {b"f": FILE, **{name: ino for ino, name in HELD.items()}}}
+NAMES.update({ino: {b"a": A, b"b": B} for ino in HELD})
 DATA = b"f\n"
 
 
@@ -51,8 +54,8 @@ class HeldListing(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if fh == HELD and start_id == 0:
-            print("listing", flush=True)
+        if fh in HELD and start_id == 0:
+            print("listing", HELD[fh].decode(), flush=True)
             await self.released.wait()
         entries = sorted(NAMES[fh].items())
         for i in range(start_id, len(entries)):

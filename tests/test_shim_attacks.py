@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import resource
 import select
 import signal
@@ -591,11 +592,39 @@ def test_an_announcing_replay_thread_never_makes_a_directory(tmp_path: Path) -> 
     assert not (backing / "b").exists()
 
 
+class _HeldListingFs:
+    """``tests/held_listing_fs.py`` running: what it says, and the word that lets it go."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def line(self) -> str:
+        """Its next line; "" if none comes within START_TIMEOUT (a stalled overlay)."""
+        try:
+            return self._lines.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            return ""
+
+    def release(self) -> None:
+        """Let the held listings go."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+
+
 @contextlib.contextmanager
-def _held_listing_backing(at: Path) -> Iterator[subprocess.Popen[str]]:
-    """``tests/held_listing_fs.py`` mounted at ``at``: its ``held`` listing waits for stdin."""
+def _held_listing_backing(at: Path) -> Iterator[_HeldListingFs]:
+    """``tests/held_listing_fs.py`` mounted at ``at``: its listings wait for release()."""
     at.mkdir()
-    fs = subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("held_listing_fs.py")), str(at)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -603,21 +632,22 @@ def _held_listing_backing(at: Path) -> Iterator[subprocess.Popen[str]]:
     )
     try:
         wait_for(
-            lambda: mount_type(str(at)) is not None or fs.poll() is not None,
+            lambda: mount_type(str(at)) is not None or proc.poll() is not None,
             START_TIMEOUT,
             "the held-listing filesystem to mount",
         )
-        assert fs.poll() is None, "the held-listing filesystem exited"
-        yield fs
+        assert proc.poll() is None, "the held-listing filesystem exited"
+        yield _HeldListingFs(proc)
     finally:
-        assert fs.stdin is not None
-        fs.stdin.close()
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
         unmount(at)
         try:
-            fs.wait(timeout=START_TIMEOUT)
+            proc.wait(timeout=START_TIMEOUT)
         except subprocess.TimeoutExpired:
-            fs.kill()
-            fs.wait()
+            proc.kill()
+            proc.wait()
 
 
 def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F811
@@ -635,18 +665,15 @@ def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F
     ):
         lister = _attacker_proc("import os\n" + lister_code)
         try:
-            assert fs.stdout is not None
             # the sentinel: BACKING's READDIR of `held` has begun, and waits
-            assert fs.stdout.readline() == "listing\n"
+            assert fs.line() == "listing held\n"
             done: list[str] = []
             reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
             reader.start()
             reader.join(START_TIMEOUT)
             read_meanwhile = list(done)
             still_listing = lister.poll() is None
-            assert fs.stdin is not None
-            fs.stdin.write("go\n")
-            fs.stdin.flush()
+            fs.release()
             reader.join()
             out, err = lister.communicate(timeout=START_TIMEOUT)
         finally:
@@ -759,8 +786,7 @@ def test_a_killed_caller_waits_for_its_answer_so_its_tid_stays_its_own(top: Path
     with _held_listing_backing(backing) as fs:
         lister = _attacker_proc(f"import os\nos.listdir({str(backing / 'held')!r})")
         try:
-            assert fs.stdout is not None
-            assert fs.stdout.readline() == "listing\n"
+            assert fs.line() == "listing held\n"
             lister.kill()
             # the sentinel: the kill reached it, and it waits, uninterruptibly
             wait_for(
@@ -769,12 +795,68 @@ def test_a_killed_caller_waits_for_its_answer_so_its_tid_stays_its_own(top: Path
                 "the killed caller to wait out its request",
             )
             exited_meanwhile = lister.poll() is not None
-            assert fs.stdin is not None
-            fs.stdin.write("go\n")
-            fs.stdin.flush()
+            fs.release()
             code = lister.wait(timeout=START_TIMEOUT)
         finally:
             lister.kill()
             lister.wait()
     assert not exited_meanwhile
     assert code == -signal.SIGKILL
+
+
+def test_one_users_held_listings_leave_others_theirs(top: Path) -> None:  # noqa: F811
+    # Directory reads run in threads, so a user whose listings wait on
+    # BACKING could take every thread (and every request pyfuse3 serves at
+    # once) by starting many: a user's reads run four at a time, wait past
+    # that, and past 24 pending answer EAGAIN.  30 listings of held
+    # directories from one user; root's listing of another still reaches
+    # BACKING.  (The kernel itself sends one READDIR or LOOKUP of a
+    # directory at a time: pyfuse3 does not ask for parallel directory
+    # operations, so each listing here is of a directory of its own.)
+    backing, mnt = top / "backing", top / "mnt"
+    many = 30
+    attack = f"""
+import errno, os, sys, threading
+errs = []
+def ls(i):
+    try:
+        os.listdir(os.path.join({str(mnt)!r}, "h%02d" % i))
+    except OSError as exc:
+        errs.append(errno.errorcode[exc.errno])
+threads = [threading.Thread(target=ls, args=(i,)) for i in range({many})]
+for t in threads:
+    t.start()
+print("started", flush=True)
+for t in threads:
+    t.join()
+print(" ".join(sorted(errs)) or "none", flush=True)
+"""
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        attacker = _attacker_proc(attack)
+        try:
+            assert attacker.stdout is not None
+            assert attacker.stdout.readline() == "started\n"
+            # the user's share of reads reached BACKING and wait there
+            reached = [fs.line()[: len("listing h")] for _ in range(4)]
+            root_listing: list[list[str]] = []
+            lister = threading.Thread(
+                target=lambda: root_listing.append(sorted(os.listdir(mnt / "held")))
+            )
+            lister.start()
+            # the sentinel: root's read reached BACKING too
+            root_reached = fs.line()
+            fs.release()
+            lister.join()
+            out, err = attacker.communicate(timeout=START_TIMEOUT)
+        finally:
+            attacker.kill()
+            attacker.wait()
+        alive = shim.proc.poll() is None
+    assert reached == ["listing h"] * 4
+    assert root_reached == "listing held\n"
+    assert root_listing == [["a", "b"]]
+    assert out.split() == ["EAGAIN"] * (many - 24), err
+    assert alive
