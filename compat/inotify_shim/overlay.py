@@ -832,14 +832,14 @@ class Overlay(pyfuse3.Operations):
             batch = ahead[1]
         else:
             batch = await self._next_entries(d, start_id)
-        offset = start_id
+        # where the kernel asks next if this reply ends here, and what of the
+        # batch it has not had then (entries left out are left out again)
+        sent_at, unsent = start_id, 0
         # readdir gets no request context: the entries are the ones the
         # opener was allowed to list (opendir ran as them)
         while batch:
-            sent = False
             for i, (name, next_offset) in enumerate(batch):
                 if name in (b".", b".."):
-                    offset = next_offset
                     continue
                 try:
                     # asks a filesystem mounted here nothing: a hung one must
@@ -847,21 +847,18 @@ class Overlay(pyfuse3.Operations):
                     st = libc.lstat_cached(d.fd, name)
                     self._check_same_fs(st, name)
                 except (OSError, FUSEError):
-                    # removed on BACKING since it was read, or a nested mount
-                    offset = next_offset
-                    continue
+                    continue  # removed on BACKING since it was read, or a nested mount
                 # pyfuse3 answers READDIRPLUS: every entry sent is a lookup.  No
                 # fd is taken: the entry is reached through this directory if used.
                 if not pyfuse3.readdir_reply(token, name, self._entry(st), next_offset):
-                    self._keep_ahead(fh, offset, batch[i:])
+                    self._keep_ahead(fh, sent_at, batch[unsent:])
                     return
-                sent = True
                 self._remember(None, st, d.inode, name)
-                offset = next_offset
-            if sent:
+                sent_at, unsent = next_offset, i + 1
+            if unsent:
                 return
             # nothing of that batch could be sent: an empty reply would end the listing
-            batch = await self._next_entries(d, offset)
+            batch = await self._next_entries(d, batch[-1][1])
 
     async def _next_entries(self, d: _Dir, offset: int) -> list[tuple[bytes, int]]:
         """BACKING's entries of ``d`` from ``offset`` on, one batch, read in a thread.
