@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from collections.abc import Sequence
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "fanotify_init",
     "fanotify_mark",
     "fchownat",
+    "getdents",
     "inotify_add_watch",
     "inotify_init1",
     "ioctl",
@@ -52,6 +54,7 @@ RESOLVE_BENEATH = 0x08
 # process (its setxid broadcast); the raw call changes the calling thread only.
 _SYS_SETGROUPS = 116
 _SYS_OPENAT2 = 437
+_SYS_GETDENTS64 = 217
 # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
 _CAP_VERSION_3 = 0x20080522
 
@@ -205,6 +208,33 @@ def openat2(
         ctypes.c_size_t(ctypes.sizeof(how)),
     )
     return _check(ret, path)
+
+
+# struct linux_dirent64 up to its name: d_ino, d_off, d_reclen, d_type
+_DIRENT64 = struct.Struct("=QqHB")
+
+
+def getdents(fd: int, size: int) -> list[tuple[bytes, int]]:
+    """``getdents64(2)``: the next entries of directory ``fd``, at most ``size`` bytes of them.
+
+    Each comes as ``(name, d_off)``, ``d_off`` being the filesystem's cookie
+    for the position after that entry: ``os.lseek(fd, d_off, os.SEEK_SET)``
+    goes back there, as ``seekdir(3)`` does.  ``.`` and ``..`` are included;
+    an empty list is the end of the directory.
+    """
+    buf = ctypes.create_string_buffer(size)
+    ret = _libc.syscall(
+        ctypes.c_long(_SYS_GETDENTS64), ctypes.c_int(fd), buf, ctypes.c_size_t(size)
+    )
+    raw = buf.raw[: _check(ret)]
+    out = []
+    pos = 0
+    while pos < len(raw):
+        _ino, off, reclen, _kind = _DIRENT64.unpack_from(raw, pos)
+        start = pos + _DIRENT64.size
+        out.append((raw[start : raw.index(b"\0", start)], off))
+        pos += reclen
+    return out
 
 
 class _CapHeader(ctypes.Structure):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .errors import DaemonError
 
-__all__ = ["Listener", "bind_listener", "check_ancestors", "prepare_dir"]
+__all__ = ["Listener", "bind_listener", "check_ancestors", "listened", "prepare_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +153,24 @@ def prepare_dir(
         os.close(fd)
 
 
-def _probe(path: Path) -> bool:
-    """True if a live daemon accepts connections on ``path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+def listened(path: Path, kind: int = socket.SOCK_SEQPACKET, timeout: float = 1.0) -> bool:
+    """Whether something listens on the Unix socket ``path``.
+
+    False only when nobody does (the connection refused, or no such file).
+    True when a connection of type ``kind`` is made, when a socket of
+    another type listens there (EPROTOTYPE), and when its backlog is full
+    (EAGAIN, or ``timeout``): a live listener, only busy.  Any other error
+    is raised.
+    """
+    probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
-        probe.settimeout(1.0)
+        probe.settimeout(timeout)
         probe.connect(os.fspath(path))
     except (ConnectionRefusedError, FileNotFoundError):
         return False
+    except (BlockingIOError, TimeoutError):
+        return True
     except OSError as exc:
-        # EPROTOTYPE: something listens there, just not a SEQPACKET daemon
         if exc.errno == errno.EPROTOTYPE:
             return True
         raise
@@ -318,7 +326,7 @@ def _bind_socket(path: Path, kind: int, gid: int | None) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise DaemonError(_not_a_socket(path, st))
-        if _probe(path):
+        if listened(path):
             raise _live(path)
         log.info("replacing stale socket %s", path)
     # Bound and listening under a temporary name, then renamed into place:

@@ -8,9 +8,11 @@ fix.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import queue
 import resource
 import select
 import signal
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import threading
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -38,6 +41,7 @@ from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noq
 
 from compat.inotify_shim.overlay import Overlay
 from compat.inotify_shim.replay import Announce, ReplayThreads
+from compat.procs import ShimProcess, mount_type, unmount
 from notifyd import abi, libc
 
 SECRET = "TOPSECRET"
@@ -299,16 +303,40 @@ def test_libc_openat2_refuses_symlinks(tmp_path: Path) -> None:
     assert exc.value.errno == errno.ELOOP
 
 
-def test_a_hung_filesystem_mounted_under_backing_stops_nothing(top: Path) -> None:  # noqa: F811
-    # A mount under BACKING is never served, but the overlay still stat'ed
-    # it (to see it was one) on its one serving thread: a hung NFS or FUSE
-    # server there stopped the overlay for every user.  Here the hung server
-    # is another shim, stopped with SIGSTOP.
-    backing, mnt, other = top / "backing", top / "mnt", top / "other"
+@pytest.fixture
+def nested_shim(top: Path) -> Iterator[ShimProcess]:  # noqa: F811
+    """``top/backing`` with a file ``plain`` and, at ``sub``, another shim's mount.
+
+    The test stops that shim (SIGSTOP) to play a hung NFS or FUSE server
+    mounted under BACKING; it is let go on the way out, whatever the test did.
+    """
+    backing, other = top / "backing", top / "other"
     backing.mkdir()
     other.mkdir()
     (backing / "sub").mkdir()
     (backing / "plain").write_text("plain")
+    with run_shim(
+        other,
+        backing / "sub",
+        top / "absent.sock",
+        "--stats-socket",
+        str(top / "nested.stats"),
+        log=top / "nested.log",
+    ) as nested:
+        try:
+            yield nested
+        finally:
+            os.kill(nested.proc.pid, signal.SIGCONT)
+
+
+def test_a_hung_filesystem_mounted_under_backing_stops_nothing(
+    top: Path,  # noqa: F811
+    nested_shim: ShimProcess,
+) -> None:
+    # A mount under BACKING is never served, but the overlay still stat'ed
+    # it (to see it was one) on its one serving thread: a hung NFS or FUSE
+    # server there stopped the overlay for every user.
+    backing, mnt = top / "backing", top / "mnt"
     probe = f"""
 import os
 import resource
@@ -321,32 +349,18 @@ except OSError as exc:
     print(exc.errno)
 print(open(os.path.join(m, "plain")).read())
 """
-    nested_stats = top / "nested.stats"
-    with (
-        run_shim(
-            other,
-            backing / "sub",
-            top / "absent.sock",
-            "--stats-socket",
-            str(nested_stats),
-            log=top / "nested.log",
-        ) as nested,
-        run_shim(backing, mnt, top / "absent.sock", "--allow-other"),
-    ):
-        os.kill(nested.proc.pid, signal.SIGSTOP)
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other"):
+        os.kill(nested_shim.proc.pid, signal.SIGSTOP)
+        proc = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True
-            )
-            try:
-                out, _ = proc.communicate(timeout=START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(nested.proc.pid, signal.SIGCONT)
-                proc.kill()
-                proc.communicate()
-                pytest.fail("the overlay stopped with the filesystem mounted under BACKING")
+            out, _ = proc.communicate(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(nested_shim.proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the overlay stopped with the filesystem mounted under BACKING")
         finally:
-            os.kill(nested.proc.pid, signal.SIGCONT)
+            os.kill(nested_shim.proc.pid, signal.SIGCONT)
     assert out.split("\n")[:4] == ["['plain']", "[5]", str(errno.EOPNOTSUPP), "plain"], out
 
 
@@ -440,31 +454,19 @@ else:
     assert log.count("its share: EMFILE") == 1, log
 
 
-def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # noqa: F811
+def test_a_hung_filesystem_under_backing_stops_no_replay(
+    top: Path,  # noqa: F811
+    nested_shim: ShimProcess,
+) -> None:
     # A record for a file the overlay never looked up is resolved by walking
     # BACKING, which stat'ed every directory to see whether it was a mount
     # point: a hung server mounted under BACKING stopped the walk, and with
     # it every replay that needed one.
-    backing, mnt, other = top / "backing", top / "mnt", top / "other"
-    backing.mkdir()
-    other.mkdir()
-    (backing / "sub").mkdir()
-    (backing / "plain").write_text("plain")
+    backing, mnt = top / "backing", top / "mnt"
     ino = (backing / "plain").stat().st_ino
-    with (
-        run_shim(
-            other,
-            backing / "sub",
-            top / "absent.sock",
-            "--stats-socket",
-            str(top / "nested.stats"),
-            log=top / "nested.log",
-        ) as nested,
-        feeder(top / "notify.sock") as feed,
-        run_shim(backing, mnt, feed.path),
-    ):
+    with feeder(top / "notify.sock") as feed, run_shim(backing, mnt, feed.path):
         feed.wait_client()
-        os.kill(nested.proc.pid, signal.SIGSTOP)
+        os.kill(nested_shim.proc.pid, signal.SIGSTOP)
         try:
             feed.send([feed.record(abi.TYPE_OPEN, ino)])
             doc = wait_for(
@@ -473,7 +475,7 @@ def test_a_hung_filesystem_under_backing_stops_no_replay(top: Path) -> None:  # 
                 "the record to be replayed while the nested server is stopped",
             )
         finally:
-            os.kill(nested.proc.pid, signal.SIGCONT)
+            os.kill(nested_shim.proc.pid, signal.SIGCONT)
     assert doc["replayed"] == 1, doc
 
 
@@ -588,3 +590,273 @@ def test_an_announcing_replay_thread_never_makes_a_directory(tmp_path: Path) -> 
     finally:
         threads.announced(67890)
     assert not (backing / "b").exists()
+
+
+class _HeldListingFs:
+    """``tests/held_listing_fs.py`` running: what it says, and the word that lets it go."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def line(self) -> str:
+        """Its next line; "" if none comes within START_TIMEOUT (a stalled overlay)."""
+        try:
+            return self._lines.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            return ""
+
+    def release(self) -> None:
+        """Let the held listings go."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+
+
+@contextlib.contextmanager
+def _held_listing_backing(at: Path) -> Iterator[_HeldListingFs]:
+    """``tests/held_listing_fs.py`` mounted at ``at``: its listings wait for release()."""
+    at.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("held_listing_fs.py")), str(at)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: mount_type(str(at)) is not None or proc.poll() is not None,
+            START_TIMEOUT,
+            "the held-listing filesystem to mount",
+        )
+        assert proc.poll() is None, "the held-listing filesystem exited"
+        yield _HeldListingFs(proc)
+    finally:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        unmount(at)
+        try:
+            proc.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F811
+    # A listing was read whole from BACKING at its first READDIR, on the
+    # overlay's one serving thread: a user's `ls` of a huge directory (or of
+    # one on a slow disk) stopped every other user's calls until it was
+    # read.  Here BACKING is a FUSE filesystem whose `held` directory answers
+    # its READDIR only when the test says: the listing is provably still in
+    # progress while root looks a file up and reads it.
+    backing, mnt = top / "backing", top / "mnt"
+    lister_code = f"print(sorted(os.listdir({str(mnt / 'held')!r})), flush=True)"
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        lister = _attacker_proc("import os\n" + lister_code)
+        try:
+            # the sentinel: BACKING's READDIR of `held` has begun, and waits
+            assert fs.line() == "listing held\n"
+            done: list[str] = []
+            reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
+            reader.start()
+            reader.join(START_TIMEOUT)
+            read_meanwhile = list(done)
+            still_listing = lister.poll() is None
+            fs.release()
+            reader.join()
+            out, err = lister.communicate(timeout=START_TIMEOUT)
+        finally:
+            lister.kill()
+            lister.wait()
+        alive = shim.proc.poll() is None
+    assert read_meanwhile == ["f\n"], "root's read waited for another user's listing"
+    assert still_listing
+    assert done == ["f\n"]
+    assert out == "['a', 'b']\n", err
+    assert alive
+
+
+def test_one_users_lookups_leave_others_their_open_files(top: Path) -> None:  # noqa: F811
+    # The inode fds the overlay holds for the kernel's entries were counted
+    # against no one: a user who listed a directory of their own files and
+    # opened each made the overlay keep an fd per inode on top of each open
+    # file, past its budget, until every fd of the shim was taken (root's
+    # open then failed, with ESTALE).  The shim's limit is lowered once it
+    # runs (the budgets follow it) so that a few thousand files show it.
+    backing, mnt = top / "backing", top / "mnt"
+    (backing / "mine").mkdir(parents=True)
+    for i in range(1500):
+        (backing / "mine" / f"f{i:04d}").touch()
+    for p in (backing / "mine", *(backing / "mine").iterdir()):
+        os.chown(p, ATTACKER, ATTACKER)
+    (backing / "rootfile").write_text("root's")
+    (backing / "rootdir").mkdir()
+    (backing / "rootdir" / "late").write_text("late")
+    limit = 1024
+    attack = f"""
+import errno, os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+d = {str(mnt / "mine")!r}
+names = sorted(os.listdir(d))
+for n in names:
+    os.stat(os.path.join(d, n))
+fds = []
+try:
+    for n in names:
+        fds.append(os.open(os.path.join(d, n), os.O_RDONLY))
+except OSError as exc:
+    print(errno.errorcode[exc.errno], len(fds), flush=True)
+else:
+    print("all", len(fds), flush=True)
+sys.stdin.read()
+"""
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
+        resource.prlimit(shim.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        attacker = _attacker_proc(attack)
+        try:
+            assert attacker.stdout is not None
+            stopped = attacker.stdout.readline().split()
+            assert stopped, attacker.stderr.read() if attacker.stderr else ""
+            held = len(os.listdir(f"/proc/{shim.proc.pid}/fd"))
+            as_root = (mnt / "rootfile").read_text()
+            late = (mnt / "rootdir" / "late").read_text()
+        finally:
+            attacker.kill()
+            attacker.wait()
+        alive = shim.proc.poll() is None
+    assert as_root == "root's", stopped
+    assert late == "late"
+    assert stopped[0] == "EMFILE", stopped
+    # their open files and the inode fds kept for them: under half of it
+    assert held < limit // 2, (held, stopped)
+    assert alive
+
+
+def test_groups_are_taken_only_from_a_task_with_the_requests_ids(tmp_path: Path) -> None:
+    # A request carries the caller's fsuid, fsgid and thread id; the
+    # supplementary groups were read from /proc/<tid> whoever that task
+    # was.  A task whose own ids are not the request's (nfsd or a stacked
+    # filesystem acting for a client over its own groups) lent the request
+    # its groups.  The overlay's own method, with a stand-in request and a
+    # real task of another user in another group.
+    group = 54329
+    other = subprocess.Popen(
+        [SYSTEM_PYTHON, "-I", "-c", "import sys; sys.stdin.read()"],
+        user=ATTACKER + 1,
+        group=ATTACKER + 1,
+        extra_groups=[group],
+        stdin=subprocess.PIPE,
+    )
+    overlay = Overlay(str(tmp_path), ReplayThreads())
+    try:
+        ctx = types.SimpleNamespace(uid=ATTACKER, gid=ATTACKER, pid=other.pid)
+        lent = overlay._creds(ctx)  # type: ignore[arg-type]
+        ctx_own = types.SimpleNamespace(uid=ATTACKER + 1, gid=ATTACKER + 1, pid=other.pid)
+        own = overlay._creds(ctx_own)  # type: ignore[arg-type]
+    finally:
+        other.kill()
+        other.wait()
+    gone = overlay._creds(ctx)  # type: ignore[arg-type]
+    assert [c.groups if c else None for c in (lent, own, gone)] == [(), (group,), ()]
+
+
+def _task_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_killed_caller_waits_for_its_answer_so_its_tid_stays_its_own(top: Path) -> None:  # noqa: F811
+    # What _caller_groups relies on: a task whose request the server has
+    # read cannot exit, not even on SIGKILL, until it has its answer, so
+    # the thread id in the request is not another task's while the request
+    # is served.  Checked on this kernel with a real FUSE server holding a
+    # READDIR (no overlay involved).
+    backing = top / "held"
+    with _held_listing_backing(backing) as fs:
+        lister = _attacker_proc(f"import os\nos.listdir({str(backing / 'held')!r})")
+        try:
+            assert fs.line() == "listing held\n"
+            lister.kill()
+            # the sentinel: the kill reached it, and it waits, uninterruptibly
+            wait_for(
+                lambda: _task_state(lister.pid) == "D" or None,
+                START_TIMEOUT,
+                "the killed caller to wait out its request",
+            )
+            exited_meanwhile = lister.poll() is not None
+            fs.release()
+            code = lister.wait(timeout=START_TIMEOUT)
+        finally:
+            lister.kill()
+            lister.wait()
+    assert not exited_meanwhile
+    assert code == -signal.SIGKILL
+
+
+def test_one_users_held_listings_leave_others_theirs(top: Path) -> None:  # noqa: F811
+    # Directory reads run in threads, so a user whose listings wait on
+    # BACKING could take every thread (and every request pyfuse3 serves at
+    # once) by starting many: a user's reads run four at a time, wait past
+    # that, and past 24 pending answer EAGAIN.  30 listings of held
+    # directories from one user; root's listing of another still reaches
+    # BACKING.  (The kernel itself sends one READDIR or LOOKUP of a
+    # directory at a time: pyfuse3 does not ask for parallel directory
+    # operations, so each listing here is of a directory of its own.)
+    backing, mnt = top / "backing", top / "mnt"
+    many = 30
+    attack = f"""
+import errno, os, sys, threading
+errs = []
+def ls(i):
+    try:
+        os.listdir(os.path.join({str(mnt)!r}, "h%02d" % i))
+    except OSError as exc:
+        errs.append(errno.errorcode[exc.errno])
+threads = [threading.Thread(target=ls, args=(i,)) for i in range({many})]
+for t in threads:
+    t.start()
+print("started", flush=True)
+for t in threads:
+    t.join()
+print(" ".join(sorted(errs)) or "none", flush=True)
+"""
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        attacker = _attacker_proc(attack)
+        try:
+            assert attacker.stdout is not None
+            assert attacker.stdout.readline() == "started\n"
+            # the user's share of reads reached BACKING and wait there
+            reached = [fs.line()[: len("listing h")] for _ in range(4)]
+            root_listing: list[list[str]] = []
+            lister = threading.Thread(
+                target=lambda: root_listing.append(sorted(os.listdir(mnt / "held")))
+            )
+            lister.start()
+            # the sentinel: root's read reached BACKING too
+            root_reached = fs.line()
+            fs.release()
+            lister.join()
+            out, err = attacker.communicate(timeout=START_TIMEOUT)
+        finally:
+            attacker.kill()
+            attacker.wait()
+        alive = shim.proc.poll() is None
+    assert reached == ["listing h"] * 4
+    assert root_reached == "listing held\n"
+    assert root_listing == [["a", "b"]]
+    assert out.split() == ["EAGAIN"] * (many - 24), err
+    assert alive

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from shim_support import need_fuse, run_shim, wait_for
 
+from notifyd import libc
+
 NOBODY = 65534
 
 
@@ -375,3 +377,58 @@ def test_a_big_listing_takes_no_fd_per_entry(tmp_path: Path) -> None:
     assert listing.returncode == 0, listing.stderr
     assert len(listing.stdout.splitlines()) == 2001  # "total" and the entries
     assert after - before < 100
+
+
+def _entries(fd: int) -> list[tuple[bytes, int]]:
+    out = []
+    while batch := libc.getdents(fd, 4096):
+        out += batch
+    return out
+
+
+def test_listing_offsets_are_backings_and_seekable(overlay) -> None:
+    # A listing is read from BACKING a batch at a time with BACKING's own
+    # offsets (nothing snapshotted): every name comes once, and a seek to
+    # an entry's offset (seekdir) goes on after that entry.
+    backing, mnt = overlay
+    (backing / "d").mkdir()
+    names = {f"f{i:05d}-{'x' * (i % 40)}".encode() for i in range(3000)}
+    for name in names:
+        (backing / "d" / os.fsdecode(name)).touch()
+    fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        listed = _entries(fd)
+        got = [n for n, _ in listed if n not in (b".", b"..")]
+        assert sorted(got) == sorted(names)
+        middle = len(listed) // 2
+        os.lseek(fd, listed[middle][1], os.SEEK_SET)
+        assert _entries(fd) == listed[middle + 1 :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert _entries(fd) == listed
+    finally:
+        os.close(fd)
+
+
+def test_many_listings_at_once_each_list_every_name(overlay) -> None:
+    # More open directories read in turn than the overlay keeps entries
+    # read ahead for: those it dropped are read again from their offset.
+    backing, mnt = overlay
+    (backing / "d").mkdir()
+    names = {f"name-{i:04d}" for i in range(600)}
+    for name in names:
+        (backing / "d" / name).touch()
+    fds = [os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY) for _ in range(300)]
+    try:
+        seen: list[list[bytes]] = [[] for _ in fds]
+        live = list(range(len(fds)))
+        while live:
+            for i in list(live):
+                batch = libc.getdents(fds[i], 1024)
+                if not batch:
+                    live.remove(i)
+                seen[i] += [n for n, _ in batch]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for got in seen:
+        assert sorted(os.fsdecode(n) for n in got if n not in (b".", b"..")) == sorted(names)

@@ -31,7 +31,9 @@ file's data and are served one byte with ``direct_io``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import functools
@@ -93,6 +95,16 @@ _FD_RESERVE_MIN = 640
 # (max_tasks, 99): a user with many leases must not take them all.
 _MAX_LEASE_WAITS = 16
 
+# Bytes of a directory read from BACKING at once: a few READDIRPLUS replies' worth
+_LISTING_BATCH = 16384
+# Directory reads in threads at once, and per user (root counts as one);
+# a user's reads past this many pending answer EAGAIN
+_LISTING_THREADS = 8
+_USER_LISTINGS = 4
+_MAX_PENDING_LISTINGS = 24
+# Open directories that keep entries read but not yet sent (one batch each)
+_MAX_READ_AHEAD = 256
+
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
 _USER_SHARE_DIVISOR = 4
@@ -134,6 +146,15 @@ def _backing_flags(flags: int) -> int:
     return (flags & ~drop) | os.O_CLOEXEC
 
 
+# Per request (pyfuse3 serves each in a trio task of its own, so a context
+# variable is the request's): the uid the inode fds it keeps are counted
+# against, and the fds it opened for itself only, closed when it is answered.
+_caller_uid: contextvars.ContextVar[int] = contextvars.ContextVar("caller_uid", default=0)
+_passing_fds: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "passing_fds", default=None
+)
+
+
 def fuse_handler(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -142,11 +163,19 @@ def fuse_handler(
     pyfuse3 ends its session on any exception but ``FUSEError``, so each of
     :class:`Overlay`'s handlers wears this.  An OSError keeps its errno;
     anything else is a bug, logged with its traceback and answered EIO, and
-    the mount keeps serving.
+    the mount keeps serving.  It also says whose request it serves (the
+    ``RequestContext``'s uid, root without one) and closes the fds the
+    request opened for itself (:meth:`Overlay._fd` past a budget).
     """
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        uid = 0
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, pyfuse3.RequestContext):
+                uid = arg.uid
+                break
+        token = _caller_uid.set(uid)
         try:
             return await handler(*args, **kwargs)
         except FUSEError:
@@ -156,8 +185,25 @@ def fuse_handler(
         except Exception:
             log.exception("%s failed; answered EIO", handler.__name__)
             raise FUSEError(errno.EIO) from None
+        finally:
+            _caller_uid.reset(token)
+            passing = _passing_fds.get()
+            if passing is not None:
+                _passing_fds.set(None)
+                for fd in passing:
+                    os.close(fd)
 
     return wrapper
+
+
+def _pass_fd(fd: int) -> int:
+    """``fd``, to be closed once the request being served is answered."""
+    passing = _passing_fds.get()
+    if passing is None:
+        passing = []
+        _passing_fds.set(passing)
+    passing.append(fd)
+    return fd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,18 +226,37 @@ class _Creds:
     groups: tuple[int, ...]
 
 
-def _caller_groups(tid: int) -> tuple[int, ...]:
-    # The request gives the calling thread's id; its supplementary groups are
-    # only in /proc.  A caller gone before we read them gets none: fewer
-    # rights, never more.
+def _caller_groups(tid: int, uid: int, gid: int) -> tuple[int, ...]:
+    """The supplementary groups of task ``tid``, which made a request as ``uid``/``gid``.
+
+    The request gives the calling thread's id; its groups are only in
+    /proc, and /proc shows a task's own credentials, not those a request
+    may be made with: a kernel thread serving another machine (nfsd
+    exporting the overlay) or a filesystem stacked on it acts with a
+    client's fsuid and fsgid over its own groups, root's included.  So the
+    groups count only if the task's filesystem ids there are the
+    request's; otherwise, or if the task is gone, none: fewer rights,
+    never more.  (A task whose request we are serving cannot exit, not even
+    killed, until it has its answer, so its id is not someone else's yet.)
+    """
+    fields: dict[bytes, list[bytes]] = {}
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
             for line in f:
-                if line.startswith(b"Groups:"):
-                    return tuple(int(g) for g in line.split()[1:])
+                key, _, value = line.partition(b":")
+                if key in (b"Uid", b"Gid", b"Groups"):
+                    fields[key] = value.split()
+                    if key == b"Groups":
+                        break
     except OSError:
-        pass
-    return ()
+        return ()
+    try:
+        # real, effective, saved, filesystem
+        if int(fields[b"Uid"][3]) != uid or int(fields[b"Gid"][3]) != gid:
+            return ()
+        return tuple(int(g) for g in fields[b"Groups"])
+    except (KeyError, IndexError, ValueError):
+        return ()
 
 
 class _Inode:
@@ -203,10 +268,12 @@ class _Inode:
     a name, no symlink followed) and must still be ``(dev, ino)``.
     """
 
-    __slots__ = ("dev", "fd", "ino", "kind", "links", "lookups")
+    __slots__ = ("dev", "fd", "holder", "ino", "kind", "links", "lookups")
 
     def __init__(self, fd: int | None, st: os.stat_result) -> None:
         self.fd = fd
+        # the uid whose request made us keep ``fd`` (0: root, or no request)
+        self.holder = 0
         self.dev = st.st_dev
         self.ino = st.st_ino
         self.kind = stat.S_IFMT(st.st_mode)
@@ -230,13 +297,20 @@ class _Version:
 
 @dataclasses.dataclass
 class _Dir:
-    """An open directory: its fd, its inode, the opener, and the listing."""
+    """An open directory: its fd, its inode, the opener, and where the fd is.
+
+    A listing is BACKING's own, read a batch at a time as the kernel asks
+    for it, with BACKING's offsets (``d_off`` cookies): they stay valid while
+    BACKING changes as they do for a reader of BACKING itself, and nothing in
+    proportion to the directory's size is ever held or done at once.
+    """
 
     inode: int
     fd: int
     creds: _Creds | None
-    # the snapshot taken at offset 0, so offsets stay stable while BACKING changes
-    names: list[str] = dataclasses.field(default_factory=list)
+    # BACKING's offset the fd is at: a listing read in order never seeks
+    # (a seek costs a walk from the start on some filesystems)
+    pos: int = 0
 
 
 @dataclasses.dataclass
@@ -282,9 +356,9 @@ class Overlay(pyfuse3.Operations):
         # would leave every other user EMFILE
         self._user_handles: dict[int, int] = {}
         self._users_at_share: set[int] = set()
-        self._user_share = max(
-            _MIN_USER_SHARE, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // _USER_SHARE_DIVISOR
-        )
+        # inode fds kept per non-root uid (see _hold): the kernel keeps what
+        # one user looked up as long as it likes, so those are bounded too
+        self._user_inode_fds: dict[int, int] = {}
         fd = os.open(self.backing, _PATH_FLAGS | os.O_DIRECTORY)
         st = os.fstat(fd)
         self._dev = st.st_dev
@@ -303,6 +377,14 @@ class Overlay(pyfuse3.Operations):
         self._described: dict[int, _Version] = {}
         # directory handle (its fd) -> the open directory
         self._dirs: dict[int, _Dir] = {}
+        # directory handle -> (offset, entries from it on) read but not sent
+        self._read_ahead: collections.OrderedDict[int, tuple[int, list[tuple[bytes, int]]]] = (
+            collections.OrderedDict()
+        )
+        self._listing_threads = trio.CapacityLimiter(_LISTING_THREADS)
+        # uid -> its directory reads pending, and the limiter they wait on
+        self._listings: dict[int, int] = {}
+        self._listing_limiters: dict[int, trio.CapacityLimiter] = {}
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
@@ -315,7 +397,7 @@ class Overlay(pyfuse3.Operations):
         """Whom to act as: None for root (and for requests without a context)."""
         if ctx is None or ctx.uid == 0:
             return None
-        return _Creds(ctx.uid, ctx.gid, _caller_groups(ctx.pid))
+        return _Creds(ctx.uid, ctx.gid, _caller_groups(ctx.pid, ctx.uid, ctx.gid))
 
     @contextlib.contextmanager
     def _acting(self, creds: _Creds | None) -> Iterator[None]:
@@ -378,23 +460,64 @@ class Overlay(pyfuse3.Operations):
         ino = self._fuse_ino(st.st_ino)
         node = self._inodes.get(ino)
         if node is None:
-            node = self._inodes[ino] = _Inode(fd, st)
+            node = self._inodes[ino] = _Inode(None, st)
         elif node.fd is None:
-            node.fd = fd
             # an fd-less inode's number may have been freed and reused since
             node.kind = stat.S_IFMT(st.st_mode)
-        elif fd is not None and fd != node.fd:
+        if fd is not None and fd != node.fd and (node.fd is not None or not self._hold(node, fd)):
             os.close(fd)
         node.lookups += 1
         if ino != pyfuse3.ROOT_INODE:
             node.links.add((parent, name))
         return ino
 
-    def _fd(self, node: _Inode) -> int:
-        """The inode's O_PATH fd, reopened (and kept) if it has none."""
+    def _fd(self, node: _Inode, depth: int = 0) -> int:
+        """The inode's O_PATH fd, reopened if it has none.
+
+        The reopened fd is kept for the next calls if :meth:`_hold` allows,
+        else closed once the request is answered.
+        """
+        if node.fd is not None:
+            return node.fd
+        fd = self._reopen(node, depth)
+        if not self._hold(node, fd):
+            _pass_fd(fd)
+        return fd
+
+    def _hold(self, node: _Inode, fd: int) -> bool:
+        """Keep ``fd`` as ``node``'s inode fd, if the budgets allow; whether it is kept.
+
+        Kept fds stay until the kernel forgets the inode, however many of
+        them one user's lookups made: past the overlay's budget
+        (:func:`_inode_fd_budget`), or past a quarter of it for the non-root
+        user whose request this is, an inode is served without one.  Those
+        open files others need stay free.
+        """
+        if fd >= _inode_fd_budget():
+            # numbered lowest-free first: that many fds are open already
+            return False
+        uid = _caller_uid.get()
+        if uid != 0:
+            held = self._user_inode_fds.get(uid, 0)
+            if held >= _inode_fd_budget() // _USER_SHARE_DIVISOR:
+                return False
+            self._user_inode_fds[uid] = held + 1
+        node.fd = fd
+        node.holder = uid
+        return True
+
+    def _release_fd(self, node: _Inode) -> None:
+        """Close ``node``'s inode fd and free it from its holder's count."""
         if node.fd is None:
-            node.fd = self._reopen(node)
-        return node.fd
+            return
+        os.close(node.fd)
+        node.fd = None
+        if node.holder != 0:
+            held = self._user_inode_fds.get(node.holder, 0) - 1
+            if held > 0:
+                self._user_inode_fds[node.holder] = held
+            else:
+                self._user_inode_fds.pop(node.holder, None)
 
     @contextlib.contextmanager
     def _path_fd(self, node: _Inode) -> Iterator[int]:
@@ -434,12 +557,12 @@ class Overlay(pyfuse3.Operations):
             parent = self._inodes.get(parent_ino)
             if parent is None:
                 continue
-            if parent.fd is None:
-                # directories are used as parents again and again: keep theirs
-                parent.fd = self._reopen(parent, depth + 1)
             try:
-                fd = _open_here(self._fd(parent), name)
-            except OSError:
+                # directories are used as parents again and again: keep theirs
+                fd = _open_here(self._fd(parent, depth + 1), name)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # not a stale link: out of fds
                 continue
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) == (node.dev, node.ino):
@@ -514,26 +637,9 @@ class Overlay(pyfuse3.Operations):
             st = libc.lstat_cached(self._fd(parent), name)
             self._check_same_fs(st, name)
             fd = None
-        else:
-            fd = self._within_fd_budget(fd)
+        # kept within the budgets (_hold), else served fd-less
         self._remember(fd, st, parent_inode, name)
         return self._entry(st)
-
-    def _within_fd_budget(self, fd: int) -> int | None:
-        """``fd``, or None (closed) when holding it would crowd out the replays.
-
-        The kernel keeps the entries it looked up, each of them an fd here
-        until FORGET: without a bound those fill the whole fd table, and the
-        replay threads' opens, real opens and ``_walk`` fail with EMFILE.  A
-        new fd is numbered lowest-free first, so a number at or past the
-        budget means that many are held already; the inode is then served
-        fd-less, reached through its parent when used.  The limit is read
-        each time (one cheap syscall): an admin's ``prlimit`` applies at once.
-        """
-        if fd < _inode_fd_budget():
-            return fd
-        os.close(fd)
-        return None
 
     # --- lookups -------------------------------------------------------------
 
@@ -602,8 +708,7 @@ class Overlay(pyfuse3.Operations):
             del self._inodes[inode]
             self._opened.pop(inode, None)
             self._described.pop(inode, None)
-            if node.fd is not None:
-                os.close(node.fd)
+            self._release_fd(node)
 
     @fuse_handler
     async def getattr(
@@ -648,14 +753,14 @@ class Overlay(pyfuse3.Operations):
                         os.chmod(_proc(ifd), mode)
         with self._acting(creds):
             if fields.update_size:
-                self._truncate(node, handle, attr.st_size)
+                self._truncate(node, ifd, handle, attr.st_size)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
                 flags = libc.AT_EMPTY_PATH | libc.AT_SYMLINK_NOFOLLOW
                 libc.fchownat(ifd, b"", uid, gid, flags)
             if fields.update_atime or fields.update_mtime:
-                self._utimens(node, attr, fields)
+                self._utimens(node, ifd, attr, fields)
         return self._entry(os.fstat(ifd))
 
     def _may_write(self, fd: int, creds: _Creds | None) -> bool:
@@ -665,15 +770,14 @@ class Overlay(pyfuse3.Operations):
             return os.access(_proc(fd), os.W_OK, effective_ids=True)
 
     @staticmethod
-    def _truncate(node: _Inode, handle: _Handle | None, size: int) -> None:
+    def _truncate(node: _Inode, ifd: int, handle: _Handle | None, size: int) -> None:
         if handle is not None:
             os.ftruncate(handle.fd, size)
             return
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
         # truncate through an fd on the very inode; O_NONBLOCK: never wait
-        assert node.fd is not None  # setattr took it
-        fd = os.open(_proc(node.fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(_proc(ifd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, size)
         finally:
@@ -681,7 +785,7 @@ class Overlay(pyfuse3.Operations):
 
     @staticmethod
     def _utimens(
-        node: _Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+        node: _Inode, ifd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
     ) -> None:
         now = time.time_ns()
 
@@ -694,11 +798,10 @@ class Overlay(pyfuse3.Operations):
 
         atime = spec(fields.update_atime, attr.st_atime_ns)
         mtime = spec(fields.update_mtime, attr.st_mtime_ns)
-        assert node.fd is not None  # setattr took it
         if node.kind == stat.S_IFLNK:
-            libc.utimensat(node.fd, b"", atime, mtime, libc.AT_EMPTY_PATH)
+            libc.utimensat(ifd, b"", atime, mtime, libc.AT_EMPTY_PATH)
         else:
-            libc.utimensat(libc.AT_FDCWD, _proc(node.fd), atime, mtime, 0)
+            libc.utimensat(libc.AT_FDCWD, _proc(ifd), atime, mtime, 0)
 
     @fuse_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -724,30 +827,79 @@ class Overlay(pyfuse3.Operations):
     @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
-        inode, dfd = d.inode, d.fd
-        if start_id == 0:
-            d.names = sorted(os.listdir(dfd))
-        names = d.names
+        ahead = self._read_ahead.pop(fh, None)
+        if ahead is not None and ahead[0] == start_id:
+            batch = ahead[1]
+        else:
+            batch = await self._next_entries(d, start_id)
+        # where the kernel asks next if this reply ends here, and what of the
+        # batch it has not had then (entries left out are left out again)
+        sent_at, unsent = start_id, 0
         # readdir gets no request context: the entries are the ones the
         # opener was allowed to list (opendir ran as them)
-        for i in range(start_id, len(names)):
-            name = os.fsencode(names[i])
-            try:
-                # asks a filesystem mounted here nothing: a hung one must
-                # not stop this thread (the entry is left out below)
-                st = libc.lstat_cached(dfd, name)
-                self._check_same_fs(st, name)
-            except (OSError, FUSEError):
-                continue  # removed on BACKING since the snapshot, or a nested mount
-            # pyfuse3 answers READDIRPLUS: every entry sent is a lookup.  No
-            # fd is taken: the entry is reached through this directory if used.
-            if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
-                break
-            self._remember(None, st, inode, name)
+        while batch:
+            for i, (name, next_offset) in enumerate(batch):
+                if name in (b".", b".."):
+                    continue
+                try:
+                    # asks a filesystem mounted here nothing: a hung one must
+                    # not stop this thread (the entry is left out below)
+                    st = libc.lstat_cached(d.fd, name)
+                    self._check_same_fs(st, name)
+                except (OSError, FUSEError):
+                    continue  # removed on BACKING since it was read, or a nested mount
+                # pyfuse3 answers READDIRPLUS: every entry sent is a lookup.  No
+                # fd is taken: the entry is reached through this directory if used.
+                if not pyfuse3.readdir_reply(token, name, self._entry(st), next_offset):
+                    self._keep_ahead(fh, sent_at, batch[unsent:])
+                    return
+                self._remember(None, st, d.inode, name)
+                sent_at, unsent = next_offset, i + 1
+            if unsent:
+                return
+            # nothing of that batch could be sent: an empty reply would end the listing
+            batch = await self._next_entries(d, batch[-1][1])
+
+    async def _next_entries(self, d: _Dir, offset: int) -> list[tuple[bytes, int]]:
+        """BACKING's entries of ``d`` from ``offset`` on, one batch, read in a thread.
+
+        Reading a directory may wait for a disk or a server: never on the
+        serving thread, where it would stop every user's calls.  A user's
+        reads beyond their share wait for one of theirs to end, and beyond
+        what may wait, they answer EAGAIN: none can hold every request
+        pyfuse3 serves at once.
+        """
+        uid = d.creds.uid if d.creds is not None else 0
+        pending = self._listings.get(uid, 0)
+        if pending >= _MAX_PENDING_LISTINGS:
+            raise FUSEError(errno.EAGAIN)
+        limiter = self._listing_limiters.get(uid)
+        if limiter is None:
+            limiter = self._listing_limiters[uid] = trio.CapacityLimiter(_USER_LISTINGS)
+        self._listings[uid] = pending + 1
+        try:
+            async with limiter:
+                return await trio.to_thread.run_sync(
+                    _read_entries, d, offset, limiter=self._listing_threads
+                )
+        finally:
+            if self._listings[uid] == 1:
+                del self._listings[uid]
+                del self._listing_limiters[uid]
+            else:
+                self._listings[uid] -= 1
+
+    def _keep_ahead(self, fh: int, offset: int, entries: list[tuple[bytes, int]]) -> None:
+        """Keep entries read but not sent for the next call, in a bounded table."""
+        self._read_ahead[fh] = (offset, entries)
+        if len(self._read_ahead) > _MAX_READ_AHEAD:
+            # the oldest is read again from BACKING if its listing goes on
+            self._read_ahead.popitem(last=False)
 
     @fuse_handler
     async def releasedir(self, fh: int) -> None:
         d = self._dirs.pop(fh, None)
+        self._read_ahead.pop(fh, None)
         if d is not None:
             os.close(d.fd)
             self._count_handle(d.creds, -1)
@@ -932,7 +1084,7 @@ class Overlay(pyfuse3.Operations):
 
     def _check_share(self, creds: _Creds | None) -> None:
         """EMFILE for a user who holds their share of our open files already."""
-        if creds is not None and self._user_handles.get(creds.uid, 0) >= self._user_share:
+        if creds is not None and self._user_handles.get(creds.uid, 0) >= _user_share():
             if creds.uid in self._users_at_share:
                 raise FUSEError(errno.EMFILE)
             # once until the user closes some: a loop of opens is one line
@@ -940,7 +1092,7 @@ class Overlay(pyfuse3.Operations):
             log.warning(
                 "uid %d holds %d open files through the overlay, its share: EMFILE",
                 creds.uid,
-                self._user_share,
+                _user_share(),
             )
             raise FUSEError(errno.EMFILE)
 
@@ -951,7 +1103,7 @@ class Overlay(pyfuse3.Operations):
                 self._user_handles[creds.uid] = held
             else:
                 self._user_handles.pop(creds.uid, None)
-            if held < self._user_share:
+            if held < _user_share():
                 self._users_at_share.discard(creds.uid)
 
     async def _open_waiting(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
@@ -1149,6 +1301,18 @@ class Overlay(pyfuse3.Operations):
             os.removexattr(path, name)
 
 
+def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
+    # in a worker thread; the kernel sends one READDIR of an open directory
+    # at a time, so nothing else moves this fd meanwhile
+    if d.pos != offset:
+        os.lseek(d.fd, offset, os.SEEK_SET)
+        d.pos = offset
+    entries = libc.getdents(d.fd, _LISTING_BATCH)
+    if entries:
+        d.pos = entries[-1][1]
+    return entries
+
+
 def _inode_fd_budget() -> int:
     # Inode fds may take all but this share of the open-file limit: the rest
     # is for the synthetic opens (up to the replayer's max_open, 512), the
@@ -1157,6 +1321,14 @@ def _inode_fd_budget() -> int:
     if soft == resource.RLIM_INFINITY:
         return _FD_LIMIT
     return soft - max(soft // _FD_RESERVE_SHARE, _FD_RESERVE_MIN)
+
+
+def _user_share() -> int:
+    # read each time, as the budget: an admin's prlimit applies at once
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = _FD_LIMIT
+    return max(_MIN_USER_SHARE, soft // _USER_SHARE_DIVISOR)
 
 
 def _raise_fd_limit() -> None:

@@ -28,6 +28,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from notifyd.listen import listened
+
 __all__ = ["STATS_NAME", "locked", "sweep"]
 
 log = logging.getLogger(__name__)
@@ -50,19 +52,12 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 
 def _listened(path: Path) -> bool:
-    """True unless connecting to the stream socket ``path`` is refused (no listener)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    """True unless nobody listens on the stream socket ``path``."""
     try:
-        probe.settimeout(PROBE_TIMEOUT)
-        probe.connect(os.fspath(path))
-    except ConnectionRefusedError:
-        return False
+        return listened(path, socket.SOCK_STREAM, PROBE_TIMEOUT)
     except OSError:
-        # a full backlog (EAGAIN, or the timeout), or anything unexpected: keep it
+        # anything unexpected (EACCES...): keep it
         return True
-    finally:
-        probe.close()
-    return True
 
 
 def _stale(d: Path) -> bool:

@@ -1,0 +1,106 @@
+"""A FUSE filesystem whose one directory's listing is held until the test lets it go.
+
+``python held_listing_fs.py MOUNTPOINT``: the root holds a file ``f`` and the
+directories ``held`` and ``h00`` to ``h39``, each with the files ``a`` and
+``b``.  A READDIR of one of those prints ``listing NAME`` on stdout and
+answers only once a line arrives on stdin:
+a directory read that provably is in progress for as long as the test wants,
+with every other request served meanwhile.  Mounted ``allow_other``, for
+root to serve as ``BACKING`` to an overlay acting for other users.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+ROOT, FILE, A, B = pyfuse3.ROOT_INODE, 2, 3, 4
+HELD = {10 + i: name for i, name in enumerate([b"held"] + [b"h%02d" % i for i in range(40)])}
+NAMES = {ROOT: {b"f": FILE, **{name: ino for ino, name in HELD.items()}}}
+NAMES.update({ino: {b"a": A, b"b": B} for ino in HELD})
+DATA = b"f\n"
+
+
+class HeldListing(pyfuse3.Operations):
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = trio.Event()
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.st_mode = (stat.S_IFDIR | 0o755) if inode in NAMES else (stat.S_IFREG | 0o644)
+        attr.st_nlink = 2 if inode in NAMES else 1
+        attr.st_size = len(DATA) if inode == FILE else 0
+        attr.st_blksize = 4096
+        attr.entry_timeout = attr.attr_timeout = 60
+        return attr
+
+    async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def lookup(self, parent: int, name: bytes, ctx: object = None) -> pyfuse3.EntryAttributes:
+        try:
+            return self._attr(NAMES[parent][name])
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def opendir(self, inode: int, ctx: object) -> int:
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh in HELD and start_id == 0:
+            print("listing", HELD[fh].decode(), flush=True)
+            await self.released.wait()
+        entries = sorted(NAMES[fh].items())
+        for i in range(start_id, len(entries)):
+            name, inode = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def open(self, inode: int, flags: int, ctx: object) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=inode)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return DATA[off : off + size] if fh == FILE else b""
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    async def statfs(self, ctx: object) -> pyfuse3.StatvfsData:
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_namemax = 255
+        return out
+
+
+async def _serve(fs: HeldListing) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main)
+        # any line on stdin, or its end, lets the held listing go
+        await trio.to_thread.run_sync(sys.stdin.readline)
+        fs.released.set()
+
+
+def main() -> None:
+    fs = HeldListing()
+    options = set(pyfuse3.default_options) | {"fsname=held", "allow_other"}
+    options.discard("default_permissions")
+    pyfuse3.init(fs, sys.argv[1], options)
+    try:
+        trio.run(_serve, fs)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    main()
