@@ -20,11 +20,14 @@ import nats
 import nkeys  # type: ignore[import-untyped]
 from nats.aio.client import Client
 
+from .wire import DEFAULT_STREAM
+
 __all__ = [
     "MIN_SERVER_VERSION",
     "ClusterError",
     "Credentials",
     "add_connection_args",
+    "add_stream_group",
     "check_creds_file",
     "check_server",
     "connect",
@@ -61,7 +64,7 @@ class Credentials:
     tls_key: str | None = None
 
 
-def add_connection_args(p: argparse.ArgumentParser, *, url_required: bool = True) -> None:
+def add_connection_args(p: argparse._ActionsContainer, *, url_required: bool = True) -> None:
     """The NATS options every cluster command takes."""
     env_url = os.environ.get("NATS_URL") if url_required else None
     p.add_argument(
@@ -104,6 +107,22 @@ def add_connection_args(p: argparse.ArgumentParser, *, url_required: bool = True
         default=os.environ.get("NATS_TLS_KEY"),
         help="client key (default: $NATS_TLS_KEY)",
     )
+
+
+def add_stream_group(
+    p: argparse.ArgumentParser, title: str, description: str, *, fsid_help: str, node_help: str
+) -> argparse._ArgumentGroup:
+    """The option group of a command that reads the stream with --nats (watch, the shim).
+
+    The connection options, --fsid, --node (their meaning differs per
+    command, hence the help texts) and --stream; the caller adds its own.
+    """
+    g = p.add_argument_group(title, description)
+    add_connection_args(g, url_required=False)
+    g.add_argument("--fsid", metavar="NAME", help=fsid_help)
+    g.add_argument("--node", metavar="NAME", help=node_help)
+    g.add_argument("--stream", default=DEFAULT_STREAM, metavar="NAME", help="default: %(default)s")
+    return g
 
 
 def credentials_from_args(args: argparse.Namespace) -> Credentials:
