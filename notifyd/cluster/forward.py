@@ -474,15 +474,23 @@ class Forwarder:
 
     def _close_chunk(self) -> None:
         """Queue what the chunk holds as one message and start a new chunk."""
-        if self._used:
+        used = self._used
+        if not used:
+            return
+        if used < self._chunk_size // 4:
+            # a small message (NATS is keeping up): copy it out and keep the
+            # chunk; a fresh megabyte per message would cost more (allocated
+            # by mmap, zeroed, faulted in page by page) than the copy
+            payload: bytes | bytearray = bytes(self._view[:used])
+            self._used = 0
+        else:
             # the chunk itself becomes the payload, cut to what it holds: no
-            # copy of up to a megabyte per message (the view must go first)
+            # copy of up to a megabyte (the view must go first)
             self._view.release()
-            del self._chunk[self._used :]
-            self.backlog.append(
-                _Item(self._chunk_epoch, self._chunk_first, self._chunk_last, self._chunk)
-            )
-        self._new_chunk()
+            del self._chunk[used:]
+            payload = self._chunk
+            self._new_chunk()
+        self.backlog.append(_Item(self._chunk_epoch, self._chunk_first, self._chunk_last, payload))
 
     def _next_batch(self) -> tuple[str, int, int, bytes | bytearray, int]:
         """Pop contiguous messages of one epoch: (epoch, first, last, payload, count)."""
