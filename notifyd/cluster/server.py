@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
-import nkeys  # type: ignore[import-untyped]
 from nats.aio.client import Client
 
 from .wire import DEFAULT_STREAM
@@ -194,6 +193,10 @@ def check_creds_file(path: str) -> None:
             "and the JWT on the next): make one with nsc generate creds"
         )
     seed = _line_after(lines, "BEGIN USER NKEY SEED")
+    # here, not at the top: the man page build imports this module with only
+    # pyproject's build requirements, and nkeys is not one of them
+    import nkeys  # type: ignore[import-untyped]
+
     try:
         if not seed or not seed.startswith("SU"):
             raise ValueError
