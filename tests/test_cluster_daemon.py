@@ -22,8 +22,18 @@ import threading
 from pathlib import Path
 
 import pytest
-from cluster_support import NatsServer, forwarders, start_forwarder
-from test_cluster_stream import FSID, Truth, Watch, fwd_args, read_files, sentinel, wait_truth
+from cluster_support import (
+    FSID,
+    NatsServer,
+    Truth,
+    Watch,
+    forwarders,
+    fwd_args,
+    read_files,
+    sentinel,
+    start_forwarder,
+    wait_truth,
+)
 
 from notifyd import procs
 from notifyd.paths import stats_path_for

@@ -23,8 +23,16 @@ from pathlib import Path
 
 import nats
 import pytest
-from cluster_support import NatsServer, forwarders, start_forwarder
-from test_cluster_stream import FSID, Watch, fwd_args, read_files, sentinel
+from cluster_support import (
+    FSID,
+    NatsServer,
+    Watch,
+    forwarders,
+    fwd_args,
+    read_files,
+    sentinel,
+    start_forwarder,
+)
 
 from notifyd import abi
 from notifyd.cluster import wire

@@ -12,11 +12,20 @@ import asyncio
 from pathlib import Path
 
 import nats
+import pytest
 from cluster_support import NatsServer
 
 from notifyd import abi
 from notifyd.cluster import wire
-from notifyd.cluster.forward import Forwarder, Identity, ensure_stream
+from notifyd.cluster.forward import (
+    HEADER_ROOM,
+    MAX_BATCH_RECORDS,
+    Forwarder,
+    Identity,
+    batch_records,
+    ensure_stream,
+)
+from notifyd.cluster.server import ClusterError
 
 STREAM = "PUBTEST"
 FSID, NODE = "fs", "n1"
@@ -135,3 +144,11 @@ def test_a_server_dead_while_publishing_loses_and_repeats_nothing(tmp_path: Path
         run(server, body)
     finally:
         server.stop()
+
+
+def test_messages_fit_the_servers_max_payload() -> None:
+    assert batch_records(1 << 20) == MAX_BATCH_RECORDS
+    assert batch_records(1 << 20) * abi.RECORD_SIZE + HEADER_ROOM <= 1 << 20
+    assert batch_records(64 << 10) == ((64 << 10) - HEADER_ROOM) // abi.RECORD_SIZE
+    with pytest.raises(ClusterError, match="max_payload is 4096 bytes"):
+        batch_records(4096)

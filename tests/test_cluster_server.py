@@ -19,7 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_support import NatsServer, forwarders, free_port, start_forwarder
+from cluster_support import (
+    NatsServer,
+    Operator,
+    Watch,
+    forwarders,
+    free_port,
+    start_forwarder,
+    wait_some_sentinel,
+)
 
 from notifyd.cluster.server import ClusterError, check_server
 
@@ -225,6 +233,56 @@ def test_user_password_from_a_file_or_the_environment(tmp_path: Path, notifyd_fa
         w.terminate()
         w.wait(20)
         assert "watching scoutfs.notify.*.*" in line, line
+    finally:
+        server.stop()
+
+
+def test_creds_file_of_an_operator_mode_server(tmp_path: Path, notifyd_factory) -> None:
+    """A server in operator mode (JWT accounts, memory resolver): the forwarder
+    and watch work with a user's creds file (by option, and by NATS_CREDS), and
+    without one, with another operator's user or with a file that is no creds
+    file they stop with an error that says so."""
+    op = Operator()
+    server = NatsServer(tmp_path, "jwt")
+    base = server.config
+    server.config = lambda: base() + op.server_config()  # type: ignore[method-assign]
+    server.start()
+    daemon = notifyd_factory()
+    good = op.user_creds(tmp_path / "user.creds")
+    wrong = Operator().user_creds(tmp_path / "wrong.creds")
+    junk = tmp_path / "junk.creds"
+    junk.write_text("user: scoutfs\n")
+    common = ["--nats", server.url, "--socket", str(daemon.socket), "--fsid", "f", "--node", "n"]
+    try:
+        for extra, says in (
+            ((), "the server refused a client without credentials"),
+            (("--creds", str(wrong)), f"the server refused the user of the creds file {wrong}"),
+            (("--creds", str(junk)), f"the creds file {junk} holds no user JWT"),
+        ):
+            r = forward(*common, *extra, str(daemon.backing))
+            assert r.returncode == 1, r.stderr
+            assert says in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr, r.stderr
+            w = watch_nats("--nats", server.url, *extra)
+            assert w.returncode == 1, w.stderr
+            assert says in w.stderr, w.stderr
+        with forwarders(tmp_path) as fwds:
+            fwd = start_forwarder(fwds, tmp_path, daemon.backing, *common, "--creds", str(good))
+            cmdline = Path(f"/proc/{fwd.proc.pid}/cmdline").read_bytes()
+            lines = good.read_text().splitlines()
+            secrets = [lines[i + 1] for i, line in enumerate(lines) if "-----BEGIN" in line]
+            assert len(secrets) == 2  # the JWT and the seed
+            for secret in secrets:
+                assert secret.encode() not in cmdline
+            watch = Watch(
+                server.url, "--all", "--fsid", "f", env={**os.environ, "NATS_CREDS": str(good)}
+            )
+            try:
+                watch.wait_watching()
+                wait_some_sentinel(watch, "n", daemon.backing)
+            finally:
+                assert watch.stop() == 0, watch.stderr()
+            assert fwd.stop() == 0, fwd.log()
     finally:
         server.stop()
 

@@ -14,9 +14,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster_support import forwarders, nats_servers, start_forwarder
+from cluster_support import Watch, forwarders, nats_servers, start_forwarder
 from shim_support import need_fuse, run_shim, watch
-from test_cluster_stream import Watch
 
 FSID = "sharedfs"
 

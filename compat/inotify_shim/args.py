@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from notifyd.cluster.server import add_connection_args
-from notifyd.cluster.wire import DEFAULT_STREAM
+from notifyd.cluster.server import add_stream_group
 from notifyd.metrics import listen_arg
 
 from .resolve import DEFAULT_INDEX_LIMIT
@@ -79,25 +78,16 @@ def _non_negative(text: str) -> int:
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
+    add_stream_group(
+        p,
         "cluster (--nats)",
         "Also replay the records of the other nodes of BACKING's filesystem, from the "
         "NATS JetStream stream scoutfs-notify-forward fills on every node.",
-    )
-    add_connection_args(g, url_required=False)  # type: ignore[arg-type]
-    g.add_argument(
-        "--fsid",
-        metavar="NAME",
-        help="off scoutfs: the --fsid the forwarders use (default: the local socket's "
+        fsid_help="off scoutfs: the --fsid the forwarders use (default: the local socket's "
         "directory name); on scoutfs the filesystem's fsid",
-    )
-    g.add_argument(
-        "--node",
-        metavar="NAME",
-        help="off scoutfs: this node's --node, whose records come from the local socket "
+        node_help="off scoutfs: this node's --node, whose records come from the local socket "
         "(default: the hostname); on scoutfs the mount's rid",
     )
-    g.add_argument("--stream", default=DEFAULT_STREAM, metavar="NAME", help="default: %(default)s")
 
 
 def build_parser() -> argparse.ArgumentParser:

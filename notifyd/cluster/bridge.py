@@ -3,9 +3,12 @@
 nats-py needs an asyncio loop; a trio program (the shim) must not run one
 in its own thread.  :class:`TrioClusterSubscriber` starts a thread that runs
 ``asyncio.run`` with a :class:`~notifyd.cluster.consume.ClusterSubscriber`
-and hands each message's events to trio through a memory channel.  The
-asyncio side waits (in an executor thread, so its loop keeps answering the
-server) while trio is behind: no unbounded queue.  Events and gaps are the
+and hands each message's events to trio through a memory channel.  A
+message costs one wake-up of each thread: the asyncio side puts it in the
+channel from trio's thread (``run_sync_soon``, never blocking), and the trio
+side gives back a credit once it took it out.  The asyncio side holds fewer
+credits than the channel has room, so a put never fails, and waits for a
+credit while trio is behind: no unbounded queue.  Events and gaps are the
 same values the asyncio consumer yields.
 """
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -53,6 +55,7 @@ class TrioClusterSubscriber:
         node: str | None = None,
         start: StartAt | None = None,
         name: str = "scoutfs-notify",
+        exclude_node: str | None = None,
     ) -> None:
         self.url = url
         self.cred = cred
@@ -61,11 +64,15 @@ class TrioClusterSubscriber:
         self.node = node
         self.start = start or StartAt()
         self.name = name
+        self.exclude_node = exclude_node
         self._send, self._recv = trio.open_memory_channel[Events | BaseException](CHANNEL_MESSAGES)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = threading.Event()
+        # the asyncio side's right to put a message: one slot of the channel
+        # stays free for the first item and for an exception at the end
+        self._credits: asyncio.Semaphore | None = None
 
     async def __aenter__(self) -> TrioClusterSubscriber:
         token = trio.lowlevel.current_trio_token()
@@ -102,7 +109,14 @@ class TrioClusterSubscriber:
         async for item in self._recv:
             if isinstance(item, BaseException):
                 raise item
+            self._give_credit()
             yield item
+
+    def _give_credit(self) -> None:
+        if self._loop is not None and self._credits is not None:
+            # RuntimeError: the asyncio side has finished
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._credits.release)
 
     async def __aiter__(self) -> AsyncIterator[ClusterRecord | ClusterGap]:
         async for events in self.batches():
@@ -118,11 +132,18 @@ class TrioClusterSubscriber:
             self._deliver(token, exc)
 
     def _deliver(self, token: trio.lowlevel.TrioToken, item: Events | BaseException) -> bool:
+        """Hand ``item`` to trio, waiting for room (an exception, the last item)."""
         try:
             trio.from_thread.run(self._send.send, item, trio_token=token)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
             return False
         return True
+
+    def _put(self, item: Events) -> None:
+        """In trio's thread: the channel has room (the caller held a credit)."""
+        # the trio side closed the channel: its aclose() cancels this side
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._send.send_nowait(item)
 
     async def _amain(self, token: trio.lowlevel.TrioToken) -> None:
         self._loop = asyncio.get_running_loop()
@@ -130,17 +151,22 @@ class TrioClusterSubscriber:
         nc = await connect(self.url, self.cred, name=self.name)
         try:
             sub = ClusterSubscriber(
-                nc, stream=self.stream, fsid=self.fsid, node=self.node, start=self.start
+                nc,
+                stream=self.stream,
+                fsid=self.fsid,
+                node=self.node,
+                start=self.start,
+                exclude_node=self.exclude_node,
             )
             await sub.subscribe()
-            loop = self._loop
-            hand = functools.partial(self._deliver, token)
+            credits = self._credits = asyncio.Semaphore(CHANNEL_MESSAGES - 1)
+            put = self._put
             # the first item tells __aenter__ the subscription stands
-            if not await loop.run_in_executor(None, hand, []):
-                return
+            token.run_sync_soon(put, [])
             async for events in sub.batches():
-                if events and not await loop.run_in_executor(None, hand, events):
-                    return
+                if events:
+                    await credits.acquire()
+                    token.run_sync_soon(put, events)
         except asyncio.CancelledError:
             pass
         finally:

@@ -83,8 +83,12 @@ class ClusterSubscriber:
         node: str | None = None,
         durable: str | None = None,
         start: StartAt | None = None,
+        exclude_node: str | None = None,
     ) -> None:
         self.nc = nc
+        # a node whose messages are dropped unread (the shim's own node: it
+        # has them from its daemon); a subject filter cannot say "all but one"
+        self.exclude_node = exclude_node
         self.stream = stream
         self.subject = wire.filter_subject(fsid, node)
         self.durable = durable
@@ -93,6 +97,7 @@ class ClusterSubscriber:
         self.malformed = 0
         self.sub: nats.js.JetStreamContext.PullSubscription | None = None
         self._unacked: Msg | None = None
+        self._excluded = f".{exclude_node}"
 
     async def subscribe(self) -> None:
         """Create (or bind to) the consumer; raises nats.js.errors on failure."""
@@ -138,6 +143,8 @@ class ClusterSubscriber:
                 await self.ack_pending()
                 if self.durable:
                     self._unacked = msg
+                if self.exclude_node is not None and msg.subject.endswith(self._excluded):
+                    continue
                 try:
                     batch = wire.parse_message(msg.subject, msg.headers, msg.data)
                 except wire.WireError as exc:

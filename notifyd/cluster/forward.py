@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nats.errors
 import nats.js.errors
@@ -54,7 +55,15 @@ from .server import (
     credentials_from_args,
 )
 
-__all__ = ["Forwarder", "Identity", "build_parser", "identify", "main", "parse_args"]
+__all__ = [
+    "Forwarder",
+    "Identity",
+    "batch_records",
+    "build_parser",
+    "identify",
+    "main",
+    "parse_args",
+]
 
 log = logging.getLogger("scoutfs-notify-forward")
 
@@ -62,8 +71,12 @@ _SEQ_AT = struct.Struct("<Q").unpack_from
 
 # Records held while NATS is slow or away: 64 MiB of records.
 DEFAULT_BACKLOG = 1 << 20
-# Records per message at most: 128 KiB, well under NATS's 1 MiB max_payload.
-MAX_BATCH_RECORDS = 2048
+# Records per message at most: just under NATS's default max_payload (1 MiB),
+# so a backlog goes out in few messages (each costs a round trip to its ack).
+# A server with a smaller max_payload gets smaller messages (batch_records).
+MAX_BATCH_RECORDS = 16320
+# Room left in max_payload for the headers (wire.headers_for: about 200 bytes).
+HEADER_ROOM = 1024
 DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_MAX_AGE = "7d"
 # JetStream drops a message whose Nats-Msg-Id it stored this recently.  It
@@ -73,10 +86,10 @@ DUPLICATE_WINDOW = 120.0
 PUBLISH_TIMEOUT = 5.0
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
-# Messages read from the daemon's socket before the publisher gets a turn: one
-# full payload's worth, so an ack that came is acted on without waiting
-# behind a long run of reads (with 1024, it could wait behind 1024 of them).
-READ_BURST = MAX_BATCH_RECORDS // abi.MAX_MESSAGE_RECORDS
+# Messages read from the daemon's socket before the publisher gets a turn
+# (2048 records), so an ack that came is acted on without waiting behind a
+# long run of reads (with 1024, it could wait behind 1024 of them).
+READ_BURST = 32
 # Between looks at the daemon's stats for our connection (see _wait_accepted).
 ACCEPT_POLL = 0.05
 # Reconnect backoff to the local daemon's socket: what a restarted daemon
@@ -162,6 +175,21 @@ def identify(path: str, socket_path: Path, fsid: str | None, node: str | None) -
         raise ClusterError(str(exc)) from None
 
 
+def batch_records(max_payload: int) -> int:
+    """Records per message for a server announcing ``max_payload`` bytes.
+
+    Raises:
+        ClusterError: too small for one message of the daemon's.
+    """
+    fit = min(MAX_BATCH_RECORDS, (max_payload - HEADER_ROOM) // abi.RECORD_SIZE)
+    if fit < abi.MAX_MESSAGE_RECORDS:
+        raise ClusterError(
+            f"the NATS server's max_payload is {max_payload} bytes: the forwarder needs "
+            f"at least {abi.MAX_MESSAGE_BYTES + HEADER_ROOM}"
+        )
+    return fit
+
+
 def daemon_epoch(sock: socket.socket) -> str:
     """The fanotify source's seq space: the daemon process serving ``sock``.
 
@@ -213,7 +241,7 @@ class _Item:
     epoch: str
     first: int
     last: int
-    payload: bytes
+    payload: bytes | bytearray
 
 
 @dataclass
@@ -223,7 +251,7 @@ class _Out:
     epoch: str
     first: int
     last: int
-    payload: bytes
+    payload: bytes | bytearray
     count: int
     lost: int
     hdrs: dict[str, str]
@@ -439,20 +467,32 @@ class Forwarder:
             self.connected.set()  # a record: the daemon serves us
 
     def _new_chunk(self) -> None:
+        # a fresh buffer: the one closed is a message's payload now
         self._chunk = bytearray(self._chunk_size)
         self._view = memoryview(self._chunk)
         self._used = 0
 
     def _close_chunk(self) -> None:
         """Queue what the chunk holds as one message and start a new chunk."""
-        if self._used:
-            payload = bytes(self._view[: self._used])
-            self.backlog.append(
-                _Item(self._chunk_epoch, self._chunk_first, self._chunk_last, payload)
-            )
-        self._new_chunk()
+        used = self._used
+        if not used:
+            return
+        if used < self._chunk_size // 4:
+            # a small message (NATS is keeping up): copy it out and keep the
+            # chunk; a fresh megabyte per message would cost more (allocated
+            # by mmap, zeroed, faulted in page by page) than the copy
+            payload: bytes | bytearray = bytes(self._view[:used])
+            self._used = 0
+        else:
+            # the chunk itself becomes the payload, cut to what it holds: no
+            # copy of up to a megabyte (the view must go first)
+            self._view.release()
+            del self._chunk[used:]
+            payload = self._chunk
+            self._new_chunk()
+        self.backlog.append(_Item(self._chunk_epoch, self._chunk_first, self._chunk_last, payload))
 
-    def _next_batch(self) -> tuple[str, int, int, bytes, int]:
+    def _next_batch(self) -> tuple[str, int, int, bytes | bytearray, int]:
         """Pop contiguous messages of one epoch: (epoch, first, last, payload, count)."""
         if not self.backlog:
             self._close_chunk()
@@ -557,7 +597,8 @@ class Forwarder:
             try:
                 ack = await self.js.publish(
                     self.ident.subject,
-                    out.payload,
+                    # a bytearray does: nats-py takes its len and copies it out
+                    cast(bytes, out.payload),
                     timeout=PUBLISH_TIMEOUT,
                     stream=self.stream,
                     headers=dict(out.hdrs),
@@ -804,7 +845,14 @@ async def _run(
         await ensure_stream(
             js, args.stream, ident.subject, args.max_bytes, args.max_age, args.replicas
         )
-        fwd = Forwarder(js, ident, socket_path, args.stream, backlog_limit=args.backlog)
+        fwd = Forwarder(
+            js,
+            ident,
+            socket_path,
+            args.stream,
+            backlog_limit=args.backlog,
+            max_batch=batch_records(nc.max_payload),
+        )
         if metrics is not None:
             fwd.observe_publish = metrics.publish_seconds.observe
             metrics.attach(

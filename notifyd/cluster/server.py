@@ -19,11 +19,15 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
+from .wire import DEFAULT_STREAM
+
 __all__ = [
     "MIN_SERVER_VERSION",
     "ClusterError",
     "Credentials",
     "add_connection_args",
+    "add_stream_group",
+    "check_creds_file",
     "check_server",
     "connect",
     "credentials_from_args",
@@ -59,7 +63,7 @@ class Credentials:
     tls_key: str | None = None
 
 
-def add_connection_args(p: argparse.ArgumentParser, *, url_required: bool = True) -> None:
+def add_connection_args(p: argparse._ActionsContainer, *, url_required: bool = True) -> None:
     """The NATS options every cluster command takes."""
     env_url = os.environ.get("NATS_URL") if url_required else None
     p.add_argument(
@@ -104,6 +108,22 @@ def add_connection_args(p: argparse.ArgumentParser, *, url_required: bool = True
     )
 
 
+def add_stream_group(
+    p: argparse.ArgumentParser, title: str, description: str, *, fsid_help: str, node_help: str
+) -> argparse._ArgumentGroup:
+    """The option group of a command that reads the stream with --nats (watch, the shim).
+
+    The connection options, --fsid, --node (their meaning differs per
+    command, hence the help texts) and --stream; the caller adds its own.
+    """
+    g = p.add_argument_group(title, description)
+    add_connection_args(g, url_required=False)
+    g.add_argument("--fsid", metavar="NAME", help=fsid_help)
+    g.add_argument("--node", metavar="NAME", help=node_help)
+    g.add_argument("--stream", default=DEFAULT_STREAM, metavar="NAME", help="default: %(default)s")
+    return g
+
+
 def credentials_from_args(args: argparse.Namespace) -> Credentials:
     """Collect the credentials; raise ClusterError for a file that cannot be used."""
     for url in args.nats.split(","):
@@ -137,9 +157,61 @@ def credentials_from_args(args: argparse.Namespace) -> Credentials:
         path = getattr(cred, name)
         if path and not os.access(path, os.R_OK):
             raise ClusterError(f"cannot read the {name.replace('_', ' ')} {path}")
+    if cred.creds_file:
+        check_creds_file(cred.creds_file)
     if bool(cred.tls_cert) != bool(cred.tls_key):
         raise ClusterError("a TLS client certificate needs both --tls-cert and --tls-key")
     return cred
+
+
+def _line_after(lines: list[str], marker: str) -> str | None:
+    for i, line in enumerate(lines[:-1]):
+        if marker in line:
+            return lines[i + 1].strip()
+    return None
+
+
+def check_creds_file(path: str) -> None:
+    """Check that ``path`` holds a user JWT and its nkey seed as nats-py reads them.
+
+    nats-py reads the line after each ``BEGIN`` marker; a file without the
+    JWT marker makes it loop for ever, and a bad seed fails deep inside the
+    connection, so the file is judged here first.
+
+    Raises:
+        ClusterError: the file cannot be read or is not a NATS user creds file.
+    """
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise ClusterError(f"cannot read the creds file {path}: {exc.strerror}") from None
+    jwt = _line_after(lines, "BEGIN NATS USER JWT")
+    if not jwt or jwt.count(".") != 2:
+        raise ClusterError(
+            f"the creds file {path} holds no user JWT (a line -----BEGIN NATS USER JWT----- "
+            "and the JWT on the next): make one with nsc generate creds"
+        )
+    seed = _line_after(lines, "BEGIN USER NKEY SEED")
+    # here, not at the top: the man page build imports this module with only
+    # pyproject's build requirements, and nkeys is not one of them
+    import nkeys  # type: ignore[import-untyped]
+
+    try:
+        if not seed or not seed.startswith("SU"):
+            raise ValueError
+        nkeys.from_seed(bytearray(seed.encode()))
+    except (ValueError, nkeys.NkeysError):
+        raise ClusterError(
+            f"the creds file {path} holds no valid user nkey seed (a line -----BEGIN "
+            "USER NKEY SEED----- and the seed, SU..., on the next)"
+        ) from None
+
+
+def _refused(exc: Exception) -> bool:
+    """An error the server sends when it rejects the client's credentials."""
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 def _tls_context(cred: Credentials) -> ssl.SSLContext | None:
@@ -219,7 +291,16 @@ async def connect(
     if tls is not None:
         opts["tls"] = tls
 
+    # set when the server rejects the credentials before the first connection
+    # stands: nats-py would retry until FIRST_CONNECT_TIMEOUT and say "timeout"
+    refused: list[Exception] = []
+    refused_now = asyncio.Event()
+
     async def _error(exc: Exception) -> None:
+        if not nc.is_connected and _refused(exc):
+            refused.append(exc)
+            refused_now.set()
+            return
         log.warning("NATS: %s", exc)
 
     async def _disconnected() -> None:
@@ -231,10 +312,34 @@ async def connect(
     opts.update(error_cb=_error, disconnected_cb=_disconnected, reconnected_cb=_reconnected)
     opts.update(kwargs)
     nc = Client()
+    connecting = asyncio.create_task(nc.connect(**opts))
+    rejected = asyncio.create_task(refused_now.wait())
+    # bounded: with unlimited reconnects nats-py would retry a typo forever
+    await asyncio.wait(
+        {connecting, rejected}, timeout=FIRST_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+    )
+    rejected.cancel()
+    if refused:
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await _close_quietly(nc)
+        how = "a client without credentials"
+        if cred.creds_file:
+            how = f"the user of the creds file {cred.creds_file}"
+        elif cred.user is not None:
+            how = f"user {cred.user}"
+        raise ClusterError(
+            f"cannot connect to NATS at {url}: the server refused {how} ({refused[0]}); "
+            "give credentials it accepts with --creds FILE, --user-file FILE or the "
+            "environment (NATS_CREDS, NATS_USER_FILE, NATS_USER/NATS_PASSWORD)"
+        )
     try:
-        # bounded: with unlimited reconnects nats-py would retry a typo forever
-        await asyncio.wait_for(nc.connect(**opts), FIRST_CONNECT_TIMEOUT)
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        if not connecting.done():
+            connecting.cancel()
+            raise TimeoutError
+        connecting.result()
+    except (TimeoutError, asyncio.CancelledError, OSError, nats.errors.Error) as exc:
+        await asyncio.gather(connecting, return_exceptions=True)
         await _close_quietly(nc)
         why = str(exc) or type(exc).__name__
         raise ClusterError(f"cannot connect to NATS at {url}: {why}") from None

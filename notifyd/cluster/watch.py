@@ -24,7 +24,7 @@ from ..client import Gap
 from ..watch import format_json, format_text
 from . import wire
 from .consume import ClusterSubscriber, StartAt
-from .server import ClusterError, add_connection_args, connect, credentials_from_args
+from .server import ClusterError, add_stream_group, connect, credentials_from_args
 
 __all__ = ["add_watch_args", "format_cluster", "run_watch"]
 
@@ -62,18 +62,15 @@ def _positive(text: str) -> int:
 
 def add_watch_args(w: argparse.ArgumentParser) -> None:
     """The cluster options of ``scoutfs-notify watch`` (all inert without --nats)."""
-    g = w.add_argument_group(
+    g = add_stream_group(
+        w,
         "cluster stream (--nats)",
         "Read every node's records from the NATS JetStream stream that "
         "scoutfs-notify-forward fills, instead of this node's daemon. Lines carry "
         "node=NODE (the mount's rid on scoutfs). Credentials come from files or the "
         "environment, never from arguments.",
-    )
-    add_connection_args(g, url_required=False)  # type: ignore[arg-type]
-    g.add_argument("--fsid", metavar="FSID", help="only this filesystem (default: all)")
-    g.add_argument("--node", metavar="NODE", help="only this node (default: all)")
-    g.add_argument(
-        "--stream", default=wire.DEFAULT_STREAM, metavar="NAME", help="default: %(default)s"
+        fsid_help="only this filesystem (default: all)",
+        node_help="only this node (default: all)",
     )
     g.add_argument(
         "--durable",
