@@ -149,3 +149,40 @@ async def test_replayer_forgets_every_file_once_replayed_and_closed(tmp_path: Pa
     assert not replayer._files
     assert not replayer._open
     assert not replayer._closing
+
+
+async def test_access_under_a_renamed_directory_walks_backing_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off scoutfs, a directory renamed on BACKING keeps its old name in the overlay's
+    table, so every access under it comes back stale.  The index walked after the
+    first one knows the new name: later ones use it (checked) instead of walking all of
+    BACKING again each, which grew the shim's CPU with every directory renamed."""
+    from compat.inotify_shim import resolve
+
+    walks = []
+    real_walk = resolve.walk_index
+
+    def counting_walk(backing: str, limit: int) -> tuple[dict[int, str], bool]:
+        walks.append(backing)
+        return real_walk(backing, limit)
+
+    monkeypatch.setattr(resolve, "walk_index", counting_walk)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "f").write_bytes(b"x")
+    ino = os.stat(tmp_path / "new" / "f").st_ino
+    stale = os.path.join("old", "f")  # what the overlay's table still says
+
+    def known(i: int) -> str | None:
+        return str(tmp_path / stale) if i == ino else None
+
+    resolver = resolve.Resolver(str(tmp_path), known, trio.CapacityLimiter(1))
+    for _ in range(3):
+        path = await resolver.resolve(ino, trio.current_time(), stale=stale)
+        assert path == os.path.join("new", "f")
+    assert len(walks) == 1
+    # an index path that no longer leads to the file is not taken: BACKING is walked
+    os.rename(tmp_path / "new", tmp_path / "newer")
+    path = await resolver.resolve(ino, trio.current_time(), stale=stale)
+    assert path == os.path.join("newer", "f")
+    assert len(walks) == 2
