@@ -63,10 +63,13 @@ _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # How long to pause accepting after running out of fds or memory.
 ACCEPT_CAPACITY_SLEEP = 0.1
-# Connect and disconnect lines logged per CLIENT_LOG_INTERVAL; clients beyond
-# that are counted in one line, so a connect/close churn cannot flood the log.
+# Clients whose connect and disconnect are logged per CLIENT_LOG_INTERVAL;
+# clients beyond that are counted in one line, so a connect/close churn cannot
+# flood the log.  The window is long: a poller connecting every few seconds for
+# months must cost a line per window, not a line or two per connection
+# (clients and their counters are on the stats socket at any time).
 CLIENT_LOG_BURST = 20
-CLIENT_LOG_INTERVAL = 5.0
+CLIENT_LOG_INTERVAL = 600.0
 # Connections the accept loop takes before it lets client tasks run: without
 # a bound, a steady stream of connect/close cycles keeps the queue non-empty
 # and the loop never yields.

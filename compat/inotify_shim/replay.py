@@ -301,7 +301,8 @@ class Replayer:
         max_pending: files that may wait for a worker before records drop.
         close_after: seconds a synthetic open stays open after its last
             action; docs/ABI.md section 5 wants the close within a second.
-        max_open: synthetic opens held at once; the oldest close early.
+        max_open: synthetic opens held at once; past it the oldest idle ones go to
+            the closer at once, which closes them before its next tick.
         zero_read: raise IN_ACCESS with a zero-length read where the first
             READ shows it works; False always reads one byte.
         kernel_knows: whether the overlay has told the kernel of a BACKING
@@ -341,6 +342,10 @@ class Replayer:
         self._files: dict[int, _File] = {}
         # files holding a synthetic open, oldest activity first
         self._open: OrderedDict[int, _File] = OrderedDict()
+        # held opens past max_open, taken from _open at once, for the closer to
+        # close before its next tick (see _evict_open)
+        self._closing: list[_File] = []
+        self._closing_ready = trio.Event()
         self._max_pending = max_pending
         # files handed to the worker threads and not collected yet
         self._in_threads = 0
@@ -508,8 +513,30 @@ class Replayer:
             f.close_at = trio.current_time() + self._close_after
             self._open[f.ino] = f
             self._open.move_to_end(f.ino)
+            if len(self._open) > self._max_open:
+                self._evict_open()
         elif not f.queued:
             self._files.pop(f.ino, None)
+
+    def _evict_open(self) -> None:
+        """Hand the oldest idle held opens past ``max_open`` to the closer now.
+
+        The closer's tick alone would let a burst of replays hold as many
+        opens as it makes in a tick; the overlay keeps only so many fds
+        free for them.
+        """
+        excess = len(self._open) - self._max_open
+        evicted: list[_File] = []
+        for f in self._open.values():
+            if len(evicted) >= excess:
+                break
+            if not f.reading:  # the reader settles it; its READs need the fd
+                evicted.append(f)
+        for f in evicted:
+            del self._open[f.ino]
+            f.busy = True
+        self._closing += evicted
+        self._closing_ready.set()
 
     # --- running -------------------------------------------------------------
 
@@ -823,7 +850,10 @@ class Replayer:
         # polling at a quarter of the linger keeps every close within 1.25x of it
         tick = self._close_after / 4
         while True:
-            await trio.sleep(tick)
+            # or at once for the opens _evict_open took past max_open
+            with trio.move_on_after(tick):
+                await self._closing_ready.wait()
+            self._closing_ready = trio.Event()
             # (a submit() without flush() waits for this tick)
             self._collect_and_flush()
             now = trio.current_time()
@@ -834,11 +864,14 @@ class Replayer:
                     break
                 if not f.reading:
                     due.append(f)
-            if not due:
-                continue
             for f in due:
                 del self._open[f.ino]
                 f.busy = True
+            # (already taken from _open, and busy)
+            due += self._closing
+            self._closing = []
+            if not due:
+                continue
             fds = [f.fd for f in due if f.fd is not None]
             try:
                 await trio.to_thread.run_sync(_close_all, fds, limiter=self._limiter)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable
 
 import trio
@@ -90,6 +91,31 @@ def walk_index(backing: str, limit: int) -> tuple[dict[int, str], bool]:
     finally:
         os.close(root)
     return index, False
+
+
+def _leads_to(backing: str, rel: str, ino: int) -> bool:
+    """Whether ``rel`` under ``backing`` is a regular file with inode ``ino`` (no
+    symlink followed, no mount crossed)."""
+    try:
+        root = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fd = libc.openat2(
+            root,
+            rel,
+            os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+            libc.RESOLVE_BENEATH | libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_XDEV,
+        )
+    except OSError:
+        return False
+    finally:
+        os.close(root)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_ino == ino and stat.S_ISREG(st.st_mode)
 
 
 class Resolver:
@@ -172,10 +198,30 @@ class Resolver:
         path = self.cached(ino)
         if path is not None and path != stale:
             return path
+        if stale is not None:
+            path = await self._index_path_still_good(ino, stale)
+            if path is not None:
+                return path
         if self._walked_at < since:
             await self._rescan(since)
         path = self._index.get(ino)
         return None if path == stale else path
+
+    async def _index_path_still_good(self, ino: int, stale: str) -> str | None:
+        """The index's path for ``ino`` if it differs from ``stale`` and still leads to it.
+
+        A directory renamed on BACKING keeps its old name in the overlay's
+        table (nothing told the kernel), so every access under it comes back
+        stale; the index walked since knows the new name.  Checked with one
+        open, it spares a walk of all of BACKING per such access.
+        """
+        path = self._index.get(ino)
+        if path is None or path == stale:
+            return None
+        ok = await trio.to_thread.run_sync(
+            _leads_to, self.backing, path, ino, limiter=self._limiter
+        )
+        return path if ok else None
 
     def _scoutfs_path(self, ino: int, stale: str | None) -> str | None:
         prefix = self._scoutfs_prefix or ""
