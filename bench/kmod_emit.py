@@ -27,14 +27,19 @@ VM_E2E = ROOT / "kmod" / "test" / "vm-e2e"
 RUN_GUEST = ROOT / "kmod" / "test" / "vm" / "run-guest"
 GUEST = ROOT / "kmod" / "test" / "vm" / "guest" / "emit_bench.sh"
 WORKLOAD_C = Path(__file__).with_name("emit_workload.c")
+DRAINER_C = Path(__file__).with_name("emit_drainer.c")
 VARIANTS = ("unpatched", "patched-no-reader", "patched-daemon")
 # BENCH_KMOD_NODELAY=1: also the daemon with --drain-delay 0 (a drain right after
 # each drain, as before that option), in the same guest as the default
 NODELAY = "patched-daemon-nodelay"
 # BENCH_KMOD_DIAG=1: the kernel's part alone, a reader attached that never drains
 # (every emit after the first 1024 a drop: the clock read, the lock and the
-# counters, no daemon), with the guest's clocksource and with the emulated HPET
-DIAG = ("patched-idle-reader", "patched-idle-reader-hpet")
+# counters, no daemon), with the guest's clocksource and with the emulated HPET;
+# then a C reader that drains as the daemon does but relays nothing
+# (bench/emit_drainer.c): the kernel's whole part of a drained ring without the
+# daemon's CPU
+C_DRAINER = "patched-c-drainer"
+DIAG = ("patched-idle-reader", "patched-idle-reader-hpet", C_DRAINER)
 # vm-e2e's status when the host cannot boot the test kernel at all
 UNAVAILABLE = 3
 
@@ -59,12 +64,12 @@ def _build(tag: str, build: Path, env: dict[str, str]) -> str:
     return ""
 
 
-def _compile(out: Path) -> Path:
+def _compile(out: Path, source: Path) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (Debian package build-essential)")
-    exe = out / "emit_workload"
-    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(exe), str(WORKLOAD_C)], check=True)
+    exe = out / source.stem
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(exe), str(source)], check=True)
     return exe
 
 
@@ -185,7 +190,7 @@ def run(cfg: Config) -> Stage:
         if why:
             stage.skipped = why
             return stage
-        exe = _compile(tmp)
+        exe = _compile(tmp, WORKLOAD_C)
         out = tmp / "guest"
         venv_bin = Path(sys.executable).parent
         args = ["--work", str(out), "--timeout", "3000", "--smp", str(smp)]
@@ -194,6 +199,8 @@ def run(cfg: Config) -> Stage:
         args += ["--env", f"PATCHED_BUILD={build / 'patched'}"]
         args += ["--env", f"NODELAY={int(nodelay)}"]
         args += ["--env", f"DIAG={int(diag)}"]
+        if diag:
+            args += ["--env", f"DRAINER={_compile(tmp, DRAINER_C)}"]
         if clock == "tsc":
             args += ["--append", "clocksource=tsc tsc=reliable"]
         args += ["--", str(GUEST), str(venv_bin), str(exe), str(out)]
@@ -246,6 +253,13 @@ def _figures(stage: Stage, runs: dict[str, list[tuple[float, int, int, int]]], s
             continue
         secs = [r[0] for r in runs[variant]]
         ratios = [v / u for v, u in zip(secs, base_runs, strict=True)]
+        what = (
+            "a C reader draining as the daemon does (1 ms pause after a drain of under "
+            "512 records) that relays nothing: the kernel's part of a drained ring"
+            if variant == C_DRAINER
+            else "a reader attached that never drains (each emit after the first 1024 a "
+            "drop: clock read, lock, counters; no daemon)"
+        )
         stage.add(
             Figure(
                 STAGE,
@@ -253,8 +267,7 @@ def _figures(stage: Stage, runs: dict[str, list[tuple[float, int, int, int]]], s
                 median(ratios),
                 "x",
                 note=(
-                    "a reader attached that never drains (each emit after the first 1024 a "
-                    "drop: clock read, lock, counters; no daemon); dropped "
+                    f"{what}; dropped "
                     f"{sum(r[3] for r in runs[variant])} of {sum(r[2] for r in runs[variant])}; "
                     "per repeat: " + ", ".join(f"{x:.3f}" for x in ratios)
                 ),

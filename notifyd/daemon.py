@@ -35,6 +35,7 @@ from .listen import Listener, bind_listener, prepare_dir
 from .mountwatch import watch_mount
 from .sdnotify import sd_notify
 from .source import Source
+from .source_scoutfs import DELAY_BELOW, DRAIN_DELAY_MS
 from .stats import serve_stats
 
 __all__ = ["SourceFactory", "build_parser", "main", "make_source", "parse_args", "serve"]
@@ -120,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-delay",
         metavar="MS",
         type=float,
-        default=1.0,
-        help="scoutfs source: after a drain of fewer than 512 records, wait this long "
+        default=DRAIN_DELAY_MS,
+        help=f"scoutfs source: after a drain of fewer than {DELAY_BELOW} records, wait this long "
         "before draining again, so that a busy mount is drained in batches: a record "
         "reaches clients at most this much later than it could; the first record after "
         "an idle spell is not delayed (default: %(default)s; 0: drain again at once)",

@@ -90,6 +90,8 @@ def test_bench_prints_machine_readable_lines(notify_test: Path) -> None:
     assert "hook_no_reader" in names
     assert "emit_stored" in names
     assert "emit_dropped_full" in names
+    # what a reader adds to a paced workload, in the emitting thread's CPU time
+    assert {"paced_no_reader", "paced_idle_reader", "paced_delayed_drainer"} <= set(names)
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address,undefined"])

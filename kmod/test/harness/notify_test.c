@@ -926,6 +926,7 @@ struct bench_emitter {
 	struct mount *m;
 	struct task_struct task;
 	long ops;
+	u64 ns;
 	pthread_t thread;
 };
 
@@ -937,6 +938,39 @@ static void *bench_emitter_thread(void *arg)
 	current = &b->task;
 	for (i = 0; i < b->ops; i++)
 		emit_read(b->m, 0, i, 1);
+	atomic_fetch_add(&emitters_done, 1);
+	return NULL;
+}
+
+/* about a microsecond of busy work on a current CPU */
+#define WORK_SPINS	1000
+
+/* the calling thread's CPU time: a busy host's preemptions don't count */
+static u64 thread_cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (u64)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+/* emits paced by busy work, in the emitting thread's CPU time */
+static void *bench_paced_emitter_thread(void *arg)
+{
+	struct bench_emitter *b = arg;
+	volatile unsigned long sink = 0;
+	u64 start;
+	long i;
+	int w;
+
+	current = &b->task;
+	start = thread_cpu_ns();
+	for (i = 0; i < b->ops; i++) {
+		for (w = 0; w < WORK_SPINS; w++)
+			sink += w;
+		emit_read(b->m, 0, i, 1);
+	}
+	b->ns = thread_cpu_ns() - start;
 	atomic_fetch_add(&emitters_done, 1);
 	return NULL;
 }
@@ -987,6 +1021,47 @@ static int bench(long ops)
 	for (i = 0; i < ops; i += RING_NR)
 		read_notify(&m, recs, RING_NR, 0, 0, NULL);
 	report("drain_empty_ioctl", (ops + RING_NR - 1) / RING_NR, now_ns() - start);
+
+	/*
+	 * A paced workload, WORK_SPINS of busy work per emit as a read
+	 * syscall's own work would be, timed by its own thread: with no
+	 * reader, with a reader that never drains (every emit a drop), and
+	 * while this thread drains as scoutfs-notifyd does (WAIT only on an
+	 * empty ring, a 1 ms pause after a drain of under half a ring).
+	 * Their ratios are what a reader adds to each access in the kernel,
+	 * the drainer's lock and cache line sharing and wakeups included.
+	 */
+	for (e = 0; e < 3; e++) {
+		static const char *const names[] = {
+			"paced_no_reader", "paced_idle_reader", "paced_delayed_drainer"
+		};
+		const struct timespec pause = { 0, 1000000 };
+		struct bench_emitter be = { .m = &m, .ops = ops / 10 };
+		int n;
+
+		read_notify(&m, recs, 4 * RING_NR, SCOUTFS_IOC_READ_NOTIFY_DETACH, 0, NULL);
+		if (e > 0)
+			read_notify(&m, recs, 1, 0, 0, NULL);
+		atomic_store(&emitters_done, 0);
+		thread_init(&be.task, &a, false);
+		pthread_create(&be.thread, NULL, bench_paced_emitter_thread, &be);
+		while (atomic_load(&emitters_done) < 1) {
+			if (e < 2) {
+				nanosleep(&pause, NULL);
+				continue;
+			}
+			n = read_notify(&m, recs, 4 * RING_NR, 0, 0, NULL);
+			if (n == 0)
+				n = read_notify(&m, recs, 4 * RING_NR,
+						SCOUTFS_IOC_READ_NOTIFY_WAIT, 10, NULL);
+			if (n > 0 && n < RING_NR / 2)
+				nanosleep(&pause, NULL);
+		}
+		pthread_join(be.thread, NULL);
+		report(names[e], be.ops, be.ns);
+	}
+	while (read_notify(&m, recs, 4 * RING_NR, 0, 0, NULL) > 0)
+		;
 
 	/* threads emitting while this one drains, wall time per record */
 	for (nr = 1; nr <= STRESS_EMITTERS; nr *= 2) {

@@ -4,7 +4,8 @@
 # the unpatched module, the patched one with no reader, and the patched one
 # with scoutfs-notifyd attached and draining (NODELAY=1: a fourth way, the
 # daemon with --drain-delay 0, as it drained before that option; DIAG=1: an
-# attached reader that never drains, see diag()).
+# attached reader that never drains and a C reader that drains without
+# relaying, see diag()).
 #
 #   emit_bench.sh VENV_BIN WORKLOAD OUTDIR REPEATS ROUNDS CHUNK FILES
 #
@@ -145,6 +146,30 @@ time.sleep(86400)' "$mnt" >"$out/idle-reader.out" 2>&1 &
 	wait "$pid" 2>/dev/null || true
 }
 
+# DIAG=1, too: a reader that drains as the daemon does (drain-delay 1 ms) but
+# does nothing with the records ($DRAINER, bench/emit_drainer.c), on the
+# daemon's vCPU: the kernel's whole part of a drained ring with almost none of
+# the daemon's CPU.  daemon.tsv gets its CPU, records and drains as a daemon's.
+c_drainer() {
+	"${on_daemon_cpu[@]}" "$DRAINER" "$mnt" 1000 >"$out/drainer.out" 2>&1 &
+	local pid=$! n=0 c0
+	until grep -q attached "$out/drainer.out"; do
+		sleep 0.2
+		n=$((n + 1))
+		[ "$n" -lt 600 ] || die "the drainer did not attach: $(cat "$out/drainer.out")"
+	done
+	c0=$(cpu_ticks "$pid")
+	run patched-c-drainer
+	local ticks
+	ticks=$(($(cpu_ticks "$pid") - c0))
+	kill -TERM "$pid"
+	wait "$pid" || die "the drainer failed: $(cat "$out/drainer.out")"
+	# its line: records drains waits dropped
+	printf '%s\t%s\t%s\t%s\n' patched-c-drainer "$ticks" \
+		"$(tail -n 1 "$out/drainer.out" | awk '{ print $1 "\t" $2 }')" \
+		"$(getconf CLK_TCK)" >>"$out/daemon.tsv"
+}
+
 diag() {
 	[ "${DIAG:-0}" = 1 ] || return 0
 	local cs=/sys/devices/system/clocksource/clocksource0/current_clocksource
@@ -154,6 +179,7 @@ diag() {
 	echo hpet >"$cs"
 	idle_reader patched-idle-reader-hpet
 	echo "$was" >"$cs"
+	c_drainer
 }
 
 for i in $(seq "$repeats"); do

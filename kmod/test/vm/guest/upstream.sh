@@ -15,8 +15,9 @@
 # One quorum member and the longest heartbeat timeout: under tcg on a busy
 # host a starved leader otherwise loses its term mid-test and gets fenced.
 # Three mounts, but the tests of WIDE use more (mmap: T_D3, totl-merge-read:
-# t_require_mounts 5): they run in a second run-tests.sh pass with
-# WIDE_MOUNTS mounts, results in RESULTS/wide.
+# t_require_mounts 5, srch-safe-merge-pos: a golden output line per mount of
+# upstream's five): they run in a second run-tests.sh pass with WIDE_MOUNTS
+# mounts, results in RESULTS/wide.
 #
 # compat/ comes first in PATH: tools as the distributions scoutfs's CI runs
 # on behave (compat/stat).
@@ -29,7 +30,7 @@ export SCOUTFS_BUILD=$tree/utils/src
 
 modprobe -a virtio_blk dm_mod libcrc32c
 export PATH=$here/compat:$PATH
-WIDE="mmap totl-merge-read"
+WIDE="mmap totl-merge-read srch-safe-merge-pos"
 WIDE_MOUNTS=5
 # no udevd in the guest: dmsetup must not wait for it
 export DM_DISABLE_UDEV=1
