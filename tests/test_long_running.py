@@ -186,3 +186,19 @@ async def test_access_under_a_renamed_directory_walks_backing_once(
     path = await resolver.resolve(ino, trio.current_time(), stale=stale)
     assert path == os.path.join("newer", "f")
     assert len(walks) == 2
+
+
+def test_shim_latency_is_timed_from_the_records_a_replay_answers() -> None:
+    """ShimMetrics alone: a record that raised no event (``on_lost``) is not the start of
+    the next replay's latency; that replay is timed from the record it answers."""
+    import time
+
+    from notifyd.metrics import ShimMetrics
+
+    m = ShimMetrics()
+    hour = 3600 * 10**9
+    m.on_event(_record(7, abi.TYPE_READ, time.time_ns() - hour), own=False)
+    m.on_lost(7)
+    m.on_event(_record(7, abi.TYPE_READ, time.time_ns()), own=False)
+    m.on_replayed(7)
+    assert m.latency._sum.get() < 60  # type: ignore[attr-defined]

@@ -192,37 +192,6 @@ def test_kmod_counters_from_sysfs(tmp_path) -> None:
     }
 
 
-def test_shim_latency_is_timed_from_the_records_a_replay_answers() -> None:
-    """ShimMetrics alone: a record that raised no event (``on_lost``) is not the start of
-    the next replay's latency; that replay is timed from the record it answers."""
-    import time
-
-    from notifyd import abi
-    from notifyd.metrics import ShimMetrics
-
-    def record(ino: int, time_ns: int) -> abi.Record:
-        return abi.Record(
-            seq=1,
-            ino=ino,
-            time_ns=time_ns,
-            pos=0,
-            count=1,
-            pid=1,
-            uid=0,
-            gid=0,
-            flags=0,
-            type=abi.TYPE_READ,
-        )
-
-    m = ShimMetrics()
-    hour = 3600 * 10**9
-    m.on_event(record(7, time.time_ns() - hour), own=False)
-    m.on_lost(7)
-    m.on_event(record(7, time.time_ns()), own=False)
-    m.on_replayed(7)
-    assert m.latency._sum.get() < 60  # type: ignore[attr-defined]
-
-
 def test_forward_metrics_move_with_accesses(notifyd_factory, tmp_path) -> None:
     """A real daemon, a real nats-server and the real forwarder, scraped over HTTP."""
     from cluster_support import forwarders, nats_servers, start_forwarder
