@@ -694,9 +694,14 @@ static int test_efault(void)
 	current = &a.task;
 
 	none = mmap(NULL, page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	ro = mmap(NULL, page, PROT_READ | PROT_WRITE,
+	/*
+	 * A page whose next page is surely inaccessible: a copy that runs off
+	 * its end must fault, whatever else the allocator mapped beside it.
+	 */
+	ro = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE,
 		  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	CHECK(none != MAP_FAILED && ro != MAP_FAILED);
+	CHECK_EQ(mprotect(ro + page, page, PROT_NONE), 0);
 
 	/* an unreadable argument fails before anything is taken */
 	CHECK_EQ(read_notify_arg(&m, none), -1);
@@ -729,7 +734,7 @@ static int test_efault(void)
 	CHECK_EQ(le64toh(recs[1].seq), 2);
 	scoutfs_notify_destroy(&m.sb);
 	munmap(none, page);
-	munmap(ro, page);
+	munmap(ro, 2 * page);
 	return 0;
 }
 
