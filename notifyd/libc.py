@@ -36,6 +36,7 @@ __all__ = [
     "setfsgid",
     "setfsuid",
     "setgroups_thread",
+    "stat_beneath",
     "umount2",
     "utimensat",
 ]
@@ -208,6 +209,21 @@ def openat2(
         ctypes.c_size_t(ctypes.sizeof(how)),
     )
     return _check(ret, path)
+
+
+def stat_beneath(dirfd: int, path: str | bytes) -> os.stat_result:
+    """``lstat`` of ``path`` reached from ``dirfd`` through no symlink (on the way or
+    at the end), across no mount and never above ``dirfd``."""
+    fd = openat2(
+        dirfd,
+        path,
+        os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+        RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV,
+    )
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 # struct linux_dirent64 up to its name: d_ino, d_off, d_reclen, d_type

@@ -1230,19 +1230,11 @@ class Overlay(pyfuse3.Operations):
         prefix = self.backing.rstrip("/") + "/"
         if not backing_path.startswith(prefix):
             return None
+        root = self._fd(self._inodes[pyfuse3.ROOT_INODE])
         try:
-            fd = libc.openat2(
-                self._fd(self._inodes[pyfuse3.ROOT_INODE]),
-                backing_path[len(prefix) :],
-                _PATH_FLAGS,
-                libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_XDEV | libc.RESOLVE_BENEATH,
-            )
+            st = libc.stat_beneath(root, backing_path[len(prefix) :])
         except (OSError, ValueError):
             return None
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
         return (st.st_dev, st.st_ino)
 
     # --- the rest ------------------------------------------------------------

@@ -101,20 +101,11 @@ def _leads_to(backing: str, rel: str, ino: int) -> bool:
     except OSError:
         return False
     try:
-        fd = libc.openat2(
-            root,
-            rel,
-            os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-            libc.RESOLVE_BENEATH | libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_XDEV,
-        )
+        st = libc.stat_beneath(root, rel)
     except OSError:
         return False
     finally:
         os.close(root)
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
     return st.st_ino == ino and stat.S_ISREG(st.st_mode)
 
 
