@@ -382,8 +382,7 @@ class Overlay(pyfuse3.Operations):
             collections.OrderedDict()
         )
         self._listing_threads = trio.CapacityLimiter(_LISTING_THREADS)
-        # uid -> its directory reads pending, and the limiter they wait on
-        self._listings: dict[int, int] = {}
+        # uid -> the limiter its directory reads hold or wait for, while any do
         self._listing_limiters: dict[int, trio.CapacityLimiter] = {}
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
@@ -493,13 +492,14 @@ class Overlay(pyfuse3.Operations):
         user whose request this is, an inode is served without one.  Those
         open files others need stay free.
         """
-        if fd >= _inode_fd_budget():
+        budget = _inode_fd_budget()
+        if fd >= budget:
             # numbered lowest-free first: that many fds are open already
             return False
         uid = _caller_uid.get()
         if uid != 0:
             held = self._user_inode_fds.get(uid, 0)
-            if held >= _inode_fd_budget() // _USER_SHARE_DIVISOR:
+            if held >= budget // _USER_SHARE_DIVISOR:
                 return False
             self._user_inode_fds[uid] = held + 1
         node.fd = fd
@@ -870,24 +870,19 @@ class Overlay(pyfuse3.Operations):
         pyfuse3 serves at once.
         """
         uid = d.creds.uid if d.creds is not None else 0
-        pending = self._listings.get(uid, 0)
-        if pending >= _MAX_PENDING_LISTINGS:
-            raise FUSEError(errno.EAGAIN)
         limiter = self._listing_limiters.get(uid)
         if limiter is None:
             limiter = self._listing_limiters[uid] = trio.CapacityLimiter(_USER_LISTINGS)
-        self._listings[uid] = pending + 1
+        if _pending(limiter) >= _MAX_PENDING_LISTINGS:
+            raise FUSEError(errno.EAGAIN)
         try:
             async with limiter:
                 return await trio.to_thread.run_sync(
                     _read_entries, d, offset, limiter=self._listing_threads
                 )
         finally:
-            if self._listings[uid] == 1:
-                del self._listings[uid]
+            if not _pending(limiter):
                 del self._listing_limiters[uid]
-            else:
-                self._listings[uid] -= 1
 
     def _keep_ahead(self, fh: int, offset: int, entries: list[tuple[bytes, int]]) -> None:
         """Keep entries read but not sent for the next call, in a bounded table."""
@@ -1303,6 +1298,12 @@ def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
     if entries:
         d.pos = entries[-1][1]
     return entries
+
+
+def _pending(limiter: trio.CapacityLimiter) -> int:
+    """Tasks holding or waiting for ``limiter`` (a token is handed on at release)."""
+    st = limiter.statistics()
+    return st.borrowed_tokens + st.tasks_waiting
 
 
 def _inode_fd_budget() -> int:
