@@ -21,6 +21,7 @@ __all__ = [
     "rss_bytes",
     "spawn",
     "stop",
+    "thread_cpu_seconds",
     "tmpfs",
 ]
 
@@ -30,12 +31,33 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _stat(path: str) -> tuple[str, list[str]]:
+    """A /proc ``stat`` file: the command name, and the fields after it (state first)."""
+    with open(path) as f:
+        text = f.read()
+    # the command name may hold spaces and parentheses: it ends at the last ')'
+    head, _, rest = text.rpartition(")")
+    return head.partition("(")[2], rest.split()
+
+
+def _cpu(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds ``pid`` has used (its own threads, not its children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        # the command name may hold spaces: fields start after the last ')'
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return _cpu(_stat(f"/proc/{pid}/stat")[1])
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """Each live thread of ``pid``: its name and the user + system CPU seconds it used."""
+    out: dict[int, tuple[str, float]] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # a thread gone meanwhile
+                comm, fields = _stat(f"/proc/{pid}/task/{tid}/stat")
+                out[int(tid)] = (comm, _cpu(fields))
+    return out
 
 
 @dataclass
@@ -56,8 +78,7 @@ class Usage:
 
     @classmethod
     def read(cls, pid: int) -> Usage:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
+        fields = _stat(f"/proc/{pid}/stat")[1]
         u = cls(user=int(fields[11]) / _TICK, system=int(fields[12]) / _TICK)
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):

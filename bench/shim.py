@@ -33,7 +33,7 @@ from notifyd.stats import read_stats
 
 from .config import Config
 from .figures import Figure, Stage, median
-from .procs import Usage, bind_self, notifyd, tmpfs
+from .procs import Usage, bind_self, notifyd, thread_cpu_seconds, tmpfs
 
 __all__ = ["run"]
 
@@ -403,7 +403,6 @@ class Names:
         return out
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
 # the shim's threads, by what they do: the main thread runs trio and pyfuse3 (every
 # FUSE request, the records from the daemon), trio's thread pool closes synthetic
 # opens and walks BACKING for the resolver, and the rest are the replay threads
@@ -414,15 +413,9 @@ _SHIM_THREADS = ("trio", "replay", "closes")
 def _thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of ``pid``'s live threads, summed per kind of _SHIM_THREADS."""
     out = dict.fromkeys(_SHIM_THREADS, 0.0)
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
-            comm = text[text.index("(") + 1 : text.rindex(")")]
-            fields = text.rpartition(")")[2].split()
-            cpu = (int(fields[11]) + int(fields[12])) / _TICK
-            kind = "trio" if tid == str(pid) else "closes" if comm.startswith("Trio") else "replay"
-            out[kind] += cpu
+    for tid, (comm, cpu) in thread_cpu_seconds(pid).items():
+        kind = "trio" if tid == pid else "closes" if comm.startswith("Trio") else "replay"
+        out[kind] += cpu
     return out
 
 
