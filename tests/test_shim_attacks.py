@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +43,7 @@ from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noq
 from compat.inotify_shim.overlay import Overlay
 from compat.inotify_shim.replay import Announce, ReplayThreads
 from compat.procs import ShimProcess, mount_type, unmount
-from notifyd import abi, libc
+from notifyd import abi, libc, procs
 
 SECRET = "TOPSECRET"
 
@@ -818,11 +819,15 @@ def test_one_users_held_listings_leave_others_theirs(top: Path) -> None:  # noqa
     attack = f"""
 import errno, os, sys, threading
 errs = []
+lock = threading.Lock()
 def ls(i):
     try:
         os.listdir(os.path.join({str(mnt)!r}, "h%02d" % i))
     except OSError as exc:
-        errs.append(errno.errorcode[exc.errno])
+        with lock:
+            errs.append(errno.errorcode[exc.errno])
+            # at once: the test waits for these before it lets any listing go
+            print(errs[-1], flush=True)
 threads = [threading.Thread(target=ls, args=(i,)) for i in range({many})]
 for t in threads:
     t.start()
@@ -838,7 +843,12 @@ print(" ".join(sorted(errs)) or "none", flush=True)
         attacker = _attacker_proc(attack)
         try:
             assert attacker.stdout is not None
-            assert attacker.stdout.readline() == "started\n"
+            # "started", and the sentinel that every listing is in: those past
+            # the 24 pending refused (none can end before fs.release(), so none
+            # frees a place), in whatever order the attacker's threads print
+            said = procs.LineReader(attacker.stdout.fileno())
+            deadline = time.monotonic() + START_TIMEOUT
+            started = sorted(said.next(deadline) or "" for _ in range(many - 24 + 1))
             # the user's share of reads reached BACKING and wait there
             reached = [fs.line()[: len("listing h")] for _ in range(4)]
             root_listing: list[list[str]] = []
@@ -856,6 +866,7 @@ print(" ".join(sorted(errs)) or "none", flush=True)
             attacker.wait()
         alive = shim.proc.poll() is None
     assert reached == ["listing h"] * 4
+    assert started == ["EAGAIN"] * (many - 24) + ["started"]
     assert root_reached == "listing held\n"
     assert root_listing == [["a", "b"]]
     assert out.split() == ["EAGAIN"] * (many - 24), err
