@@ -11,7 +11,6 @@ the newest records, so the caller should expect a gap.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -193,6 +192,10 @@ class AsyncioSubscriber(_AsyncSubscription[socket.socket]):
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str]) -> AsyncioSubscriber:
+        # here, not at the top: the daemon and trio clients import this
+        # module, and asyncio is a quarter of the daemon's start-up
+        import asyncio
+
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -205,5 +208,7 @@ class AsyncioSubscriber(_AsyncSubscription[socket.socket]):
 
     async def recv_batch(self) -> bytes | None:
         """Return one message of whole records, or None at end of stream."""
+        import asyncio
+
         msg = await asyncio.get_running_loop().sock_recv(self.sock, abi.MAX_MESSAGE_BYTES)
         return _check_message(msg) if msg else None

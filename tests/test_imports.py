@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,16 @@ def test_the_loop_check_finds_a_loop_and_ignores_the_package_itself() -> None:
 def test_notifyd_modules_import_each_other_without_a_loop() -> None:
     loops = cycles(import_graph(NOTIFYD_MODULES))
     assert not loops, "import loops in notifyd: " + "; ".join(" -> ".join(c) for c in loops)
+
+
+def test_the_daemon_starts_without_asyncio() -> None:
+    """The daemon is trio only: asyncio was a quarter of its import time.
+
+    Under tcg (the VM tests attach a daemon to every mount) each import costs
+    seconds of the guest's one vCPU, taken from the tests beside it.
+    """
+    probe = "import sys, notifyd.daemon; print(sorted(m for m in sys.modules if m == 'asyncio'))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", "notifyd.daemon imports asyncio"
