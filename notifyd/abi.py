@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 __all__ = [
+    "INOTIFY_TYPES",
     "INO_PATH",
     "INO_PATH_RESULT",
     "IOC_INO_PATH",
@@ -52,6 +53,9 @@ VERSION = 1
 TYPE_OPEN = 1
 TYPE_READ = 2
 TYPE_NAMES = {TYPE_OPEN: "OPEN", TYPE_READ: "READ"}
+# The types the inotify view (docs/ABI.md section 5) turns into events; a
+# record of another type is counted and skipped by whatever replays records.
+INOTIFY_TYPES = frozenset({TYPE_OPEN, TYPE_READ})
 
 # uid/gid a source sets when the accessing process is gone: never guess root.
 UNKNOWN_ID = 0xFFFFFFFF

@@ -313,8 +313,6 @@ class DaemonMetrics:
 # Inodes whose oldest unreplayed record time is kept for the latency: a bound
 # for records that are never replayed (lost to overload, file gone).
 PENDING_LIMIT = 65536
-# The record types the shim replays (the rest are counted and skipped).
-_REPLAYED_TYPES = frozenset({abi.TYPE_OPEN, abi.TYPE_READ})
 
 
 SHIM_COUNTERS: CounterTable = (
@@ -377,7 +375,7 @@ class ShimMetrics:
         self.records_in += 1
         if own:
             self.records_own += 1
-        elif ev.type in _REPLAYED_TYPES and ev.ino not in self._pending:
+        elif ev.type in abi.INOTIFY_TYPES and ev.ino not in self._pending:
             # only what the replayer takes is pending: a type it skips (docs/ABI.md:
             # consumers skip types they do not know) would never be replayed nor
             # lost, and would stay until evicted, timing a later replay from itself

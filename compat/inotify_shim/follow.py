@@ -118,7 +118,7 @@ async def _pump(
     on_event: Callable[[abi.Record | Gap, bool], None] | None = None,
 ) -> None:
     submit = replayer.submit
-    types = (abi.TYPE_OPEN, abi.TYPE_READ)
+    types = abi.INOTIFY_TYPES
     # a message at a time, its records in a plain loop: no async generator step
     # (and no trio checkpoint) per record
     while (batch := await sub.recv_batch()) is not None:
