@@ -148,16 +148,15 @@ def test_a_server_dead_while_publishing_loses_and_repeats_nothing(tmp_path: Path
         server.stop()
 
 
-def test_the_reader_thread_keeps_every_payload_whole_across_a_dead_server(
+def test_reused_chunks_keep_every_payload_whole_across_a_dead_server(
     tmp_path: Path,
 ) -> None:
-    """The reader thread reads a daemon's socket into chunks that are reused
-    once their message is stored, while the publisher re-sends a message the
-    stopped server never acked: the stream ends up with every record once, in
-    order, byte for byte.  A chunk read into again before its message was
-    stored, or a partly filled chunk taken while the thread writes to it,
-    repeats or skips records in the payloads (the headers alone would not
-    show it)."""
+    """The reader reads a daemon's socket into chunks that are reused once
+    their message is stored, and goes on reading while the publisher re-sends
+    a message the stopped server never acked: the stream ends up with every
+    record once, in order, byte for byte.  A chunk read into again before its
+    message was stored repeats or skips records in the payloads (the headers
+    alone would not show it)."""
     server = NatsServer(tmp_path, "n1")
     server.start()
     per_half = 64 * 800

@@ -1,16 +1,13 @@
 """scoutfs-notify-forward: publish one mount's records to NATS JetStream.
 
 An ordinary client of the local daemon's socket, in its own asyncio process
-(nats-py is asyncio-only; the trio daemon never sees it).  A reader thread
-and the publisher task share a bounded backlog under one lock:
+(nats-py is asyncio-only; the trio daemon never sees it).  Two tasks share a
+bounded backlog:
 
-- the reader thread reads every message the daemon sends straight into the
-  payload being built (contiguous records of one epoch, up to
-  MAX_BATCH_RECORDS), never waiting on NATS, so the daemon never waits on
-  us; past ``--backlog`` records a message is dropped and counted.  It is a
-  thread so that reading goes on while the loop copies a megabyte into
-  nats-py and sends it (the daemon's socket holds about 50 messages: in the
-  loop's thread, every publish stalled the daemon's side);
+- the reader reads every message the daemon sends straight into the payload
+  being built (contiguous records of one epoch, up to MAX_BATCH_RECORDS),
+  never waiting on NATS, so the daemon never waits on us; past ``--backlog``
+  records a message is dropped and counted;
 - the publisher sends the backlog in order, one message in flight at a time
   (see ``_pump`` for why), and re-sends a message whose ack did not come
   under the same ``Nats-Msg-Id`` (the stream drops the copy).
@@ -29,12 +26,10 @@ import contextlib
 import dataclasses
 import logging
 import os
-import select
 import signal
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,13 +222,10 @@ def _listed(doc: dict[str, object], pid: int) -> bool:
     )
 
 
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
+def _wake(fut: asyncio.Future[None]) -> None:
+    # the loop may call a reader again before the waiting task has run
+    if not fut.done():
         fut.set_result(None)
-    else:
-        fut.set_exception(exc)
 
 
 @dataclass
@@ -294,11 +286,6 @@ class Forwarder:
     observe_publish: Callable[[float], None] | None = None
 
     def __post_init__(self) -> None:
-        # held by the reader thread while it takes a burst, and by the
-        # publisher while it takes a message out: everything below
-        self.lock = threading.Lock()
-        # the publisher waits on ``wakeup`` (set from the reader thread)
-        self._idle = False
         self.backlog: collections.deque[_Item] = collections.deque()
         self.backlog_records = 0
         self.wakeup = asyncio.Event()
@@ -361,26 +348,14 @@ class Forwarder:
             log.info("subscribed to %s (epoch %s)", self.socket_path, epoch)
             backoff, logged = DAEMON_BACKOFF_MIN, None
             accepted = asyncio.create_task(self._wait_accepted())
-            closed: asyncio.Future[None] = loop.create_future()
-            reader = threading.Thread(
-                target=self._read_socket,
-                args=(loop, sock, epoch, closed),
-                name="daemon-reader",
-                daemon=True,
-            )
-            reader.start()
             try:
-                await closed
+                await self._drain_socket(loop, sock, epoch)
             except OSError as exc:
                 log.warning("connection to %s failed: %s", self.socket_path, exc)
             else:
                 log.warning("scoutfs-notifyd closed %s; reconnecting", self.socket_path)
             finally:
                 accepted.cancel()
-                # wakes the thread's poll; it ends before the fd can be reused
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                reader.join()
                 sock.close()
             self.connected.clear()
             await asyncio.sleep(backoff)
@@ -391,7 +366,7 @@ class Forwarder:
         connect() returns as soon as the connection waits in the daemon's
         listen queue, before the daemon serves it; the daemon's stats socket
         lists the clients it accepted, with their pids.  A record from the
-        daemon proves it too (:meth:`_read_socket`).
+        daemon proves it too (:meth:`_took`).
         """
         stats = os.fspath(paths.stats_path_for(self.socket_path))
         pid = os.getpid()
@@ -410,72 +385,58 @@ class Forwarder:
                     return
             await asyncio.sleep(ACCEPT_POLL)
 
-    def _read_socket(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        epoch: str,
-        closed: asyncio.Future[None],
+    async def _drain_socket(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, epoch: str
     ) -> None:
-        """The reader thread: read messages until the daemon closes the connection.
+        """Read messages until the daemon closes the connection.
 
-        Waits in poll() without the lock, then reads what the socket holds,
-        up to READ_BURST messages, under the lock, and wakes the publisher
-        once per burst if it waits (one hop to the loop per burst, none
-        while it is busy publishing).
+        The socket stays registered with the loop for the whole connection
+        and :meth:`_readable` reads what it holds, up to READ_BURST messages,
+        each time the loop finds it readable: no future, task switch or
+        epoll_ctl per wake-up (those cost more than the reads when the
+        daemon's messages come one or two at a time).  Between two bursts
+        the loop runs everything else that is ready, the publisher too.
         """
-        result: BaseException | None = None
-        # a message from the daemon proves it serves us (see _wait_accepted)
-        told = False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        closed: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, self._readable, sock, epoch, closed)
+        try:
+            await closed
+        finally:
+            loop.remove_reader(fd)
+
+    def _readable(self, sock: socket.socket, epoch: str, closed: asyncio.Future[None]) -> None:
+        if closed.done():
+            return
         recv_into = sock.recv_into
         room = abi.MAX_MESSAGE_BYTES
-        try:
-            while True:
-                poller.poll()
-                with self.lock:
-                    for _ in range(READ_BURST):
-                        if self._chunk_size - self._used < room:
-                            self._close_chunk()
-                        try:
-                            n = recv_into(self._view[self._used :], room)
-                        except BlockingIOError:
-                            break
-                        if not n:
-                            return
-                        self._took(epoch, n)
-                    wake = self._idle and self._pending()
-                    if wake:
-                        self._idle = False
-                if wake:
-                    loop.call_soon_threadsafe(self.wakeup.set)
-                if not told and self.counters.received:
-                    told = True
-                    loop.call_soon_threadsafe(self.connected.set)
-        except Exception as exc:  # OSError: the connection failed; else a bug, raised in the loop
-            result = exc
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_settle, closed, result)
+        for _ in range(READ_BURST):
+            if self._chunk_size - self._used < room:
+                self._close_chunk()
+            try:
+                n = recv_into(self._view[self._used :], room)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                closed.set_exception(exc)
+                return
+            if not n:
+                closed.set_result(None)
+                return
+            self._took(epoch, n)
 
     def _take(self, epoch: str, msg: bytes) -> None:
-        """Take one message given as bytes, in the loop's thread (the reader
-        thread reads into the chunk)."""
-        with self.lock:
-            if self._chunk_size - self._used < len(msg):
-                self._close_chunk()
-            self._chunk[self._used : self._used + len(msg)] = msg
-            self._took(epoch, len(msg))
-        self.wakeup.set()
-        self.connected.set()
+        """Take one message given as bytes (the socket path reads into the chunk)."""
+        if self._chunk_size - self._used < len(msg):
+            self._close_chunk()
+        self._chunk[self._used : self._used + len(msg)] = msg
+        self._took(epoch, len(msg))
 
     def _took(self, epoch: str, size: int) -> None:
         """Account for the message of ``size`` bytes just written at the chunk's end.
 
         Records go straight into the chunk that becomes a message's payload:
         no object per socket message, and no join of many small payloads.
-        Called with the lock held.
         """
         at = self._used
         if size % abi.RECORD_SIZE or not size:
@@ -521,6 +482,9 @@ class Forwarder:
         self._chunk_last = last
         self._used = at + size
         self.backlog_records += n
+        self.wakeup.set()
+        if not self.connected.is_set():
+            self.connected.set()  # a record: the daemon serves us
 
     def _new_chunk(self) -> None:
         # the one closed is a message's payload now
@@ -635,18 +599,13 @@ class Forwarder:
         """
         while True:
             if self._current is None:
-                with self.lock:
-                    if self._pending():
-                        self._current = self._next_out()
-                    elif not until_empty:
-                        # the reader thread sets it once it has records
-                        self._idle = True
-                        self.wakeup.clear()
-                if self._current is None:
+                if not self._pending():
                     if until_empty:
                         return
+                    self.wakeup.clear()
                     await self.wakeup.wait()
                     continue
+                self._current = self._next_out()
             # kept until stored: a publisher cancelled on SIGTERM left it to drain()
             await self._publish(self._current)
             self._current = None
@@ -694,10 +653,6 @@ class Forwarder:
         self._record_published(out)
 
     def _record_published(self, out: _Out) -> None:
-        with self.lock:
-            self._published(out)
-
-    def _published(self, out: _Out) -> None:
         if out.lost:
             self.counters.lost_reported += out.lost
             log.warning(
