@@ -222,12 +222,6 @@ def _listed(doc: dict[str, object], pid: int) -> bool:
     )
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    # the loop may call a reader again before the waiting task has run
-    if not fut.done():
-        fut.set_result(None)
-
-
 @dataclass
 class Counters:
     received: int = 0
