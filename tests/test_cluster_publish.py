@@ -9,6 +9,8 @@ in this process with a real JetStream, without a daemon.
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from pathlib import Path
 
 import nats
@@ -64,11 +66,11 @@ async def setup(url: str):  # type: ignore[no-untyped-def]
     return nc, js, fwd
 
 
-def run(server: NatsServer, body) -> None:  # type: ignore[no-untyped-def]
+def run(server: NatsServer, body, timeout: float | None = None) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         nc, js, fwd = await setup(server.url)
         try:
-            await body(js, fwd)
+            await asyncio.wait_for(body(js, fwd), timeout)
         finally:
             await nc.close()
 
@@ -144,6 +146,88 @@ def test_a_server_dead_while_publishing_loses_and_repeats_nothing(tmp_path: Path
         run(server, body)
     finally:
         server.stop()
+
+
+def test_reused_chunks_keep_every_payload_whole_across_a_dead_server(
+    tmp_path: Path,
+) -> None:
+    """The reader reads a daemon's socket into chunks that are reused once
+    their message is stored, and goes on reading while the publisher re-sends
+    a message the stopped server never acked: the stream ends up with every
+    record once, in order, byte for byte.  A chunk read into again before its
+    message was stored repeats or skips records in the payloads (the headers
+    alone would not show it)."""
+    server = NatsServer(tmp_path, "n1")
+    server.start()
+    per_half = 64 * 800
+    sock_path = tmp_path / "daemon.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    second_half, sent_all = threading.Event(), threading.Event()
+    conn: list[socket.socket] = []
+
+    def daemon() -> None:
+        c, _ = listener.accept()
+        conn.append(c)
+        for s in range(1, 2 * per_half + 1, 64):
+            if s == per_half + 1:
+                second_half.wait(60)
+            c.sendall(records(s, s + 63))
+        sent_all.set()
+
+    feeder = threading.Thread(target=daemon, daemon=True)
+    feeder.start()
+    try:
+
+        async def body(js, _unused: Forwarder) -> None:  # type: ignore[no-untyped-def]
+            # many chunks per half: the spares run out while the server is away
+            fwd = Forwarder(js, Identity(FSID, NODE, False), sock_path, STREAM, max_batch=256)
+            acked, all_stored = asyncio.Event(), asyncio.Event()
+
+            def observe(_seconds: float) -> None:
+                acked.set()
+                # called before the acked message (_current) is counted
+                current = fwd._current.count if fwd._current else 0
+                if fwd.counters.published + current == 2 * per_half:
+                    all_stored.set()
+
+            fwd.observe_publish = observe
+            reader = asyncio.create_task(fwd.read_daemon())
+            pump = asyncio.create_task(fwd.publish_forever())
+            await asyncio.wait_for(acked.wait(), 30)
+            server.stop()
+            second_half.set()
+            # sent: in the reader's chunks, but for what the socket still holds
+            assert await asyncio.to_thread(sent_all.wait, 60)
+            server.start()
+            await all_stored.wait()
+            pump.cancel()
+            reader.cancel()
+            await asyncio.gather(pump, reader, return_exceptions=True)
+            seqs = [r.seq for r in abi.decode(await stored_payloads(js))]
+            assert seqs == list(range(1, 2 * per_half + 1))
+            assert fwd.counters.lost_reported == 0
+
+        run(server, body, timeout=120)
+    finally:
+        server.stop()
+        for c in conn:
+            c.close()
+        listener.close()
+
+
+async def stored_payloads(js) -> bytes:  # type: ignore[no-untyped-def]
+    """Every payload of SUBJECT, in stream order, joined."""
+    out = []
+    seq = 1
+    while True:
+        try:
+            msg = await js.get_msg(STREAM, seq=seq, subject=SUBJECT, next=True)
+        except nats.js.errors.NotFoundError:
+            return b"".join(out)
+        out.append(msg.data)
+        seq = msg.seq + 1
 
 
 def test_messages_fit_the_servers_max_payload() -> None:

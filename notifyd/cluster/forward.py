@@ -90,6 +90,11 @@ RETRY_DELAY = 0.5
 # (2048 records), so an ack that came is acted on without waiting behind a
 # long run of reads (with 1024, it could wait behind 1024 of them).
 READ_BURST = 32
+# Payload buffers (one message each, up to 1 MiB) kept for reuse once the
+# stream holds their message: the chunk being filled and the message in
+# flight take turns.  A fresh megabyte per message costs more than reading
+# it (mapped, zeroed and faulted in page by page, then unmapped).
+SPARE_CHUNKS = 4
 # Between looks at the daemon's stats for our connection (see _wait_accepted).
 ACCEPT_POLL = 0.05
 # Reconnect backoff to the local daemon's socket: what a restarted daemon
@@ -217,12 +222,6 @@ def _listed(doc: dict[str, object], pid: int) -> bool:
     )
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    # the loop may call a reader again before the waiting task has run
-    if not fut.done():
-        fut.set_result(None)
-
-
 @dataclass
 class Counters:
     received: int = 0
@@ -236,12 +235,17 @@ class Counters:
     duplicates: int = 0
 
 
+Payload = bytes | memoryview
+
+
 @dataclass
 class _Item:
     epoch: str
     first: int
     last: int
-    payload: bytes | bytearray
+    payload: Payload
+    # the chunk the payload is a view of, reused once the stream holds it
+    chunk: bytearray | None = None
 
 
 @dataclass
@@ -251,10 +255,11 @@ class _Out:
     epoch: str
     first: int
     last: int
-    payload: bytes | bytearray
+    payload: Payload
     count: int
     lost: int
     hdrs: dict[str, str]
+    chunk: bytearray | None = None
 
 
 @dataclass
@@ -287,6 +292,7 @@ class Forwarder:
         self._current: _Out | None = None
         # the chunk the socket is read into: the next message's payload
         self._chunk_size = self.max_batch * abi.RECORD_SIZE
+        self._spare: list[bytearray] = []
         self._chunk = bytearray(self._chunk_size)
         self._view = memoryview(self._chunk)
         self._used = 0
@@ -378,32 +384,40 @@ class Forwarder:
     ) -> None:
         """Read messages until the daemon closes the connection.
 
-        Every message the socket holds is read in one go once it is readable:
-        one event-loop round trip per message (``loop.sock_recv``) would cap
-        the intake at a few thousand messages a second.  The publisher gets
-        the loop every READ_BURST messages.
+        The socket stays registered with the loop for the whole connection
+        and :meth:`_readable` reads what it holds, up to READ_BURST messages,
+        each time the loop finds it readable: no future, task switch or
+        epoll_ctl per wake-up (those cost more than the reads when the
+        daemon's messages come one or two at a time).  Between two bursts
+        the loop runs everything else that is ready, the publisher too.
         """
+        closed: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, self._readable, sock, epoch, closed)
+        try:
+            await closed
+        finally:
+            loop.remove_reader(fd)
+
+    def _readable(self, sock: socket.socket, epoch: str, closed: asyncio.Future[None]) -> None:
+        if closed.done():
+            return
         recv_into = sock.recv_into
         room = abi.MAX_MESSAGE_BYTES
-        while True:
-            ready = loop.create_future()
-            loop.add_reader(sock.fileno(), _wake, ready)
+        for _ in range(READ_BURST):
+            if self._chunk_size - self._used < room:
+                self._close_chunk()
             try:
-                await ready
-            finally:
-                loop.remove_reader(sock.fileno())
-            for _ in range(READ_BURST):
-                if self._chunk_size - self._used < room:
-                    self._close_chunk()
-                try:
-                    n = recv_into(self._view[self._used :], room)
-                except BlockingIOError:
-                    break
-                if not n:
-                    return
-                self._took(epoch, n)
-            else:
-                await asyncio.sleep(0)
+                n = recv_into(self._view[self._used :], room)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                closed.set_exception(exc)
+                return
+            if not n:
+                closed.set_result(None)
+                return
+            self._took(epoch, n)
 
     def _take(self, epoch: str, msg: bytes) -> None:
         """Take one message given as bytes (the socket path reads into the chunk)."""
@@ -467,49 +481,55 @@ class Forwarder:
             self.connected.set()  # a record: the daemon serves us
 
     def _new_chunk(self) -> None:
-        # a fresh buffer: the one closed is a message's payload now
-        self._chunk = bytearray(self._chunk_size)
+        # the one closed is a message's payload now
+        self._chunk = self._spare.pop() if self._spare else bytearray(self._chunk_size)
         self._view = memoryview(self._chunk)
         self._used = 0
+
+    def _reuse(self, chunk: bytearray | None) -> None:
+        """Take back the chunk of a message the stream holds (or that was copied out)."""
+        if chunk is not None and len(self._spare) < SPARE_CHUNKS:
+            self._spare.append(chunk)
 
     def _close_chunk(self) -> None:
         """Queue what the chunk holds as one message and start a new chunk."""
         used = self._used
         if not used:
             return
+        item = _Item(self._chunk_epoch, self._chunk_first, self._chunk_last, b"")
         if used < self._chunk_size // 4:
-            # a small message (NATS is keeping up): copy it out and keep the
-            # chunk; a fresh megabyte per message would cost more (allocated
-            # by mmap, zeroed, faulted in page by page) than the copy
-            payload: bytes | bytearray = bytes(self._view[:used])
+            # a small message (NATS is keeping up): copy it out and keep the chunk
+            item.payload = bytes(self._view[:used])
             self._used = 0
         else:
-            # the chunk itself becomes the payload, cut to what it holds: no
-            # copy of up to a megabyte (the view must go first)
-            self._view.release()
-            del self._chunk[used:]
-            payload = self._chunk
+            # the chunk itself becomes the payload: no copy of up to a
+            # megabyte; it is read into again once the stream holds it
+            item.payload, item.chunk = self._view[:used], self._chunk
             self._new_chunk()
-        self.backlog.append(_Item(self._chunk_epoch, self._chunk_first, self._chunk_last, payload))
+        self.backlog.append(item)
 
-    def _next_batch(self) -> tuple[str, int, int, bytes | bytearray, int]:
-        """Pop contiguous messages of one epoch: (epoch, first, last, payload, count)."""
+    def _next_batch(self) -> _Item:
+        """Pop contiguous messages of one epoch as one."""
         if not self.backlog:
             self._close_chunk()
         head = self.backlog.popleft()
-        parts, epoch, first, last = [head.payload], head.epoch, head.first, head.last
-        count = len(head.payload) // abi.RECORD_SIZE
+        parts = [head]
+        last, count = head.last, len(head.payload) // abi.RECORD_SIZE
         while self.backlog:
             nxt = self.backlog[0]
             n = len(nxt.payload) // abi.RECORD_SIZE
-            if nxt.epoch != epoch or nxt.first != last + 1 or count + n > self.max_batch:
+            if nxt.epoch != head.epoch or nxt.first != last + 1 or count + n > self.max_batch:
                 break
-            self.backlog.popleft()
-            parts.append(nxt.payload)
+            parts.append(self.backlog.popleft())
             last = nxt.last
             count += n
         self.backlog_records -= count
-        return epoch, first, last, parts[0] if len(parts) == 1 else b"".join(parts), count
+        if len(parts) == 1:
+            return head
+        joined = _Item(head.epoch, head.first, last, b"".join(p.payload for p in parts))
+        for p in parts:
+            self._reuse(p.chunk)
+        return joined
 
     @property
     def unpublished(self) -> int:
@@ -522,7 +542,9 @@ class Forwarder:
 
     def _next_out(self) -> _Out:
         """The next message to publish, its Lost header set against the one before."""
-        epoch, first, last, payload, count = self._next_batch()
+        item = self._next_batch()
+        epoch, first, last = item.epoch, item.first, item.last
+        count = len(item.payload) // abi.RECORD_SIZE
         lost = 0
         if self.last_epoch == epoch and self.last_seq is not None and first > self.last_seq + 1:
             lost = first - self.last_seq - 1
@@ -540,7 +562,7 @@ class Forwarder:
             lost = first - 1
         self.last_epoch, self.last_seq = epoch, last
         hdrs = wire.headers_for(self.ident.fsid, self.ident.node, epoch, first, last, lost)
-        return _Out(epoch, first, last, payload, count, lost, hdrs)
+        return _Out(epoch, first, last, item.payload, count, lost, hdrs, item.chunk)
 
     async def publish_forever(self) -> None:
         """Publish the backlog until cancelled; see :meth:`_pump`."""
@@ -597,7 +619,7 @@ class Forwarder:
             try:
                 ack = await self.js.publish(
                     self.ident.subject,
-                    # a bytearray does: nats-py takes its len and copies it out
+                    # a memoryview does: nats-py takes its len and copies it out
                     cast(bytes, out.payload),
                     timeout=PUBLISH_TIMEOUT,
                     stream=self.stream,
@@ -635,6 +657,10 @@ class Forwarder:
             )
         self.counters.published += out.count
         self.counters.messages += 1
+        # nats-py copied the payload into its own buffer on each send; no
+        # re-send needs it now
+        self._reuse(out.chunk)
+        out.chunk = None
 
 
 async def ensure_stream(
