@@ -112,7 +112,7 @@ async def follow_cluster(
                             )
                             continue
                         rec = ev.record
-                        if rec.type in (abi.TYPE_OPEN, abi.TYPE_READ):
+                        if rec.type in abi.INOTIFY_TYPES:
                             submit(rec.type, rec.ino)
                     # once per message, as follow.py does: an OPEN and the
                     # READs after it make one job
