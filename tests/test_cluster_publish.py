@@ -44,8 +44,8 @@ def feed(fwd: Forwarder, first: int, last: int, per_message: int = 64) -> None:
         fwd._take("e1", records(s, min(s + per_message - 1, last)))
 
 
-async def stored(js, subject: str = SUBJECT) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
-    """(stream seq, Scoutfs-Notify-Seq) of every message of ``subject``, in stream order."""
+async def stored_messages(js, subject: str = SUBJECT) -> list:  # type: ignore[no-untyped-def]
+    """Every message of ``subject`` in the stream, in stream order."""
     out = []
     seq = 1
     while True:
@@ -53,8 +53,13 @@ async def stored(js, subject: str = SUBJECT) -> list[tuple[int, str]]:  # type: 
             msg = await js.get_msg(STREAM, seq=seq, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
             return out
-        out.append((msg.seq, (msg.headers or {})[wire.HDR_SEQ]))
+        out.append(msg)
         seq = msg.seq + 1
+
+
+async def stored(js, subject: str = SUBJECT) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
+    """(stream seq, Scoutfs-Notify-Seq) of every message of ``subject``, in stream order."""
+    return [(m.seq, (m.headers or {})[wire.HDR_SEQ]) for m in await stored_messages(js, subject)]
 
 
 async def setup(url: str):  # type: ignore[no-untyped-def]
@@ -219,15 +224,7 @@ def test_reused_chunks_keep_every_payload_whole_across_a_dead_server(
 
 async def stored_payloads(js) -> bytes:  # type: ignore[no-untyped-def]
     """Every payload of SUBJECT, in stream order, joined."""
-    out = []
-    seq = 1
-    while True:
-        try:
-            msg = await js.get_msg(STREAM, seq=seq, subject=SUBJECT, next=True)
-        except nats.js.errors.NotFoundError:
-            return b"".join(out)
-        out.append(msg.data)
-        seq = msg.seq + 1
+    return b"".join(m.data for m in await stored_messages(js))
 
 
 def test_messages_fit_the_servers_max_payload() -> None:
