@@ -84,11 +84,12 @@ if [ -s "$results/fail.log" ]; then
 	cat "$results/fail.log"
 fi
 
-# leftover mounts (run-tests.sh keeps them after a failure) must unmount cleanly
+# leftover mounts (run-tests.sh keeps them after a failure) must unmount
+# cleanly: clients first, the quorum member (test.0) last, one at a time
+# (prepare-upstream-tests says why)
 for m in $(findmnt -n -t scoutfs -o TARGET | sort -r); do
-	umount "$m" &
+	umount "$m"
 done
-wait
 if [ -n "${NOTIFY_READER_BIN:-}" ]; then
 	"$here/wrap/readers" check
 fi
