@@ -5,13 +5,15 @@ SOCK_SEQPACKET socket, 64-record messages sent as fast as the forwarder takes
 them); the real ``scoutfs-notify-forward`` publishes them to a real
 nats-server (one server R1, a 3-server cluster R3).  The figure is records
 per second from the feeder's first message until the stream holds the last
-record (polled every 20 ms).  Baseline, in the same run against a stream of
-the same configuration: a bare nats-py loop publishing the same records in
-messages of the forwarder's size (MAX_BATCH_RECORDS) with the same headers,
-one ack at a time, its messages built before the clock starts.  The
-forwarder also reads every record from the socket, which the loop does not:
-the note gives what a bare recv loop takes from the same feeder, in the same
-run, as the ceiling that reading alone sets.
+record, as a headers-only consumer of the subject sees it.  Baseline, in the
+same run against a stream of the same configuration: a bare nats-py loop
+publishing the same records in messages of the forwarder's size
+(MAX_BATCH_RECORDS) with the same headers, one ack at a time, its messages
+built before the clock starts, in a process whose heap is kept as the
+forwarder keeps its own (libc.keep_heap).  The forwarder also reads every
+record from the socket, which the loop does not: the note gives what a bare
+recv loop takes from the same feeder, in the same run, as the ceiling that
+reading alone sets.
 
 Latency: one directory bind-mounted twice as two nodes, a real daemon and
 forwarder on each, the shim with --nats over node A's mount, and an inotify
@@ -40,7 +42,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from notifyd import abi
+from notifyd import abi, libc
 from notifyd.paths import stats_path_for
 from notifyd.peer import peer_cred
 
@@ -51,9 +53,10 @@ from .procs import notifyd, spawn
 __all__ = ["run"]
 
 STAGE = "cluster"
+# each stream's size: a run's records, and room to spare
+STREAM_BYTES = 2 << 30
 TARGET_SHARE = 0.8
 TARGET_RECORDS_PER_S = 200_000
-POLL = 0.02
 # bounds on a hang, not measurements
 DRAIN_TIMEOUT = 300.0
 READY_TIMEOUT = 30.0
@@ -154,23 +157,34 @@ def feed(path: str, records: int) -> int:
 # --- throughput -----------------------------------------------------------------
 
 
-async def _last_seq(js, stream: str, subject: str) -> int:  # type: ignore[no-untyped-def]
-    import nats.js.errors
+async def _watch_last(js, stream: str, subject: str, want: int):  # type: ignore[no-untyped-def]
+    """A headers-only ordered consumer of ``subject``; returns (subscription,
+    a future of the perf_counter time the stream held record ``want``).
 
+    Headers only: polling the last message instead fetched a megabyte of
+    payload per look (base64 in JSON), CPU the measured pipeline shares.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[float] = loop.create_future()
+
+    async def seen(msg) -> None:  # type: ignore[no-untyped-def]
+        last = int((msg.headers or {}).get("Scoutfs-Notify-Seq", "0-0").rpartition("-")[2])
+        if last >= want and not done.done():
+            done.set_result(time.perf_counter())
+
+    sub = await js.subscribe(
+        subject, stream=stream, cb=seen, ordered_consumer=True, headers_only=True
+    )
+    return sub, done
+
+
+async def _wait_last(sub, done: asyncio.Future[float], subject: str, want: int) -> float:  # type: ignore[no-untyped-def]
     try:
-        msg = await js.get_last_msg(stream, subject)
-    except nats.js.errors.NotFoundError:
-        return 0
-    return int((msg.headers or {}).get("Scoutfs-Notify-Seq", "0-0").rpartition("-")[2])
-
-
-async def _wait_last(js, stream: str, subject: str, want: int) -> float:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    while (got := await _last_seq(js, stream, subject)) < want:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{subject}: only {got} of {want} records arrived")
-        await asyncio.sleep(POLL)
-    return time.perf_counter()
+        return await asyncio.wait_for(done, DRAIN_TIMEOUT)
+    except TimeoutError:
+        raise RuntimeError(f"{subject}: the stream did not get all {want} records") from None
+    finally:
+        await sub.unsubscribe()
 
 
 async def _bare_loop(js, stream: str, subject: str, records: int) -> float:  # type: ignore[no-untyped-def]
@@ -222,16 +236,20 @@ def _intake(cfg: Config, work: Path, records: int) -> float:
 async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, records: int):  # type: ignore[no-untyped-def]
     import nats
 
-    stream = f"BENCH_R{replicas}"
+    stream, fwd_stream = f"BENCH_R{replicas}", f"SCOUTFS_NOTIFY_R{replicas}"
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_stream(
-        name=stream,
-        subjects=[f"bench{replicas}.>"],
-        num_replicas=replicas,
-        max_bytes=8 << 30,
-        duplicate_window=120,
-    )
+    # the same configuration for both, the forwarder's stream made here
+    # (not by the forwarder, whose default size would make it drop old
+    # messages as it goes); both are purged after each run
+    for name, subject in ((stream, f"bench{replicas}.>"), (fwd_stream, "scoutfs.notify.>")):
+        await js.add_stream(
+            name=name,
+            subjects=[subject],
+            num_replicas=replicas,
+            max_bytes=STREAM_BYTES,
+            duplicate_window=120,
+        )
     fwd_rates: list[float] = []
     bare_rates: list[float] = []
     intake_rates: list[float] = []
@@ -240,15 +258,6 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
             # the forwarder publishes to scoutfs.notify.*: give it a stream of its own subject
             node = f"r{replicas}x{run}"
             subject = f"scoutfs.notify.bench.{node}"
-            if run == 0:
-                with contextlib.suppress(Exception):
-                    await js.add_stream(
-                        name=f"SCOUTFS_NOTIFY_R{replicas}",
-                        subjects=["scoutfs.notify.>"],
-                        num_replicas=replicas,
-                        max_bytes=8 << 30,
-                        duplicate_window=120,
-                    )
             rundir = work / f"run{run}"
             rundir.mkdir()
             sock = rundir / "feed.sock"
@@ -265,19 +274,22 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
                 await feeder.stdout.readline()
                 args = [
                     "--nats", url, "--socket", str(sock), "--fsid", "bench", "--node", node,
-                    "--stream", f"SCOUTFS_NOTIFY_R{replicas}", "--backlog", str(records),
+                    "--stream", fwd_stream, "--backlog", str(records),
                     str(work),
                 ]  # fmt: skip
                 with notifyd(cfg.env, rundir, args, module="notifyd.cluster.forward"):
+                    sub, done = await _watch_last(js, fwd_stream, subject, records)
                     t0 = time.perf_counter()
                     feeder.stdin.write(b"go\n")
                     await feeder.stdin.drain()
-                    t1 = await _wait_last(js, f"SCOUTFS_NOTIFY_R{replicas}", subject, records)
+                    t1 = await _wait_last(sub, done, subject, records)
                     fwd_rates.append(records / (t1 - t0))
             finally:
                 feeder.kill()
                 await feeder.wait()
+            await js.purge_stream(fwd_stream)
             bare_rates.append(await _bare_loop(js, stream, f"bench{replicas}.{node}", records))
+            await js.purge_stream(stream)
             intake_rates.append(await asyncio.to_thread(_intake, cfg, rundir, records))
     finally:
         await nc.close()
@@ -285,7 +297,13 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
 
 
 def _throughput(cfg: Config, stage: Stage, work: Path) -> None:
-    records = cfg.pick(1_000_000, 200_000)
+    # enough that a run takes a second or more: the rates reach millions a second
+    records = cfg.pick(5_000_000, 200_000)
+    # the bare loop's heap as the forwarder keeps its own; for the rest of
+    # this process, which does nothing that measures allocation after it
+    from notifyd.cluster.forward import HEAP_LARGEST, HEAP_RETAINED
+
+    libc.keep_heap(HEAP_LARGEST, HEAP_RETAINED)
     for replicas in (1, 3):
         sub = work / f"r{replicas}"
         sub.mkdir()

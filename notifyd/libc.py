@@ -29,6 +29,7 @@ __all__ = [
     "inotify_add_watch",
     "inotify_init1",
     "ioctl",
+    "keep_heap",
     "lstat_cached",
     "openat2",
     "renameat2",
@@ -366,3 +367,26 @@ def lstat_cached(dirfd: int, name: str | bytes) -> os.stat_result:
             os.makedev(buf.rdev_major, buf.rdev_minor),
         )
     )
+
+
+# <malloc.h>: glibc's mallopt() parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_heap(largest: int, retained: int) -> bool:
+    """Serve allocations up to ``largest`` bytes from the heap, and keep up
+    to ``retained`` bytes of freed heap instead of giving them back.
+
+    By default glibc maps a block of 128 KiB or more on its own, or gives
+    the heap's free top back past a threshold it moves as it goes; a process
+    that allocates and frees a megabyte at a time then pays a page fault
+    and a zeroed page for every 4 KiB of each one.  Returns False where
+    the C library has no ``mallopt`` (not glibc), which changes nothing.
+    """
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, largest)) and bool(mallopt(_M_TRIM_THRESHOLD, retained))

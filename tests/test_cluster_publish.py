@@ -233,3 +233,76 @@ def test_messages_fit_the_servers_max_payload() -> None:
     assert batch_records(64 << 10) == ((64 << 10) - HEADER_ROOM) // abi.RECORD_SIZE
     with pytest.raises(ClusterError, match="max_payload is 4096 bytes"):
         batch_records(4096)
+
+
+def test_a_burst_read_from_the_socket_keeps_its_gaps_and_skips_a_malformed_message(
+    tmp_path: Path,
+) -> None:
+    """Messages read in one burst are accounted for together when their seqs
+    follow on; a burst with a gap in it, or a message that is not whole
+    records, is taken apart: the records are stored once, in order, the gap
+    is the Lost header of the message after it, and the bad message alone
+    is skipped."""
+    server = NatsServer(tmp_path, "n1")
+    server.start()
+    sock_path = tmp_path / "daemon.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    conn: list[socket.socket] = []
+    # all sent before the forwarder reads, so they come in one or two bursts
+    messages = [
+        records(1, 64),
+        records(65, 128),
+        records(161, 224),  # 129-160 lost
+        records(225, 234),
+        b"\0" * 100,  # not whole records
+        records(235, 298),
+        records(301, 310),  # 299-300 lost
+    ]
+    want = [*range(1, 129), *range(161, 299), *range(301, 311)]
+
+    def daemon() -> None:
+        c, _ = listener.accept()
+        conn.append(c)
+        for m in messages:
+            c.sendall(m)
+
+    feeder = threading.Thread(target=daemon, daemon=True)
+    feeder.start()
+    try:
+
+        async def body(js, _unused: Forwarder) -> None:  # type: ignore[no-untyped-def]
+            fwd = Forwarder(js, Identity(FSID, NODE, False), sock_path, STREAM)
+            all_stored = asyncio.Event()
+
+            def observe(_seconds: float) -> None:
+                current = fwd._current.count if fwd._current else 0
+                if fwd.counters.published + current == len(want):
+                    all_stored.set()
+
+            fwd.observe_publish = observe
+            reader = asyncio.create_task(fwd.read_daemon())
+            pump = asyncio.create_task(fwd.publish_forever())
+            await all_stored.wait()
+            pump.cancel()
+            reader.cancel()
+            await asyncio.gather(pump, reader, return_exceptions=True)
+            got = await stored_messages(js)
+            seqs = [r.seq for r in abi.decode(b"".join(m.data for m in got))]
+            assert seqs == want
+            lost = {
+                int(m.headers[wire.HDR_SEQ].partition("-")[0]): int(m.headers[wire.HDR_LOST])
+                for m in got
+                if wire.HDR_LOST in (m.headers or {})
+            }
+            assert lost == {161: 32, 301: 2}
+            assert fwd.counters.received == len(want)
+            assert fwd.counters.lost_daemon == fwd.counters.lost_reported == 34
+
+        run(server, body, timeout=60)
+    finally:
+        server.stop()
+        for c in conn:
+            c.close()
+        listener.close()
