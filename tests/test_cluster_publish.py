@@ -9,8 +9,10 @@ in this process with a real JetStream, without a daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -42,6 +44,29 @@ def feed(fwd: Forwarder, first: int, last: int, per_message: int = 64) -> None:
     """Put seq first..last into the backlog as the daemon would send them."""
     for s in range(first, last + 1, per_message):
         fwd._take("e1", records(s, min(s + per_message - 1, last)))
+
+
+@contextlib.contextmanager
+def fake_daemon(path: Path, send: Callable[[socket.socket], None]) -> Iterator[None]:
+    """A daemon's socket at ``path``: its first client gets what ``send``
+    sends to it, from a thread of its own."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(1)
+    conn: list[socket.socket] = []
+
+    def serve() -> None:
+        c, _ = listener.accept()
+        conn.append(c)
+        send(c)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield
+    finally:
+        for c in conn:
+            c.close()
+        listener.close()
 
 
 async def stored_messages(js, subject: str = SUBJECT) -> list:  # type: ignore[no-untyped-def]
@@ -166,23 +191,15 @@ def test_reused_chunks_keep_every_payload_whole_across_a_dead_server(
     server.start()
     per_half = 64 * 800
     sock_path = tmp_path / "daemon.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(sock_path))
-    listener.listen(1)
     second_half, sent_all = threading.Event(), threading.Event()
-    conn: list[socket.socket] = []
 
-    def daemon() -> None:
-        c, _ = listener.accept()
-        conn.append(c)
+    def send(c: socket.socket) -> None:
         for s in range(1, 2 * per_half + 1, 64):
             if s == per_half + 1:
                 second_half.wait(60)
             c.sendall(records(s, s + 63))
         sent_all.set()
 
-    feeder = threading.Thread(target=daemon, daemon=True)
-    feeder.start()
     try:
 
         async def body(js, _unused: Forwarder) -> None:  # type: ignore[no-untyped-def]
@@ -214,12 +231,10 @@ def test_reused_chunks_keep_every_payload_whole_across_a_dead_server(
             assert seqs == list(range(1, 2 * per_half + 1))
             assert fwd.counters.lost_reported == 0
 
-        run(server, body, timeout=120)
+        with fake_daemon(sock_path, send):
+            run(server, body, timeout=120)
     finally:
         server.stop()
-        for c in conn:
-            c.close()
-        listener.close()
 
 
 async def stored_payloads(js) -> bytes:  # type: ignore[no-untyped-def]
@@ -246,10 +261,6 @@ def test_a_burst_read_from_the_socket_keeps_its_gaps_and_skips_a_malformed_messa
     server = NatsServer(tmp_path, "n1")
     server.start()
     sock_path = tmp_path / "daemon.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(sock_path))
-    listener.listen(1)
-    conn: list[socket.socket] = []
     # all sent before the forwarder reads, so they come in one or two bursts
     messages = [
         records(1, 64),
@@ -262,14 +273,10 @@ def test_a_burst_read_from_the_socket_keeps_its_gaps_and_skips_a_malformed_messa
     ]
     want = [*range(1, 129), *range(161, 299), *range(301, 311)]
 
-    def daemon() -> None:
-        c, _ = listener.accept()
-        conn.append(c)
+    def send(c: socket.socket) -> None:
         for m in messages:
             c.sendall(m)
 
-    feeder = threading.Thread(target=daemon, daemon=True)
-    feeder.start()
     try:
 
         async def body(js, _unused: Forwarder) -> None:  # type: ignore[no-untyped-def]
@@ -300,9 +307,7 @@ def test_a_burst_read_from_the_socket_keeps_its_gaps_and_skips_a_malformed_messa
             assert fwd.counters.received == len(want)
             assert fwd.counters.lost_daemon == fwd.counters.lost_reported == 34
 
-        run(server, body, timeout=60)
+        with fake_daemon(sock_path, send):
+            run(server, body, timeout=60)
     finally:
         server.stop()
-        for c in conn:
-            c.close()
-        listener.close()
