@@ -24,6 +24,7 @@ from notifyd.cluster import wire
 from notifyd.cluster.forward import (
     HEADER_ROOM,
     MAX_BATCH_RECORDS,
+    READ_BURST,
     Forwarder,
     Identity,
     batch_records,
@@ -306,6 +307,57 @@ def test_a_burst_read_from_the_socket_keeps_its_gaps_and_skips_a_malformed_messa
             assert lost == {161: 32, 301: 2}
             assert fwd.counters.received == len(want)
             assert fwd.counters.lost_daemon == fwd.counters.lost_reported == 34
+
+        with fake_daemon(sock_path, send):
+            run(server, body, timeout=60)
+    finally:
+        server.stop()
+
+
+def test_the_last_of_a_burst_goes_out_when_the_socket_holds_no_more(tmp_path: Path) -> None:
+    """A read burst that ends at READ_BURST messages does not know whether the
+    socket holds more; when it holds none, no wake-up of the loop will come,
+    so the chunk must go out then, not wait for a next message."""
+    server = NatsServer(tmp_path, "n1")
+    server.start()
+    sock_path = tmp_path / "daemon.sock"
+    total = 2 * READ_BURST
+    accepted, go, sent_all = threading.Event(), threading.Event(), threading.Event()
+
+    def send(c: socket.socket) -> None:
+        accepted.set()
+        go.wait(30)
+        for s in range(1, total + 1):
+            c.sendall(records(s, s))
+        sent_all.set()
+
+    try:
+
+        async def body(js, _unused: Forwarder) -> None:  # type: ignore[no-untyped-def]
+            fwd = Forwarder(js, Identity(FSID, NODE, False), sock_path, STREAM)
+            all_stored = asyncio.Event()
+
+            def observe(_seconds: float) -> None:
+                current = fwd._current.count if fwd._current else 0
+                if fwd.counters.published + current == total:
+                    all_stored.set()
+
+            fwd.observe_publish = observe
+            pump = asyncio.create_task(fwd.publish_forever())
+            reader = asyncio.create_task(fwd.read_daemon())
+            assert await asyncio.to_thread(accepted.wait, 30)
+            # every message waits in the socket before the first read: the
+            # loop that reads is held until they were sent
+            go.set()
+            assert sent_all.wait(30)
+            try:
+                await asyncio.wait_for(all_stored.wait(), 20)
+            finally:
+                pump.cancel()
+                reader.cancel()
+                await asyncio.gather(pump, reader, return_exceptions=True)
+            seqs = [r.seq for r in abi.decode(await stored_payloads(js))]
+            assert seqs == list(range(1, total + 1))
 
         with fake_daemon(sock_path, send):
             run(server, body, timeout=60)

@@ -307,6 +307,7 @@ class Forwarder:
         # the daemon's socket still held messages when the last read burst
         # ended: the partly filled chunk waits for them (see _pending)
         self._more = False
+        self._peek = bytearray(1)
 
     async def resume_point(self) -> None:
         """Read the last message the stream holds from this node."""
@@ -442,12 +443,25 @@ class Forwarder:
             pos += n
         else:
             self._took_burst(epoch, start, pos)
-            return
+            if self._socket_holds_more(sock):
+                # the loop calls again while the socket is readable
+                return
         self._took_burst(epoch, start, pos)
         # read dry (or closed): what the chunk holds goes out now
         self._more = False
         if self._used:
             self.wakeup.set()
+
+    def _socket_holds_more(self, sock: socket.socket) -> bool:
+        """Whether a message waits in ``sock`` (after a burst that read its
+        fill): if none does, no wake-up will come for the chunk to go out."""
+        try:
+            sock.recv_into(self._peek, 1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # the next read says what
+        return True
 
     def _took_burst(self, epoch: str, start: int, end: int) -> None:
         """Account for the whole records the socket put at chunk[start:end].
