@@ -871,3 +871,66 @@ print(" ".join(sorted(errs)) or "none", flush=True)
     assert root_listing == [["a", "b"]]
     assert out.split() == ["EAGAIN"] * (many - 24), err
     assert alive
+
+
+def test_a_symlink_to_a_hung_filesystem_stops_no_replay(top: Path) -> None:  # noqa: F811
+    # Before replaying the first access in a directory, a replay thread
+    # stat'ed the directories above the file by their BACKING path, which
+    # follows a symlink anywhere on the way.  A user swaps their directory
+    # for a symlink to a filesystem that does not answer (their own FUSE
+    # mount: fusermount3 lets any user make one; a hung NFS mount will do)
+    # and the thread waits for it, as long as it hangs: with every worker
+    # stuck so, no record is replayed again and the shim cannot stop.
+    backing, mnt, hung = top / "backing", top / "mnt", top / "hung"
+    backing.mkdir()
+    os.chmod(backing, 0o777)
+    (top / "other").mkdir()
+    (top / "other" / "e").mkdir()
+    (backing / "plain").write_text("plain")
+    attack = f"""
+import os, sys
+b, m, h = {str(backing)!r}, {str(mnt)!r}, {str(hung)!r}
+os.makedirs(f"{{b}}/d/e")
+with open(f"{{b}}/d/e/f", "w") as f:
+    f.write("mine")
+held = open(f"{{m}}/d/e/f")
+os.rename(f"{{b}}/d", f"{{b}}/d.old")
+os.symlink(h, f"{{b}}/d")
+print(os.fstat(held.fileno()).st_ino, flush=True)
+sys.stdin.read()
+"""
+    with (
+        run_shim(
+            top / "other",
+            hung,
+            top / "absent.sock",
+            "--stats-socket",
+            str(top / "hung.stats"),
+            log=top / "hung.log",
+        ) as server,
+        feeder(top / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path, "--allow-other", "--workers", "1") as shim,
+    ):
+        feed.wait_client()
+        attacker = _attacker_proc(attack)
+        try:
+            assert attacker.stdout is not None
+            line = attacker.stdout.readline()
+            assert line, attacker.stderr.read() if attacker.stderr else ""
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            feed.send([feed.record(abi.TYPE_OPEN, int(line))])
+            feed.send([feed.record(abi.TYPE_OPEN, (backing / "plain").stat().st_ino)])
+            # the sentinel: both records ended, one way or another
+            doc = wait_for(
+                lambda: d if _settled(d := shim_stats(mnt)) == 2 else None,
+                EVENT_TIMEOUT,
+                "both records to be replayed or refused while the other server is stopped",
+            )
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+            attacker.kill()
+            attacker.wait()
+        alive = shim.proc.poll() is None
+    # the user's own file is found again where it is, as for any stale path
+    assert doc["replayed"] == 2, doc
+    assert alive
