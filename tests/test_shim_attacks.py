@@ -688,6 +688,45 @@ def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F
     assert alive
 
 
+def test_a_read_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F811
+    # A file's data was read from BACKING on the overlay's one serving
+    # thread.  On scoutfs a read of data released from a file (any user may
+    # release their own: SCOUTFS_IOC_RELEASE wants only a file open for
+    # writing) waits until something stages it back, for ever if nothing
+    # does; a read waiting for another node's cluster lock or a slow disk
+    # waits too.  Meanwhile no one's calls were served.  Here BACKING is a
+    # FUSE filesystem whose `slow` file answers its READ only when the test
+    # says: the read is provably in progress while root reads another file.
+    backing, mnt = top / "backing", top / "mnt"
+    reader_code = f"print(open({str(mnt / 'slow')!r}).read(), end='', flush=True)"
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        slow = _attacker_proc(reader_code)
+        try:
+            # the sentinel: BACKING's READ of `slow` has begun, and waits
+            assert fs.line() == "reading slow\n"
+            done: list[str] = []
+            reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
+            reader.start()
+            reader.join(START_TIMEOUT)
+            read_meanwhile = list(done)
+            still_reading = slow.poll() is None
+            fs.release()
+            reader.join()
+            out, err = slow.communicate(timeout=START_TIMEOUT)
+        finally:
+            slow.kill()
+            slow.wait()
+        alive = shim.proc.poll() is None
+    assert read_meanwhile == ["f\n"], "root's read waited for another user's read"
+    assert still_reading
+    assert done == ["f\n"]
+    assert out == "f\n", err
+    assert alive
+
+
 def test_one_users_lookups_leave_others_their_open_files(top: Path) -> None:  # noqa: F811
     # The inode fds the overlay holds for the kernel's entries were counted
     # against no one: a user who listed a directory of their own files and

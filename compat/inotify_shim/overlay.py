@@ -105,6 +105,14 @@ _MAX_PENDING_LISTINGS = 24
 # Open directories that keep entries read but not yet sent (one batch each)
 _MAX_READ_AHEAD = 256
 
+# File reads that BACKING cannot answer from memory go to threads: these many
+# at once, and per user (the opener; root counts as one); a user's reads past
+# this many pending answer EAGAIN, so that none takes every request pyfuse3
+# serves at once (max_tasks, 99) with reads that never end
+_READ_THREADS = 8
+_USER_READS = 4
+_MAX_PENDING_READS = 24
+
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
 _USER_SHARE_DIVISOR = 4
@@ -384,6 +392,11 @@ class Overlay(pyfuse3.Operations):
         self._listing_threads = trio.CapacityLimiter(_LISTING_THREADS)
         # uid -> the limiter its directory reads hold or wait for, while any do
         self._listing_limiters: dict[int, trio.CapacityLimiter] = {}
+        self._read_threads = trio.CapacityLimiter(_READ_THREADS)
+        # uid -> the limiter its file reads in threads hold or wait for, while any do
+        self._read_limiters: dict[int, trio.CapacityLimiter] = {}
+        # False once BACKING refused a read that does not wait (RWF_NOWAIT)
+        self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
@@ -1162,10 +1175,69 @@ class Overlay(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
 
     @fuse_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        # any buffer will do (pyfuse3 replies from its buffer protocol; its
+        # stub says bytes): the data read at hand is not copied again
         if fh in self._replay_fhs:
             return _SYNTHETIC_BYTE
-        return os.pread(fh, size, off)
+        if self._nowait_reads:
+            data = self._read_at_hand(fh, off, size)
+            if data is not None:
+                return data
+        handle = self._handles.get(fh)
+        uid = handle.creds.uid if handle is not None and handle.creds is not None else 0
+        return await self._read_waiting(fh, off, size, uid)
+
+    def _read_at_hand(self, fh: int, off: int, size: int) -> memoryview | None:
+        """The data, if BACKING has all of it in memory; None if it may have to wait.
+
+        A read of data BACKING must fetch may wait for long: a disk, a
+        server, another node's lock, or on scoutfs a file whose data was
+        released (any user may release their own), until something stages
+        it back.  That must not happen on this one serving thread.
+        """
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fh, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            # BACKING's filesystem has no such reads (scoutfs): always in threads
+            log.info("BACKING cannot read without waiting (RWF_NOWAIT): reads go to threads")
+            self._nowait_reads = False
+            return None
+        # a short read is the end of the file, or all BACKING had at hand
+        if n < size and off + n < os.fstat(fh).st_size:
+            return None
+        return memoryview(buf)[:n]
+
+    async def _read_waiting(self, fh: int, off: int, size: int, uid: int) -> bytes:
+        """Read in a thread, where waiting for BACKING stops no one else.
+
+        A user's reads past their share wait for one of theirs to end, and
+        past what may wait they answer EAGAIN.
+        """
+        limiter = self._read_limiters.get(uid)
+        if limiter is None:
+            limiter = self._read_limiters[uid] = trio.CapacityLimiter(_USER_READS)
+        if _pending(limiter) >= _MAX_PENDING_READS:
+            raise FUSEError(errno.EAGAIN)
+        # our own fd: whatever happens to the handle meanwhile, the thread
+        # reads this file and no other that took its number
+        fd = os.dup(fh)
+        try:
+            async with limiter:
+                return await trio.to_thread.run_sync(
+                    os.pread, fd, size, off, limiter=self._read_threads
+                )
+        finally:
+            os.close(fd)
+            if not _pending(limiter):
+                del self._read_limiters[uid]
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
