@@ -3,11 +3,12 @@
 ``python held_listing_fs.py MOUNTPOINT``: the root holds the files ``f`` and
 ``slow`` and the directories ``held`` and ``h00`` to ``h39``, each with the
 files ``a`` and ``b``.  A READDIR of one of those directories prints
-``listing NAME`` on stdout, a READ of ``slow`` prints ``reading slow``, and
-either answers only once a line arrives on stdin: a directory or file read
-that provably is in progress for as long as the test wants (a file read
-waiting so is what scoutfs does for a file whose data was released, until
-something stages it), with every other request served meanwhile.  Mounted ``allow_other``, for
+``listing NAME`` on stdout, a READ, WRITE or change of size of ``slow``
+(which anyone may write) prints ``reading slow``, ``writing slow`` or
+``truncating slow``, and each answers only once a line arrives on stdin: a
+call that provably is in progress for as long as the test wants (reads,
+writes and truncates wait so on scoutfs for a file whose data was released,
+until something stages it), with every other request served meanwhile.  Mounted ``allow_other``, for
 root to serve as ``BACKING`` to an overlay acting for other users.
 """
 
@@ -37,6 +38,8 @@ class HeldListing(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.st_mode = (stat.S_IFDIR | 0o755) if inode in NAMES else (stat.S_IFREG | 0o644)
+        if inode == SLOW:
+            attr.st_mode = stat.S_IFREG | 0o666
         attr.st_nlink = 2 if inode in NAMES else 1
         attr.st_size = len(DATA) if inode in (FILE, SLOW) else 0
         attr.st_blksize = 4096
@@ -76,6 +79,25 @@ class HeldListing(pyfuse3.Operations):
             print("reading slow", flush=True)
             await self.released.wait()
         return DATA[off : off + size] if fh in (FILE, SLOW) else b""
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if fh == SLOW:
+            print("writing slow", flush=True)
+            await self.released.wait()
+        return len(buf)
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: object,
+    ) -> pyfuse3.EntryAttributes:
+        if inode == SLOW and fields.update_size:
+            print("truncating slow", flush=True)
+            await self.released.wait()
+        return self._attr(inode)
 
     async def release(self, fh: int) -> None:
         pass

@@ -688,31 +688,41 @@ def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F
     assert alive
 
 
-def test_a_read_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F811
-    # A file's data was read from BACKING on the overlay's one serving
-    # thread.  On scoutfs a read of data released from a file (any user may
-    # release their own: SCOUTFS_IOC_RELEASE wants only a file open for
-    # writing) waits until something stages it back, for ever if nothing
-    # does; a read waiting for another node's cluster lock or a slow disk
-    # waits too.  Meanwhile no one's calls were served.  Here BACKING is a
-    # FUSE filesystem whose `slow` file answers its READ only when the test
-    # says: the read is provably in progress while root reads another file.
+# what a user does to the held file `slow`, and what BACKING then says
+_HELD_CALLS = {
+    "read": ("print(open(SLOW).read(), end='')", "reading slow\n", "f\n"),
+    "write": ("print(open(SLOW, 'r+').write('x'))", "writing slow\n", "1\n"),
+    "truncate": ("print(os.truncate(SLOW, 1))", "truncating slow\n", "None\n"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_HELD_CALLS))
+def test_a_call_on_data_in_progress_stalls_no_one_else(top: Path, call: str) -> None:  # noqa: F811
+    # A file's data was read, written and truncated on BACKING from the
+    # overlay's one serving thread.  On scoutfs each of those waits, for a
+    # file whose data was released (any user may release their own:
+    # SCOUTFS_IOC_RELEASE wants only a file open for writing), until
+    # something stages it back: for ever if nothing does; one waiting for
+    # another node's cluster lock or a slow disk waits too.  Meanwhile no
+    # one's calls were served.  Here BACKING is a FUSE filesystem whose
+    # `slow` file answers only when the test says: the call is provably in
+    # progress while root reads another file.
     backing, mnt = top / "backing", top / "mnt"
-    reader_code = f"print(open({str(mnt / 'slow')!r}).read(), end='', flush=True)"
+    code, started, printed = _HELD_CALLS[call]
     with (
         _held_listing_backing(backing) as fs,
         run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
     ):
-        slow = _attacker_proc(reader_code)
+        slow = _attacker_proc(f"import os\nSLOW = {str(mnt / 'slow')!r}\n{code}")
         try:
-            # the sentinel: BACKING's READ of `slow` has begun, and waits
-            assert fs.line() == "reading slow\n"
+            # the sentinel: BACKING's side of the call has begun, and waits
+            assert fs.line() == started
             done: list[str] = []
             reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
             reader.start()
             reader.join(START_TIMEOUT)
             read_meanwhile = list(done)
-            still_reading = slow.poll() is None
+            still_waiting = slow.poll() is None
             fs.release()
             reader.join()
             out, err = slow.communicate(timeout=START_TIMEOUT)
@@ -720,10 +730,10 @@ def test_a_read_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F811
             slow.kill()
             slow.wait()
         alive = shim.proc.poll() is None
-    assert read_meanwhile == ["f\n"], "root's read waited for another user's read"
-    assert still_reading
+    assert read_meanwhile == ["f\n"], f"root's read waited for another user's {call}"
+    assert still_waiting
     assert done == ["f\n"]
-    assert out == "f\n", err
+    assert out == printed, err
     assert alive
 
 

@@ -23,6 +23,10 @@ is reached follows libfuse's ``example/passthrough_hp.cc``:
   BACKING takes effect at once.
 - Any exception in a handler becomes an errno reply and a log line
   (:func:`fuse_handler`): no call can end pyfuse3's session.
+- Nothing that may wait for long runs on pyfuse3's one serving thread:
+  directory reads, file data BACKING does not have in memory, writes and
+  changes of size run in worker threads, a few per user at once; opens
+  that wait for a lease's holder too.
 
 Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
 by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
@@ -105,13 +109,16 @@ _MAX_PENDING_LISTINGS = 24
 # Open directories that keep entries read but not yet sent (one batch each)
 _MAX_READ_AHEAD = 256
 
-# File reads that BACKING cannot answer from memory go to threads: these many
-# at once, and per user (the opener; root counts as one); a user's reads past
-# this many pending answer EAGAIN, so that none takes every request pyfuse3
-# serves at once (max_tasks, 99) with reads that never end
-_READ_THREADS = 8
-_USER_READS = 4
-_MAX_PENDING_READS = 24
+# Calls on a file's data that may wait (reads BACKING cannot answer from
+# memory, writes, truncates) run in threads: these many at once (more than
+# listings: a call on data never staged may hold its thread for good, and a
+# few users must not hold them all), and per user (the opener, or the
+# caller; root counts as one); a user's calls past this many pending answer
+# EAGAIN, so that none takes every request pyfuse3 serves at once
+# (max_tasks, 99) with calls that never end
+_DATA_THREADS = 32
+_USER_DATA_CALLS = 4
+_MAX_PENDING_DATA_CALLS = 24
 
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
@@ -392,9 +399,9 @@ class Overlay(pyfuse3.Operations):
         self._listing_threads = trio.CapacityLimiter(_LISTING_THREADS)
         # uid -> the limiter its directory reads hold or wait for, while any do
         self._listing_limiters: dict[int, trio.CapacityLimiter] = {}
-        self._read_threads = trio.CapacityLimiter(_READ_THREADS)
-        # uid -> the limiter its file reads in threads hold or wait for, while any do
-        self._read_limiters: dict[int, trio.CapacityLimiter] = {}
+        self._data_threads = trio.CapacityLimiter(_DATA_THREADS)
+        # uid -> the limiter its calls on data in threads hold or wait for, while any do
+        self._data_limiters: dict[int, trio.CapacityLimiter] = {}
         # False once BACKING refused a read that does not wait (RWF_NOWAIT)
         self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
@@ -764,9 +771,9 @@ class Overlay(pyfuse3.Operations):
                         os.fchmod(handle.fd, mode)
                     else:
                         os.chmod(_proc(ifd), mode)
+        if fields.update_size:
+            await self._truncate(node, ifd, handle, attr.st_size, creds)
         with self._acting(creds):
-            if fields.update_size:
-                self._truncate(node, ifd, handle, attr.st_size)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
@@ -782,19 +789,28 @@ class Overlay(pyfuse3.Operations):
             # AT_EACCESS: checked with the fsuid and groups taken on, not the real ids
             return os.access(_proc(fd), os.W_OK, effective_ids=True)
 
-    @staticmethod
-    def _truncate(node: _Inode, ifd: int, handle: _Handle | None, size: int) -> None:
+    async def _truncate(
+        self, node: _Inode, ifd: int, handle: _Handle | None, size: int, creds: _Creds | None
+    ) -> None:
+        # In a thread, as a write: on scoutfs a change of size waits for
+        # released data to be staged.  On our own fds, as a read's.
         if handle is not None:
-            os.ftruncate(handle.fd, size)
+            fd = _pass_fd(os.dup(handle.fd))
+            await self._data_call(creds, functools.partial(os.ftruncate, fd, size))
             return
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
-        # truncate through an fd on the very inode; O_NONBLOCK: never wait
-        fd = os.open(_proc(ifd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        path_fd = _pass_fd(os.dup(ifd))
+
+        def truncate() -> None:
+            # through an fd on the very inode; O_NONBLOCK: never wait for a lease
+            fd = os.open(_proc(path_fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+
+        await self._data_call(creds, truncate)
 
     @staticmethod
     def _utimens(
@@ -1187,8 +1203,11 @@ class Overlay(pyfuse3.Operations):
             if data is not None:
                 return data
         handle = self._handles.get(fh)
-        uid = handle.creds.uid if handle is not None and handle.creds is not None else 0
-        return await self._read_waiting(fh, off, size, uid)
+        creds = handle.creds if handle is not None else None
+        # our own fd: whatever happens to the handle meanwhile, the thread
+        # reads this file and no other that took its number
+        fd = _pass_fd(os.dup(fh))
+        return await self._data_call(creds, functools.partial(os.pread, fd, size, off))
 
     def _read_at_hand(self, fh: int, off: int, size: int) -> memoryview | None:
         """The data, if BACKING has all of it in memory; None if it may have to wait.
@@ -1215,38 +1234,44 @@ class Overlay(pyfuse3.Operations):
             return None
         return memoryview(buf)[:n]
 
-    async def _read_waiting(self, fh: int, off: int, size: int, uid: int) -> bytes:
-        """Read in a thread, where waiting for BACKING stops no one else.
+    async def _data_call(self, creds: _Creds | None, call: Callable[[], R]) -> R:
+        """``call()`` as ``creds`` in a thread, where waiting for BACKING stops no one else.
 
-        A user's reads past their share wait for one of theirs to end, and
+        A user's calls past their share wait for one of theirs to end, and
         past what may wait they answer EAGAIN.
         """
-        limiter = self._read_limiters.get(uid)
+        uid = creds.uid if creds is not None else 0
+        limiter = self._data_limiters.get(uid)
         if limiter is None:
-            limiter = self._read_limiters[uid] = trio.CapacityLimiter(_USER_READS)
-        if _pending(limiter) >= _MAX_PENDING_READS:
+            limiter = self._data_limiters[uid] = trio.CapacityLimiter(_USER_DATA_CALLS)
+        if _pending(limiter) >= _MAX_PENDING_DATA_CALLS:
             raise FUSEError(errno.EAGAIN)
-        # our own fd: whatever happens to the handle meanwhile, the thread
-        # reads this file and no other that took its number
-        fd = os.dup(fh)
+
+        def acting() -> R:
+            # the thread's own fsuid, groups and capabilities (all per thread)
+            with self._acting(creds):
+                return call()
+
         try:
             async with limiter:
-                return await trio.to_thread.run_sync(
-                    os.pread, fd, size, off, limiter=self._read_threads
-                )
+                return await trio.to_thread.run_sync(acting, limiter=self._data_threads)
         finally:
-            os.close(fd)
             if not _pending(limiter):
-                del self._read_limiters[uid]
+                del self._data_limiters[uid]
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh in self._replay_fhs:
             raise FUSEError(errno.EBADF)
         # as the opener: BACKING clears set-user-ID bits on a write by anyone
-        # without CAP_FSETID, which a root write would keep
-        with self._acting(self._handles[fh].creds):
-            return os.pwrite(fh, buf, off)
+        # without CAP_FSETID, which a root write would keep.  In a thread:
+        # a write may wait as a read does (scoutfs waits for released data
+        # to be staged before any write), and buffered writes that never
+        # wait (RWF_NOWAIT) are refused by most filesystems.
+        fd = _pass_fd(os.dup(fh))
+        return await self._data_call(
+            self._handles[fh].creds, functools.partial(os.pwrite, fd, buf, off)
+        )
 
     @fuse_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
