@@ -3,12 +3,13 @@
 ``python held_listing_fs.py MOUNTPOINT``: the root holds the files ``f`` and
 ``slow`` and the directories ``held`` and ``h00`` to ``h39``, each with the
 files ``a`` and ``b``.  A READDIR of one of those directories prints
-``listing NAME`` on stdout, a READ, WRITE or change of size of ``slow``
-(which anyone may write) prints ``reading slow``, ``writing slow`` or
-``truncating slow``, and each answers only once a line arrives on stdin: a
-call that provably is in progress for as long as the test wants (reads,
-writes and truncates wait so on scoutfs for a file whose data was released,
-until something stages it), with every other request served meanwhile.  Mounted ``allow_other``, for
+``listing NAME`` on stdout, a READ, WRITE, change of size or FSYNC of
+``slow`` (which anyone may write) prints ``reading slow``, ``writing slow``,
+``truncating slow`` or ``syncing slow``, and each answers only once a line
+arrives on stdin: a call that provably is in progress for as long as the
+test wants (reads, writes and truncates wait so on scoutfs for a file whose
+data was released, until something stages it; an fsync waits for the disk),
+with every other request served meanwhile.  Mounted ``allow_other``, for
 root to serve as ``BACKING`` to an overlay acting for other users.
 """
 
@@ -98,6 +99,11 @@ class HeldListing(pyfuse3.Operations):
             print("truncating slow", flush=True)
             await self.released.wait()
         return self._attr(inode)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh == SLOW:
+            print("syncing slow", flush=True)
+            await self.released.wait()
 
     async def release(self, fh: int) -> None:
         pass

@@ -693,6 +693,7 @@ _HELD_CALLS = {
     "read": ("print(open(SLOW).read(), end='')", "reading slow\n", "f\n"),
     "write": ("print(open(SLOW, 'r+').write('x'))", "writing slow\n", "1\n"),
     "truncate": ("print(os.truncate(SLOW, 1))", "truncating slow\n", "None\n"),
+    "fsync": ("f = open(SLOW, 'r+')\nprint(os.fsync(f.fileno()))", "syncing slow\n", "None\n"),
 }
 
 

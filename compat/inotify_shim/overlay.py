@@ -24,9 +24,9 @@ is reached follows libfuse's ``example/passthrough_hp.cc``:
 - Any exception in a handler becomes an errno reply and a log line
   (:func:`fuse_handler`): no call can end pyfuse3's session.
 - Nothing that may wait for long runs on pyfuse3's one serving thread:
-  directory reads, file data BACKING does not have in memory, writes and
-  changes of size run in worker threads, a few per user at once; opens
-  that wait for a lease's holder too.
+  directory reads, file data BACKING does not have in memory, writes,
+  changes of size and fsyncs run in worker threads, a few per user at
+  once; opens that wait for a lease's holder too.
 
 Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
 by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
@@ -110,7 +110,7 @@ _MAX_PENDING_LISTINGS = 24
 _MAX_READ_AHEAD = 256
 
 # Calls on a file's data that may wait (reads BACKING cannot answer from
-# memory, writes, truncates) run in threads: these many at once (more than
+# memory, writes, truncates, fsyncs) run in threads: these many at once (more than
 # listings: a call on data never staged may hold its thread for good, and a
 # few users must not hold them all), and per user (the opener, or the
 # caller; root counts as one); a user's calls past this many pending answer
@@ -930,7 +930,9 @@ class Overlay(pyfuse3.Operations):
 
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        os.fsync(self._dirs[fh].fd)
+        d = self._dirs[fh]
+        fd = _pass_fd(os.dup(d.fd))
+        await self._data_call(d.creds, functools.partial(os.fsync, fd))
 
     # --- namespace changes ---------------------------------------------------
 
@@ -1277,10 +1279,14 @@ class Overlay(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh in self._replay_fhs:
             return
-        if datasync:
-            os.fdatasync(fh)
-        else:
-            os.fsync(fh)
+        # in a thread: it waits for the disk to take all the file's dirty
+        # data (seconds for a big file), or for another node (scoutfs)
+        handle = self._handles.get(fh)
+        fd = _pass_fd(os.dup(fh))
+        await self._data_call(
+            handle.creds if handle is not None else None,
+            functools.partial(os.fdatasync if datasync else os.fsync, fd),
+        )
 
     @fuse_handler
     async def release(self, fh: int) -> None:
