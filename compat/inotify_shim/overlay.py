@@ -233,12 +233,38 @@ class _Creds:
     (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_FOWNER...) until it is set back to 0;
     the others (CAP_SYS_ADMIN lists trusted.* xattrs, CAP_SYS_RESOURCE
     writes past quotas and reserved blocks) are dropped from the thread's
-    effective set by :meth:`Overlay._acting`.
+    effective set by :meth:`Overlay._acting`.  A uid-0 caller lacking some
+    of the shim's capabilities keeps fsuid 0 and acts with its own.
     """
 
     uid: int
     gid: int
     groups: tuple[int, ...]
+    # the effective capabilities acted with: none for a user; for a uid-0
+    # caller without some of ours, its own (those within ours)
+    caps: int = 0
+
+
+def _root_caller_caps(tid: int) -> int:
+    """The effective capabilities of task ``tid``, which made a request as uid 0.
+
+    As for :func:`_caller_groups`: only if the task's own filesystem uid
+    in /proc is 0 too (a request made with another task's ids gets none),
+    and none if the task is gone: fewer rights, never more.
+    """
+    uid: list[bytes] = []
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                key, _, value = line.partition(b":")
+                if key == b"Uid":
+                    uid = value.split()
+                elif key == b"CapEff":
+                    # real, effective, saved, filesystem
+                    return int(value, 16) if len(uid) == 4 and int(uid[3]) == 0 else 0
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _caller_groups(tid: int, uid: int, gid: int) -> tuple[int, ...]:
@@ -414,8 +440,17 @@ class Overlay(pyfuse3.Operations):
 
     def _creds(self, ctx: pyfuse3.RequestContext | None) -> _Creds | None:
         """Whom to act as: None for root (and for requests without a context)."""
-        if ctx is None or ctx.uid == 0:
+        if ctx is None or (ctx.uid == 0 and ctx.pid <= 0):
+            # no caller task (a request the kernel makes for itself)
             return None
+        if ctx.uid == 0:
+            # A uid-0 caller may lack capabilities (a container's root, a
+            # service with an empty set): the kernel checks them on cached
+            # attributes only, so it acts with its own, as a user does.
+            caps = _root_caller_caps(ctx.pid) & self._own_caps
+            if caps == self._own_caps:
+                return None
+            return _Creds(0, ctx.gid, _caller_groups(ctx.pid, 0, ctx.gid), caps)
         return _Creds(ctx.uid, ctx.gid, _caller_groups(ctx.pid, ctx.uid, ctx.gid))
 
     @contextlib.contextmanager
@@ -428,7 +463,7 @@ class Overlay(pyfuse3.Operations):
             libc.setgroups_thread(creds.groups)
             libc.setfsgid(creds.gid)
             libc.setfsuid(creds.uid)
-            libc.set_effective_caps(0)
+            libc.set_effective_caps(creds.caps)
             yield
         finally:
             libc.set_effective_caps(self._own_caps)
