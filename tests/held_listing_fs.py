@@ -1,10 +1,14 @@
-"""A FUSE filesystem whose one directory's listing is held until the test lets it go.
+"""A FUSE filesystem whose listings and one file's reads are held until the test lets them go.
 
-``python held_listing_fs.py MOUNTPOINT``: the root holds a file ``f`` and the
-directories ``held`` and ``h00`` to ``h39``, each with the files ``a`` and
-``b``.  A READDIR of one of those prints ``listing NAME`` on stdout and
-answers only once a line arrives on stdin:
-a directory read that provably is in progress for as long as the test wants,
+``python held_listing_fs.py MOUNTPOINT``: the root holds the files ``f`` and
+``slow`` and the directories ``held`` and ``h00`` to ``h39``, each with the
+files ``a`` and ``b``.  A READDIR of one of those directories prints
+``listing NAME`` on stdout, a READ, WRITE, change of size or FSYNC of
+``slow`` (which anyone may write) prints ``reading slow``, ``writing slow``,
+``truncating slow`` or ``syncing slow``, and each answers only once a line
+arrives on stdin: a call that provably is in progress for as long as the
+test wants (reads, writes and truncates wait so on scoutfs for a file whose
+data was released, until something stages it; an fsync waits for the disk),
 with every other request served meanwhile.  Mounted ``allow_other``, for
 root to serve as ``BACKING`` to an overlay acting for other users.
 """
@@ -19,9 +23,9 @@ import sys
 import pyfuse3
 import trio
 
-ROOT, FILE, A, B = pyfuse3.ROOT_INODE, 2, 3, 4
+ROOT, FILE, A, B, SLOW = pyfuse3.ROOT_INODE, 2, 3, 4, 5
 HELD = {10 + i: name for i, name in enumerate([b"held"] + [b"h%02d" % i for i in range(40)])}
-NAMES = {ROOT: {b"f": FILE, **{name: ino for ino, name in HELD.items()}}}
+NAMES = {ROOT: {b"f": FILE, b"slow": SLOW, **{name: ino for ino, name in HELD.items()}}}
 NAMES.update({ino: {b"a": A, b"b": B} for ino in HELD})
 DATA = b"f\n"
 
@@ -35,8 +39,10 @@ class HeldListing(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.st_mode = (stat.S_IFDIR | 0o755) if inode in NAMES else (stat.S_IFREG | 0o644)
+        if inode == SLOW:
+            attr.st_mode = stat.S_IFREG | 0o666
         attr.st_nlink = 2 if inode in NAMES else 1
-        attr.st_size = len(DATA) if inode == FILE else 0
+        attr.st_size = len(DATA) if inode in (FILE, SLOW) else 0
         attr.st_blksize = 4096
         attr.entry_timeout = attr.attr_timeout = 60
         return attr
@@ -70,7 +76,34 @@ class HeldListing(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return DATA[off : off + size] if fh == FILE else b""
+        if fh == SLOW:
+            print("reading slow", flush=True)
+            await self.released.wait()
+        return DATA[off : off + size] if fh in (FILE, SLOW) else b""
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if fh == SLOW:
+            print("writing slow", flush=True)
+            await self.released.wait()
+        return len(buf)
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: object,
+    ) -> pyfuse3.EntryAttributes:
+        if inode == SLOW and fields.update_size:
+            print("truncating slow", flush=True)
+            await self.released.wait()
+        return self._attr(inode)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh == SLOW:
+            print("syncing slow", flush=True)
+            await self.released.wait()
 
     async def release(self, fh: int) -> None:
         pass
@@ -85,7 +118,7 @@ class HeldListing(pyfuse3.Operations):
 async def _serve(fs: HeldListing) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pyfuse3.main)
-        # any line on stdin, or its end, lets the held listing go
+        # any line on stdin, or its end, lets the held listings and reads go
         await trio.to_thread.run_sync(sys.stdin.readline)
         fs.released.set()
 

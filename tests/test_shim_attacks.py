@@ -688,6 +688,56 @@ def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F
     assert alive
 
 
+# what a user does to the held file `slow`, and what BACKING then says
+_HELD_CALLS = {
+    "read": ("print(open(SLOW).read(), end='')", "reading slow\n", "f\n"),
+    "write": ("print(open(SLOW, 'r+').write('x'))", "writing slow\n", "1\n"),
+    "truncate": ("print(os.truncate(SLOW, 1))", "truncating slow\n", "None\n"),
+    "fsync": ("f = open(SLOW, 'r+')\nprint(os.fsync(f.fileno()))", "syncing slow\n", "None\n"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_HELD_CALLS))
+def test_a_call_on_data_in_progress_stalls_no_one_else(top: Path, call: str) -> None:  # noqa: F811
+    # A file's data was read, written and truncated on BACKING from the
+    # overlay's one serving thread.  On scoutfs each of those waits, for a
+    # file whose data was released (any user may release their own:
+    # SCOUTFS_IOC_RELEASE wants only a file open for writing), until
+    # something stages it back: for ever if nothing does; one waiting for
+    # another node's cluster lock or a slow disk waits too.  Meanwhile no
+    # one's calls were served.  Here BACKING is a FUSE filesystem whose
+    # `slow` file answers only when the test says: the call is provably in
+    # progress while root reads another file.
+    backing, mnt = top / "backing", top / "mnt"
+    code, started, printed = _HELD_CALLS[call]
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        slow = _attacker_proc(f"import os\nSLOW = {str(mnt / 'slow')!r}\n{code}")
+        try:
+            # the sentinel: BACKING's side of the call has begun, and waits
+            assert fs.line() == started
+            done: list[str] = []
+            reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
+            reader.start()
+            reader.join(START_TIMEOUT)
+            read_meanwhile = list(done)
+            still_waiting = slow.poll() is None
+            fs.release()
+            reader.join()
+            out, err = slow.communicate(timeout=START_TIMEOUT)
+        finally:
+            slow.kill()
+            slow.wait()
+        alive = shim.proc.poll() is None
+    assert read_meanwhile == ["f\n"], f"root's read waited for another user's {call}"
+    assert still_waiting
+    assert done == ["f\n"]
+    assert out == printed, err
+    assert alive
+
+
 def test_one_users_lookups_leave_others_their_open_files(top: Path) -> None:  # noqa: F811
     # The inode fds the overlay holds for the kernel's entries were counted
     # against no one: a user who listed a directory of their own files and
@@ -870,4 +920,67 @@ print(" ".join(sorted(errs)) or "none", flush=True)
     assert root_reached == "listing held\n"
     assert root_listing == [["a", "b"]]
     assert out.split() == ["EAGAIN"] * (many - 24), err
+    assert alive
+
+
+def test_a_symlink_to_a_hung_filesystem_stops_no_replay(top: Path) -> None:  # noqa: F811
+    # Before replaying the first access in a directory, a replay thread
+    # stat'ed the directories above the file by their BACKING path, which
+    # follows a symlink anywhere on the way.  A user swaps their directory
+    # for a symlink to a filesystem that does not answer (their own FUSE
+    # mount: fusermount3 lets any user make one; a hung NFS mount will do)
+    # and the thread waits for it, as long as it hangs: with every worker
+    # stuck so, no record is replayed again and the shim cannot stop.
+    backing, mnt, hung = top / "backing", top / "mnt", top / "hung"
+    backing.mkdir()
+    os.chmod(backing, 0o777)
+    (top / "other").mkdir()
+    (top / "other" / "e").mkdir()
+    (backing / "plain").write_text("plain")
+    attack = f"""
+import os, sys
+b, m, h = {str(backing)!r}, {str(mnt)!r}, {str(hung)!r}
+os.makedirs(f"{{b}}/d/e")
+with open(f"{{b}}/d/e/f", "w") as f:
+    f.write("mine")
+held = open(f"{{m}}/d/e/f")
+os.rename(f"{{b}}/d", f"{{b}}/d.old")
+os.symlink(h, f"{{b}}/d")
+print(os.fstat(held.fileno()).st_ino, flush=True)
+sys.stdin.read()
+"""
+    with (
+        run_shim(
+            top / "other",
+            hung,
+            top / "absent.sock",
+            "--stats-socket",
+            str(top / "hung.stats"),
+            log=top / "hung.log",
+        ) as server,
+        feeder(top / "notify.sock") as feed,
+        run_shim(backing, mnt, feed.path, "--allow-other", "--workers", "1") as shim,
+    ):
+        feed.wait_client()
+        attacker = _attacker_proc(attack)
+        try:
+            assert attacker.stdout is not None
+            line = attacker.stdout.readline()
+            assert line, attacker.stderr.read() if attacker.stderr else ""
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            feed.send([feed.record(abi.TYPE_OPEN, int(line))])
+            feed.send([feed.record(abi.TYPE_OPEN, (backing / "plain").stat().st_ino)])
+            # the sentinel: both records ended, one way or another
+            doc = wait_for(
+                lambda: d if _settled(d := shim_stats(mnt)) == 2 else None,
+                EVENT_TIMEOUT,
+                "both records to be replayed or refused while the other server is stopped",
+            )
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+            attacker.kill()
+            attacker.wait()
+        alive = shim.proc.poll() is None
+    # the user's own file is found again where it is, as for any stale path
+    assert doc["replayed"] == 2, doc
     assert alive

@@ -490,3 +490,45 @@ for t in (None, time.time(), 1_000_000):
     with run_shim(backing, mnt, top / "absent.sock", "--allow-other"):
         out = _as_attacker(probe)
     assert out.stdout.split() == ["ok", "denied", "denied"], out.stderr
+
+
+def test_a_root_caller_without_capabilities_gets_no_more_than_on_backing(top: Path) -> None:
+    # A uid-0 caller whose capabilities were dropped (a container's root, a
+    # service with an empty capability set) was served as root: the kernel
+    # checked its capabilities, but on attributes cached up to --timeout, so
+    # a user's file made 0600 on BACKING stayed readable to it meanwhile.
+    if not os.access("/usr/bin/setpriv", os.X_OK):
+        pytest.skip("setpriv missing (Debian package util-linux): needed to drop capabilities")
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    (backing / "theirs").write_text("data")
+    os.chown(backing / "theirs", ATTACKER, ATTACKER)
+    os.chmod(backing / "theirs", 0o644)
+    probe = f"""
+try:
+    print(open({str(mnt / "theirs")!r}).read())
+except PermissionError:
+    print("denied")
+"""
+    capless = ["/usr/bin/setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    command = [*capless, SYSTEM_PYTHON, "-I", "-c", probe]
+    # attributes cached for a minute: only BACKING can refuse within it
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other", "--timeout", "60") as shim:
+        first = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+        assert first.stdout.split() == ["data"], first.stderr
+        os.chmod(backing / "theirs", 0o600)
+        direct = subprocess.run(
+            [*capless, SYSTEM_PYTHON, "-I", "-c", probe.replace(str(mnt), str(backing))],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        second = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+        # root with its capabilities still reads it
+        as_root = (mnt / "theirs").read_text()
+        alive = shim.proc.poll() is None
+    assert direct.stdout.split() == ["denied"], direct.stderr
+    assert second.stdout.split() == ["denied"], second.stderr
+    assert as_root == "data"
+    assert alive

@@ -23,6 +23,10 @@ is reached follows libfuse's ``example/passthrough_hp.cc``:
   BACKING takes effect at once.
 - Any exception in a handler becomes an errno reply and a log line
   (:func:`fuse_handler`): no call can end pyfuse3's session.
+- Nothing that may wait for long runs on pyfuse3's one serving thread:
+  directory reads, file data BACKING does not have in memory, writes,
+  changes of size and fsyncs run in worker threads, a few per user at
+  once; opens that wait for a lease's holder too.
 
 Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
 by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
@@ -104,6 +108,17 @@ _USER_LISTINGS = 4
 _MAX_PENDING_LISTINGS = 24
 # Open directories that keep entries read but not yet sent (one batch each)
 _MAX_READ_AHEAD = 256
+
+# Calls on a file's data that may wait (reads BACKING cannot answer from
+# memory, writes, truncates, fsyncs) run in threads: these many at once (more than
+# listings: a call on data never staged may hold its thread for good, and a
+# few users must not hold them all), and per user (the opener, or the
+# caller; root counts as one); a user's calls past this many pending answer
+# EAGAIN, so that none takes every request pyfuse3 serves at once
+# (max_tasks, 99) with calls that never end
+_DATA_THREADS = 32
+_USER_DATA_CALLS = 4
+_MAX_PENDING_DATA_CALLS = 24
 
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
@@ -218,12 +233,38 @@ class _Creds:
     (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_FOWNER...) until it is set back to 0;
     the others (CAP_SYS_ADMIN lists trusted.* xattrs, CAP_SYS_RESOURCE
     writes past quotas and reserved blocks) are dropped from the thread's
-    effective set by :meth:`Overlay._acting`.
+    effective set by :meth:`Overlay._acting`.  A uid-0 caller lacking some
+    of the shim's capabilities keeps fsuid 0 and acts with its own.
     """
 
     uid: int
     gid: int
     groups: tuple[int, ...]
+    # the effective capabilities acted with: none for a user; for a uid-0
+    # caller without some of ours, its own (those within ours)
+    caps: int = 0
+
+
+def _root_caller_caps(tid: int) -> int:
+    """The effective capabilities of task ``tid``, which made a request as uid 0.
+
+    As for :func:`_caller_groups`: only if the task's own filesystem uid
+    in /proc is 0 too (a request made with another task's ids gets none),
+    and none if the task is gone: fewer rights, never more.
+    """
+    uid: list[bytes] = []
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                key, _, value = line.partition(b":")
+                if key == b"Uid":
+                    uid = value.split()
+                elif key == b"CapEff":
+                    # real, effective, saved, filesystem
+                    return int(value, 16) if len(uid) == 4 and int(uid[3]) == 0 else 0
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _caller_groups(tid: int, uid: int, gid: int) -> tuple[int, ...]:
@@ -384,6 +425,11 @@ class Overlay(pyfuse3.Operations):
         self._listing_threads = trio.CapacityLimiter(_LISTING_THREADS)
         # uid -> the limiter its directory reads hold or wait for, while any do
         self._listing_limiters: dict[int, trio.CapacityLimiter] = {}
+        self._data_threads = trio.CapacityLimiter(_DATA_THREADS)
+        # uid -> the limiter its calls on data in threads hold or wait for, while any do
+        self._data_limiters: dict[int, trio.CapacityLimiter] = {}
+        # False once BACKING refused a read that does not wait (RWF_NOWAIT)
+        self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
@@ -394,8 +440,17 @@ class Overlay(pyfuse3.Operations):
 
     def _creds(self, ctx: pyfuse3.RequestContext | None) -> _Creds | None:
         """Whom to act as: None for root (and for requests without a context)."""
-        if ctx is None or ctx.uid == 0:
+        if ctx is None or (ctx.uid == 0 and ctx.pid <= 0):
+            # no caller task (a request the kernel makes for itself)
             return None
+        if ctx.uid == 0:
+            # A uid-0 caller may lack capabilities (a container's root, a
+            # service with an empty set): the kernel checks them on cached
+            # attributes only, so it acts with its own, as a user does.
+            caps = _root_caller_caps(ctx.pid) & self._own_caps
+            if caps == self._own_caps:
+                return None
+            return _Creds(0, ctx.gid, _caller_groups(ctx.pid, 0, ctx.gid), caps)
         return _Creds(ctx.uid, ctx.gid, _caller_groups(ctx.pid, ctx.uid, ctx.gid))
 
     @contextlib.contextmanager
@@ -408,7 +463,7 @@ class Overlay(pyfuse3.Operations):
             libc.setgroups_thread(creds.groups)
             libc.setfsgid(creds.gid)
             libc.setfsuid(creds.uid)
-            libc.set_effective_caps(0)
+            libc.set_effective_caps(creds.caps)
             yield
         finally:
             libc.set_effective_caps(self._own_caps)
@@ -751,9 +806,9 @@ class Overlay(pyfuse3.Operations):
                         os.fchmod(handle.fd, mode)
                     else:
                         os.chmod(_proc(ifd), mode)
+        if fields.update_size:
+            await self._truncate(node, ifd, handle, attr.st_size, creds)
         with self._acting(creds):
-            if fields.update_size:
-                self._truncate(node, ifd, handle, attr.st_size)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
@@ -769,19 +824,28 @@ class Overlay(pyfuse3.Operations):
             # AT_EACCESS: checked with the fsuid and groups taken on, not the real ids
             return os.access(_proc(fd), os.W_OK, effective_ids=True)
 
-    @staticmethod
-    def _truncate(node: _Inode, ifd: int, handle: _Handle | None, size: int) -> None:
+    async def _truncate(
+        self, node: _Inode, ifd: int, handle: _Handle | None, size: int, creds: _Creds | None
+    ) -> None:
+        # In a thread, as a write: on scoutfs a change of size waits for
+        # released data to be staged.  On our own fds, as a read's.
         if handle is not None:
-            os.ftruncate(handle.fd, size)
+            fd = _pass_fd(os.dup(handle.fd))
+            await self._data_call(creds, functools.partial(os.ftruncate, fd, size))
             return
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
-        # truncate through an fd on the very inode; O_NONBLOCK: never wait
-        fd = os.open(_proc(ifd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        path_fd = _pass_fd(os.dup(ifd))
+
+        def truncate() -> None:
+            # through an fd on the very inode; O_NONBLOCK: never wait for a lease
+            fd = os.open(_proc(path_fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+
+        await self._data_call(creds, truncate)
 
     @staticmethod
     def _utimens(
@@ -901,7 +965,9 @@ class Overlay(pyfuse3.Operations):
 
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        os.fsync(self._dirs[fh].fd)
+        d = self._dirs[fh]
+        fd = _pass_fd(os.dup(d.fd))
+        await self._data_call(d.creds, functools.partial(os.fsync, fd))
 
     # --- namespace changes ---------------------------------------------------
 
@@ -1162,28 +1228,100 @@ class Overlay(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), entry
 
     @fuse_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        # any buffer will do (pyfuse3 replies from its buffer protocol; its
+        # stub says bytes): the data read at hand is not copied again
         if fh in self._replay_fhs:
             return _SYNTHETIC_BYTE
-        return os.pread(fh, size, off)
+        if self._nowait_reads:
+            data = self._read_at_hand(fh, off, size)
+            if data is not None:
+                return data
+        handle = self._handles.get(fh)
+        creds = handle.creds if handle is not None else None
+        # our own fd: whatever happens to the handle meanwhile, the thread
+        # reads this file and no other that took its number
+        fd = _pass_fd(os.dup(fh))
+        return await self._data_call(creds, functools.partial(os.pread, fd, size, off))
+
+    def _read_at_hand(self, fh: int, off: int, size: int) -> memoryview | None:
+        """The data, if BACKING has all of it in memory; None if it may have to wait.
+
+        A read of data BACKING must fetch may wait for long: a disk, a
+        server, another node's lock, or on scoutfs a file whose data was
+        released (any user may release their own), until something stages
+        it back.  That must not happen on this one serving thread.
+        """
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fh, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            # BACKING's filesystem has no such reads (scoutfs): always in threads
+            log.info("BACKING cannot read without waiting (RWF_NOWAIT): reads go to threads")
+            self._nowait_reads = False
+            return None
+        # a short read is the end of the file, or all BACKING had at hand
+        if n < size and off + n < os.fstat(fh).st_size:
+            return None
+        return memoryview(buf)[:n]
+
+    async def _data_call(self, creds: _Creds | None, call: Callable[[], R]) -> R:
+        """``call()`` as ``creds`` in a thread, where waiting for BACKING stops no one else.
+
+        A user's calls past their share wait for one of theirs to end, and
+        past what may wait they answer EAGAIN.
+        """
+        uid = creds.uid if creds is not None else 0
+        limiter = self._data_limiters.get(uid)
+        if limiter is None:
+            limiter = self._data_limiters[uid] = trio.CapacityLimiter(_USER_DATA_CALLS)
+        if _pending(limiter) >= _MAX_PENDING_DATA_CALLS:
+            raise FUSEError(errno.EAGAIN)
+
+        def acting() -> R:
+            # the thread's own fsuid, groups and capabilities (all per thread)
+            with self._acting(creds):
+                return call()
+
+        try:
+            async with limiter:
+                return await trio.to_thread.run_sync(acting, limiter=self._data_threads)
+        finally:
+            if not _pending(limiter):
+                del self._data_limiters[uid]
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh in self._replay_fhs:
             raise FUSEError(errno.EBADF)
         # as the opener: BACKING clears set-user-ID bits on a write by anyone
-        # without CAP_FSETID, which a root write would keep
-        with self._acting(self._handles[fh].creds):
-            return os.pwrite(fh, buf, off)
+        # without CAP_FSETID, which a root write would keep.  In a thread:
+        # a write may wait as a read does (scoutfs waits for released data
+        # to be staged before any write), and buffered writes that never
+        # wait (RWF_NOWAIT) are refused by most filesystems.
+        fd = _pass_fd(os.dup(fh))
+        return await self._data_call(
+            self._handles[fh].creds, functools.partial(os.pwrite, fd, buf, off)
+        )
 
     @fuse_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh in self._replay_fhs:
             return
-        if datasync:
-            os.fdatasync(fh)
-        else:
-            os.fsync(fh)
+        # in a thread: it waits for the disk to take all the file's dirty
+        # data (seconds for a big file), or for another node (scoutfs)
+        handle = self._handles.get(fh)
+        fd = _pass_fd(os.dup(fh))
+        await self._data_call(
+            handle.creds if handle is not None else None,
+            functools.partial(os.fdatasync if datasync else os.fsync, fd),
+        )
 
     @fuse_handler
     async def release(self, fh: int) -> None:

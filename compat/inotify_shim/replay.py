@@ -368,6 +368,8 @@ class Replayer:
         self._reader: Callable[[int], None] | None = None if zero_read else _read_a_byte
         self._reader_lock = threading.Lock()
         self._kernel_knows = kernel_knows
+        # BACKING's root, for the announcing threads' stats (opened by run())
+        self._backing_fd: int | None = None
         self._new_dir_wait = new_dir_wait
         self._warned = self.stats.losses()
         self._next_warn = -math.inf
@@ -547,6 +549,8 @@ class Replayer:
         requests to it.
         """
         self._token = trio.lowlevel.current_trio_token()
+        if self._kernel_knows is not None:
+            self._backing_fd = os.open(self._backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         for _ in range(self._workers):
             t = threading.Thread(target=self._worker_loop, name="replay", daemon=True)
             t.start()
@@ -562,6 +566,9 @@ class Replayer:
             with trio.CancelScope(shield=True):
                 # the fds they open must be known before closing what is held
                 await trio.to_thread.run_sync(self._stop_workers)
+                if self._backing_fd is not None:
+                    os.close(self._backing_fd)
+                    self._backing_fd = None
                 self._collect()
                 fds = [f.fd for f in self._files.values() if f.fd is not None]
                 await trio.to_thread.run_sync(_close_all, fds)
@@ -775,16 +782,19 @@ class Replayer:
         ``new_dir_wait``.  A directory the kernel already has an entry for is
         left alone: whoever looked it up could watch it.
         """
-        knows = self._kernel_knows
-        if knows is None:
+        knows, root = self._kernel_knows, self._backing_fd
+        if knows is None or root is None:
             return
         parts = rel.split("/")[:-1]
         if not parts:
             return
+        # From BACKING's fd, through no symlink and into no mount: a user may
+        # have swapped a directory on the way for a symlink to a filesystem
+        # that never answers, and a stat that followed it would wait as long
         try:
-            st = os.lstat(os.path.join(self._backing, *parts))
-        except OSError:
-            return
+            st = libc.stat_beneath(root, "/".join(parts))
+        except (OSError, ValueError):
+            return  # gone, renamed or swapped: the open fails and is counted
         if knows(st.st_ino):
             # the kernel's entries pin their parents': every directory above is known too
             return
@@ -793,8 +803,8 @@ class Replayer:
         for i, name in enumerate(parts):
             path = os.path.join(path, name)
             try:
-                st = os.lstat(path)
-            except OSError:
+                st = libc.stat_beneath(root, "/".join(parts[: i + 1]))
+            except (OSError, ValueError):
                 return  # gone or renamed: the open fails and is counted
             if not stat.S_ISDIR(st.st_mode):
                 return
