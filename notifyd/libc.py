@@ -272,16 +272,17 @@ _libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
 _libc.capset.restype = ctypes.c_int
 
 
-def _caps() -> tuple[_CapHeader, ctypes.Array[_CapData]]:
-    header = _CapHeader(_CAP_VERSION_3, 0)
+def _caps(tid: int = 0) -> tuple[_CapHeader, ctypes.Array[_CapData]]:
+    header = _CapHeader(_CAP_VERSION_3, tid)
     data = (_CapData * 2)()
     _check(_libc.capget(ctypes.byref(header), data))
     return header, data
 
 
-def effective_caps() -> int:
-    """The calling thread's effective capability set, as a bit mask."""
-    _header, data = _caps()
+def effective_caps(tid: int = 0) -> int:
+    """The effective capability set of thread ``tid`` (0: the calling
+    thread), as a bit mask.  Raises OSError(ESRCH) for a thread gone."""
+    _header, data = _caps(tid)
     return int(data[0].effective) | int(data[1].effective) << 32
 
 
