@@ -34,7 +34,8 @@ shift 2
 export SCOUTFS_BUILD=$tree/utils/src
 . "$here/lib.sh"
 
-modprobe -a virtio_blk dm_mod libcrc32c
+# loop: change-devices makes its scratch filesystems on loop devices
+modprobe -a virtio_blk dm_mod libcrc32c loop
 export PATH=$here/compat:$PATH
 WIDE="mmap totl-merge-read srch-safe-merge-pos"
 WIDE_MOUNTS=5
