@@ -18,8 +18,9 @@
 # t_require_mounts 5, srch-safe-merge-pos: a golden output line per mount of
 # upstream's five): they run in a second run-tests.sh pass with WIDE_MOUNTS
 # mounts, results in RESULTS/wide.  The tests of QUORUM skip whenever every
-# quorum member is needed for a majority, as with one: they run in a third
-# pass as upstream's CI mounts, QUORUM_MOUNTS mounts of which QUORUM_MEMBERS
+# quorum member is needed for a majority, as with one, or need a new leader
+# elected while the old one is gone: they run in a third pass as upstream's
+# CI mounts, QUORUM_MOUNTS mounts of which QUORUM_MEMBERS
 # are quorum members, results in RESULTS/quorum.  The heartbeat timeout is
 # already v1.30's longest (60 s), and a member that mounts while a server
 # runs waits that long for heartbeats before it stands, so a starved leader
@@ -40,6 +41,7 @@ export PATH=$here/compat:$PATH
 WIDE="mmap totl-merge-read srch-safe-merge-pos"
 WIDE_MOUNTS=5
 QUORUM="lock-recover-invalidate mount-unmount-race client-unmount-recovery"
+QUORUM+=" fence-and-reclaim quorum-heartbeat-timeout"
 QUORUM_MOUNTS=5
 QUORUM_MEMBERS=3
 # the quorum members that must unmount together at the end (run-tests.sh's
