@@ -70,6 +70,22 @@ def fake_daemon(path: Path, send: Callable[[socket.socket], None]) -> Iterator[N
         listener.close()
 
 
+def watched_forwarder(js, sock_path: Path, total: int) -> tuple[Forwarder, asyncio.Event]:  # type: ignore[no-untyped-def]
+    """A forwarder of the daemon's socket at ``sock_path``, and an event set
+    once the stream holds ``total`` records from it."""
+    fwd = Forwarder(js, Identity(FSID, NODE, False), sock_path, STREAM)
+    all_stored = asyncio.Event()
+
+    def observe(_seconds: float) -> None:
+        # called before the acked message (_current) is counted
+        current = fwd._current.count if fwd._current else 0
+        if fwd.counters.published + current == total:
+            all_stored.set()
+
+    fwd.observe_publish = observe
+    return fwd, all_stored
+
+
 async def stored_messages(js, subject: str = SUBJECT) -> list:  # type: ignore[no-untyped-def]
     """Every message of ``subject`` in the stream, in stream order."""
     out = []
@@ -281,15 +297,7 @@ def test_a_burst_read_from_the_socket_keeps_its_gaps_and_skips_a_malformed_messa
     try:
 
         async def body(js, _unused: Forwarder) -> None:  # type: ignore[no-untyped-def]
-            fwd = Forwarder(js, Identity(FSID, NODE, False), sock_path, STREAM)
-            all_stored = asyncio.Event()
-
-            def observe(_seconds: float) -> None:
-                current = fwd._current.count if fwd._current else 0
-                if fwd.counters.published + current == len(want):
-                    all_stored.set()
-
-            fwd.observe_publish = observe
+            fwd, all_stored = watched_forwarder(js, sock_path, len(want))
             reader = asyncio.create_task(fwd.read_daemon())
             pump = asyncio.create_task(fwd.publish_forever())
             await all_stored.wait()
@@ -334,15 +342,7 @@ def test_the_last_of_a_burst_goes_out_when_the_socket_holds_no_more(tmp_path: Pa
     try:
 
         async def body(js, _unused: Forwarder) -> None:  # type: ignore[no-untyped-def]
-            fwd = Forwarder(js, Identity(FSID, NODE, False), sock_path, STREAM)
-            all_stored = asyncio.Event()
-
-            def observe(_seconds: float) -> None:
-                current = fwd._current.count if fwd._current else 0
-                if fwd.counters.published + current == total:
-                    all_stored.set()
-
-            fwd.observe_publish = observe
+            fwd, all_stored = watched_forwarder(js, sock_path, total)
             pump = asyncio.create_task(fwd.publish_forever())
             reader = asyncio.create_task(fwd.read_daemon())
             assert await asyncio.to_thread(accepted.wait, 30)
