@@ -651,45 +651,13 @@ def _held_listing_backing(at: Path) -> Iterator[_HeldListingFs]:
             proc.wait()
 
 
-def test_a_listing_in_progress_stalls_no_one_else(top: Path) -> None:  # noqa: F811
-    # A listing was read whole from BACKING at its first READDIR, on the
-    # overlay's one serving thread: a user's `ls` of a huge directory (or of
-    # one on a slow disk) stopped every other user's calls until it was
-    # read.  Here BACKING is a FUSE filesystem whose `held` directory answers
-    # its READDIR only when the test says: the listing is provably still in
-    # progress while root looks a file up and reads it.
-    backing, mnt = top / "backing", top / "mnt"
-    lister_code = f"print(sorted(os.listdir({str(mnt / 'held')!r})), flush=True)"
-    with (
-        _held_listing_backing(backing) as fs,
-        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
-    ):
-        lister = _attacker_proc("import os\n" + lister_code)
-        try:
-            # the sentinel: BACKING's READDIR of `held` has begun, and waits
-            assert fs.line() == "listing held\n"
-            done: list[str] = []
-            reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
-            reader.start()
-            reader.join(START_TIMEOUT)
-            read_meanwhile = list(done)
-            still_listing = lister.poll() is None
-            fs.release()
-            reader.join()
-            out, err = lister.communicate(timeout=START_TIMEOUT)
-        finally:
-            lister.kill()
-            lister.wait()
-        alive = shim.proc.poll() is None
-    assert read_meanwhile == ["f\n"], "root's read waited for another user's listing"
-    assert still_listing
-    assert done == ["f\n"]
-    assert out == "['a', 'b']\n", err
-    assert alive
-
-
-# what a user does to the held file `slow`, and what BACKING then says
+# what a user does to the held directory `held` or file `slow`, what BACKING
+# then says, and what the user's call prints once BACKING answers.  A listing
+# was read whole from BACKING at its first READDIR, on the overlay's one
+# serving thread: a user's `ls` of a huge directory (or of one on a slow disk)
+# stopped every other user's calls until it was read.
 _HELD_CALLS = {
+    "listing": ("print(sorted(os.listdir(HELD)))", "listing held\n", "['a', 'b']\n"),
     "read": ("print(open(SLOW).read(), end='')", "reading slow\n", "f\n"),
     "write": ("print(open(SLOW, 'r+').write('x'))", "writing slow\n", "1\n"),
     "truncate": ("print(os.truncate(SLOW, 1))", "truncating slow\n", "None\n"),
@@ -714,7 +682,9 @@ def test_a_call_on_data_in_progress_stalls_no_one_else(top: Path, call: str) -> 
         _held_listing_backing(backing) as fs,
         run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
     ):
-        slow = _attacker_proc(f"import os\nSLOW = {str(mnt / 'slow')!r}\n{code}")
+        slow = _attacker_proc(
+            f"import os\nSLOW = {str(mnt / 'slow')!r}\nHELD = {str(mnt / 'held')!r}\n{code}"
+        )
         try:
             # the sentinel: BACKING's side of the call has begun, and waits
             assert fs.line() == started
