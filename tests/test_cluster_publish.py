@@ -358,6 +358,9 @@ def test_the_last_of_a_burst_goes_out_when_the_socket_holds_no_more(tmp_path: Pa
                 await asyncio.gather(pump, reader, return_exceptions=True)
             seqs = [r.seq for r in abi.decode(await stored_payloads(js))]
             assert seqs == list(range(1, total + 1))
+            # each record counted once: a count too high holds --backlog room for ever
+            assert fwd.counters.received == total
+            assert fwd.unpublished == 0
 
         with fake_daemon(sock_path, send):
             run(server, body, timeout=60)

@@ -415,6 +415,7 @@ class Forwarder:
         recv_into = sock.recv_into
         room = abi.MAX_MESSAGE_BYTES
         self._more = True
+        dry = True
         # the messages of a burst lie back to back at the chunk's end, from
         # start to pos, and are accounted for together (_took_burst)
         start = pos = self._used
@@ -442,15 +443,14 @@ class Forwarder:
                 continue
             pos += n
         else:
-            self._took_burst(epoch, start, pos)
-            if self._socket_holds_more(sock):
-                # the loop calls again while the socket is readable
-                return
+            # a whole burst: if the socket holds more, the loop calls again
+            dry = not self._socket_holds_more(sock)
         self._took_burst(epoch, start, pos)
-        # read dry (or closed): what the chunk holds goes out now
-        self._more = False
-        if self._used:
-            self.wakeup.set()
+        if dry:
+            # read dry (or closed): what the chunk holds goes out now
+            self._more = False
+            if self._used:
+                self.wakeup.set()
 
     def _socket_holds_more(self, sock: socket.socket) -> bool:
         """Whether a message waits in ``sock`` (after a burst that read its
@@ -488,13 +488,7 @@ class Forwarder:
         ):
             self.counters.received += n
             self._recv_seq = last
-            if not start:
-                self._chunk_epoch, self._chunk_first = epoch, first
-            self._chunk_last = last
-            self._used = end
-            self.backlog_records += n
-            if not self.connected.is_set():
-                self.connected.set()  # a record: the daemon serves us
+            self._kept(epoch, first, last, start, end)
             return
         raw = bytes(self._view[start:end])
         self._used = start
@@ -564,11 +558,15 @@ class Forwarder:
             self._close_chunk()
             self._chunk[:size] = msg
             at = 0
-        if not at:
+        self._kept(epoch, first, last, at, at + size)
+
+    def _kept(self, epoch: str, first: int, last: int, start: int, end: int) -> None:
+        """Records first..last, at chunk[start:end], follow on what the chunk holds."""
+        if not start:
             self._chunk_epoch, self._chunk_first = epoch, first
         self._chunk_last = last
-        self._used = at + size
-        self.backlog_records += n
+        self._used = end
+        self.backlog_records += (end - start) // abi.RECORD_SIZE
         if not self.connected.is_set():
             self.connected.set()  # a record: the daemon serves us
 
