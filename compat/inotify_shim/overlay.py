@@ -422,12 +422,10 @@ class Overlay(pyfuse3.Operations):
         self._read_ahead: collections.OrderedDict[int, tuple[int, list[tuple[bytes, int]]]] = (
             collections.OrderedDict()
         )
-        self._listing_threads = trio.CapacityLimiter(_LISTING_THREADS)
-        # uid -> the limiter its directory reads hold or wait for, while any do
-        self._listing_limiters: dict[int, trio.CapacityLimiter] = {}
-        self._data_threads = trio.CapacityLimiter(_DATA_THREADS)
-        # uid -> the limiter its calls on data in threads hold or wait for, while any do
-        self._data_limiters: dict[int, trio.CapacityLimiter] = {}
+        self._listing_threads = _UserThreads(
+            _LISTING_THREADS, _USER_LISTINGS, _MAX_PENDING_LISTINGS
+        )
+        self._data_threads = _UserThreads(_DATA_THREADS, _USER_DATA_CALLS, _MAX_PENDING_DATA_CALLS)
         # False once BACKING refused a read that does not wait (RWF_NOWAIT)
         self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
@@ -941,19 +939,7 @@ class Overlay(pyfuse3.Operations):
         pyfuse3 serves at once.
         """
         uid = d.creds.uid if d.creds is not None else 0
-        limiter = self._listing_limiters.get(uid)
-        if limiter is None:
-            limiter = self._listing_limiters[uid] = trio.CapacityLimiter(_USER_LISTINGS)
-        if _pending(limiter) >= _MAX_PENDING_LISTINGS:
-            raise FUSEError(errno.EAGAIN)
-        try:
-            async with limiter:
-                return await trio.to_thread.run_sync(
-                    _read_entries, d, offset, limiter=self._listing_threads
-                )
-        finally:
-            if not _pending(limiter):
-                del self._listing_limiters[uid]
+        return await self._listing_threads.run(uid, functools.partial(_read_entries, d, offset))
 
     def _keep_ahead(self, fh: int, offset: int, entries: list[tuple[bytes, int]]) -> None:
         """Keep entries read but not sent for the next call, in a bounded table."""
@@ -1284,24 +1270,13 @@ class Overlay(pyfuse3.Operations):
         A user's calls past their share wait for one of theirs to end, and
         past what may wait they answer EAGAIN.
         """
-        uid = creds.uid if creds is not None else 0
-        limiter = self._data_limiters.get(uid)
-        if limiter is None:
-            limiter = self._data_limiters[uid] = trio.CapacityLimiter(_USER_DATA_CALLS)
-        if _pending(limiter) >= _MAX_PENDING_DATA_CALLS:
-            raise FUSEError(errno.EAGAIN)
 
         def acting() -> R:
             # the thread's own fsuid, groups and capabilities (all per thread)
             with self._acting(creds):
                 return call()
 
-        try:
-            async with limiter:
-                return await trio.to_thread.run_sync(acting, limiter=self._data_threads)
-        finally:
-            if not _pending(limiter):
-                del self._data_limiters[uid]
+        return await self._data_threads.run(creds.uid if creds is not None else 0, acting)
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -1443,6 +1418,35 @@ def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
     if entries:
         d.pos = entries[-1][1]
     return entries
+
+
+class _UserThreads:
+    """Worker threads shared by every user, a few per user at once.
+
+    A user's calls past ``per_user`` wait for one of theirs to end, and past
+    ``max_pending`` they answer EAGAIN: no user can hold every request
+    pyfuse3 serves at once (max_tasks) with calls that never end.
+    """
+
+    def __init__(self, threads: int, per_user: int, max_pending: int) -> None:
+        self._threads = trio.CapacityLimiter(threads)
+        self._per_user = per_user
+        self._max_pending = max_pending
+        # uid -> the limiter its calls hold or wait for, while any do
+        self._users: dict[int, trio.CapacityLimiter] = {}
+
+    async def run(self, uid: int, call: Callable[[], R]) -> R:
+        limiter = self._users.get(uid)
+        if limiter is None:
+            limiter = self._users[uid] = trio.CapacityLimiter(self._per_user)
+        if _pending(limiter) >= self._max_pending:
+            raise FUSEError(errno.EAGAIN)
+        try:
+            async with limiter:
+                return await trio.to_thread.run_sync(call, limiter=self._threads)
+        finally:
+            if not _pending(limiter):
+                del self._users[uid]
 
 
 def _pending(limiter: trio.CapacityLimiter) -> int:
