@@ -164,11 +164,13 @@ async def _watch_last(js, stream: str, subject: str, want: int):  # type: ignore
     Headers only: polling the last message instead fetched a megabyte of
     payload per look (base64 in JSON), CPU the measured pipeline shares.
     """
+    from notifyd.cluster import wire
+
     loop = asyncio.get_running_loop()
     done: asyncio.Future[float] = loop.create_future()
 
     async def seen(msg) -> None:  # type: ignore[no-untyped-def]
-        last = int((msg.headers or {}).get("Scoutfs-Notify-Seq", "0-0").rpartition("-")[2])
+        last = int((msg.headers or {}).get(wire.HDR_SEQ, "0-0").rpartition("-")[2])
         if last >= want and not done.done():
             done.set_result(time.perf_counter())
 
