@@ -33,6 +33,9 @@ from cluster_support import (
     wait_truth,
 )
 
+from notifyd import procs
+from notifyd.cluster.wire import DEFAULT_STREAM as STREAM
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify daemons need root")
 
 
@@ -306,3 +309,78 @@ def test_watch_since_and_new_start_where_asked(tmp_path: Path, nodes) -> None:
         assert [d["seq"] for d in new.records(name) if d["seq"] <= upto] == [
             d["seq"] for d in every.records(name) if last2 < d["seq"] <= upto
         ]
+
+
+def _consumer_leaders(url: str, stream: str) -> dict[str, str | None]:
+    """The stream's consumers and the server leading each (None: no leader now)."""
+    import asyncio
+
+    import nats
+
+    async def leaders() -> dict[str, str | None]:
+        nc = await nats.connect(url)
+        try:
+            infos = await nc.jetstream().consumers_info(stream)
+            return {ci.name: ci.cluster.leader if ci.cluster else None for ci in infos}
+        finally:
+            await nc.close()
+
+    return asyncio.run(leaders())
+
+
+def test_a_live_watch_whose_consumer_dies_with_its_server_resumes_where_it_was(
+    tmp_path: Path, nodes
+) -> None:
+    """A plain watch is an ordered consumer, kept on one server: killed with
+    it before a record came, it is made again after the seq it started at,
+    so the watch gets every later record once and none from before it."""
+    name, daemon, truth = nodes[0]
+    with nats_servers(tmp_path / "nats", 3) as servers, forwarders(tmp_path) as fwds:
+        urls = ",".join(s.url for s in servers)
+        start_forwarder(
+            fwds,
+            tmp_path,
+            daemon.backing,
+            *fwd_args(urls, daemon, name, "--replicas", "3", "--max-bytes", "64M"),
+        )
+        read_files(daemon.backing, 10, "old")
+        before = sentinel(daemon.backing, "before")
+        every = Watch(urls, "--all", "--fsid", FSID)
+        try:
+            every.wait_ino(name, before, "the sentinel before the watch")
+        finally:
+            assert every.stop() == 0, every.stderr()
+        earlier = set(_consumer_leaders(servers[0].url, STREAM))
+        watch = Watch(urls, "--fsid", FSID)
+        try:
+            watch.wait_watching()
+            mine = {
+                c: leader
+                for c, leader in _consumer_leaders(servers[0].url, STREAM).items()
+                if c not in earlier
+            }
+            assert len(mine) == 1, mine
+            assert None not in mine.values(), mine
+            victim = next(s for s in servers if s.name in mine.values())
+            victim.kill()
+            alive = next(s for s in servers if s is not victim)
+
+            def made_again() -> bool:
+                now = _consumer_leaders(alive.url, STREAM)
+                return any(
+                    c not in earlier and c not in mine and leader not in (None, victim.name)
+                    for c, leader in now.items()
+                )
+
+            procs.wait_until(made_again, EVENT_TIMEOUT, "the watch to make its consumer again")
+            read_files(daemon.backing, 10, "new")
+            after = sentinel(daemon.backing, "after")
+            watch.wait_ino(name, after, "the sentinel after the kill")
+        finally:
+            assert watch.stop() == 0, watch.stderr()
+    first_new = max(truth.seqs_of(before)) + 1
+    last = max(truth.seqs_of(after))
+    want = [r.seq for r in truth.records if first_new <= r.seq <= last]
+    got = [d["seq"] for d in watch.records(name) if d["seq"] <= last]
+    assert got == want, f"watch {got} != the daemon's records after the first sentinel {want}"
+    assert not watch.gaps(name)
