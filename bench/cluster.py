@@ -1,8 +1,9 @@
 """Stage cluster: the forwarder into JetStream, and node B's access to node A's IN_OPEN.
 
 Throughput: a feeder process stands in for the daemon's socket (a real
-SOCK_SEQPACKET socket, 64-record messages sent as fast as the forwarder takes
-them); the real ``scoutfs-notify-forward`` publishes them to a real
+SOCK_SEQPACKET socket, messages of the size the forwarder asks for, as the
+daemon grants it: 1024 records, sent as fast as the forwarder takes them);
+the real ``scoutfs-notify-forward`` publishes them to a real
 nats-server (one server R1, a 3-server cluster R3).  The figure is records
 per second from the feeder's first message until the stream holds the last
 record, as a headers-only consumer of the subject sees it.  Baseline, in the
@@ -60,6 +61,8 @@ TARGET_RECORDS_PER_S = 200_000
 # bounds on a hang, not measurements
 DRAIN_TIMEOUT = 300.0
 READY_TIMEOUT = 30.0
+# how long the feeder waits for a client's request for larger messages
+REQUEST_WAIT = 2.0
 EVENT_TIMEOUT = 10.0
 
 
@@ -116,20 +119,34 @@ def _servers(work: Path, count: int) -> Iterator[list[str]]:
 # --- the feeder: python -m bench.cluster feed SOCKET RECORDS ---------------------
 
 
+def _feed_messages(records: int, per_message: int) -> list[bytes]:
+    now = time.time_ns()
+    pack = abi.RECORD.pack
+    msgs = []
+    for first in range(1, records + 1, per_message):
+        last = min(first + per_message - 1, records)
+        msgs.append(
+            b"".join(pack(s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
+        )
+    return msgs
+
+
+def _asked_records(conn: socket.socket) -> int:
+    """The message size the client asks for as the daemon grants it (abi.MESSAGE_REQUEST)."""
+    conn.settimeout(REQUEST_WAIT)
+    try:
+        asked = abi.decode_message_request(conn.recv(64))
+    except TimeoutError:
+        asked = None
+    conn.settimeout(None)
+    return asked or abi.MAX_MESSAGE_RECORDS
+
+
 def feed(path: str, records: int) -> int:
     """Serve ``records`` records to the first client once stdin says go."""
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     lsock.bind(path)
     lsock.listen(1)
-    # every message is built before "go": the feeder must outrun the forwarder
-    now = time.time_ns()
-    pack = abi.RECORD.pack
-    msgs = []
-    for first in range(1, records + 1, abi.MAX_MESSAGE_RECORDS):
-        last = min(first + abi.MAX_MESSAGE_RECORDS - 1, records)
-        msgs.append(
-            b"".join(pack(s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
-        )
     # the forwarder is ready once the daemon's stats list its connection
     clients: list[dict[str, int]] = []
     ssock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -145,7 +162,12 @@ def feed(path: str, records: int) -> int:
     threading.Thread(target=serve_stats, daemon=True).start()
     print("listening", flush=True)
     conn, _ = lsock.accept()
+    # as the daemon does, in messages of the size the client asks for; every
+    # message is built before it is listed (and so before "go"): the feeder
+    # must outrun the forwarder
+    msgs = _feed_messages(records, _asked_records(conn))
     clients.append({"pid": peer_cred(conn)[0]})
+    print("ready", flush=True)
     sys.stdin.readline()
     for m in msgs:
         conn.sendall(m)
@@ -209,6 +231,8 @@ async def _bare_loop(js, stream: str, subject: str, records: int) -> float:  # t
 def _intake(cfg: Config, work: Path, records: int) -> float:
     """Records/s a bare ``recv`` loop takes from the same feeder: the daemon's
     side of the forwarder's work, which the bare publish loop does not do."""
+    from notifyd.cluster.forward import DAEMON_MESSAGE_RECORDS
+
     sock = work / "intake.sock"
     feeder = subprocess.Popen(
         [sys.executable, "-m", "bench.cluster", "feed", str(sock), str(records)],
@@ -223,12 +247,14 @@ def _intake(cfg: Config, work: Path, records: int) -> float:
         feeder.stdout.readline()
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.connect(str(sock))
+            s.send(abi.encode_message_request(DAEMON_MESSAGE_RECORDS))
+            feeder.stdout.readline()  # ready: every message is built
             want, got = records * abi.RECORD_SIZE, 0
             t0 = time.perf_counter()
             feeder.stdin.write(b"go\n")
             feeder.stdin.flush()
             while got < want:
-                got += len(s.recv(abi.MAX_MESSAGE_BYTES))
+                got += len(s.recv(abi.LARGE_MESSAGE_BYTES))
             return records / (time.perf_counter() - t0)
     finally:
         feeder.kill()

@@ -21,8 +21,11 @@ __all__ = [
     "IOC_READ_NOTIFY",
     "IOC_READ_NOTIFY_CANDIDATES",
     "IOC_STATFS_MORE",
+    "LARGE_MESSAGE_BYTES",
+    "LARGE_MESSAGE_RECORDS",
     "MAX_MESSAGE_BYTES",
     "MAX_MESSAGE_RECORDS",
+    "MESSAGE_REQUEST",
     "READ_NOTIFY",
     "READ_NOTIFY_DETACH",
     "READ_NOTIFY_WAIT",
@@ -37,7 +40,9 @@ __all__ = [
     "ABIError",
     "Record",
     "decode",
+    "decode_message_request",
     "encode",
+    "encode_message_request",
     "iter_fields",
     "seq_range",
 ]
@@ -136,6 +141,33 @@ def seq_range(buf: bytes | bytearray | memoryview) -> tuple[int, int]:
 
 MAX_MESSAGE_RECORDS = 64
 MAX_MESSAGE_BYTES = MAX_MESSAGE_RECORDS * RECORD_SIZE
+
+# A client may ask for larger messages (section 4, "Larger messages"): one
+# message of MESSAGE_REQUEST, magic, version 1 and the records it takes in a
+# message.  A daemon that does not know it discards it; one that does sends
+# that client messages of up to that many records, rounded down to a
+# multiple of 64 and at most LARGE_MESSAGE_RECORDS (its drain buffer).
+MESSAGE_REQUEST = struct.Struct("<4sHH")
+MESSAGE_REQUEST_MAGIC = b"SNMR"
+MESSAGE_REQUEST_VERSION = 1
+LARGE_MESSAGE_RECORDS = 1024
+LARGE_MESSAGE_BYTES = LARGE_MESSAGE_RECORDS * RECORD_SIZE
+
+
+def encode_message_request(records: int) -> bytes:
+    """The message that asks the daemon for messages of up to ``records`` records."""
+    return MESSAGE_REQUEST.pack(MESSAGE_REQUEST_MAGIC, MESSAGE_REQUEST_VERSION, records)
+
+
+def decode_message_request(msg: bytes) -> int | None:
+    """Records per message a client asks for (64..1024), or None if ``msg`` is no request."""
+    if len(msg) != MESSAGE_REQUEST.size:
+        return None
+    magic, version, asked = MESSAGE_REQUEST.unpack(msg)
+    if magic != MESSAGE_REQUEST_MAGIC or version != MESSAGE_REQUEST_VERSION:
+        return None
+    records = int(asked) - int(asked) % MAX_MESSAGE_RECORDS
+    return max(MAX_MESSAGE_RECORDS, min(records, LARGE_MESSAGE_RECORDS))
 
 
 # --- ioctls (docs/ABI.md section 3, and the scoutfs ioctls the project uses) -

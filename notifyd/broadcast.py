@@ -2,7 +2,9 @@
 
 A batch is any number of whole records in ``seq`` order (one drain of the
 source); it is queued by reference for every client and cut into messages of
-up to 64 records only as each client's sender task sends it, so the hot path
+up to 64 records (or as many as the client asked for, up to 1024: fewer
+messages for a forwarder in a flood) only as each client's sender task sends
+it, so the hot path
 costs one queue append per client per drain and one send(2) per message, and
 never decodes a record.
 
@@ -53,8 +55,9 @@ __all__ = ["Broadcaster", "Client"]
 
 log = logging.getLogger(__name__)
 
-# Clients have nothing to say; a few stray bytes are ignored, this many get
-# the client disconnected so it cannot make the daemon spin on its input.
+# Clients have nothing to say but a request for larger messages
+# (abi.MESSAGE_REQUEST); other stray bytes are ignored, and this many in all
+# get the client disconnected so it cannot make the daemon spin on its input.
 FLOOD_BYTES = 64 * 1024
 
 # accept(2) errors that mean "this one connection failed", not "stop serving"
@@ -133,6 +136,8 @@ class Client:
         self.pid, self.uid, self.gid = _peer_cred(sock)
         self.connected = time.time()
         self.limit = queue_messages
+        # bytes per message sent: the client may ask for more (abi.MESSAGE_REQUEST)
+        self.step = abi.MAX_MESSAGE_BYTES
         # batches not yet sent completely, the first one from byte `offset` on
         self.queue: deque[bytes] = deque()
         self.offset = 0
@@ -162,6 +167,7 @@ class Client:
             "records_sent": self.sent,
             "records_dropped": self.dropped,
             "queued_messages": self.queued_messages,
+            "message_records": self.step // abi.RECORD_SIZE,
         }
 
 
@@ -397,11 +403,13 @@ class Broadcaster:
     async def _send_loop(self, client: Client, scope: trio.CancelScope) -> None:
         sock = client.sock
         queue = client.queue
-        step = abi.MAX_MESSAGE_BYTES
+        unit = abi.MAX_MESSAGE_BYTES
         while True:
             if not queue:
                 await client.lot.park()
                 continue
+            # a multiple of 64 records: the queue's bound counts 64-record messages
+            step = client.step
             view = memoryview(queue[0])
             end = len(view)
             off = client.offset
@@ -419,12 +427,13 @@ class Broadcaster:
                 sent = min(step, end - off)
                 off += sent
                 client.sent += sent // abi.RECORD_SIZE
-                client.queued_messages -= 1
+                client.queued_messages -= -(-sent // unit)
             queue.popleft()
             client.offset = 0
 
     async def _discard_input(self, client: Client) -> str:
-        """Read and drop whatever the client sends; return why it ended."""
+        """Read what the client sends (a request for larger messages, or
+        nothing worth keeping); return why the connection ended."""
         sock = client.sock
         received = 0
         while True:
@@ -437,6 +446,11 @@ class Broadcaster:
                 return "reset"
             if not data:
                 return await self._hang_up(client)
+            records = abi.decode_message_request(data)
+            if records is not None and records * abi.RECORD_SIZE != client.step:
+                client.step = records * abi.RECORD_SIZE
+                if client.logged:
+                    log.info("%s takes messages of up to %d records", client, records)
             received += len(data)
             if received > FLOOD_BYTES:
                 log.warning("%s: sent %d bytes, disconnecting a flooding client", client, received)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 from cluster_support import (
     EVENT_TIMEOUT,
@@ -33,8 +34,10 @@ from cluster_support import (
     wait_truth,
 )
 
-from notifyd import procs
+from notifyd import abi, procs
 from notifyd.cluster.wire import DEFAULT_STREAM as STREAM
+from notifyd.paths import stats_path_for
+from notifyd.stats import read_stats
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify daemons need root")
 
@@ -74,6 +77,14 @@ def test_three_server_cluster_two_nodes_watch_sees_both_in_order(tmp_path: Path,
             seqs = assert_per_node_exact(watch, name, truth, sentinels[name])
             assert len(seqs) >= 62  # 30 files open + read, and the sentinel's
             assert not watch.gaps(name)
+        # each forwarder asked its daemon for its largest messages (docs/ABI.md
+        # section 4); the daemon's raw subscriber (Truth) did not ask
+        for (_, daemon, _), f in zip(nodes, fwds, strict=True):
+            clients = read_stats(os.fspath(stats_path_for(daemon.socket)))["clients"]
+            sizes = {c["pid"]: c["message_records"] for c in clients}
+            assert f.proc is not None
+            assert sizes.pop(f.proc.pid) == abi.LARGE_MESSAGE_RECORDS, clients
+            assert set(sizes.values()) == {abi.MAX_MESSAGE_RECORDS}, clients
         for f in fwds:
             assert f.stop() == 0, f.log()
 
@@ -366,7 +377,10 @@ def test_a_live_watch_whose_consumer_dies_with_its_server_resumes_where_it_was(
             alive = next(s for s in servers if s is not victim)
 
             def made_again() -> bool:
-                now = _consumer_leaders(alive.url, STREAM)
+                try:
+                    now = _consumer_leaders(alive.url, STREAM)
+                except nats.errors.TimeoutError:
+                    return False  # the cluster elects new leaders after the kill
                 return any(
                     c not in earlier and c not in mine and leader not in (None, victim.name)
                     for c, leader in now.items()

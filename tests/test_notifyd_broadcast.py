@@ -142,6 +142,58 @@ async def test_a_large_batch_goes_out_as_messages_of_64(tmp_path) -> None:
     lst.close()
 
 
+async def test_a_client_that_asks_gets_larger_messages_and_nobody_else_does(tmp_path) -> None:
+    lst = listener(tmp_path)
+    relay = Broadcaster(lst, queue_messages=64)
+    asks = {
+        "plain": None,
+        "large": abi.encode_message_request(1024),
+        "odd": abi.encode_message_request(200),  # rounded down to 192
+        "huge": abi.encode_message_request(5000),  # at most 1024
+        "bad version": abi.MESSAGE_REQUEST.pack(abi.MESSAGE_REQUEST_MAGIC, 2, 1024),
+        "bad magic": abi.MESSAGE_REQUEST.pack(b"SNMX", 1, 1024),
+        "too long": abi.encode_message_request(1024) + b"\0",
+    }
+    want_max = {"plain": 64, "large": 1024, "odd": 192, "huge": 1024}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        subs = {}
+        for name, ask in asks.items():
+            subs[name] = await AsyncSubscriber.connect(tmp_path / "n.sock")
+            if ask is not None:
+                await subs[name].sock.send(ask)
+        await until(lambda: len(relay.clients) == len(asks), "every client")
+        asked = {"large": 1024, "odd": 192, "huge": 1024}
+        await until(
+            lambda: all(
+                c.step == asked.get(name, 64) * abi.RECORD_SIZE
+                for name, c in zip(asks, relay.clients.values(), strict=True)
+            ),
+            "the requests to be read",
+        )
+        relay.publish(batch(1, 2500))
+        relay.publish(batch(2501, 10))
+        for name, sub in subs.items():
+            sizes, seqs = [], []
+            with trio.fail_after(20):
+                while seqs[-1:] != [2510]:
+                    msg = await sub.sock.recv(abi.LARGE_MESSAGE_BYTES)
+                    sizes.append(len(msg) // abi.RECORD_SIZE)
+                    seqs += [r[0] for r in abi.iter_fields(msg)]
+            assert seqs == list(range(1, 2511)), name
+            top = want_max.get(name, 64)
+            # each batch cut into messages of the client's size, never merged
+            assert sizes == [top] * (2500 // top) + [2500 % top] + [10], name
+        stats = relay.stats()["clients"]
+        assert [c["message_records"] for c in stats] == [asked.get(n, 64) for n in asks]
+        assert all(c["records_dropped"] == 0 for c in stats)
+        assert all(c["queued_messages"] == 0 for c in stats)
+        for sub in subs.values():
+            await sub.aclose()
+        nursery.cancel_scope.cancel()
+    lst.close()
+
+
 async def test_connect_then_publish_is_never_missed(tmp_path) -> None:
     lst = listener(tmp_path)
     relay = Broadcaster(lst)

@@ -86,10 +86,15 @@ DUPLICATE_WINDOW = 120.0
 PUBLISH_TIMEOUT = 5.0
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
+# Records the daemon is asked to put in one message (abi.MESSAGE_REQUEST):
+# its largest, so a flood costs both sides a datagram per 1024 records, not
+# per 64.  A daemon from before the request sends 64.
+DAEMON_MESSAGE_RECORDS = abi.LARGE_MESSAGE_RECORDS
 # Messages read from the daemon's socket before the publisher gets a turn
-# (2048 records), so an ack that came is acted on without waiting behind a
-# long run of reads (with 1024, it could wait behind 1024 of them).
-READ_BURST = 32
+# (up to 8192 records), so an ack that came is acted on without waiting
+# behind a long run of reads (with 1024 messages of 64, it could wait
+# behind 1024 of them).
+READ_BURST = 8
 # Payload buffers (one message each, up to 1 MiB) kept for reuse once the
 # stream holds their message: the chunk being filled and the message in
 # flight take turns.  A fresh megabyte per message costs more than reading
@@ -308,6 +313,10 @@ class Forwarder:
         # ended: the partly filled chunk waits for them (see _pending)
         self._more = False
         self._peek = bytearray(1)
+        # what a message from the daemon may hold: what we ask for, and what
+        # fits a chunk (a server with a small max_payload)
+        records = min(DAEMON_MESSAGE_RECORDS, self.max_batch)
+        self._message_records = records - records % abi.MAX_MESSAGE_RECORDS
 
     async def resume_point(self) -> None:
         """Read the last message the stream holds from this node."""
@@ -339,6 +348,8 @@ class Forwarder:
             try:
                 await loop.sock_connect(sock, os.fspath(self.socket_path))
                 epoch = self.ident.node if self.ident.scoutfs else daemon_epoch(sock)
+                if self._message_records > abi.MAX_MESSAGE_RECORDS:
+                    sock.send(abi.encode_message_request(self._message_records))
             except OSError as exc:
                 sock.close()
                 if exc.errno != logged:
@@ -413,7 +424,7 @@ class Forwarder:
         if closed.done():
             return
         recv_into = sock.recv_into
-        room = abi.MAX_MESSAGE_BYTES
+        room = self._message_records * abi.RECORD_SIZE
         self._more = True
         dry = True
         # the messages of a burst lie back to back at the chunk's end, from
