@@ -2,7 +2,7 @@
 
 Throughput: a feeder process stands in for the daemon's socket (a real
 SOCK_SEQPACKET socket, messages of the size the forwarder asks for, as the
-daemon grants it: 1024 records, sent as fast as the forwarder takes them);
+daemon grants it: 960 records, sent as fast as the forwarder takes them);
 the real ``scoutfs-notify-forward`` publishes them to a real
 nats-server (one server R1, a 3-server cluster R3).  The figure is records
 per second from the feeder's first message until the stream holds the last
@@ -231,7 +231,7 @@ async def _bare_loop(js, stream: str, subject: str, records: int) -> float:  # t
 def _intake(cfg: Config, work: Path, records: int) -> float:
     """Records/s a bare ``recv`` loop takes from the same feeder: the daemon's
     side of the forwarder's work, which the bare publish loop does not do."""
-    from notifyd.cluster.forward import DAEMON_MESSAGE_RECORDS
+    from notifyd.cluster.forward import MAX_BATCH_RECORDS, daemon_message_records
 
     sock = work / "intake.sock"
     feeder = subprocess.Popen(
@@ -247,7 +247,7 @@ def _intake(cfg: Config, work: Path, records: int) -> float:
         feeder.stdout.readline()
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.connect(str(sock))
-            s.send(abi.encode_message_request(DAEMON_MESSAGE_RECORDS))
+            s.send(abi.encode_message_request(daemon_message_records(MAX_BATCH_RECORDS)))
             feeder.stdout.readline()  # ready: every message is built
             want, got = records * abi.RECORD_SIZE, 0
             t0 = time.perf_counter()

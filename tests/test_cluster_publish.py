@@ -28,6 +28,7 @@ from notifyd.cluster.forward import (
     Forwarder,
     Identity,
     batch_records,
+    daemon_message_records,
     ensure_stream,
 )
 from notifyd.cluster.server import ClusterError
@@ -265,6 +266,22 @@ def test_messages_fit_the_servers_max_payload() -> None:
     assert batch_records(64 << 10) == ((64 << 10) - HEADER_ROOM) // abi.RECORD_SIZE
     with pytest.raises(ClusterError, match="max_payload is 4096 bytes"):
         batch_records(4096)
+
+
+def test_the_daemon_is_asked_for_messages_that_fill_a_stream_message_whole() -> None:
+    for max_payload in (1 << 20, 256 << 10, 64 << 10, 9000, 8 << 20):
+        batch = batch_records(max_payload)
+        asked = daemon_message_records(batch)
+        assert asked % abi.MAX_MESSAGE_RECORDS == 0
+        assert abi.MAX_MESSAGE_RECORDS <= asked <= abi.LARGE_MESSAGE_RECORDS
+        units = batch // abi.MAX_MESSAGE_RECORDS
+        # the largest such size whose whole messages fill the stream message
+        assert (units * abi.MAX_MESSAGE_RECORDS) % asked == 0, (max_payload, asked)
+        assert all(
+            (units * abi.MAX_MESSAGE_RECORDS) % bigger
+            for bigger in range(asked + 64, abi.LARGE_MESSAGE_RECORDS + 1, 64)
+        ), (max_payload, asked)
+    assert daemon_message_records(MAX_BATCH_RECORDS) == 960  # 17 to a message
 
 
 def test_a_burst_read_from_the_socket_keeps_its_gaps_and_skips_a_malformed_message(

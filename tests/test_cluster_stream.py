@@ -35,6 +35,7 @@ from cluster_support import (
 )
 
 from notifyd import abi, procs
+from notifyd.cluster.forward import MAX_BATCH_RECORDS, daemon_message_records
 from notifyd.cluster.wire import DEFAULT_STREAM as STREAM
 from notifyd.paths import stats_path_for
 from notifyd.stats import read_stats
@@ -83,7 +84,7 @@ def test_three_server_cluster_two_nodes_watch_sees_both_in_order(tmp_path: Path,
             clients = read_stats(os.fspath(stats_path_for(daemon.socket)))["clients"]
             sizes = {c["pid"]: c["message_records"] for c in clients}
             assert f.proc is not None
-            assert sizes.pop(f.proc.pid) == abi.LARGE_MESSAGE_RECORDS, clients
+            assert sizes.pop(f.proc.pid) == daemon_message_records(MAX_BATCH_RECORDS), clients
             assert set(sizes.values()) == {abi.MAX_MESSAGE_RECORDS}, clients
         for f in fwds:
             assert f.stop() == 0, f.log()

@@ -60,6 +60,7 @@ __all__ = [
     "Identity",
     "batch_records",
     "build_parser",
+    "daemon_message_records",
     "identify",
     "main",
     "parse_args",
@@ -86,9 +87,10 @@ DUPLICATE_WINDOW = 120.0
 PUBLISH_TIMEOUT = 5.0
 # Between re-sends while NATS does not answer.
 RETRY_DELAY = 0.5
-# Records the daemon is asked to put in one message (abi.MESSAGE_REQUEST):
-# its largest, so a flood costs both sides a datagram per 1024 records, not
-# per 64.  A daemon from before the request sends 64.
+# Records the daemon is asked to put in one message (abi.MESSAGE_REQUEST),
+# at most: near its largest, so a flood costs both sides a datagram per
+# ~1000 records, not per 64 (see daemon_message_records).  A daemon from
+# before the request sends 64.
 DAEMON_MESSAGE_RECORDS = abi.LARGE_MESSAGE_RECORDS
 # Messages read from the daemon's socket before the publisher gets a turn
 # (up to 8192 records), so an ack that came is acted on without waiting
@@ -206,6 +208,19 @@ def batch_records(max_payload: int) -> int:
     return fit
 
 
+def daemon_message_records(max_batch: int) -> int:
+    """Records to ask the daemon for per message, for messages of ``max_batch`` records.
+
+    A message to the stream holds whole daemon messages, so the size asked
+    for divides ``max_batch`` where it can: 960 for 16,320 (17 to a message),
+    where 1024 would fill only 15,360.
+    """
+    units = max_batch // abi.MAX_MESSAGE_RECORDS
+    top = DAEMON_MESSAGE_RECORDS // abi.MAX_MESSAGE_RECORDS
+    best = max(d for d in range(1, min(top, units) + 1) if units % d == 0)
+    return best * abi.MAX_MESSAGE_RECORDS
+
+
 def daemon_epoch(sock: socket.socket) -> str:
     """The fanotify source's seq space: the daemon process serving ``sock``.
 
@@ -313,10 +328,8 @@ class Forwarder:
         # ended: the partly filled chunk waits for them (see _pending)
         self._more = False
         self._peek = bytearray(1)
-        # what a message from the daemon may hold: what we ask for, and what
-        # fits a chunk (a server with a small max_payload)
-        records = min(DAEMON_MESSAGE_RECORDS, self.max_batch)
-        self._message_records = records - records % abi.MAX_MESSAGE_RECORDS
+        # what a message from the daemon may hold: what we ask for
+        self._message_records = daemon_message_records(self.max_batch)
 
     async def resume_point(self) -> None:
         """Read the last message the stream holds from this node."""
