@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from . import libc, paths
+from . import inherited, libc, paths
 from .broadcast import Broadcaster
 from .errors import DaemonError
 from .listen import Listener, bind_listener, prepare_dir
@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None, *, source_factory: SourceFactory = make_
         format="%(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if closed := inherited.close_inherited():
+        log.info("%s", inherited.describe(closed))
     try:
         trio.run(serve, args, source_factory)
     except BaseException as exc:

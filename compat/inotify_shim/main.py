@@ -16,6 +16,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from notifyd import inherited
 from notifyd.errors import DaemonError
 from notifyd.listen import Listener, bind_listener, prepare_dir
 from notifyd.metrics import MetricsServer, ShimMetrics
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if closed := inherited.close_inherited():
+        log.info("%s", inherited.describe(closed))
     if os.geteuid() != 0:
         log.error("run as root: the overlay acts on BACKING for every user")
         return 1

@@ -41,7 +41,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
-from .. import abi, ioctls, libc, paths
+from .. import abi, inherited, ioctls, libc, paths
 from ..metrics import ForwardMetrics, MetricsServer, listen_arg
 from ..peer import UntrustedPeerError, peer_cred
 from ..sdnotify import sd_notify
@@ -1074,6 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.debug:
         logging.getLogger("nats").setLevel(logging.WARNING)
+    if closed := inherited.close_inherited():
+        log.info("%s", inherited.describe(closed))
     if not libc.keep_heap(HEAP_LARGEST, HEAP_RETAINED):
         log.debug("no glibc mallopt(): megabyte buffers come and go with the C library's defaults")
     try:
