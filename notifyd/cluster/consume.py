@@ -50,8 +50,8 @@ FETCH_WAIT = 1.0
 # control keeps the server well short of it.  Messages are up to 1 MiB.
 PUSH_PENDING_MESSAGES = 16384
 PUSH_PENDING_BYTES = 64 << 20
-# Heartbeats of an idle ordered consumer; three missed restart it (its
-# server may be gone: it lives on one server only).
+# Heartbeats of an idle ordered consumer; two intervals without a message
+# or a heartbeat restart it (its server may be gone: it lives on one only).
 PUSH_HEARTBEAT = 2.0
 # An ephemeral consumer the server forgets once nobody pulled for this long.
 EPHEMERAL_INACTIVE = 60.0
