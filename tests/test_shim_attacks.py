@@ -40,6 +40,7 @@ from shim_support import (
 )
 from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noqa: F401
 
+from compat.inotify_shim import overlay
 from compat.inotify_shim.overlay import Overlay
 from compat.inotify_shim.replay import Announce, ReplayThreads
 from compat.procs import ShimProcess, mount_type, unmount
@@ -954,3 +955,130 @@ sys.stdin.read()
     # the user's own file is found again where it is, as for any stale path
     assert doc["replayed"] == 2, doc
     assert alive
+
+
+def _calls_in_flight(pid: int) -> int:
+    """Threads of ``pid`` waiting for a FUSE server's answer (sent or still queued)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            n += f.read() == "request_wait_answer"
+    return n
+
+
+def test_many_users_held_calls_leave_the_overlay_serving(top: Path) -> None:  # noqa: F811
+    # pyfuse3 serves at most max_tasks requests at once, and a call that
+    # waits for a worker thread (or in one, on BACKING) holds one of them
+    # until it ends.  Each user was bounded (24 pending calls on data, 24
+    # listings) but the users together were not: five users with 24 writes
+    # each that BACKING holds (a released file on scoutfs, until something
+    # stages it) took all 99, no one read /dev/fuse any more, and every
+    # user's lookups, stats and cached reads, root's too, waited with them.
+    backing, mnt = top / "backing", top / "mnt"
+    users, per_user = 5, 24
+    calls = users * per_user
+    probe_uid = ATTACKER + 9
+    # the files opened first (no lookup is left to be made), then written at once
+    attack = """
+import errno, os, sys, threading
+fds = [os.open(path, os.O_WRONLY) for path in sys.argv[1:]]
+print("opened", flush=True)
+sys.stdin.readline()
+def write(fd):
+    try:
+        os.write(fd, b"x")
+    except OSError as exc:
+        # at once: the test counts these before it lets any write go
+        print(errno.errorcode[exc.errno], flush=True)
+threads = [threading.Thread(target=write, args=(fd,)) for fd in fds]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("done", flush=True)
+"""
+    probe = f"""
+import os
+m = {str(mnt)!r}
+print(os.stat(m + "/f").st_size, os.stat(m + "/h01/b").st_size, open(m + "/f").read(), end="")
+"""
+
+    def as_user(uid: int, argv: list[str]) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [SYSTEM_PYTHON, "-I", *argv],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        # f's data in the overlay's cache: a read of it asks the shim for nothing
+        assert (mnt / "f").read_text() == "f\n"
+        attackers = [
+            as_user(
+                ATTACKER + 10 + k,
+                ["-c", attack, *(str(mnt / f"s{k * per_user + i:03d}") for i in range(per_user))],
+            )
+            for k in range(users)
+        ]
+        probed: list[str] = []
+        try:
+            refused = [procs.LineReader(a.stdout.fileno()) for a in attackers]  # type: ignore[union-attr]
+            deadline = time.monotonic() + START_TIMEOUT
+            assert [r.next(deadline) for r in refused] == ["opened"] * users
+            for a in attackers:
+                a.stdin.write("go\n")  # type: ignore[union-attr]
+                a.stdin.flush()  # type: ignore[union-attr]
+            said: list[str] = []
+
+            def all_in() -> bool:
+                for r in refused:
+                    while (line := r.next(time.monotonic() + 0.01)) is not None:
+                        said.append(line)
+                return sum(_calls_in_flight(a.pid) for a in attackers) + len(said) >= calls
+
+            # the sentinel: every write is in the kernel's hands or refused
+            wait_for(all_in, START_TIMEOUT, "every user's writes to be made")
+            prober = as_user(probe_uid, ["-c", probe])
+            root: list[str] = []
+
+            def as_root() -> None:
+                root.append(str(os.stat(mnt / "h02" / "a").st_size))
+                root.append((mnt / "f").read_text())
+
+            rooted = threading.Thread(target=as_root)
+            rooted.start()
+            try:
+                probed.append(prober.communicate(timeout=START_TIMEOUT)[0])
+            except subprocess.TimeoutExpired:
+                probed.append("stalled")
+            rooted.join(START_TIMEOUT)
+            root_meanwhile = list(root)
+            fs.release()
+            rooted.join()
+            prober.communicate()
+            outs = [a.communicate(timeout=START_TIMEOUT)[0] for a in attackers]
+        finally:
+            # a killed caller waits for its answer: let BACKING give it first
+            fs.release()
+            for a in attackers:
+                a.kill()
+                a.wait()
+        alive = shim.proc.poll() is None
+        code = shim.stop()
+    assert probed == ["2 0 f\n"]
+    assert root_meanwhile == ["0", "f\n"]
+    # past the bound on waiting calls, all users together, EAGAIN (a refused
+    # call may still be in flight when the sentinel counts it); the others
+    # were served once BACKING answered
+    said += " ".join(outs).split()
+    assert sorted(said) == ["EAGAIN"] * (calls - overlay._MAX_WAITING_CALLS) + ["done"] * users
+    assert alive
+    assert code == 0

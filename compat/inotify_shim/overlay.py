@@ -57,7 +57,7 @@ from notifyd import libc
 
 from .replay import ReplayThreads
 
-__all__ = ["Overlay", "fuse_handler"]
+__all__ = ["REQUEST_TASKS", "Overlay", "fuse_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,20 @@ _FD_LIMIT = 1 << 20
 _FD_RESERVE_SHARE = 4
 _FD_RESERVE_MIN = 640
 
+# Requests pyfuse3.main serves at once (its max_tasks: a trio task each,
+# started as needed, ended once idle).  A call that may wait (in a worker
+# thread on BACKING, for a thread, or for a lease's holder) holds its task
+# until it ends: were every task held so, no one would read /dev/fuse again
+# and every user's calls, root's too, would wait with them.
+REQUEST_TASKS = 128
+# ... of which calls that may wait hold at most this many, all users together
+# (past it they answer EAGAIN): the others are left to the calls that never
+# wait (lookups, getattr, opens, reads BACKING has in memory, releases,
+# forgets), which end in one step on the serving thread.
+_MAX_WAITING_CALLS = REQUEST_TASKS - 32
+
 # Opens that wait for a lease's holder (in a thread) at once; past this they
-# answer EAGAIN.  Each holds one of the requests pyfuse3.main serves at once
-# (max_tasks, 99): a user with many leases must not take them all.
+# answer EAGAIN.  A user with many leases must not take every waiting call.
 _MAX_LEASE_WAITS = 16
 
 # Bytes of a directory read from BACKING at once: a few READDIRPLUS replies' worth
@@ -114,8 +125,8 @@ _MAX_READ_AHEAD = 256
 # listings: a call on data never staged may hold its thread for good, and a
 # few users must not hold them all), and per user (the opener, or the
 # caller; root counts as one); a user's calls past this many pending answer
-# EAGAIN, so that none takes every request pyfuse3 serves at once
-# (max_tasks, 99) with calls that never end
+# EAGAIN, so that none takes every waiting call (_MAX_WAITING_CALLS) with
+# calls that never end
 _DATA_THREADS = 32
 _USER_DATA_CALLS = 4
 _MAX_PENDING_DATA_CALLS = 24
@@ -411,6 +422,8 @@ class Overlay(pyfuse3.Operations):
         self._own_groups = tuple(os.getgroups())
         self._own_caps = libc.effective_caps()
         self._lease_waits = 0
+        # calls that may wait, all users together: each holds a request task
+        self._waiting = _WaitingCalls(_MAX_WAITING_CALLS)
         # inode -> BACKING's _Version of it at the last open served from the
         # page cache: what the kernel's cached pages may hold (close-to-open)
         self._opened: dict[int, _Version] = {}
@@ -423,9 +436,11 @@ class Overlay(pyfuse3.Operations):
             collections.OrderedDict()
         )
         self._listing_threads = _UserThreads(
-            _LISTING_THREADS, _USER_LISTINGS, _MAX_PENDING_LISTINGS
+            _LISTING_THREADS, _USER_LISTINGS, _MAX_PENDING_LISTINGS, self._waiting
         )
-        self._data_threads = _UserThreads(_DATA_THREADS, _USER_DATA_CALLS, _MAX_PENDING_DATA_CALLS)
+        self._data_threads = _UserThreads(
+            _DATA_THREADS, _USER_DATA_CALLS, _MAX_PENDING_DATA_CALLS, self._waiting
+        )
         # False once BACKING refused a read that does not wait (RWF_NOWAIT)
         self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
@@ -1173,7 +1188,8 @@ class Overlay(pyfuse3.Operations):
 
         self._lease_waits += 1
         try:
-            return await trio.to_thread.run_sync(wait)
+            with self._waiting.held():
+                return await trio.to_thread.run_sync(wait)
         finally:
             self._lease_waits -= 1
             os.close(fd)
@@ -1420,18 +1436,53 @@ def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
     return entries
 
 
+class _WaitingCalls:
+    """Calls that may wait, all users together; EAGAIN past ``limit``.
+
+    Each holds one of the request tasks pyfuse3 serves with until it ends
+    (:data:`REQUEST_TASKS`); the limit leaves some for the calls that never
+    wait, so that someone always reads /dev/fuse.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._warned = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """One waiting call, for as long as the block runs; EAGAIN at the limit."""
+        if self.count >= self.limit:
+            if not self._warned:
+                # once until half of them ended: a flood of calls is one line
+                self._warned = True
+                log.warning("%d calls wait on BACKING: more answer EAGAIN", self.count)
+            raise FUSEError(errno.EAGAIN)
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count <= self.limit // 2:
+                self._warned = False
+
+
 class _UserThreads:
     """Worker threads shared by every user, a few per user at once.
 
     A user's calls past ``per_user`` wait for one of theirs to end, and past
-    ``max_pending`` they answer EAGAIN: no user can hold every request
-    pyfuse3 serves at once (max_tasks) with calls that never end.
+    ``max_pending`` they answer EAGAIN: no user can take every waiting call
+    (``waiting``) with calls that never end, and past ``waiting``'s limit,
+    all users together, they answer EAGAIN too.
     """
 
-    def __init__(self, threads: int, per_user: int, max_pending: int) -> None:
+    def __init__(
+        self, threads: int, per_user: int, max_pending: int, waiting: _WaitingCalls
+    ) -> None:
         self._threads = trio.CapacityLimiter(threads)
         self._per_user = per_user
         self._max_pending = max_pending
+        self._waiting = waiting
         # uid -> the limiter its calls hold or wait for, while any do
         self._users: dict[int, trio.CapacityLimiter] = {}
 
@@ -1439,11 +1490,12 @@ class _UserThreads:
         limiter = self._users.get(uid)
         if limiter is None:
             limiter = self._users[uid] = trio.CapacityLimiter(self._per_user)
-        if _pending(limiter) >= self._max_pending:
-            raise FUSEError(errno.EAGAIN)
         try:
-            async with limiter:
-                return await trio.to_thread.run_sync(call, limiter=self._threads)
+            if _pending(limiter) >= self._max_pending:
+                raise FUSEError(errno.EAGAIN)
+            with self._waiting.held():
+                async with limiter:
+                    return await trio.to_thread.run_sync(call, limiter=self._threads)
         finally:
             if not _pending(limiter):
                 del self._users[uid]
