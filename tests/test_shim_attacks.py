@@ -594,6 +594,78 @@ def test_an_announcing_replay_thread_never_makes_a_directory(tmp_path: Path) -> 
     assert not (backing / "b").exists()
 
 
+@contextlib.contextmanager
+def _sysctl(path: str, value: str) -> Iterator[None]:
+    """``/proc/sys/<path>`` set to ``value`` for the block, then as it was."""
+    with open(f"/proc/sys/{path}") as f:
+        old = f.read()
+    try:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+    except OSError as exc:
+        pytest.skip(f"cannot set {path} here ({exc}): the kernel's check to compare is off")
+    try:
+        yield
+    finally:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(old)
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_file_made_since_the_lookup_is_opened_as_backing_would(tmp_path: Path, kind: str) -> None:
+    # A CREATE comes after a lookup that found nothing; a file made on
+    # BACKING in between was opened without O_CREAT, so the kernel's check
+    # on an O_CREAT open of another user's file (or FIFO) in a sticky
+    # world-writable directory (fs.protected_regular, protected_fifos: the
+    # victim's code opening a name in /tmp that an attacker made first) was
+    # skipped (a FIFO was refused, EEXIST, but opened first).  The
+    # overlay's own method, with a stand-in request, on a
+    # name that exists (no timing to win); the knob is set for the test
+    # (this machine's default is off) and restored.
+    backing = tmp_path / "backing"
+    (backing / "sticky").mkdir(parents=True)
+    os.chmod(backing / "sticky", 0o1777)
+    theirs = backing / "sticky" / "theirs"
+    if kind == "file":
+        theirs.write_text("theirs")
+    else:
+        os.mkfifo(theirs)
+    os.chown(theirs, ATTACKER + 1, ATTACKER + 1)
+    os.chmod(theirs, 0o666)
+    overlay = Overlay(str(backing), ReplayThreads())
+    root = types.SimpleNamespace(uid=0, gid=0, pid=0, umask=0)
+    user = types.SimpleNamespace(uid=ATTACKER, gid=ATTACKER, pid=0, umask=0o022)
+    direct = (
+        SYSTEM_PYTHON,
+        "-I",
+        "-c",
+        f"import os; os.open({str(theirs)!r}, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK)",
+    )
+
+    async def create() -> str:
+        sticky = await overlay.lookup(pyfuse3.ROOT_INODE, b"sticky", root)  # type: ignore[arg-type]
+        try:
+            info, _ = await overlay.create(
+                sticky.st_ino,
+                b"theirs",
+                0o644,
+                os.O_RDONLY,
+                user,  # type: ignore[arg-type]
+            )
+        except pyfuse3.FUSEError as exc:
+            return errno.errorcode[exc.errno]
+        os.close(info.fh)
+        return "opened"
+
+    with _sysctl(f"fs/protected_{'regular' if kind == 'file' else 'fifos'}", "1"):
+        got = trio.run(create)
+        as_user = subprocess.run(
+            direct, user=ATTACKER, group=ATTACKER, extra_groups=[], capture_output=True, text=True
+        )
+    assert "PermissionError" in as_user.stderr, as_user.stderr
+    assert got == "EACCES"
+
+
 class _HeldListingFs:
     """``tests/held_listing_fs.py`` running: what it says, and the word that lets it go."""
 

@@ -1211,9 +1211,17 @@ class Overlay(pyfuse3.Operations):
                 if flags & os.O_EXCL:
                     raise
                 # made on BACKING since the kernel's lookup: open it, but never
-                # wait on a FIFO or open anything but a regular file
+                # wait on a FIFO or open anything but a regular file.  Still
+                # with O_CREAT (and the mode, should it be gone again): the
+                # kernel then refuses, as it would this user on BACKING, a
+                # file or FIFO of another's in a sticky directory
+                # (protected_regular, protected_fifos)
                 fd = libc.openat2(
-                    self._fd(parent), name, base | os.O_NONBLOCK, libc.RESOLVE_NO_XDEV
+                    self._fd(parent),
+                    name,
+                    base | os.O_CREAT | os.O_NONBLOCK,
+                    libc.RESOLVE_NO_XDEV,
+                    mode & ~ctx.umask,
                 )
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
