@@ -5,7 +5,8 @@
 ``h39``, each with the files ``a`` and ``b``.  A READDIR of one of those
 directories prints ``listing NAME`` on stdout, a READ, WRITE, change of size
 or FSYNC of ``slow`` or an ``sNNN`` (which anyone may write) prints
-``reading NAME``, ``writing NAME``, ``truncating NAME`` or ``syncing NAME``,
+``reading NAME``, ``writing NAME``, ``truncating NAME`` (an open with
+``O_TRUNC`` too) or ``syncing NAME``,
 and each answers only once a line
 arrives on stdin: a call that provably is in progress for as long as the
 test wants (reads, writes and truncates wait so on scoutfs for a file whose
@@ -83,6 +84,9 @@ class HeldListing(pyfuse3.Operations):
         pass
 
     async def open(self, inode: int, flags: int, ctx: object) -> pyfuse3.FileInfo:
+        if flags & os.O_TRUNC:
+            # the kernel hands O_TRUNC to the open (atomic_o_trunc)
+            await self._held("truncating", inode)
         # f's pages stay cached from one open to the next: a read of them
         # is one that never waits
         return pyfuse3.FileInfo(fh=inode, keep_cache=inode == FILE)

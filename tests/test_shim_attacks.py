@@ -734,8 +734,69 @@ _HELD_CALLS = {
     "read": ("print(open(SLOW).read(), end='')", "reading slow\n", "f\n"),
     "write": ("print(open(SLOW, 'r+').write('x'))", "writing slow\n", "1\n"),
     "truncate": ("print(os.truncate(SLOW, 1))", "truncating slow\n", "None\n"),
+    "open_trunc": ("print(open(SLOW, 'w').write('x'))", "truncating slow\n", "1\n"),
     "fsync": ("f = open(SLOW, 'r+')\nprint(os.fsync(f.fileno()))", "syncing slow\n", "None\n"),
 }
+
+
+def test_a_create_that_finds_a_file_truncates_it_off_the_serving_thread(top: Path) -> None:  # noqa: F811
+    # A CREATE with O_TRUNC of a name made on BACKING since the kernel's
+    # lookup opened the file with O_TRUNC on the serving thread: a change of
+    # size, which on scoutfs waits for released data to be staged, while no
+    # one's calls were served.  The overlay's own method, on a name BACKING
+    # has (no race to win) whose truncation it holds: the serving loop must
+    # see BACKING's word that the truncation began.  A watchdog lets
+    # BACKING go should the loop stay stopped, so that the test ends.
+    backing = top / "backing"
+    with _held_listing_backing(backing) as fs:
+        overlay = Overlay(str(backing), ReplayThreads())
+        ctx = types.SimpleNamespace(uid=0, gid=0, pid=0, umask=0o022)
+        seen: list[str] = []
+        answered = threading.Event()
+        watchdog_fired = threading.Event()
+
+        def watchdog() -> None:
+            if not answered.wait(START_TIMEOUT):
+                watchdog_fired.set()
+                fs.release()
+
+        async def create_while_held() -> str:
+            result: list[str] = []
+
+            async def create() -> None:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                try:
+                    info, entry = await overlay.create(
+                        pyfuse3.ROOT_INODE,
+                        b"s010",
+                        0o644,
+                        flags,
+                        ctx,  # type: ignore[arg-type]
+                    )
+                except pyfuse3.FUSEError as exc:
+                    result.append(errno.errorcode[exc.errno])
+                else:
+                    os.close(info.fh)
+                    result.append(f"opened, size {entry.st_size}")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(create)
+                line = await trio.to_thread.run_sync(fs.line)
+                seen.append("stopped until the watchdog" if watchdog_fired.is_set() else line)
+                answered.set()
+                fs.release()
+            return result[0]
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            got = trio.run(create_while_held)
+        finally:
+            # BACKING's server ends once nothing holds its files
+            for node in overlay._inodes.values():
+                overlay._release_fd(node)
+    assert seen == ["truncating s010\n"]
+    # (BACKING says every size it is asked for is the file's own)
+    assert got == "opened, size 2"
 
 
 @pytest.mark.parametrize("call", sorted(_HELD_CALLS))

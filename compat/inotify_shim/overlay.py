@@ -856,16 +856,7 @@ class Overlay(pyfuse3.Operations):
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
         path_fd = _pass_fd(os.dup(ifd))
-
-        def truncate() -> None:
-            # through an fd on the very inode; O_NONBLOCK: never wait for a lease
-            fd = os.open(_proc(path_fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-
-        await self._data_call(creds, truncate)
+        await self._data_call(creds, functools.partial(_truncate_inode, path_fd, size))
 
     @staticmethod
     def _utimens(
@@ -1127,6 +1118,27 @@ class Overlay(pyfuse3.Operations):
             raise FUSEError(errno.EACCES)
         creds = self._creds(ctx)
         self._check_share(creds)
+        if flags & os.O_TRUNC:
+            # the kernel hands the open its O_TRUNC (atomic_o_trunc): a change
+            # of size, which may wait as a truncate does (_truncate), so in a
+            # thread as one; a lease's holder is waited for there too
+            path_fd = _pass_fd(os.dup(self._fd(node)))
+            fd = await self._data_call(
+                creds, functools.partial(os.open, _proc(path_fd), _backing_flags(flags))
+            )
+        else:
+            fd = await self._open_file(node, flags, creds)
+        try:
+            info = self._file_info(inode, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._handles[fd] = _Handle(fd, inode, creds)
+        self._count_handle(creds, 1)
+        return info
+
+    async def _open_file(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
+        """Open ``node`` here, or in a thread if a lease's holder must be waited for."""
         try:
             with self._acting(creds):
                 # O_NONBLOCK: an open that conflicts with a lease (any user
@@ -1142,14 +1154,7 @@ class Overlay(pyfuse3.Operations):
                 except BaseException:
                     os.close(fd)
                     raise
-        try:
-            info = self._file_info(inode, fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._handles[fd] = _Handle(fd, inode, creds)
-        self._count_handle(creds, 1)
-        return info
+        return fd
 
     def _check_share(self, creds: _Creds | None) -> None:
         """EMFILE for a user who holds their share of our open files already."""
@@ -1202,6 +1207,7 @@ class Overlay(pyfuse3.Operations):
         creds = self._creds(ctx)
         self._check_share(creds)
         base = _backing_flags(flags) | os.O_NOFOLLOW
+        truncate = False
         with self._acting(creds):
             try:
                 fd = os.open(
@@ -1210,6 +1216,9 @@ class Overlay(pyfuse3.Operations):
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
+                # its O_TRUNC is a change of size, which may wait: in a thread,
+                # once it is open (as an open with O_TRUNC is, see open)
+                truncate = bool(flags & os.O_TRUNC)
                 # made on BACKING since the kernel's lookup: open it, but never
                 # wait on a FIFO or open anything but a regular file.  Still
                 # with O_CREAT (and the mode, should it be gone again): the
@@ -1219,7 +1228,7 @@ class Overlay(pyfuse3.Operations):
                 fd = libc.openat2(
                     self._fd(parent),
                     name,
-                    base | os.O_CREAT | os.O_NONBLOCK,
+                    (base & ~os.O_TRUNC) | os.O_CREAT | os.O_NONBLOCK,
                     libc.RESOLVE_NO_XDEV,
                     mode & ~ctx.umask,
                 )
@@ -1232,6 +1241,9 @@ class Overlay(pyfuse3.Operations):
                     os.close(fd)
                     raise
         try:
+            if truncate:
+                path_fd = _pass_fd(os.dup(fd))
+                await self._data_call(creds, functools.partial(_truncate_inode, path_fd, 0))
             st = os.fstat(fd)
             # the inode's own O_PATH fd, from the open file itself: no second lookup
             pfd = os.open(_proc(fd), _PATH_FLAGS & ~os.O_NOFOLLOW)
@@ -1430,6 +1442,16 @@ class Overlay(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with self._xattr_path(inode, name) as path, self._acting(self._creds(ctx)):
             os.removexattr(path, name)
+
+
+def _truncate_inode(fd: int, size: int) -> None:
+    # in a worker thread: through an fd on the very inode (any kind, O_PATH
+    # too); O_NONBLOCK: never wait for a lease's holder
+    wfd = os.open(_proc(fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.ftruncate(wfd, size)
+    finally:
+        os.close(wfd)
 
 
 def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
