@@ -1185,14 +1185,22 @@ print(os.stat(m + "/f").st_size, os.stat(m + "/h01/b").st_size, open(m + "/f").r
             def as_root() -> None:
                 root.append(str(os.stat(mnt / "h02" / "a").st_size))
                 root.append((mnt / "f").read_text())
+                # one that waits: the users left root some
+                try:
+                    root.append((mnt / "s150").read_text())
+                except OSError as exc:
+                    root.append(errno.errorcode[exc.errno])
 
             rooted = threading.Thread(target=as_root)
             rooted.start()
+            # the sentinel: root's read reached BACKING (past the users' held writes)
+            while (line := fs.line()) not in ("reading s150\n", ""):
+                pass
+            root_reached = line
             try:
                 probed.append(prober.communicate(timeout=START_TIMEOUT)[0])
             except subprocess.TimeoutExpired:
                 probed.append("stalled")
-            rooted.join(START_TIMEOUT)
             root_meanwhile = list(root)
             fs.release()
             rooted.join()
@@ -1208,10 +1216,13 @@ print(os.stat(m + "/f").st_size, os.stat(m + "/h01/b").st_size, open(m + "/f").r
         code = shim.stop()
     assert probed == ["2 0 f\n"]
     assert root_meanwhile == ["0", "f\n"]
+    assert root_reached == "reading s150\n"
+    assert root == ["0", "f\n", "f\n"]
     # past the bound on waiting calls, all users together, EAGAIN (a refused
     # call may still be in flight when the sentinel counts it); the others
     # were served once BACKING answered
     said += " ".join(outs).split()
-    assert sorted(said) == ["EAGAIN"] * (calls - overlay._MAX_WAITING_CALLS) + ["done"] * users
+    n_refused = calls - (overlay._MAX_WAITING_CALLS - overlay._ROOT_WAITING_CALLS)
+    assert sorted(said) == ["EAGAIN"] * n_refused + ["done"] * users
     assert alive
     assert code == 0

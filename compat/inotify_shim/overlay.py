@@ -105,6 +105,10 @@ REQUEST_TASKS = 128
 # wait (lookups, getattr, opens, reads BACKING has in memory, releases,
 # forgets), which end in one step on the serving thread.
 _MAX_WAITING_CALLS = REQUEST_TASKS - 32
+# ... and of those, users other than root hold at most all but these: a few
+# users whose calls never end cannot leave root (the admin, its services)
+# EAGAIN on every read that must wait
+_ROOT_WAITING_CALLS = 16
 
 # Opens that wait for a lease's holder (in a thread) at once; past this they
 # answer EAGAIN.  A user with many leases must not take every waiting call.
@@ -1193,7 +1197,7 @@ class Overlay(pyfuse3.Operations):
 
         self._lease_waits += 1
         try:
-            with self._waiting.held():
+            with self._waiting.held(creds.uid if creds is not None else 0):
                 return await trio.to_thread.run_sync(wait)
         finally:
             self._lease_waits -= 1
@@ -1480,9 +1484,10 @@ class _WaitingCalls:
         self._warned = False
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """One waiting call, for as long as the block runs; EAGAIN at the limit."""
-        if self.count >= self.limit:
+    def held(self, uid: int) -> Iterator[None]:
+        """One waiting call of ``uid``'s, for as long as the block runs; EAGAIN at the
+        limit, or for a user other than root at the limit less root's own share."""
+        if self.count >= self.limit - (_ROOT_WAITING_CALLS if uid != 0 else 0):
             if not self._warned:
                 # once until half of them ended: a flood of calls is one line
                 self._warned = True
@@ -1523,7 +1528,7 @@ class _UserThreads:
         try:
             if _pending(limiter) >= self._max_pending:
                 raise FUSEError(errno.EAGAIN)
-            with self._waiting.held():
+            with self._waiting.held(uid):
                 async with limiter:
                     return await trio.to_thread.run_sync(call, limiter=self._threads)
         finally:
