@@ -25,8 +25,11 @@ is reached follows libfuse's ``example/passthrough_hp.cc``:
   (:func:`fuse_handler`): no call can end pyfuse3's session.
 - Nothing that may wait for long runs on pyfuse3's one serving thread:
   directory reads, file data BACKING does not have in memory, writes,
-  changes of size and fsyncs run in worker threads, a few per user at
-  once; opens that wait for a lease's holder too.
+  changes of size (opens with O_TRUNC among them) and fsyncs run in
+  worker threads, a few per user at once; opens that wait for a lease's
+  holder too.  Such calls hold fewer of pyfuse3's request tasks, all users
+  together, than it has (:data:`REQUEST_TASKS`), some kept for root: the
+  calls that never wait are always served.
 
 Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
 by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
