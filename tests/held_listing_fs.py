@@ -6,7 +6,7 @@
 directories prints ``listing NAME`` on stdout, a READ, WRITE, change of size
 or FSYNC of ``slow`` or an ``sNNN`` (which anyone may write) prints
 ``reading NAME``, ``writing NAME``, ``truncating NAME`` (an open with
-``O_TRUNC`` too) or ``syncing NAME``,
+``O_TRUNC`` too), ``syncing NAME`` or, at each close, ``flushing NAME``,
 and each answers only once a line
 arrives on stdin: a call that provably is in progress for as long as the
 test wants (reads, writes and truncates wait so on scoutfs for a file whose
@@ -118,6 +118,10 @@ class HeldListing(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._held("syncing", fh)
+
+    async def flush(self, fh: int) -> None:
+        # every close(2) of a file: a network filesystem writes its dirty data back then
+        await self._held("flushing", fh)
 
     async def release(self, fh: int) -> None:
         pass

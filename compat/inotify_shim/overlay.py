@@ -138,6 +138,11 @@ _DATA_THREADS = 32
 _USER_DATA_CALLS = 4
 _MAX_PENDING_DATA_CALLS = 24
 
+# Closes of users' files run in threads (a close may wait): these many at
+# once, and per user (the opener; root counts as one)
+_CLOSE_THREADS = 8
+_USER_CLOSES = 2
+
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
 _USER_SHARE_DIVISOR = 4
@@ -374,11 +379,18 @@ class _Dir:
 
 @dataclasses.dataclass
 class _Handle:
-    """An open file: its BACKING fd, its inode and the opener's identity."""
+    """An open file: its BACKING fd, its inode and the opener's identity.
+
+    ``calls`` in worker threads use ``fd`` itself (a dup's close is a close
+    too, which may wait: see :meth:`Overlay._close_later`); it is closed once
+    the kernel released the handle and the last of them ended.
+    """
 
     fd: int
     inode: int
     creds: _Creds | None
+    calls: int = 0
+    released: bool = False
 
 
 class Overlay(pyfuse3.Operations):
@@ -451,6 +463,9 @@ class Overlay(pyfuse3.Operations):
         # False once BACKING refused a read that does not wait (RWF_NOWAIT)
         self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
+        self._close_threads = trio.CapacityLimiter(_CLOSE_THREADS)
+        # uid -> the limiter its closes hold or wait for, while any do
+        self._closing: dict[int, trio.CapacityLimiter] = {}
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
         # devices or names of mounts under BACKING already logged
@@ -857,8 +872,7 @@ class Overlay(pyfuse3.Operations):
         # In a thread, as a write: on scoutfs a change of size waits for
         # released data to be staged.  On our own fds, as a read's.
         if handle is not None:
-            fd = _pass_fd(os.dup(handle.fd))
-            await self._data_call(creds, functools.partial(os.ftruncate, fd, size))
+            await self._handle_call(handle, creds, functools.partial(os.ftruncate, handle.fd, size))
             return
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
@@ -1249,8 +1263,8 @@ class Overlay(pyfuse3.Operations):
                     raise
         try:
             if truncate:
-                path_fd = _pass_fd(os.dup(fd))
-                await self._data_call(creds, functools.partial(_truncate_inode, path_fd, 0))
+                # our fd alone until the kernel has it: no one closes it meanwhile
+                await self._data_call(creds, functools.partial(_truncate_inode, fd, 0))
             st = os.fstat(fd)
             # the inode's own O_PATH fd, from the open file itself: no second lookup
             pfd = os.open(_proc(fd), _PATH_FLAGS & ~os.O_NOFOLLOW)
@@ -1275,12 +1289,10 @@ class Overlay(pyfuse3.Operations):
             data = self._read_at_hand(fh, off, size)
             if data is not None:
                 return data
-        handle = self._handles.get(fh)
-        creds = handle.creds if handle is not None else None
-        # our own fd: whatever happens to the handle meanwhile, the thread
-        # reads this file and no other that took its number
-        fd = _pass_fd(os.dup(fh))
-        return await self._data_call(creds, functools.partial(os.pread, fd, size, off))
+        handle = self._handles[fh]
+        return await self._handle_call(
+            handle, handle.creds, functools.partial(os.pread, fh, size, off)
+        )
 
     def _read_at_hand(self, fh: int, off: int, size: int) -> memoryview | None:
         """The data, if BACKING has all of it in memory; None if it may have to wait.
@@ -1330,9 +1342,9 @@ class Overlay(pyfuse3.Operations):
         # a write may wait as a read does (scoutfs waits for released data
         # to be staged before any write), and buffered writes that never
         # wait (RWF_NOWAIT) are refused by most filesystems.
-        fd = _pass_fd(os.dup(fh))
-        return await self._data_call(
-            self._handles[fh].creds, functools.partial(os.pwrite, fd, buf, off)
+        handle = self._handles[fh]
+        return await self._handle_call(
+            handle, handle.creds, functools.partial(os.pwrite, fh, buf, off)
         )
 
     @fuse_handler
@@ -1341,11 +1353,9 @@ class Overlay(pyfuse3.Operations):
             return
         # in a thread: it waits for the disk to take all the file's dirty
         # data (seconds for a big file), or for another node (scoutfs)
-        handle = self._handles.get(fh)
-        fd = _pass_fd(os.dup(fh))
-        await self._data_call(
-            handle.creds if handle is not None else None,
-            functools.partial(os.fdatasync if datasync else os.fsync, fd),
+        handle = self._handles[fh]
+        await self._handle_call(
+            handle, handle.creds, functools.partial(os.fdatasync if datasync else os.fsync, fh)
         )
 
     @fuse_handler
@@ -1354,9 +1364,49 @@ class Overlay(pyfuse3.Operations):
             self._replay_fhs.discard(fh)
             return
         handle = self._handles.pop(fh, None)
-        if handle is not None:
+        if handle is None:
+            os.close(fh)
+            return
+        handle.released = True
+        if not handle.calls:
+            self._close_later(handle)
+
+    async def _handle_call(self, handle: _Handle, creds: _Creds | None, call: Callable[[], R]) -> R:
+        """:meth:`_data_call` on ``handle``'s fd, which stays open until it ends."""
+        handle.calls += 1
+        try:
+            return await self._data_call(creds, call)
+        finally:
+            handle.calls -= 1
+            if handle.released and not handle.calls:
+                self._close_later(handle)
+
+    def _close_later(self, handle: _Handle) -> None:
+        """Close ``handle``'s fd in a thread, where a close that waits stops no one.
+
+        A close may wait: a network filesystem writes the file's dirty data
+        back (FLUSH on a FUSE one), the last close of a file unlinked
+        meanwhile frees its data (on scoutfs, under a cluster lock).  The
+        RELEASE is answered at once (nobody waits for it); the fd counts in
+        the opener's share of open files until it is closed.
+        """
+        trio.lowlevel.spawn_system_task(self._close, handle, name="overlay-close")
+
+    async def _close(self, handle: _Handle) -> None:
+        uid = handle.creds.uid if handle.creds is not None else 0
+        limiter = self._closing.get(uid)
+        if limiter is None:
+            limiter = self._closing[uid] = trio.CapacityLimiter(_USER_CLOSES)
+        try:
+            async with limiter:
+                await trio.to_thread.run_sync(os.close, handle.fd, limiter=self._close_threads)
+        except OSError as exc:
+            log.warning("closing a file on BACKING: %s", exc)
+        finally:
+            # (at shutdown every waiter is cancelled at once: the first ends it)
+            if not _pending(limiter) and self._closing.get(uid) is limiter:
+                del self._closing[uid]
             self._count_handle(handle.creds, -1)
-        os.close(fh)
 
     # --- replays: the one place that serves without opening a file ------------
 
@@ -1535,7 +1585,8 @@ class _UserThreads:
                 async with limiter:
                     return await trio.to_thread.run_sync(call, limiter=self._threads)
         finally:
-            if not _pending(limiter):
+            # (at shutdown every waiter is cancelled at once: the first ends it)
+            if not _pending(limiter) and self._users.get(uid) is limiter:
                 del self._users[uid]
 
 
