@@ -46,8 +46,10 @@ import errno
 import functools
 import logging
 import os
+import queue
 import resource
 import stat
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -138,10 +140,9 @@ _DATA_THREADS = 32
 _USER_DATA_CALLS = 4
 _MAX_PENDING_DATA_CALLS = 24
 
-# Closes of users' files run in threads (a close may wait): these many at
-# once, and per user (the opener; root counts as one)
-_CLOSE_THREADS = 8
-_USER_CLOSES = 2
+# Closes of users' files run in a thread per user (a close may wait; root
+# counts as one), which waits this long for the next before it ends
+_CLOSER_LINGER = 1.0
 
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
@@ -463,9 +464,7 @@ class Overlay(pyfuse3.Operations):
         # False once BACKING refused a read that does not wait (RWF_NOWAIT)
         self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
-        self._close_threads = trio.CapacityLimiter(_CLOSE_THREADS)
-        # uid -> the limiter its closes hold or wait for, while any do
-        self._closing: dict[int, trio.CapacityLimiter] = {}
+        self._closer = _Closer()
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
         # devices or names of mounts under BACKING already logged
@@ -1179,7 +1178,9 @@ class Overlay(pyfuse3.Operations):
 
     def _check_share(self, creds: _Creds | None) -> None:
         """EMFILE for a user who holds their share of our open files already."""
-        if creds is not None and self._user_handles.get(creds.uid, 0) >= _user_share():
+        if creds is not None and (
+            self._user_handles.get(creds.uid, 0) + self._closer.pending(creds.uid) >= _user_share()
+        ):
             if creds.uid in self._users_at_share:
                 raise FUSEError(errno.EMFILE)
             # once until the user closes some: a loop of opens is one line
@@ -1388,25 +1389,11 @@ class Overlay(pyfuse3.Operations):
         back (FLUSH on a FUSE one), the last close of a file unlinked
         meanwhile frees its data (on scoutfs, under a cluster lock).  The
         RELEASE is answered at once (nobody waits for it); the fd counts in
-        the opener's share of open files until it is closed.
+        the opener's share of open files until it is closed (_check_share).
         """
-        trio.lowlevel.spawn_system_task(self._close, handle, name="overlay-close")
-
-    async def _close(self, handle: _Handle) -> None:
         uid = handle.creds.uid if handle.creds is not None else 0
-        limiter = self._closing.get(uid)
-        if limiter is None:
-            limiter = self._closing[uid] = trio.CapacityLimiter(_USER_CLOSES)
-        try:
-            async with limiter:
-                await trio.to_thread.run_sync(os.close, handle.fd, limiter=self._close_threads)
-        except OSError as exc:
-            log.warning("closing a file on BACKING: %s", exc)
-        finally:
-            # (at shutdown every waiter is cancelled at once: the first ends it)
-            if not _pending(limiter) and self._closing.get(uid) is limiter:
-                del self._closing[uid]
-            self._count_handle(handle.creds, -1)
+        self._closer.close(uid, handle.fd)
+        self._count_handle(handle.creds, -1)
 
     # --- replays: the one place that serves without opening a file ------------
 
@@ -1521,6 +1508,63 @@ def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
     if entries:
         d.pos = entries[-1][1]
     return entries
+
+
+class _Closer:
+    """Closes fds in a thread per user, each in turn: a close that never ends
+    holds its user's thread and fds only.
+
+    Called from the serving thread; the threads end once idle for
+    ``_CLOSER_LINGER`` seconds (a thread a close costs a burst of them
+    nothing).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # uid -> fds to close, while its thread runs
+        self._queues: dict[int, queue.SimpleQueue[int]] = {}
+        # uid -> fds handed over and not yet closed
+        self._pending: dict[int, int] = {}
+
+    def pending(self, uid: int) -> int:
+        """``uid``'s fds not closed yet (one dict lookup: no lock needed)."""
+        return self._pending.get(uid, 0)
+
+    def close(self, uid: int, fd: int) -> None:
+        """Close ``fd`` in ``uid``'s thread, after those handed over before."""
+        with self._lock:
+            self._pending[uid] = self._pending.get(uid, 0) + 1
+            fds = self._queues.get(uid)
+            start = fds is None
+            if fds is None:
+                fds = self._queues[uid] = queue.SimpleQueue()
+            # under the lock: the thread ends only with nothing put
+            fds.put(fd)
+        if start:
+            threading.Thread(
+                target=self._run, args=(uid, fds), name=f"overlay-close-{uid}", daemon=True
+            ).start()
+
+    def _run(self, uid: int, fds: queue.SimpleQueue[int]) -> None:
+        while True:
+            try:
+                fd = fds.get(timeout=_CLOSER_LINGER)
+            except queue.Empty:
+                with self._lock:
+                    if fds.empty():
+                        del self._queues[uid]
+                        return
+                continue
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.warning("closing a file on BACKING: %s", exc)
+            with self._lock:
+                left = self._pending[uid] - 1
+                if left:
+                    self._pending[uid] = left
+                else:
+                    del self._pending[uid]
 
 
 class _WaitingCalls:
