@@ -1,11 +1,13 @@
-"""A FUSE filesystem whose listings and one file's reads are held until the test lets them go.
+"""A FUSE filesystem whose listings and some files' data are held until the test lets them go.
 
-``python held_listing_fs.py MOUNTPOINT``: the root holds the files ``f`` and
-``slow`` and the directories ``held`` and ``h00`` to ``h39``, each with the
-files ``a`` and ``b``.  A READDIR of one of those directories prints
-``listing NAME`` on stdout, a READ, WRITE, change of size or FSYNC of
-``slow`` (which anyone may write) prints ``reading slow``, ``writing slow``,
-``truncating slow`` or ``syncing slow``, and each answers only once a line
+``python held_listing_fs.py MOUNTPOINT``: the root holds the files ``f``,
+``slow`` and ``s000`` to ``s199`` and the directories ``held`` and ``h00`` to
+``h39``, each with the files ``a`` and ``b``.  A READDIR of one of those
+directories prints ``listing NAME`` on stdout, a READ, WRITE, change of size
+or FSYNC of ``slow`` or an ``sNNN`` (which anyone may write) prints
+``reading NAME``, ``writing NAME``, ``truncating NAME`` (an open with
+``O_TRUNC`` too), ``syncing NAME`` or, at each close, ``flushing NAME``,
+and each answers only once a line
 arrives on stdin: a call that provably is in progress for as long as the
 test wants (reads, writes and truncates wait so on scoutfs for a file whose
 data was released, until something stages it; an fsync waits for the disk),
@@ -25,7 +27,16 @@ import trio
 
 ROOT, FILE, A, B, SLOW = pyfuse3.ROOT_INODE, 2, 3, 4, 5
 HELD = {10 + i: name for i, name in enumerate([b"held"] + [b"h%02d" % i for i in range(40)])}
-NAMES = {ROOT: {b"f": FILE, b"slow": SLOW, **{name: ino for ino, name in HELD.items()}}}
+# files whose data is held: each its own inode, so that the kernel sends
+# calls on them at once (it sends one write or change of size of a file at a time)
+SLOWS = {SLOW: b"slow", **{1000 + i: b"s%03d" % i for i in range(200)}}
+NAMES = {
+    ROOT: {
+        b"f": FILE,
+        **{name: ino for ino, name in SLOWS.items()},
+        **{name: ino for ino, name in HELD.items()},
+    }
+}
 NAMES.update({ino: {b"a": A, b"b": B} for ino in HELD})
 DATA = b"f\n"
 
@@ -39,10 +50,10 @@ class HeldListing(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.st_mode = (stat.S_IFDIR | 0o755) if inode in NAMES else (stat.S_IFREG | 0o644)
-        if inode == SLOW:
+        if inode in SLOWS:
             attr.st_mode = stat.S_IFREG | 0o666
         attr.st_nlink = 2 if inode in NAMES else 1
-        attr.st_size = len(DATA) if inode in (FILE, SLOW) else 0
+        attr.st_size = len(DATA) if inode == FILE or inode in SLOWS else 0
         attr.st_blksize = 4096
         attr.entry_timeout = attr.attr_timeout = 60
         return attr
@@ -73,18 +84,24 @@ class HeldListing(pyfuse3.Operations):
         pass
 
     async def open(self, inode: int, flags: int, ctx: object) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=inode)
+        if flags & os.O_TRUNC:
+            # the kernel hands O_TRUNC to the open (atomic_o_trunc)
+            await self._held("truncating", inode)
+        # f's pages stay cached from one open to the next: a read of them
+        # is one that never waits
+        return pyfuse3.FileInfo(fh=inode, keep_cache=inode == FILE)
+
+    async def _held(self, what: str, inode: int) -> None:
+        if inode in SLOWS:
+            print(what, SLOWS[inode].decode(), flush=True)
+            await self.released.wait()
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        if fh == SLOW:
-            print("reading slow", flush=True)
-            await self.released.wait()
-        return DATA[off : off + size] if fh in (FILE, SLOW) else b""
+        await self._held("reading", fh)
+        return DATA[off : off + size] if fh == FILE or fh in SLOWS else b""
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if fh == SLOW:
-            print("writing slow", flush=True)
-            await self.released.wait()
+        await self._held("writing", fh)
         return len(buf)
 
     async def setattr(
@@ -95,15 +112,16 @@ class HeldListing(pyfuse3.Operations):
         fh: int | None,
         ctx: object,
     ) -> pyfuse3.EntryAttributes:
-        if inode == SLOW and fields.update_size:
-            print("truncating slow", flush=True)
-            await self.released.wait()
+        if fields.update_size:
+            await self._held("truncating", inode)
         return self._attr(inode)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        if fh == SLOW:
-            print("syncing slow", flush=True)
-            await self.released.wait()
+        await self._held("syncing", fh)
+
+    async def flush(self, fh: int) -> None:
+        # every close(2) of a file: a network filesystem writes its dirty data back then
+        await self._held("flushing", fh)
 
     async def release(self, fh: int) -> None:
         pass

@@ -40,6 +40,7 @@ from shim_support import (
 )
 from test_shim_security import ATTACKER, SYSTEM_PYTHON, _as_attacker, top  # noqa: F401
 
+from compat.inotify_shim import overlay
 from compat.inotify_shim.overlay import Overlay
 from compat.inotify_shim.replay import Announce, ReplayThreads
 from compat.procs import ShimProcess, mount_type, unmount
@@ -593,6 +594,78 @@ def test_an_announcing_replay_thread_never_makes_a_directory(tmp_path: Path) -> 
     assert not (backing / "b").exists()
 
 
+@contextlib.contextmanager
+def _sysctl(path: str, value: str) -> Iterator[None]:
+    """``/proc/sys/<path>`` set to ``value`` for the block, then as it was."""
+    with open(f"/proc/sys/{path}") as f:
+        old = f.read()
+    try:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+    except OSError as exc:
+        pytest.skip(f"cannot set {path} here ({exc}): the kernel's check to compare is off")
+    try:
+        yield
+    finally:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(old)
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_file_made_since_the_lookup_is_opened_as_backing_would(tmp_path: Path, kind: str) -> None:
+    # A CREATE comes after a lookup that found nothing; a file made on
+    # BACKING in between was opened without O_CREAT, so the kernel's check
+    # on an O_CREAT open of another user's file (or FIFO) in a sticky
+    # world-writable directory (fs.protected_regular, protected_fifos: the
+    # victim's code opening a name in /tmp that an attacker made first) was
+    # skipped (a FIFO was refused, EEXIST, but opened first).  The
+    # overlay's own method, with a stand-in request, on a
+    # name that exists (no timing to win); the knob is set for the test
+    # (this machine's default is off) and restored.
+    backing = tmp_path / "backing"
+    (backing / "sticky").mkdir(parents=True)
+    os.chmod(backing / "sticky", 0o1777)
+    theirs = backing / "sticky" / "theirs"
+    if kind == "file":
+        theirs.write_text("theirs")
+    else:
+        os.mkfifo(theirs)
+    os.chown(theirs, ATTACKER + 1, ATTACKER + 1)
+    os.chmod(theirs, 0o666)
+    overlay = Overlay(str(backing), ReplayThreads())
+    root = types.SimpleNamespace(uid=0, gid=0, pid=0, umask=0)
+    user = types.SimpleNamespace(uid=ATTACKER, gid=ATTACKER, pid=0, umask=0o022)
+    direct = (
+        SYSTEM_PYTHON,
+        "-I",
+        "-c",
+        f"import os; os.open({str(theirs)!r}, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK)",
+    )
+
+    async def create() -> str:
+        sticky = await overlay.lookup(pyfuse3.ROOT_INODE, b"sticky", root)  # type: ignore[arg-type]
+        try:
+            info, _ = await overlay.create(
+                sticky.st_ino,
+                b"theirs",
+                0o644,
+                os.O_RDONLY,
+                user,  # type: ignore[arg-type]
+            )
+        except pyfuse3.FUSEError as exc:
+            return errno.errorcode[exc.errno]
+        os.close(info.fh)
+        return "opened"
+
+    with _sysctl(f"fs/protected_{'regular' if kind == 'file' else 'fifos'}", "1"):
+        got = trio.run(create)
+        as_user = subprocess.run(
+            direct, user=ATTACKER, group=ATTACKER, extra_groups=[], capture_output=True, text=True
+        )
+    assert "PermissionError" in as_user.stderr, as_user.stderr
+    assert got == "EACCES"
+
+
 class _HeldListingFs:
     """``tests/held_listing_fs.py`` running: what it says, and the word that lets it go."""
 
@@ -661,8 +734,69 @@ _HELD_CALLS = {
     "read": ("print(open(SLOW).read(), end='')", "reading slow\n", "f\n"),
     "write": ("print(open(SLOW, 'r+').write('x'))", "writing slow\n", "1\n"),
     "truncate": ("print(os.truncate(SLOW, 1))", "truncating slow\n", "None\n"),
+    "open_trunc": ("print(open(SLOW, 'w').write('x'))", "truncating slow\n", "1\n"),
     "fsync": ("f = open(SLOW, 'r+')\nprint(os.fsync(f.fileno()))", "syncing slow\n", "None\n"),
 }
+
+
+def test_a_create_that_finds_a_file_truncates_it_off_the_serving_thread(top: Path) -> None:  # noqa: F811
+    # A CREATE with O_TRUNC of a name made on BACKING since the kernel's
+    # lookup opened the file with O_TRUNC on the serving thread: a change of
+    # size, which on scoutfs waits for released data to be staged, while no
+    # one's calls were served.  The overlay's own method, on a name BACKING
+    # has (no race to win) whose truncation it holds: the serving loop must
+    # see BACKING's word that the truncation began.  A watchdog lets
+    # BACKING go should the loop stay stopped, so that the test ends.
+    backing = top / "backing"
+    with _held_listing_backing(backing) as fs:
+        overlay = Overlay(str(backing), ReplayThreads())
+        ctx = types.SimpleNamespace(uid=0, gid=0, pid=0, umask=0o022)
+        seen: list[str] = []
+        answered = threading.Event()
+        watchdog_fired = threading.Event()
+
+        def watchdog() -> None:
+            if not answered.wait(START_TIMEOUT):
+                watchdog_fired.set()
+                fs.release()
+
+        async def create_while_held() -> str:
+            result: list[str] = []
+
+            async def create() -> None:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                try:
+                    info, entry = await overlay.create(
+                        pyfuse3.ROOT_INODE,
+                        b"s010",
+                        0o644,
+                        flags,
+                        ctx,  # type: ignore[arg-type]
+                    )
+                except pyfuse3.FUSEError as exc:
+                    result.append(errno.errorcode[exc.errno])
+                else:
+                    os.close(info.fh)
+                    result.append(f"opened, size {entry.st_size}")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(create)
+                line = await trio.to_thread.run_sync(fs.line)
+                seen.append("stopped until the watchdog" if watchdog_fired.is_set() else line)
+                answered.set()
+                fs.release()
+            return result[0]
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            got = trio.run(create_while_held)
+        finally:
+            # BACKING's server ends once nothing holds its files
+            for node in overlay._inodes.values():
+                overlay._release_fd(node)
+    assert seen == ["truncating s010\n"]
+    # (BACKING says every size it is asked for is the file's own)
+    assert got == "opened, size 2"
 
 
 @pytest.mark.parametrize("call", sorted(_HELD_CALLS))
@@ -705,6 +839,39 @@ def test_a_call_on_data_in_progress_stalls_no_one_else(top: Path, call: str) -> 
     assert still_waiting
     assert done == ["f\n"]
     assert out == printed, err
+    assert alive
+
+
+def test_a_close_that_waits_on_backing_stalls_no_one_else(top: Path) -> None:  # noqa: F811
+    # The overlay closed a user's file on BACKING, at RELEASE, on its one
+    # serving thread, and a close may wait: a network filesystem writes the
+    # file's dirty data back (FLUSH on a FUSE one), for as long as its
+    # server takes; the last close of a file unlinked meanwhile frees its
+    # data.  The user's close(2) itself does not wait for RELEASE: BACKING
+    # saying the flush began is the sentinel.
+    backing, mnt = top / "backing", top / "mnt"
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        closer = _attacker_proc(f"open({str(mnt / 's020')!r}).close()\nprint('closed')")
+        try:
+            assert fs.line() == "flushing s020\n"
+            done: list[str] = []
+            reader = threading.Thread(target=lambda: done.append((mnt / "f").read_text()))
+            reader.start()
+            reader.join(START_TIMEOUT)
+            read_meanwhile = list(done)
+            fs.release()
+            reader.join()
+            out, err = closer.communicate(timeout=START_TIMEOUT)
+        finally:
+            fs.release()
+            closer.kill()
+            closer.wait()
+        alive = shim.proc.poll() is None
+    assert read_meanwhile == ["f\n"], "root's read waited for another user's close"
+    assert out == "closed\n", err
     assert alive
 
 
@@ -954,3 +1121,142 @@ sys.stdin.read()
     # the user's own file is found again where it is, as for any stale path
     assert doc["replayed"] == 2, doc
     assert alive
+
+
+def _calls_in_flight(pid: int) -> int:
+    """Threads of ``pid`` waiting for a FUSE server's answer (sent or still queued)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            n += f.read() == "request_wait_answer"
+    return n
+
+
+def test_many_users_held_calls_leave_the_overlay_serving(top: Path) -> None:  # noqa: F811
+    # pyfuse3 serves at most max_tasks requests at once, and a call that
+    # waits for a worker thread (or in one, on BACKING) holds one of them
+    # until it ends.  Each user was bounded (24 pending calls on data, 24
+    # listings) but the users together were not: five users with 24 writes
+    # each that BACKING holds (a released file on scoutfs, until something
+    # stages it) took all 99, no one read /dev/fuse any more, and every
+    # user's lookups, stats and cached reads, root's too, waited with them.
+    backing, mnt = top / "backing", top / "mnt"
+    users, per_user = 5, 24
+    calls = users * per_user
+    probe_uid = ATTACKER + 9
+    # the files opened first (no lookup is left to be made), then written at once
+    attack = """
+import errno, os, sys, threading
+fds = [os.open(path, os.O_WRONLY) for path in sys.argv[1:]]
+print("opened", flush=True)
+sys.stdin.readline()
+def write(fd):
+    try:
+        os.write(fd, b"x")
+    except OSError as exc:
+        # at once: the test counts these before it lets any write go
+        print(errno.errorcode[exc.errno], flush=True)
+threads = [threading.Thread(target=write, args=(fd,)) for fd in fds]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("done", flush=True)
+"""
+    probe = f"""
+import os
+m = {str(mnt)!r}
+print(os.stat(m + "/f").st_size, os.stat(m + "/h01/b").st_size, open(m + "/f").read(), end="")
+"""
+
+    def as_user(uid: int, argv: list[str]) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [SYSTEM_PYTHON, "-I", *argv],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    with (
+        _held_listing_backing(backing) as fs,
+        run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
+    ):
+        # f's data in the overlay's cache: a read of it asks the shim for nothing
+        assert (mnt / "f").read_text() == "f\n"
+        attackers = [
+            as_user(
+                ATTACKER + 10 + k,
+                ["-c", attack, *(str(mnt / f"s{k * per_user + i:03d}") for i in range(per_user))],
+            )
+            for k in range(users)
+        ]
+        probed: list[str] = []
+        try:
+            refused = [procs.LineReader(a.stdout.fileno()) for a in attackers]  # type: ignore[union-attr]
+            deadline = time.monotonic() + START_TIMEOUT
+            assert [r.next(deadline) for r in refused] == ["opened"] * users
+            for a in attackers:
+                a.stdin.write("go\n")  # type: ignore[union-attr]
+                a.stdin.flush()  # type: ignore[union-attr]
+            said: list[str] = []
+
+            def all_in() -> bool:
+                for r in refused:
+                    while (line := r.next(time.monotonic() + 0.01)) is not None:
+                        said.append(line)
+                return sum(_calls_in_flight(a.pid) for a in attackers) + len(said) >= calls
+
+            # the sentinel: every write is in the kernel's hands or refused
+            wait_for(all_in, START_TIMEOUT, "every user's writes to be made")
+            prober = as_user(probe_uid, ["-c", probe])
+            root: list[str] = []
+
+            def as_root() -> None:
+                root.append(str(os.stat(mnt / "h02" / "a").st_size))
+                root.append((mnt / "f").read_text())
+                # one that waits: the users left root some
+                try:
+                    root.append((mnt / "s150").read_text())
+                except OSError as exc:
+                    root.append(errno.errorcode[exc.errno])
+
+            rooted = threading.Thread(target=as_root)
+            rooted.start()
+            # the sentinel: root's read reached BACKING (past the users' held writes)
+            while (line := fs.line()) not in ("reading s150\n", ""):
+                pass
+            root_reached = line
+            try:
+                probed.append(prober.communicate(timeout=START_TIMEOUT)[0])
+            except subprocess.TimeoutExpired:
+                probed.append("stalled")
+            root_meanwhile = list(root)
+            fs.release()
+            rooted.join()
+            prober.communicate()
+            outs = [a.communicate(timeout=START_TIMEOUT)[0] for a in attackers]
+        finally:
+            # a killed caller waits for its answer: let BACKING give it first
+            fs.release()
+            for a in attackers:
+                a.kill()
+                a.wait()
+        alive = shim.proc.poll() is None
+        code = shim.stop()
+        log = shim.log()
+    assert probed == ["2 0 f\n"]
+    assert root_meanwhile == ["0", "f\n"]
+    assert root_reached == "reading s150\n"
+    assert root == ["0", "f\n", "f\n"]
+    # past the bound on waiting calls, all users together, EAGAIN (a refused
+    # call may still be in flight when the sentinel counts it); the others
+    # were served once BACKING answered
+    said += " ".join(outs).split()
+    n_refused = calls - (overlay._MAX_WAITING_CALLS - overlay._ROOT_WAITING_CALLS)
+    assert sorted(said) == ["EAGAIN"] * n_refused + ["done"] * users
+    assert alive
+    assert code == 0, log

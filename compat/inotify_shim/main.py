@@ -29,7 +29,7 @@ from .args import build_parser
 from .follow import FollowState, follow
 from .follow_cluster import check_cluster_args, follow_cluster
 from .mounts import FSNAME, MountpointError, check_paths, set_read_ahead
-from .overlay import Overlay
+from .overlay import REQUEST_TASKS, Overlay
 from .replay import Replayer, ReplayThreads
 from .resolve import Resolver
 
@@ -59,7 +59,8 @@ def _tell_systemd(state: str) -> None:
 
 
 async def _fuse_session(done: trio.CancelScope) -> None:
-    await pyfuse3.main()
+    # calls that may wait leave some of these free (overlay._MAX_WAITING_CALLS)
+    await pyfuse3.main(max_tasks=REQUEST_TASKS)
     # unmounted from outside (fusermount3 -u): nothing left to serve
     log.info("the FUSE session ended")
     done.cancel()

@@ -25,8 +25,11 @@ is reached follows libfuse's ``example/passthrough_hp.cc``:
   (:func:`fuse_handler`): no call can end pyfuse3's session.
 - Nothing that may wait for long runs on pyfuse3's one serving thread:
   directory reads, file data BACKING does not have in memory, writes,
-  changes of size and fsyncs run in worker threads, a few per user at
-  once; opens that wait for a lease's holder too.
+  changes of size (opens with O_TRUNC among them) and fsyncs run in
+  worker threads, a few per user at once; opens that wait for a lease's
+  holder too.  Such calls hold fewer of pyfuse3's request tasks, all users
+  together, than it has (:data:`REQUEST_TASKS`), some kept for root: the
+  calls that never wait are always served.
 
 Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
 by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
@@ -43,8 +46,10 @@ import errno
 import functools
 import logging
 import os
+import queue
 import resource
 import stat
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -57,7 +62,7 @@ from notifyd import libc
 
 from .replay import ReplayThreads
 
-__all__ = ["Overlay", "fuse_handler"]
+__all__ = ["REQUEST_TASKS", "Overlay", "fuse_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +99,24 @@ _FD_LIMIT = 1 << 20
 _FD_RESERVE_SHARE = 4
 _FD_RESERVE_MIN = 640
 
+# Requests pyfuse3.main serves at once (its max_tasks: a trio task each,
+# started as needed, ended once idle).  A call that may wait (in a worker
+# thread on BACKING, for a thread, or for a lease's holder) holds its task
+# until it ends: were every task held so, no one would read /dev/fuse again
+# and every user's calls, root's too, would wait with them.
+REQUEST_TASKS = 128
+# ... of which calls that may wait hold at most this many, all users together
+# (past it they answer EAGAIN): the others are left to the calls that never
+# wait (lookups, getattr, opens, reads BACKING has in memory, releases,
+# forgets), which end in one step on the serving thread.
+_MAX_WAITING_CALLS = REQUEST_TASKS - 32
+# ... and of those, users other than root hold at most all but these: a few
+# users whose calls never end cannot leave root (the admin, its services)
+# EAGAIN on every read that must wait
+_ROOT_WAITING_CALLS = 16
+
 # Opens that wait for a lease's holder (in a thread) at once; past this they
-# answer EAGAIN.  Each holds one of the requests pyfuse3.main serves at once
-# (max_tasks, 99): a user with many leases must not take them all.
+# answer EAGAIN.  A user with many leases must not take every waiting call.
 _MAX_LEASE_WAITS = 16
 
 # Bytes of a directory read from BACKING at once: a few READDIRPLUS replies' worth
@@ -114,11 +134,15 @@ _MAX_READ_AHEAD = 256
 # listings: a call on data never staged may hold its thread for good, and a
 # few users must not hold them all), and per user (the opener, or the
 # caller; root counts as one); a user's calls past this many pending answer
-# EAGAIN, so that none takes every request pyfuse3 serves at once
-# (max_tasks, 99) with calls that never end
+# EAGAIN, so that none takes every waiting call (_MAX_WAITING_CALLS) with
+# calls that never end
 _DATA_THREADS = 32
 _USER_DATA_CALLS = 4
 _MAX_PENDING_DATA_CALLS = 24
+
+# Closes of users' files run in a thread per user (a close may wait; root
+# counts as one), which waits this long for the next before it ends
+_CLOSER_LINGER = 1.0
 
 # A non-root user may hold at most this share of the overlay's open-file
 # limit in open files (EMFILE past it), however many processes they run.
@@ -356,11 +380,18 @@ class _Dir:
 
 @dataclasses.dataclass
 class _Handle:
-    """An open file: its BACKING fd, its inode and the opener's identity."""
+    """An open file: its BACKING fd, its inode and the opener's identity.
+
+    ``calls`` in worker threads use ``fd`` itself (a dup's close is a close
+    too, which may wait: see :meth:`Overlay._close_later`); it is closed once
+    the kernel released the handle and the last of them ended.
+    """
 
     fd: int
     inode: int
     creds: _Creds | None
+    calls: int = 0
+    released: bool = False
 
 
 class Overlay(pyfuse3.Operations):
@@ -411,6 +442,8 @@ class Overlay(pyfuse3.Operations):
         self._own_groups = tuple(os.getgroups())
         self._own_caps = libc.effective_caps()
         self._lease_waits = 0
+        # calls that may wait, all users together: each holds a request task
+        self._waiting = _WaitingCalls(_MAX_WAITING_CALLS)
         # inode -> BACKING's _Version of it at the last open served from the
         # page cache: what the kernel's cached pages may hold (close-to-open)
         self._opened: dict[int, _Version] = {}
@@ -423,12 +456,15 @@ class Overlay(pyfuse3.Operations):
             collections.OrderedDict()
         )
         self._listing_threads = _UserThreads(
-            _LISTING_THREADS, _USER_LISTINGS, _MAX_PENDING_LISTINGS
+            _LISTING_THREADS, _USER_LISTINGS, _MAX_PENDING_LISTINGS, self._waiting
         )
-        self._data_threads = _UserThreads(_DATA_THREADS, _USER_DATA_CALLS, _MAX_PENDING_DATA_CALLS)
+        self._data_threads = _UserThreads(
+            _DATA_THREADS, _USER_DATA_CALLS, _MAX_PENDING_DATA_CALLS, self._waiting
+        )
         # False once BACKING refused a read that does not wait (RWF_NOWAIT)
         self._nowait_reads = True
         self._handles: dict[int, _Handle] = {}
+        self._closer = _Closer()
         self._replay_fhs: set[int] = set()
         self._next_replay_fh = _REPLAY_FH_BASE
         # devices or names of mounts under BACKING already logged
@@ -835,22 +871,12 @@ class Overlay(pyfuse3.Operations):
         # In a thread, as a write: on scoutfs a change of size waits for
         # released data to be staged.  On our own fds, as a read's.
         if handle is not None:
-            fd = _pass_fd(os.dup(handle.fd))
-            await self._data_call(creds, functools.partial(os.ftruncate, fd, size))
+            await self._handle_call(handle, creds, functools.partial(os.ftruncate, handle.fd, size))
             return
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
         path_fd = _pass_fd(os.dup(ifd))
-
-        def truncate() -> None:
-            # through an fd on the very inode; O_NONBLOCK: never wait for a lease
-            fd = os.open(_proc(path_fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-
-        await self._data_call(creds, truncate)
+        await self._data_call(creds, functools.partial(_truncate_inode, path_fd, size))
 
     @staticmethod
     def _utimens(
@@ -1112,6 +1138,27 @@ class Overlay(pyfuse3.Operations):
             raise FUSEError(errno.EACCES)
         creds = self._creds(ctx)
         self._check_share(creds)
+        if flags & os.O_TRUNC:
+            # the kernel hands the open its O_TRUNC (atomic_o_trunc): a change
+            # of size, which may wait as a truncate does (_truncate), so in a
+            # thread as one; a lease's holder is waited for there too
+            path_fd = _pass_fd(os.dup(self._fd(node)))
+            fd = await self._data_call(
+                creds, functools.partial(os.open, _proc(path_fd), _backing_flags(flags))
+            )
+        else:
+            fd = await self._open_file(node, flags, creds)
+        try:
+            info = self._file_info(inode, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._handles[fd] = _Handle(fd, inode, creds)
+        self._count_handle(creds, 1)
+        return info
+
+    async def _open_file(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
+        """Open ``node`` here, or in a thread if a lease's holder must be waited for."""
         try:
             with self._acting(creds):
                 # O_NONBLOCK: an open that conflicts with a lease (any user
@@ -1127,18 +1174,13 @@ class Overlay(pyfuse3.Operations):
                 except BaseException:
                     os.close(fd)
                     raise
-        try:
-            info = self._file_info(inode, fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._handles[fd] = _Handle(fd, inode, creds)
-        self._count_handle(creds, 1)
-        return info
+        return fd
 
     def _check_share(self, creds: _Creds | None) -> None:
         """EMFILE for a user who holds their share of our open files already."""
-        if creds is not None and self._user_handles.get(creds.uid, 0) >= _user_share():
+        if creds is not None and (
+            self._user_handles.get(creds.uid, 0) + self._closer.pending(creds.uid) >= _user_share()
+        ):
             if creds.uid in self._users_at_share:
                 raise FUSEError(errno.EMFILE)
             # once until the user closes some: a loop of opens is one line
@@ -1173,7 +1215,8 @@ class Overlay(pyfuse3.Operations):
 
         self._lease_waits += 1
         try:
-            return await trio.to_thread.run_sync(wait)
+            with self._waiting.held(creds.uid if creds is not None else 0):
+                return await trio.to_thread.run_sync(wait)
         finally:
             self._lease_waits -= 1
             os.close(fd)
@@ -1186,6 +1229,7 @@ class Overlay(pyfuse3.Operations):
         creds = self._creds(ctx)
         self._check_share(creds)
         base = _backing_flags(flags) | os.O_NOFOLLOW
+        truncate = False
         with self._acting(creds):
             try:
                 fd = os.open(
@@ -1194,10 +1238,21 @@ class Overlay(pyfuse3.Operations):
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
+                # its O_TRUNC is a change of size, which may wait: in a thread,
+                # once it is open (as an open with O_TRUNC is, see open)
+                truncate = bool(flags & os.O_TRUNC)
                 # made on BACKING since the kernel's lookup: open it, but never
-                # wait on a FIFO or open anything but a regular file
+                # wait on a FIFO or open anything but a regular file.  Still
+                # with O_CREAT (and the mode, should it be gone again): the
+                # kernel then refuses, as it would this user on BACKING, a
+                # file or FIFO of another's in a sticky directory
+                # (protected_regular, protected_fifos)
                 fd = libc.openat2(
-                    self._fd(parent), name, base | os.O_NONBLOCK, libc.RESOLVE_NO_XDEV
+                    self._fd(parent),
+                    name,
+                    (base & ~os.O_TRUNC) | os.O_CREAT | os.O_NONBLOCK,
+                    libc.RESOLVE_NO_XDEV,
+                    mode & ~ctx.umask,
                 )
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -1208,6 +1263,9 @@ class Overlay(pyfuse3.Operations):
                     os.close(fd)
                     raise
         try:
+            if truncate:
+                # our fd alone until the kernel has it: no one closes it meanwhile
+                await self._data_call(creds, functools.partial(_truncate_inode, fd, 0))
             st = os.fstat(fd)
             # the inode's own O_PATH fd, from the open file itself: no second lookup
             pfd = os.open(_proc(fd), _PATH_FLAGS & ~os.O_NOFOLLOW)
@@ -1232,12 +1290,10 @@ class Overlay(pyfuse3.Operations):
             data = self._read_at_hand(fh, off, size)
             if data is not None:
                 return data
-        handle = self._handles.get(fh)
-        creds = handle.creds if handle is not None else None
-        # our own fd: whatever happens to the handle meanwhile, the thread
-        # reads this file and no other that took its number
-        fd = _pass_fd(os.dup(fh))
-        return await self._data_call(creds, functools.partial(os.pread, fd, size, off))
+        handle = self._handles[fh]
+        return await self._handle_call(
+            handle, handle.creds, functools.partial(os.pread, fh, size, off)
+        )
 
     def _read_at_hand(self, fh: int, off: int, size: int) -> memoryview | None:
         """The data, if BACKING has all of it in memory; None if it may have to wait.
@@ -1287,9 +1343,9 @@ class Overlay(pyfuse3.Operations):
         # a write may wait as a read does (scoutfs waits for released data
         # to be staged before any write), and buffered writes that never
         # wait (RWF_NOWAIT) are refused by most filesystems.
-        fd = _pass_fd(os.dup(fh))
-        return await self._data_call(
-            self._handles[fh].creds, functools.partial(os.pwrite, fd, buf, off)
+        handle = self._handles[fh]
+        return await self._handle_call(
+            handle, handle.creds, functools.partial(os.pwrite, fh, buf, off)
         )
 
     @fuse_handler
@@ -1298,11 +1354,9 @@ class Overlay(pyfuse3.Operations):
             return
         # in a thread: it waits for the disk to take all the file's dirty
         # data (seconds for a big file), or for another node (scoutfs)
-        handle = self._handles.get(fh)
-        fd = _pass_fd(os.dup(fh))
-        await self._data_call(
-            handle.creds if handle is not None else None,
-            functools.partial(os.fdatasync if datasync else os.fsync, fd),
+        handle = self._handles[fh]
+        await self._handle_call(
+            handle, handle.creds, functools.partial(os.fdatasync if datasync else os.fsync, fh)
         )
 
     @fuse_handler
@@ -1311,9 +1365,35 @@ class Overlay(pyfuse3.Operations):
             self._replay_fhs.discard(fh)
             return
         handle = self._handles.pop(fh, None)
-        if handle is not None:
-            self._count_handle(handle.creds, -1)
-        os.close(fh)
+        if handle is None:
+            os.close(fh)
+            return
+        handle.released = True
+        if not handle.calls:
+            self._close_later(handle)
+
+    async def _handle_call(self, handle: _Handle, creds: _Creds | None, call: Callable[[], R]) -> R:
+        """:meth:`_data_call` on ``handle``'s fd, which stays open until it ends."""
+        handle.calls += 1
+        try:
+            return await self._data_call(creds, call)
+        finally:
+            handle.calls -= 1
+            if handle.released and not handle.calls:
+                self._close_later(handle)
+
+    def _close_later(self, handle: _Handle) -> None:
+        """Close ``handle``'s fd in a thread, where a close that waits stops no one.
+
+        A close may wait: a network filesystem writes the file's dirty data
+        back (FLUSH on a FUSE one), the last close of a file unlinked
+        meanwhile frees its data (on scoutfs, under a cluster lock).  The
+        RELEASE is answered at once (nobody waits for it); the fd counts in
+        the opener's share of open files until it is closed (_check_share).
+        """
+        uid = handle.creds.uid if handle.creds is not None else 0
+        self._closer.close(uid, handle.fd)
+        self._count_handle(handle.creds, -1)
 
     # --- replays: the one place that serves without opening a file ------------
 
@@ -1408,6 +1488,16 @@ class Overlay(pyfuse3.Operations):
             os.removexattr(path, name)
 
 
+def _truncate_inode(fd: int, size: int) -> None:
+    # in a worker thread: through an fd on the very inode (any kind, O_PATH
+    # too); O_NONBLOCK: never wait for a lease's holder
+    wfd = os.open(_proc(fd), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.ftruncate(wfd, size)
+    finally:
+        os.close(wfd)
+
+
 def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
     # in a worker thread; the kernel sends one READDIR of an open directory
     # at a time, so nothing else moves this fd meanwhile
@@ -1420,18 +1510,111 @@ def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
     return entries
 
 
+class _Closer:
+    """Closes fds in a thread per user, each in turn: a close that never ends
+    holds its user's thread and fds only.
+
+    Called from the serving thread; the threads end once idle for
+    ``_CLOSER_LINGER`` seconds (a thread a close costs a burst of them
+    nothing).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # uid -> fds to close, while its thread runs
+        self._queues: dict[int, queue.SimpleQueue[int]] = {}
+        # uid -> fds handed over and not yet closed
+        self._pending: dict[int, int] = {}
+
+    def pending(self, uid: int) -> int:
+        """``uid``'s fds not closed yet (one dict lookup: no lock needed)."""
+        return self._pending.get(uid, 0)
+
+    def close(self, uid: int, fd: int) -> None:
+        """Close ``fd`` in ``uid``'s thread, after those handed over before."""
+        with self._lock:
+            self._pending[uid] = self._pending.get(uid, 0) + 1
+            fds = self._queues.get(uid)
+            start = fds is None
+            if fds is None:
+                fds = self._queues[uid] = queue.SimpleQueue()
+            # under the lock: the thread ends only with nothing put
+            fds.put(fd)
+        if start:
+            threading.Thread(
+                target=self._run, args=(uid, fds), name=f"overlay-close-{uid}", daemon=True
+            ).start()
+
+    def _run(self, uid: int, fds: queue.SimpleQueue[int]) -> None:
+        while True:
+            try:
+                fd = fds.get(timeout=_CLOSER_LINGER)
+            except queue.Empty:
+                with self._lock:
+                    if fds.empty():
+                        del self._queues[uid]
+                        return
+                continue
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.warning("closing a file on BACKING: %s", exc)
+            with self._lock:
+                left = self._pending[uid] - 1
+                if left:
+                    self._pending[uid] = left
+                else:
+                    del self._pending[uid]
+
+
+class _WaitingCalls:
+    """Calls that may wait, all users together; EAGAIN past ``limit``.
+
+    Each holds one of the request tasks pyfuse3 serves with until it ends
+    (:data:`REQUEST_TASKS`); the limit leaves some for the calls that never
+    wait, so that someone always reads /dev/fuse.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._warned = False
+
+    @contextlib.contextmanager
+    def held(self, uid: int) -> Iterator[None]:
+        """One waiting call of ``uid``'s, for as long as the block runs; EAGAIN at the
+        limit, or for a user other than root at the limit less root's own share."""
+        if self.count >= self.limit - (_ROOT_WAITING_CALLS if uid != 0 else 0):
+            if not self._warned:
+                # once until half of them ended: a flood of calls is one line
+                self._warned = True
+                log.warning("%d calls wait on BACKING: more answer EAGAIN", self.count)
+            raise FUSEError(errno.EAGAIN)
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count <= self.limit // 2:
+                self._warned = False
+
+
 class _UserThreads:
     """Worker threads shared by every user, a few per user at once.
 
     A user's calls past ``per_user`` wait for one of theirs to end, and past
-    ``max_pending`` they answer EAGAIN: no user can hold every request
-    pyfuse3 serves at once (max_tasks) with calls that never end.
+    ``max_pending`` they answer EAGAIN: no user can take every waiting call
+    (``waiting``) with calls that never end, and past ``waiting``'s limit,
+    all users together, they answer EAGAIN too.
     """
 
-    def __init__(self, threads: int, per_user: int, max_pending: int) -> None:
+    def __init__(
+        self, threads: int, per_user: int, max_pending: int, waiting: _WaitingCalls
+    ) -> None:
         self._threads = trio.CapacityLimiter(threads)
         self._per_user = per_user
         self._max_pending = max_pending
+        self._waiting = waiting
         # uid -> the limiter its calls hold or wait for, while any do
         self._users: dict[int, trio.CapacityLimiter] = {}
 
@@ -1439,13 +1622,15 @@ class _UserThreads:
         limiter = self._users.get(uid)
         if limiter is None:
             limiter = self._users[uid] = trio.CapacityLimiter(self._per_user)
-        if _pending(limiter) >= self._max_pending:
-            raise FUSEError(errno.EAGAIN)
         try:
-            async with limiter:
-                return await trio.to_thread.run_sync(call, limiter=self._threads)
+            if _pending(limiter) >= self._max_pending:
+                raise FUSEError(errno.EAGAIN)
+            with self._waiting.held(uid):
+                async with limiter:
+                    return await trio.to_thread.run_sync(call, limiter=self._threads)
         finally:
-            if not _pending(limiter):
+            # (at shutdown every waiter is cancelled at once: the first ends it)
+            if not _pending(limiter) and self._users.get(uid) is limiter:
                 del self._users[uid]
 
 
