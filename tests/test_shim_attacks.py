@@ -53,18 +53,23 @@ _IN_ACCESS = 0x01
 _IN_EVENT = struct.Struct("=iIII")
 
 
-def _attacker_proc(code: str) -> subprocess.Popen[str]:
-    """A long-lived attacker process: it says what it did on stdout, waits on stdin."""
+def _user_proc(argv: list[str], uid: int | str = ATTACKER) -> subprocess.Popen[str]:
+    """The system python with ``argv`` as ``uid`` (its own group, no others), piped."""
     return subprocess.Popen(
-        [SYSTEM_PYTHON, "-I", "-c", code],
-        user=ATTACKER,
-        group=ATTACKER,
+        [SYSTEM_PYTHON, "-I", *argv],
+        user=uid,
+        group=uid,
         extra_groups=[],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _attacker_proc(code: str) -> subprocess.Popen[str]:
+    """A long-lived attacker process: it says what it did on stdout, waits on stdin."""
+    return _user_proc(["-c", code])
 
 
 def _settled(doc: dict[str, object]) -> int:
@@ -1169,18 +1174,6 @@ m = {str(mnt)!r}
 print(os.stat(m + "/f").st_size, os.stat(m + "/h01/b").st_size, open(m + "/f").read(), end="")
 """
 
-    def as_user(uid: int, argv: list[str]) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [SYSTEM_PYTHON, "-I", *argv],
-            user=uid,
-            group=uid,
-            extra_groups=[],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
     with (
         _held_listing_backing(backing) as fs,
         run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim,
@@ -1188,9 +1181,9 @@ print(os.stat(m + "/f").st_size, os.stat(m + "/h01/b").st_size, open(m + "/f").r
         # f's data in the overlay's cache: a read of it asks the shim for nothing
         assert (mnt / "f").read_text() == "f\n"
         attackers = [
-            as_user(
-                ATTACKER + 10 + k,
+            _user_proc(
                 ["-c", attack, *(str(mnt / f"s{k * per_user + i:03d}") for i in range(per_user))],
+                ATTACKER + 10 + k,
             )
             for k in range(users)
         ]
@@ -1212,7 +1205,7 @@ print(os.stat(m + "/f").st_size, os.stat(m + "/h01/b").st_size, open(m + "/f").r
 
             # the sentinel: every write is in the kernel's hands or refused
             wait_for(all_in, START_TIMEOUT, "every user's writes to be made")
-            prober = as_user(probe_uid, ["-c", probe])
+            prober = _user_proc(["-c", probe], probe_uid)
             root: list[str] = []
 
             def as_root() -> None:

@@ -260,15 +260,11 @@ class ClusterSubscriber:
                 yield ev
 
     async def close(self) -> None:
-        if self.push is not None:
+        subs, self.push, self.sub = (self.push, self.sub), None, None
+        for sub in subs:
+            if sub is None:
+                continue
             try:
-                await self.push.unsubscribe()
+                await sub.unsubscribe()
             except (nats.errors.Error, OSError) as exc:
                 log.debug("unsubscribing: %s", exc)
-            self.push = None
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except (nats.errors.Error, OSError) as exc:
-                log.debug("unsubscribing: %s", exc)
-            self.sub = None
