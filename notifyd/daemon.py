@@ -421,8 +421,7 @@ def main(argv: list[str] | None = None, *, source_factory: SourceFactory = make_
         format="%(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if closed := inherited.close_inherited():
-        log.info("%s", inherited.describe(closed))
+    inherited.close_inherited(log)
     try:
         trio.run(serve, args, source_factory)
     except BaseException as exc:

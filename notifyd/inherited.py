@@ -15,13 +15,15 @@ through exec and is closed.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 
-__all__ = ["close_inherited", "describe"]
+__all__ = ["close_inherited"]
 
 
-def close_inherited() -> list[int]:
-    """Close every descriptor past stderr that lacks FD_CLOEXEC; return them."""
+def close_inherited(log: logging.Logger) -> list[int]:
+    """Close every descriptor past stderr that lacks FD_CLOEXEC, say so in
+    ``log``, and return them."""
     closed = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -34,13 +36,13 @@ def close_inherited() -> list[int]:
         if not flags & fcntl.FD_CLOEXEC:
             os.close(fd)
             closed.append(fd)
-    return sorted(closed)
-
-
-def describe(closed: list[int]) -> str:
-    """The log line's text for descriptors :func:`close_inherited` closed."""
-    fds = ", ".join(map(str, closed))
-    return (
-        f"closed {len(closed)} descriptor{'s' if len(closed) != 1 else ''} inherited from "
-        f"the parent ({fds}): a long-running process keeps nothing open it did not ask for"
-    )
+    closed.sort()
+    if closed:
+        log.info(
+            "closed %d descriptor%s inherited from the parent (%s): a long-running "
+            "process keeps nothing open it did not ask for",
+            len(closed),
+            "s" if len(closed) != 1 else "",
+            ", ".join(map(str, closed)),
+        )
+    return closed

@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if closed := inherited.close_inherited():
-        log.info("%s", inherited.describe(closed))
+    inherited.close_inherited(log)
     if os.geteuid() != 0:
         log.error("run as root: the overlay acts on BACKING for every user")
         return 1

@@ -1074,8 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.debug:
         logging.getLogger("nats").setLevel(logging.WARNING)
-    if closed := inherited.close_inherited():
-        log.info("%s", inherited.describe(closed))
+    inherited.close_inherited(log)
     if not libc.keep_heap(HEAP_LARGEST, HEAP_RETAINED):
         log.debug("no glibc mallopt(): megabyte buffers come and go with the C library's defaults")
     try:
