@@ -344,8 +344,12 @@ def wait_truth(truth: Truth, ino: int) -> None:
 
 
 def assert_per_node_exact(watch: Watch, node: str, truth: Truth, upto_ino: int) -> list[int]:
-    """Every record the daemon relayed up to the sentinel is in the stream once, in order."""
-    last = max(truth.seqs_of(upto_ino))
+    """Every record the daemon relayed up to the sentinel is in the stream once, in order.
+
+    Up to the sentinel's first record: the watch waited for that one, and the
+    sentinel's later records (its READ, say) may come in a later message.
+    """
+    last = min(truth.seqs_of(upto_ino))
     want = [r.seq for r in truth.records if r.seq <= last]
     got = [d["seq"] for d in watch.records(node) if d["seq"] <= last]
     assert got == sorted(set(got)), f"{node}: out of order or duplicated: {got}"
