@@ -10,8 +10,9 @@ record, as a headers-only consumer of the subject sees it.  Baseline, in the
 same run against a stream of the same configuration: a bare nats-py loop
 publishing the same records in messages of the forwarder's size
 (MAX_BATCH_RECORDS) with the same headers, one ack at a time, its messages
-built before the clock starts, in a process whose heap is kept as the
-forwarder keeps its own (libc.keep_heap).  The forwarder also reads every
+built before the clock starts, in a process of its own whose heap is kept
+as the forwarder keeps its own (libc.keep_heap), and timed the same way:
+from go until the same headers-only consumer sees its last record.  The forwarder also reads every
 record from the socket, which the loop does not: the note gives what a bare
 recv loop takes from the same feeder, in the same run, as the ceiling that
 reading alone sets.
@@ -211,21 +212,66 @@ async def _wait_last(sub, done: asyncio.Future[float], subject: str, want: int) 
         await sub.unsubscribe()
 
 
-async def _bare_loop(js, stream: str, subject: str, records: int) -> float:  # type: ignore[no-untyped-def]
-    from notifyd.cluster import wire
-    from notifyd.cluster.forward import MAX_BATCH_RECORDS
+def bare(url: str, stream: str, subject: str, records: int) -> int:
+    """The baseline's publisher, a process of its own as the forwarder is:
+    builds its messages, says ready, publishes them once stdin says go."""
+    import nats
 
+    from notifyd.cluster import wire
+    from notifyd.cluster.forward import HEAP_LARGEST, HEAP_RETAINED, MAX_BATCH_RECORDS
+
+    # its heap as the forwarder keeps its own
+    libc.keep_heap(HEAP_LARGEST, HEAP_RETAINED)
     now = time.time_ns()
+    node = subject.rpartition(".")[2]
     msgs = []
     for first in range(1, records + 1, MAX_BATCH_RECORDS):
         last = min(first + MAX_BATCH_RECORDS - 1, records)
         payload = abi.encode((s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
-        node = subject.rpartition(".")[2]
         msgs.append((payload, wire.headers_for("bench", node, "e", first, last, 0)))
-    t0 = time.perf_counter()
-    for payload, hdrs in msgs:
-        await js.publish(subject, payload, stream=stream, headers=hdrs, timeout=10)
-    return records / (time.perf_counter() - t0)
+
+    async def publish() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        for payload, hdrs in msgs:
+            await js.publish(subject, payload, stream=stream, headers=hdrs, timeout=10)
+        await nc.close()
+
+    asyncio.run(publish())
+    return 0
+
+
+async def _bare_loop(cfg: Config, js, url: str, stream: str, subject: str, records: int) -> float:  # type: ignore[no-untyped-def]
+    """The baseline, timed as the forwarder is: from go until the same kind
+    of consumer sees the last record (that consumer costs the server a
+    delivery per message, which a loop timed by its own last ack would not
+    pay), the publisher in a process of its own."""
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "bench.cluster", "bare", url, stream, subject, str(records)],
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=cfg.env,
+    )
+    try:
+        assert proc.stdout
+        assert proc.stdin
+        if await proc.stdout.readline() != b"ready\n":
+            raise RuntimeError("the bare publish loop did not start")
+        sub, done = await _watch_last(js, stream, subject, records)
+        t0 = time.perf_counter()
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        t1 = await _wait_last(sub, done, subject, records)
+        if await proc.wait():
+            raise RuntimeError(f"the bare publish loop exited {proc.returncode}")
+        return records / (t1 - t0)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 def _intake(cfg: Config, work: Path, records: int) -> float:
@@ -316,7 +362,9 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
                 feeder.kill()
                 await feeder.wait()
             await js.purge_stream(fwd_stream)
-            bare_rates.append(await _bare_loop(js, stream, f"bench{replicas}.{node}", records))
+            bare_rates.append(
+                await _bare_loop(cfg, js, url, stream, f"bench{replicas}.{node}", records)
+            )
             await js.purge_stream(stream)
             intake_rates.append(await asyncio.to_thread(_intake, cfg, rundir, records))
     finally:
@@ -327,11 +375,6 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
 def _throughput(cfg: Config, stage: Stage, work: Path) -> None:
     # enough that a run takes a second or more: the rates reach millions a second
     records = cfg.pick(5_000_000, 200_000)
-    # the bare loop's heap as the forwarder keeps its own; for the rest of
-    # this process, which does nothing that measures allocation after it
-    from notifyd.cluster.forward import HEAP_LARGEST, HEAP_RETAINED
-
-    libc.keep_heap(HEAP_LARGEST, HEAP_RETAINED)
     for replicas in (1, 3):
         sub = work / f"r{replicas}"
         sub.mkdir()
@@ -573,5 +616,11 @@ def run(cfg: Config) -> Stage:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "feed":
         sys.exit(feed(sys.argv[2], int(sys.argv[3])))
-    print("usage: python -m bench.cluster feed SOCKET RECORDS", file=sys.stderr)
+    if len(sys.argv) == 6 and sys.argv[1] == "bare":
+        sys.exit(bare(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
+    print(
+        "usage: python -m bench.cluster feed SOCKET RECORDS\n"
+        "       python -m bench.cluster bare URL STREAM SUBJECT RECORDS",
+        file=sys.stderr,
+    )
     sys.exit(2)
