@@ -243,18 +243,23 @@ def bare(url: str, stream: str, subject: str, records: int) -> int:
     return 0
 
 
-async def _bare_loop(cfg: Config, js, url: str, stream: str, subject: str, records: int) -> float:  # type: ignore[no-untyped-def]
-    """The baseline, timed as the forwarder is: from go until the same kind
-    of consumer sees the last record (that consumer costs the server a
-    delivery per message, which a loop timed by its own last ack would not
-    pay), the publisher in a process of its own."""
-    proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "bench.cluster", "bare", url, stream, subject, str(records)],
+async def _helper(cfg: Config, *args: str) -> asyncio.subprocess.Process:
+    """``python -m bench.cluster ARGS`` (the feeder, the bare loop), told go on stdin."""
+    return await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "bench.cluster", *args],
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
         env=cfg.env,
     )
+
+
+async def _bare_loop(cfg: Config, js, url: str, stream: str, subject: str, records: int) -> float:  # type: ignore[no-untyped-def]
+    """The baseline, timed as the forwarder is: from go until the same kind
+    of consumer sees the last record (that consumer costs the server a
+    delivery per message, which a loop timed by its own last ack would not
+    pay), the publisher in a process of its own."""
+    proc = await _helper(cfg, "bare", url, stream, subject, str(records))
     try:
         assert proc.stdout
         assert proc.stdin
@@ -335,13 +340,7 @@ async def _throughput_arms(cfg: Config, url: str, replicas: int, work: Path, rec
             rundir = work / f"run{run}"
             rundir.mkdir()
             sock = rundir / "feed.sock"
-            feeder = await asyncio.create_subprocess_exec(
-                *[sys.executable, "-m", "bench.cluster", "feed", str(sock), str(records)],
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                cwd=ROOT,
-                env=cfg.env,
-            )
+            feeder = await _helper(cfg, "feed", str(sock), str(records))
             try:
                 assert feeder.stdout
                 assert feeder.stdin
