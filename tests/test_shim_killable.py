@@ -12,23 +12,28 @@ reaped while BACKING held its call).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 from shim_support import START_TIMEOUT, run_shim
-from test_shim_attacks import _HELD_CALLS, _attacker_proc, _held_listing_backing, _user_proc
+from test_shim_attacks import (
+    _HELD_CALLS,
+    _attacker_proc,
+    _held_listing_backing,
+    _lease_breaking,
+    _user_proc,
+)
 from test_shim_security import ATTACKER, top  # noqa: F401
 
 # what a user does to `held` or `slow`, and what BACKING then says.  Not
 # among them: a buffered read, which the kernel sends as readahead that the
 # reader does not wait for (it waits for the page, and a kill ends that: it
-# died at once before the fix too), and fsync, whose request gives neither
-# offset nor size to find its caller by until a read, write or listing that
-# waited has shown where pyfuse3 keeps requests (see killable._request_tid).
+# died at once before the fix too).
 _KILLABLE_CALLS = {
-    **{call: _HELD_CALLS[call][:2] for call in ("listing", "write", "truncate", "open_trunc")},
+    **{call: code_started[:2] for call, code_started in _HELD_CALLS.items() if call != "read"},
     # the kernel sends a read of a file opened O_DIRECT (or one faulted in
     # without readahead) as a call the reader waits for
     "direct_read": (
@@ -142,3 +147,47 @@ def test_a_caller_not_signalled_gets_its_answer_however_long_it_waits(top: Path)
     assert (out, err) == ("b'f\\n'\n", "")
     assert patient.returncode == 0
     assert rc == 0
+
+
+def test_a_caller_killed_while_its_open_waits_for_a_lease_dies_at_once(top: Path) -> None:  # noqa: F811
+    # An open that conflicts with a user's lease on BACKING waits for its
+    # holder, up to lease-break-time (45 s), in a thread: its caller, killed
+    # meanwhile, waited as long.
+    backing, mnt = top / "backing", top / "mnt"
+    backing.mkdir()
+    os.chmod(backing, 0o777)
+    holder_code = f"""
+import fcntl, os, signal, sys
+p = {str(backing / "leased")!r}
+with open(p, "w") as f:
+    f.write("mine")
+fd = os.open(p, os.O_RDONLY)
+signal.signal(signal.SIGIO, lambda *a: os.write(1, b"asked to let go\\n"))
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("leased", flush=True)
+sys.stdin.read()
+"""
+    with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
+        holder = _attacker_proc(holder_code)
+        opener = None
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "leased\n", holder.stderr
+            opener = _attacker_proc(f"open({str(mnt / 'leased')!r})")
+            # the sentinel: the overlay's open waits for the holder
+            assert holder.stdout.readline() == "asked to let go\n", holder.communicate()
+            opener.kill()
+            status = _reaped(opener)
+            lease_held = _lease_breaking(backing / "leased")
+            holder.communicate("", timeout=START_TIMEOUT)
+        finally:
+            for p in (holder, opener):
+                if p is not None:
+                    p.kill()
+                    p.wait()
+        rc = shim.stop()
+        log = shim.log()
+    assert status == -signal.SIGKILL, f"the killed caller waited for the lease: {status}"
+    assert lease_held, "the lease was broken before the killed caller was reaped"
+    assert rc == 0, log
+    assert "Traceback" not in log

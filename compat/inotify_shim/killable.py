@@ -29,21 +29,23 @@ those that do pay one task and no system call until they have waited.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-__all__ = ["CHECK_EVERY", "Caller", "KillableCalls", "caller_gone"]
+__all__ = ["CHECK_EVERY", "Caller", "Hold", "KillableCalls", "caller_gone", "thread"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ CHECK_EVERY = 0.5
 # Who waits for a call: the thread id pyfuse3 gives in the RequestContext
 # (0: none, nobody to watch), or, for the requests it gives none (READ,
 # WRITE, READDIR, FSYNC, FSYNCDIR), ``(fh, offset, size)`` of the request
-# to find it by (see _request_tid; -1: not known, 0 for a size: any)
+# to find it by (see _request_tid; a size of -1: not known; FSYNC: 0, 0)
 Caller = int | tuple[int, int, int]
 
 _SIGKILL_BIT = 1 << (9 - 1)
@@ -103,96 +105,123 @@ def caller_gone(tid: int, since: float) -> bool:
     return False
 
 
-class _Call(Generic[R]):
-    """One call that may wait: run in a task of its own, its request waiting for it."""
+class Hold:
+    """What a call holds until it ends, its thread included, given back in reverse.
 
-    __slots__ = ("abandoned", "caller", "done", "error", "request_task", "scope", "since", "value")
+    The request's task gives it back once the call is answered, unless a
+    thread of the call still runs (its caller was killed): then that
+    thread gives it back when it ends (:func:`thread`), and ``discard``
+    drops what it returns (closes an fd it opened).
+    """
+
+    __slots__ = ("_backs", "detached", "discard")
+
+    def __init__(self) -> None:
+        self._backs: list[Callable[[], object]] = []
+        self.detached = False
+        self.discard: Callable[[Any], object] | None = None
+
+    def add(self, give_back: Callable[[], object]) -> None:
+        self._backs.append(give_back)
+
+    def release(self) -> None:
+        while self._backs:
+            give_back = self._backs.pop()
+            try:
+                give_back()
+            except Exception:
+                log.exception("giving back what a call held")
+
+
+class _ThreadState:
+    __slots__ = ("abandoned", "finished", "lock", "started")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = self.finished = self.abandoned = False
+
+
+async def thread(
+    hold: Hold, call: Callable[[], R], limiter: trio.CapacityLimiter | None = None
+) -> R:
+    """``call()`` in a worker thread; given up at once if cancelled, the thread then
+    giving ``hold`` back when it ends (see :class:`Hold`)."""
+    state = _ThreadState()
+    token = trio.lowlevel.current_trio_token()
+
+    def body() -> R:
+        with state.lock:
+            if state.abandoned:
+                # given up before it started: nothing of it runs (and no one
+                # takes what it returns)
+                return cast(R, None)
+            state.started = True
+        value: R | None = None
+        try:
+            value = call()
+            return value
+        finally:
+            with state.lock:
+                state.finished = True
+                late = state.abandoned
+            if late:
+                if value is not None and hold.discard is not None:
+                    with contextlib.suppress(OSError):
+                        hold.discard(value)
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(hold.release)
+
+    try:
+        return await trio.to_thread.run_sync(body, limiter=limiter, abandon_on_cancel=True)
+    except BaseException:
+        with state.lock:
+            state.abandoned = True
+            hold.detached = state.started and not state.finished
+        raise
+
+
+class _Call:
+    """One call that may wait, while its request waits for it."""
+
+    __slots__ = ("caller", "killed", "request_task", "scope", "since")
 
     def __init__(self, caller: Caller) -> None:
         self.caller = caller
         self.since = _now()
         self.request_task = trio.lowlevel.current_task()
-        self.done = trio.Event()
         self.scope = trio.CancelScope()
-        self.abandoned = False
-        self.value: R | None = None
-        self.error: BaseException | None = None
-
-    async def keep(
-        self, run: Callable[[], Awaitable[R]], discard: Callable[[R], None] | None
-    ) -> None:
-        # A system task: it must not raise, and it ends with the call
-        with self.scope:
-            try:
-                self.value = await run()
-            except BaseException as exc:  # handed to the request
-                self.error = exc
-        self.done.set()
-        if not self.abandoned:
-            return
-        if self.error is None and discard is not None:
-            try:
-                discard(self.value)  # type: ignore[arg-type]
-            except OSError as exc:
-                log.warning("dropping the result of a call whose caller was killed: %s", exc)
-        elif self.error is not None and not isinstance(
-            self.error, (OSError, FUSEError, trio.Cancelled)
-        ):
-            log.error(
-                "a call whose caller was killed failed",
-                exc_info=(type(self.error), self.error, self.error.__traceback__),
-            )
-
-    def abandon(self) -> None:
-        """Answer without the call: a wait for a thread not started yet is given up
-        (nothing of the call runs then), a thread running goes on to its end."""
-        self.abandoned = True
-        self.scope.cancel()
-
-    def result(self) -> R:
-        if self.error is not None:
-            # the traceback stays the call's own
-            raise self.error
-        return self.value  # type: ignore[return-value]
+        self.killed = False
 
 
 class KillableCalls:
     """The calls that may wait, and the watcher of their callers."""
 
     def __init__(self) -> None:
-        self._calls: set[_Call[object]] = set()
+        self._calls: set[_Call] = set()
         self._watching = False
 
-    async def run(
-        self,
-        run: Callable[[], Awaitable[R]],
-        caller: Caller,
-        discard: Callable[[R], None] | None = None,
-    ) -> R:
-        """``await run()``, or FUSEError(EINTR) once ``caller`` is killed or gone.
+    async def run(self, run: Callable[[Hold], Awaitable[R]], caller: Caller) -> R:
+        """``await run(hold)``, or FUSEError(EINTR) once ``caller`` is killed or gone.
 
-        ``run`` must hold everything it uses until it ends (a thread it
-        started may go on after the request is answered): its own fds, not
-        the request's (``_pass_fd``).  ``discard`` drops its result if it
-        ends after the request was answered (closes an fd it opened).
+        ``run`` puts in ``hold`` all it must give back (its own fds, not the
+        request's ``_pass_fd`` ones; slots; counts), and runs its thread with
+        :func:`thread`: once the request is answered a thread still running
+        gives it back when it ends.
         """
-        call: _Call[R] = _Call(caller)
-        trio.lowlevel.spawn_system_task(call.keep, run, discard, name="overlay call")
-        self._calls.add(call)  # type: ignore[arg-type]
+        call = _Call(caller)
+        hold = Hold()
+        self._calls.add(call)
         if not self._watching:
             self._watching = True
             trio.lowlevel.spawn_system_task(self._watch, name="overlay callers")
         try:
-            await call.done.wait()
-        except BaseException:
-            # cancelled (the session ends): the call ends on its own
-            call.abandon()
-            raise
+            with call.scope:
+                return await run(hold)
+            raise FUSEError(errno.EINTR)
         finally:
             self._calls.discard(call)
-        if call.abandoned:
-            raise FUSEError(errno.EINTR)
-        return call.result()
+            if not hold.detached:
+                hold.release()
 
     async def _watch(self) -> None:
         try:
@@ -201,16 +230,14 @@ class KillableCalls:
                 # every request task is parked now: _request_tid reads their requests
                 now = _now()
                 for call in list(self._calls):
-                    if call.done.is_set() or now - call.since < CHECK_EVERY:
-                        continue
-                    if _killed(call):
-                        call.abandon()
-                        call.done.set()
+                    if not call.killed and now - call.since >= CHECK_EVERY and _killed(call):
+                        call.killed = True
+                        call.scope.cancel()
         finally:
             self._watching = False
 
 
-def _killed(call: _Call[object]) -> bool:
+def _killed(call: _Call) -> bool:
     if not isinstance(call.caller, int):
         # found once; 0 if it cannot be, and then never looked for again
         call.caller = _request_tid(call.request_task, *call.caller)
@@ -248,8 +275,6 @@ def _fuse_req_ctx() -> Callable[[int], ctypes._Pointer[_FuseCtx]] | None:
     return fn
 
 
-# index (in 8-byte words) of the request in pyfuse3's _Container, once seen
-_req_word: int | None = None
 _warned = False
 
 
@@ -261,13 +286,13 @@ def _request_tid(task: trio.lowlevel.Task, fh: int, off: int, size: int) -> int:
     request is in the ``_Container`` that pyfuse3's coroutine for it (the
     one ``task`` awaits) keeps; the offset of the request pointer in it is
     not public, so it is taken only where the fields around it are the ones
-    this request was given (``off`` and ``size``, then ``flags``/``mode`` and
-    the request before them, pyfuse3 3.x's order) and ``fh``, the last field,
-    is the request's; else 0 and the call is not watched, as before.  Only
+    this request was given (``off`` and ``size``, with ``flags``/``mode`` and
+    the request before them, pyfuse3 3.x's order), ``fh``, the last field,
+    is the request's, and no other word of the container but the request
+    is not 0 before ``off``; else 0 and the call is not watched, as before.  Only
     from another task while ``task`` is parked: a running coroutine shows
     no ``cr_await``.
     """
-    global _req_word, _warned
     coro: object = task.coro
     for _ in range(_MAX_AWAITS):
         awaited = getattr(coro, "cr_await", None)
@@ -296,22 +321,20 @@ def _request_tid(task: trio.lowlevel.Task, fh: int, off: int, size: int) -> int:
     words = (ctypes.c_uint64 * (type(container).__basicsize__ // 8)).from_address(id(container))
     if words[-1] != fh % _WORD:
         return _not_found("the container's last field is not the handle")
-    if off >= 0:
-        for i in range(5, len(words) - 2):
-            # pyfuse3 leaves a WRITE's size 0 (fuse_write_buf); a listing's is not known
-            sized = words[i + 1] in (size, 0) if size else 0 < words[i + 1] <= 1 << 24
-            if words[i] == off % _WORD and sized and words[i - 2]:
-                if _req_word not in (None, i - 2):
-                    return _not_found("the request moved in the container")
-                _req_word = i - 2
-                break
-        else:
-            return _not_found("no offset and size in the container")
-    if _req_word is None:
-        return 0  # not seen yet (a READ, WRITE or READDIR that waited shows it)
+    # words 0 and 1 are the object's header, then come rdev and fi: the
+    # request is past them
+    for i in range(5, len(words) - 2):
+        # pyfuse3 leaves a WRITE's size 0 (fuse_write_buf); a listing's is not known
+        sized = words[i + 1] in (size, 0) if size >= 0 else 0 < words[i + 1] <= 1 << 24
+        if words[i] == off % _WORD and sized and words[i - 2]:
+            break
+    else:
+        return _not_found("no offset and size in the container")
+    if any(words[2 : i - 2]) or any(words[i + 2 : -1]):
+        return _not_found("more in the container than pyfuse3 3.x puts there")
     fuse_req_ctx = _fuse_req_ctx()
-    req = words[_req_word]
-    if fuse_req_ctx is None or not req:
+    req = words[i - 2]
+    if fuse_req_ctx is None:
         return _not_found("no libfuse3 in the process")
     return int(fuse_req_ctx(req).contents.pid)
 

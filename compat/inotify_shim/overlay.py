@@ -62,7 +62,7 @@ from pyfuse3 import FUSEError
 
 from notifyd import libc
 
-from .killable import Caller, KillableCalls
+from .killable import Caller, Hold, KillableCalls, thread
 from .replay import ReplayThreads
 
 __all__ = ["REQUEST_TASKS", "Overlay", "fuse_handler"]
@@ -379,8 +379,8 @@ class _Dir:
     # BACKING's offset the fd is at: a listing read in order never seeks
     # (a seek costs a walk from the start on some filesystems)
     pos: int = 0
-    # held by a read in a thread (made at the first one)
-    reading: trio.Lock | None = None
+    # set while a read of it in a thread runs
+    reading: trio.Event | None = None
 
 
 @dataclasses.dataclass
@@ -978,25 +978,23 @@ class Overlay(pyfuse3.Operations):
         pyfuse3 serves at once.
         """
         uid = d.creds.uid if d.creds is not None else 0
-        if d.reading is None:
-            d.reading = trio.Lock()
-        lock = d.reading
-        # the thread's own fd: it may go on after a killed caller's answer,
-        # when RELEASEDIR has closed the directory's
-        fd = os.dup(d.fd)
 
-        async def run() -> list[tuple[bytes, int]]:
-            try:
-                # after a read given up (a killed caller's) has ended: a
-                # process sharing the directory's fd reads on from there
-                async with lock:
-                    read = functools.partial(_read_entries, d, fd, offset)
-                    return await self._listing_threads.run(uid, read)
-            finally:
-                os.close(fd)
+        async def run(hold: Hold) -> list[tuple[bytes, int]]:
+            # the thread's own fd: it may go on after a killed caller's
+            # answer, when RELEASEDIR has closed the directory's
+            fd = os.dup(d.fd)
+            hold.add(functools.partial(os.close, fd))
+            # after a read given up (a killed caller's) has ended: a process
+            # sharing the directory's fd reads on from where it left it
+            while d.reading is not None:
+                await d.reading.wait()
+            reading = d.reading = trio.Event()
+            hold.add(functools.partial(_read_ended, d, reading))
+            read = functools.partial(_read_entries, d, fd, offset)
+            return await self._listing_threads.run(uid, read, hold)
 
         # (the first READDIR of a listing is not always for offset 0: size unknown)
-        return await self._killable.run(run, (fh, offset, 0))
+        return await self._killable.run(run, (fh, offset, -1))
 
     def _keep_ahead(self, fh: int, offset: int, entries: list[tuple[bytes, int]]) -> None:
         """Keep entries read but not sent for the next call, in a bounded table."""
@@ -1016,7 +1014,7 @@ class Overlay(pyfuse3.Operations):
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         d = self._dirs[fh]
-        await self._fd_call(d.creds, (fh, -1, -1), os.dup(d.fd), os.fsync)
+        await self._fd_call(d.creds, (fh, 0, 0), os.dup(d.fd), os.fsync)
 
     # --- namespace changes ---------------------------------------------------
 
@@ -1248,17 +1246,19 @@ class Overlay(pyfuse3.Operations):
             with self._acting(creds):
                 return os.open(_proc(fd), flags)
 
-        async def run() -> int:
-            try:
-                with self._waiting.held(creds.uid if creds is not None else 0):
-                    return await trio.to_thread.run_sync(wait)
-            finally:
-                self._lease_waits -= 1
-                os.close(fd)
+        async def run(hold: Hold) -> int:
+            hold.add(functools.partial(os.close, fd))
+            # counted until the thread ends, a killed caller's answered or not
+            self._lease_waits += 1
+            hold.add(self._lease_wait_ended)
+            self._waiting.take(creds.uid if creds is not None else 0, hold)
+            hold.discard = os.close
+            return await thread(hold, wait)
 
-        # counted until the thread ends, a killed caller's answered or not
-        self._lease_waits += 1
-        return await self._killable.run(run, caller, discard=os.close)
+        return await self._killable.run(run, caller)
+
+    def _lease_wait_ended(self) -> None:
+        self._lease_waits -= 1
 
     @fuse_handler
     async def create(
@@ -1359,7 +1359,7 @@ class Overlay(pyfuse3.Operations):
             return None
         return memoryview(buf)[:n]
 
-    async def _data_call(self, creds: _Creds | None, call: Callable[[], R]) -> R:
+    async def _data_call(self, creds: _Creds | None, call: Callable[[], R], hold: Hold) -> R:
         """``call()`` as ``creds`` in a thread, where waiting for BACKING stops no one else.
 
         A user's calls past their share wait for one of theirs to end, and
@@ -1371,7 +1371,7 @@ class Overlay(pyfuse3.Operations):
             with self._acting(creds):
                 return call()
 
-        return await self._data_threads.run(creds.uid if creds is not None else 0, acting)
+        return await self._data_threads.run(creds.uid if creds is not None else 0, acting, hold)
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -1394,7 +1394,7 @@ class Overlay(pyfuse3.Operations):
         # data (seconds for a big file), or for another node (scoutfs)
         handle = self._handles[fh]
         call = functools.partial(os.fdatasync if datasync else os.fsync, fh)
-        await self._handle_call(handle, handle.creds, call, (fh, -1, -1))
+        await self._handle_call(handle, handle.creds, call, (fh, 0, 0))
 
     @fuse_handler
     async def release(self, fh: int) -> None:
@@ -1414,17 +1414,18 @@ class Overlay(pyfuse3.Operations):
     ) -> R:
         """:meth:`_data_call` on ``handle``'s fd, which stays open until it ends
         (a killed caller's answered or not)."""
-        handle.calls += 1
 
-        async def run() -> R:
-            try:
-                return await self._data_call(creds, call)
-            finally:
-                handle.calls -= 1
-                if handle.released and not handle.calls:
-                    self._close_later(handle)
+        async def run(hold: Hold) -> R:
+            handle.calls += 1
+            hold.add(functools.partial(self._handle_call_ended, handle))
+            return await self._data_call(creds, call, hold)
 
         return await self._killable.run(run, caller)
+
+    def _handle_call_ended(self, handle: _Handle) -> None:
+        handle.calls -= 1
+        if handle.released and not handle.calls:
+            self._close_later(handle)
 
     async def _fd_call(
         self,
@@ -1437,13 +1438,12 @@ class Overlay(pyfuse3.Operations):
         """:meth:`_data_call` of ``call(fd)``; ``fd`` is closed once it ends (a killed
         caller's answered or not), and ``discard`` is given a result come too late."""
 
-        async def run() -> R:
-            try:
-                return await self._data_call(creds, functools.partial(call, fd))
-            finally:
-                os.close(fd)
+        async def run(hold: Hold) -> R:
+            hold.add(functools.partial(os.close, fd))
+            hold.discard = discard
+            return await self._data_call(creds, functools.partial(call, fd), hold)
 
-        return await self._killable.run(run, caller, discard)
+        return await self._killable.run(run, caller)
 
     def _close_later(self, handle: _Handle) -> None:
         """Close ``handle``'s fd in a thread, where a close that waits stops no one.
@@ -1561,6 +1561,11 @@ def _truncate_inode(fd: int, size: int) -> None:
         os.close(wfd)
 
 
+def _read_ended(d: _Dir, reading: trio.Event) -> None:
+    d.reading = None
+    reading.set()
+
+
 def _read_entries(d: _Dir, fd: int, offset: int) -> list[tuple[bytes, int]]:
     # in a worker thread, on a dup of d.fd (its offset); one at a time (d.reading)
     if d.pos != offset:
@@ -1642,9 +1647,8 @@ class _WaitingCalls:
         self.count = 0
         self._warned = False
 
-    @contextlib.contextmanager
-    def held(self, uid: int) -> Iterator[None]:
-        """One waiting call of ``uid``'s, for as long as the block runs; EAGAIN at the
+    def take(self, uid: int, hold: Hold) -> None:
+        """One waiting call of ``uid``'s, given back with ``hold``; EAGAIN at the
         limit, or for a user other than root at the limit less root's own share."""
         if self.count >= self.limit - (_ROOT_WAITING_CALLS if uid != 0 else 0):
             if not self._warned:
@@ -1653,12 +1657,12 @@ class _WaitingCalls:
                 log.warning("%d calls wait on BACKING: more answer EAGAIN", self.count)
             raise FUSEError(errno.EAGAIN)
         self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count <= self.limit // 2:
-                self._warned = False
+        hold.add(self._give_back)
+
+    def _give_back(self) -> None:
+        self.count -= 1
+        if self.count <= self.limit // 2:
+            self._warned = False
 
 
 class _UserThreads:
@@ -1680,20 +1684,25 @@ class _UserThreads:
         # uid -> the limiter its calls hold or wait for, while any do
         self._users: dict[int, trio.CapacityLimiter] = {}
 
-    async def run(self, uid: int, call: Callable[[], R]) -> R:
+    async def run(self, uid: int, call: Callable[[], R], hold: Hold) -> R:
+        """``call()`` in one of the threads, holding what it takes in ``hold``."""
         limiter = self._users.get(uid)
         if limiter is None:
             limiter = self._users[uid] = trio.CapacityLimiter(self._per_user)
-        try:
-            if _pending(limiter) >= self._max_pending:
-                raise FUSEError(errno.EAGAIN)
-            with self._waiting.held(uid):
-                async with limiter:
-                    return await trio.to_thread.run_sync(call, limiter=self._threads)
-        finally:
-            # (at shutdown every waiter is cancelled at once: the first ends it)
-            if not _pending(limiter) and self._users.get(uid) is limiter:
-                del self._users[uid]
+        hold.add(functools.partial(self._user_done, uid, limiter))
+        if _pending(limiter) >= self._max_pending:
+            raise FUSEError(errno.EAGAIN)
+        self._waiting.take(uid, hold)
+        # a token each call, which its thread may hold past its request
+        token = object()
+        await limiter.acquire_on_behalf_of(token)
+        hold.add(functools.partial(limiter.release_on_behalf_of, token))
+        return await thread(hold, call, self._threads)
+
+    def _user_done(self, uid: int, limiter: trio.CapacityLimiter) -> None:
+        # (at shutdown every waiter is cancelled at once: the first ends it)
+        if not _pending(limiter) and self._users.get(uid) is limiter:
+            del self._users[uid]
 
 
 def _pending(limiter: trio.CapacityLimiter) -> int:
