@@ -7,9 +7,9 @@ a request not yet read by the server is withdrawn), in D state, for as long
 as BACKING takes, which for data never staged on scoutfs is for ever.  On
 BACKING itself it would die at once.
 
-So a call that may wait runs in a task of its own (:meth:`KillableCalls.run`),
-which holds all the call uses (its thread, its waiting-call slot, its fds)
-until the call ends; the request's task only waits for it.  Every
+So a call that may wait (:meth:`KillableCalls.run`) keeps a list of what it
+holds (:class:`Hold`: its waiting-call slots, its fds, counts) and runs its
+thread so that it can be given up (:func:`thread`).  Every
 :data:`CHECK_EVERY` seconds a watcher looks at the callers of the calls
 that have waited that long: a caller with SIGKILL pending, or gone, has its
 request answered EINTR at once, and the call is left to end on its own.
@@ -22,9 +22,11 @@ the answer, a user who kills and starts again their own readers of data
 never staged would pile up threads waiting for ever, past every limit,
 until none is left for anyone.  The fds stay open for the same thread,
 which may not have reached its system call yet: a number closed and
-reused meanwhile would lead it to another file.
+reused meanwhile would lead it to another file.  So the thread gives them
+back when it ends, if its request was answered first.
+
 Calls that do not wait cost nothing here: they never come this way, and
-those that do pay one task and no system call until they have waited.
+those that do pay a cancel scope and no system call until they have waited.
 """
 
 from __future__ import annotations

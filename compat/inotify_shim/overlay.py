@@ -449,7 +449,7 @@ class Overlay(pyfuse3.Operations):
         self._lease_waits = 0
         # calls that may wait, all users together: each holds a request task
         self._waiting = _WaitingCalls(_MAX_WAITING_CALLS)
-        # ... each in a task of its own, answered EINTR once its caller is killed
+        # ... each answered EINTR once its caller is killed
         self._killable = KillableCalls()
         # inode -> BACKING's _Version of it at the last open served from the
         # page cache: what the kernel's cached pages may hold (close-to-open)
