@@ -25,6 +25,14 @@ which may not have reached its system call yet: a number closed and
 reused meanwhile would lead it to another file.  So the thread gives them
 back when it ends, if its request was answered first.
 
+A signal the caller handles (what FUSE_INTERRUPT is for) does not end its
+call: the caller gets its answer when BACKING gives it, as before.  An
+EINTR from FUSE reaches even a caller whose handler has SA_RESTART as an
+error it never sees on BACKING, and each retry of the call would take one
+more thread and slot while the one given up still waits on BACKING: a
+program with a periodic signal (SIGALRM, SIGCHLD) would soon hold its
+user's whole share.
+
 Calls that do not wait cost nothing here: they never come this way, and
 those that do pay a cancel scope and no system call until they have waited.
 """
