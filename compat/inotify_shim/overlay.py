@@ -29,7 +29,9 @@ is reached follows libfuse's ``example/passthrough_hp.cc``:
   worker threads, a few per user at once; opens that wait for a lease's
   holder too.  Such calls hold fewer of pyfuse3's request tasks, all users
   together, than it has (:data:`REQUEST_TASKS`), some kept for root: the
-  calls that never wait are always served.
+  calls that never wait are always served.  A caller killed while its call
+  waits is answered EINTR at once, as on BACKING it would die at once
+  (:mod:`.killable`; pyfuse3 takes no FUSE_INTERRUPT).
 
 Synthetic opens made by the replay threads (:mod:`.replay`) are recognised
 by the caller's thread id (:meth:`Overlay._replay_open`), never touch a
@@ -60,6 +62,7 @@ from pyfuse3 import FUSEError
 
 from notifyd import libc
 
+from .killable import Caller, Hold, KillableCalls, thread
 from .replay import ReplayThreads
 
 __all__ = ["REQUEST_TASKS", "Overlay", "fuse_handler"]
@@ -376,6 +379,8 @@ class _Dir:
     # BACKING's offset the fd is at: a listing read in order never seeks
     # (a seek costs a walk from the start on some filesystems)
     pos: int = 0
+    # set while a read of it in a thread runs
+    reading: trio.Event | None = None
 
 
 @dataclasses.dataclass
@@ -444,6 +449,8 @@ class Overlay(pyfuse3.Operations):
         self._lease_waits = 0
         # calls that may wait, all users together: each holds a request task
         self._waiting = _WaitingCalls(_MAX_WAITING_CALLS)
+        # ... each answered EINTR once its caller is killed
+        self._killable = KillableCalls()
         # inode -> BACKING's _Version of it at the last open served from the
         # page cache: what the kernel's cached pages may hold (close-to-open)
         self._opened: dict[int, _Version] = {}
@@ -848,7 +855,7 @@ class Overlay(pyfuse3.Operations):
                     else:
                         os.chmod(_proc(ifd), mode)
         if fields.update_size:
-            await self._truncate(node, ifd, handle, attr.st_size, creds)
+            await self._truncate(node, ifd, handle, attr.st_size, creds, ctx.pid)
         with self._acting(creds):
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
@@ -866,17 +873,23 @@ class Overlay(pyfuse3.Operations):
             return os.access(_proc(fd), os.W_OK, effective_ids=True)
 
     async def _truncate(
-        self, node: _Inode, ifd: int, handle: _Handle | None, size: int, creds: _Creds | None
+        self,
+        node: _Inode,
+        ifd: int,
+        handle: _Handle | None,
+        size: int,
+        creds: _Creds | None,
+        caller: int,
     ) -> None:
         # In a thread, as a write: on scoutfs a change of size waits for
         # released data to be staged.  On our own fds, as a read's.
         if handle is not None:
-            await self._handle_call(handle, creds, functools.partial(os.ftruncate, handle.fd, size))
+            call = functools.partial(os.ftruncate, handle.fd, size)
+            await self._handle_call(handle, creds, call, caller)
             return
         if node.kind != stat.S_IFREG:
             raise FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
-        path_fd = _pass_fd(os.dup(ifd))
-        await self._data_call(creds, functools.partial(_truncate_inode, path_fd, size))
+        await self._fd_call(creds, caller, os.dup(ifd), lambda fd: _truncate_inode(fd, size))
 
     @staticmethod
     def _utimens(
@@ -926,7 +939,7 @@ class Overlay(pyfuse3.Operations):
         if ahead is not None and ahead[0] == start_id:
             batch = ahead[1]
         else:
-            batch = await self._next_entries(d, start_id)
+            batch = await self._next_entries(fh, d, start_id)
         # where the kernel asks next if this reply ends here, and what of the
         # batch it has not had then (entries left out are left out again)
         sent_at, unsent = start_id, 0
@@ -953,9 +966,9 @@ class Overlay(pyfuse3.Operations):
             if unsent:
                 return
             # nothing of that batch could be sent: an empty reply would end the listing
-            batch = await self._next_entries(d, batch[-1][1])
+            batch = await self._next_entries(fh, d, batch[-1][1])
 
-    async def _next_entries(self, d: _Dir, offset: int) -> list[tuple[bytes, int]]:
+    async def _next_entries(self, fh: int, d: _Dir, offset: int) -> list[tuple[bytes, int]]:
         """BACKING's entries of ``d`` from ``offset`` on, one batch, read in a thread.
 
         Reading a directory may wait for a disk or a server: never on the
@@ -965,7 +978,23 @@ class Overlay(pyfuse3.Operations):
         pyfuse3 serves at once.
         """
         uid = d.creds.uid if d.creds is not None else 0
-        return await self._listing_threads.run(uid, functools.partial(_read_entries, d, offset))
+
+        async def run(hold: Hold) -> list[tuple[bytes, int]]:
+            # the thread's own fd: it may go on after a killed caller's
+            # answer, when RELEASEDIR has closed the directory's
+            fd = os.dup(d.fd)
+            hold.add(functools.partial(os.close, fd))
+            # after a read given up (a killed caller's) has ended: a process
+            # sharing the directory's fd reads on from where it left it
+            while d.reading is not None:
+                await d.reading.wait()
+            reading = d.reading = trio.Event()
+            hold.add(functools.partial(_read_ended, d, reading))
+            read = functools.partial(_read_entries, d, fd, offset)
+            return await self._listing_threads.run(uid, read, hold)
+
+        # (the first READDIR of a listing is not always for offset 0: size unknown)
+        return await self._killable.run(run, (fh, offset, -1))
 
     def _keep_ahead(self, fh: int, offset: int, entries: list[tuple[bytes, int]]) -> None:
         """Keep entries read but not sent for the next call, in a bounded table."""
@@ -985,8 +1014,7 @@ class Overlay(pyfuse3.Operations):
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         d = self._dirs[fh]
-        fd = _pass_fd(os.dup(d.fd))
-        await self._data_call(d.creds, functools.partial(os.fsync, fd))
+        await self._fd_call(d.creds, (fh, 0, 0), os.dup(d.fd), os.fsync)
 
     # --- namespace changes ---------------------------------------------------
 
@@ -1142,12 +1170,15 @@ class Overlay(pyfuse3.Operations):
             # the kernel hands the open its O_TRUNC (atomic_o_trunc): a change
             # of size, which may wait as a truncate does (_truncate), so in a
             # thread as one; a lease's holder is waited for there too
-            path_fd = _pass_fd(os.dup(self._fd(node)))
-            fd = await self._data_call(
-                creds, functools.partial(os.open, _proc(path_fd), _backing_flags(flags))
+            fd = await self._fd_call(
+                creds,
+                ctx.pid,
+                os.dup(self._fd(node)),
+                lambda path_fd: os.open(_proc(path_fd), _backing_flags(flags)),
+                discard=os.close,
             )
         else:
-            fd = await self._open_file(node, flags, creds)
+            fd = await self._open_file(node, flags, creds, ctx.pid)
         try:
             info = self._file_info(inode, fd)
         except BaseException:
@@ -1157,7 +1188,7 @@ class Overlay(pyfuse3.Operations):
         self._count_handle(creds, 1)
         return info
 
-    async def _open_file(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
+    async def _open_file(self, node: _Inode, flags: int, creds: _Creds | None, caller: int) -> int:
         """Open ``node`` here, or in a thread if a lease's holder must be waited for."""
         try:
             with self._acting(creds):
@@ -1166,7 +1197,7 @@ class Overlay(pyfuse3.Operations):
                 # to lease-break-time; never on this one serving thread
                 fd = os.open(_proc(self._fd(node)), _backing_flags(flags) | os.O_NONBLOCK)
         except BlockingIOError:
-            fd = await self._open_waiting(node, _backing_flags(flags), creds)
+            fd = await self._open_waiting(node, _backing_flags(flags), creds, caller)
         else:
             if not flags & os.O_NONBLOCK:
                 try:
@@ -1202,7 +1233,9 @@ class Overlay(pyfuse3.Operations):
             if held < _user_share():
                 self._users_at_share.discard(creds.uid)
 
-    async def _open_waiting(self, node: _Inode, flags: int, creds: _Creds | None) -> int:
+    async def _open_waiting(
+        self, node: _Inode, flags: int, creds: _Creds | None, caller: int
+    ) -> int:
         """Open ``node`` in a thread, where waiting for a lease's holder stops no one."""
         if self._lease_waits >= _MAX_LEASE_WAITS:
             raise FUSEError(errno.EAGAIN)
@@ -1213,13 +1246,19 @@ class Overlay(pyfuse3.Operations):
             with self._acting(creds):
                 return os.open(_proc(fd), flags)
 
-        self._lease_waits += 1
-        try:
-            with self._waiting.held(creds.uid if creds is not None else 0):
-                return await trio.to_thread.run_sync(wait)
-        finally:
-            self._lease_waits -= 1
-            os.close(fd)
+        async def run(hold: Hold) -> int:
+            hold.add(functools.partial(os.close, fd))
+            # counted until the thread ends, a killed caller's answered or not
+            self._lease_waits += 1
+            hold.add(self._lease_wait_ended)
+            self._waiting.take(creds.uid if creds is not None else 0, hold)
+            hold.discard = os.close
+            return await thread(hold, wait)
+
+        return await self._killable.run(run, caller)
+
+    def _lease_wait_ended(self) -> None:
+        self._lease_waits -= 1
 
     @fuse_handler
     async def create(
@@ -1264,8 +1303,9 @@ class Overlay(pyfuse3.Operations):
                     raise
         try:
             if truncate:
-                # our fd alone until the kernel has it: no one closes it meanwhile
-                await self._data_call(creds, functools.partial(_truncate_inode, fd, 0))
+                # the thread's own fd: it may go on after a killed caller's
+                # answer, when this one is closed
+                await self._fd_call(creds, ctx.pid, os.dup(fd), lambda f: _truncate_inode(f, 0))
             st = os.fstat(fd)
             # the inode's own O_PATH fd, from the open file itself: no second lookup
             pfd = os.open(_proc(fd), _PATH_FLAGS & ~os.O_NOFOLLOW)
@@ -1291,9 +1331,8 @@ class Overlay(pyfuse3.Operations):
             if data is not None:
                 return data
         handle = self._handles[fh]
-        return await self._handle_call(
-            handle, handle.creds, functools.partial(os.pread, fh, size, off)
-        )
+        call = functools.partial(os.pread, fh, size, off)
+        return await self._handle_call(handle, handle.creds, call, (fh, off, size))
 
     def _read_at_hand(self, fh: int, off: int, size: int) -> memoryview | None:
         """The data, if BACKING has all of it in memory; None if it may have to wait.
@@ -1320,7 +1359,7 @@ class Overlay(pyfuse3.Operations):
             return None
         return memoryview(buf)[:n]
 
-    async def _data_call(self, creds: _Creds | None, call: Callable[[], R]) -> R:
+    async def _data_call(self, creds: _Creds | None, call: Callable[[], R], hold: Hold) -> R:
         """``call()`` as ``creds`` in a thread, where waiting for BACKING stops no one else.
 
         A user's calls past their share wait for one of theirs to end, and
@@ -1332,7 +1371,7 @@ class Overlay(pyfuse3.Operations):
             with self._acting(creds):
                 return call()
 
-        return await self._data_threads.run(creds.uid if creds is not None else 0, acting)
+        return await self._data_threads.run(creds.uid if creds is not None else 0, acting, hold)
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -1344,9 +1383,8 @@ class Overlay(pyfuse3.Operations):
         # to be staged before any write), and buffered writes that never
         # wait (RWF_NOWAIT) are refused by most filesystems.
         handle = self._handles[fh]
-        return await self._handle_call(
-            handle, handle.creds, functools.partial(os.pwrite, fh, buf, off)
-        )
+        call = functools.partial(os.pwrite, fh, buf, off)
+        return await self._handle_call(handle, handle.creds, call, (fh, off, len(buf)))
 
     @fuse_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -1355,9 +1393,8 @@ class Overlay(pyfuse3.Operations):
         # in a thread: it waits for the disk to take all the file's dirty
         # data (seconds for a big file), or for another node (scoutfs)
         handle = self._handles[fh]
-        await self._handle_call(
-            handle, handle.creds, functools.partial(os.fdatasync if datasync else os.fsync, fh)
-        )
+        call = functools.partial(os.fdatasync if datasync else os.fsync, fh)
+        await self._handle_call(handle, handle.creds, call, (fh, 0, 0))
 
     @fuse_handler
     async def release(self, fh: int) -> None:
@@ -1372,15 +1409,41 @@ class Overlay(pyfuse3.Operations):
         if not handle.calls:
             self._close_later(handle)
 
-    async def _handle_call(self, handle: _Handle, creds: _Creds | None, call: Callable[[], R]) -> R:
-        """:meth:`_data_call` on ``handle``'s fd, which stays open until it ends."""
-        handle.calls += 1
-        try:
-            return await self._data_call(creds, call)
-        finally:
-            handle.calls -= 1
-            if handle.released and not handle.calls:
-                self._close_later(handle)
+    async def _handle_call(
+        self, handle: _Handle, creds: _Creds | None, call: Callable[[], R], caller: Caller
+    ) -> R:
+        """:meth:`_data_call` on ``handle``'s fd, which stays open until it ends
+        (a killed caller's answered or not)."""
+
+        async def run(hold: Hold) -> R:
+            handle.calls += 1
+            hold.add(functools.partial(self._handle_call_ended, handle))
+            return await self._data_call(creds, call, hold)
+
+        return await self._killable.run(run, caller)
+
+    def _handle_call_ended(self, handle: _Handle) -> None:
+        handle.calls -= 1
+        if handle.released and not handle.calls:
+            self._close_later(handle)
+
+    async def _fd_call(
+        self,
+        creds: _Creds | None,
+        caller: Caller,
+        fd: int,
+        call: Callable[[int], R],
+        discard: Callable[[R], None] | None = None,
+    ) -> R:
+        """:meth:`_data_call` of ``call(fd)``; ``fd`` is closed once it ends (a killed
+        caller's answered or not), and ``discard`` is given a result come too late."""
+
+        async def run(hold: Hold) -> R:
+            hold.add(functools.partial(os.close, fd))
+            hold.discard = discard
+            return await self._data_call(creds, functools.partial(call, fd), hold)
+
+        return await self._killable.run(run, caller)
 
     def _close_later(self, handle: _Handle) -> None:
         """Close ``handle``'s fd in a thread, where a close that waits stops no one.
@@ -1498,13 +1561,17 @@ def _truncate_inode(fd: int, size: int) -> None:
         os.close(wfd)
 
 
-def _read_entries(d: _Dir, offset: int) -> list[tuple[bytes, int]]:
-    # in a worker thread; the kernel sends one READDIR of an open directory
-    # at a time, so nothing else moves this fd meanwhile
+def _read_ended(d: _Dir, reading: trio.Event) -> None:
+    d.reading = None
+    reading.set()
+
+
+def _read_entries(d: _Dir, fd: int, offset: int) -> list[tuple[bytes, int]]:
+    # in a worker thread, on a dup of d.fd (its offset); one at a time (d.reading)
     if d.pos != offset:
-        os.lseek(d.fd, offset, os.SEEK_SET)
+        os.lseek(fd, offset, os.SEEK_SET)
         d.pos = offset
-    entries = libc.getdents(d.fd, _LISTING_BATCH)
+    entries = libc.getdents(fd, _LISTING_BATCH)
     if entries:
         d.pos = entries[-1][1]
     return entries
@@ -1580,9 +1647,8 @@ class _WaitingCalls:
         self.count = 0
         self._warned = False
 
-    @contextlib.contextmanager
-    def held(self, uid: int) -> Iterator[None]:
-        """One waiting call of ``uid``'s, for as long as the block runs; EAGAIN at the
+    def take(self, uid: int, hold: Hold) -> None:
+        """One waiting call of ``uid``'s, given back with ``hold``; EAGAIN at the
         limit, or for a user other than root at the limit less root's own share."""
         if self.count >= self.limit - (_ROOT_WAITING_CALLS if uid != 0 else 0):
             if not self._warned:
@@ -1591,12 +1657,12 @@ class _WaitingCalls:
                 log.warning("%d calls wait on BACKING: more answer EAGAIN", self.count)
             raise FUSEError(errno.EAGAIN)
         self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count <= self.limit // 2:
-                self._warned = False
+        hold.add(self._give_back)
+
+    def _give_back(self) -> None:
+        self.count -= 1
+        if self.count <= self.limit // 2:
+            self._warned = False
 
 
 class _UserThreads:
@@ -1618,20 +1684,25 @@ class _UserThreads:
         # uid -> the limiter its calls hold or wait for, while any do
         self._users: dict[int, trio.CapacityLimiter] = {}
 
-    async def run(self, uid: int, call: Callable[[], R]) -> R:
+    async def run(self, uid: int, call: Callable[[], R], hold: Hold) -> R:
+        """``call()`` in one of the threads, holding what it takes in ``hold``."""
         limiter = self._users.get(uid)
         if limiter is None:
             limiter = self._users[uid] = trio.CapacityLimiter(self._per_user)
-        try:
-            if _pending(limiter) >= self._max_pending:
-                raise FUSEError(errno.EAGAIN)
-            with self._waiting.held(uid):
-                async with limiter:
-                    return await trio.to_thread.run_sync(call, limiter=self._threads)
-        finally:
-            # (at shutdown every waiter is cancelled at once: the first ends it)
-            if not _pending(limiter) and self._users.get(uid) is limiter:
-                del self._users[uid]
+        hold.add(functools.partial(self._user_done, uid, limiter))
+        if _pending(limiter) >= self._max_pending:
+            raise FUSEError(errno.EAGAIN)
+        self._waiting.take(uid, hold)
+        # a token each call, which its thread may hold past its request
+        token = object()
+        await limiter.acquire_on_behalf_of(token)
+        hold.add(functools.partial(limiter.release_on_behalf_of, token))
+        return await thread(hold, call, self._threads)
+
+    def _user_done(self, uid: int, limiter: trio.CapacityLimiter) -> None:
+        # (at shutdown every waiter is cancelled at once: the first ends it)
+        if not _pending(limiter) and self._users.get(uid) is limiter:
+            del self._users[uid]
 
 
 def _pending(limiter: trio.CapacityLimiter) -> int:
