@@ -38,16 +38,8 @@ export SCOUTFS_BUILD=$tree/utils/src
 # loop: change-devices makes its scratch filesystems on loop devices
 modprobe -a virtio_blk dm_mod libcrc32c loop
 export PATH=$here/compat:$PATH
-# awk is gawk where scoutfs's tests come from (totl-merge-read calls or(),
-# which Debian's default awk, mawk, lacks): prepare-upstream-tests unpacked
-# Debian's gawk into TREE/gawk unless the host's awk is gawk already, and it
-# goes over the guest's root, whose writes stay in the guest's tmpfs
-if [ -x "$tree/gawk/usr/bin/gawk" ]; then
-	cp -a "$tree/gawk/usr" /
-	ln -sfn gawk /usr/bin/awk
-fi
-awk --version 2>/dev/null | grep -q '^GNU Awk' ||
-	die "awk in the guest is not gawk: $(command -v awk) (see prepare-upstream-tests)"
+# prepare-upstream-tests put Debian's gawk in TREE/gawk
+"$here/use-gawk" "$tree/gawk" || die "no gawk in the guest"
 WIDE="mmap totl-merge-read srch-safe-merge-pos"
 WIDE_MOUNTS=5
 QUORUM="lock-recover-invalidate mount-unmount-race client-unmount-recovery"
