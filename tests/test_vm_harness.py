@@ -6,6 +6,7 @@ These boot the 6.1 test kernel with no scoutfs at all (~15 s each under tcg).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from test_vm_e2e import host_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_GUEST = ROOT / "kmod" / "test" / "vm" / "run-guest"
+FETCH_GAWK = ROOT / "kmod" / "test" / "vm" / "fetch-gawk"
+USE_GAWK = ROOT / "kmod" / "test" / "vm" / "guest" / "use-gawk"
 
 # run-guest's own statuses
 TIMED_OUT = 124
@@ -77,3 +80,20 @@ def test_append_reaches_the_guest_kernel(tmp_path: Path) -> None:
     line = next(x for x in console.splitlines() if x.startswith("cmdline: "))
     assert line.endswith(" clocksource=tsc tsc=reliable nfy_mark=1")
     assert "clock: tsc" in console
+
+
+def test_the_guests_awk_is_gawk_and_the_hosts_stays(tmp_path: Path) -> None:
+    # scoutfs's totl-merge-read checks its totals with or(), which only gawk has;
+    # Debian's awk is mawk unless gawk is installed, which would change the host's
+    host_awk = os.path.realpath("/usr/bin/awk")
+    gawk = tmp_path / "gawk"
+    subprocess.run([str(FETCH_GAWK), str(gawk)], check=True, timeout=600)
+    rc, console = run_guest(
+        tmp_path,
+        "bash",
+        "-c",
+        f"{USE_GAWK} {gawk} && awk 'BEGIN {{ print \"or:\", or(1, 8) }}'",
+    )
+    assert rc == 0, console[-2000:]
+    assert "or: 9" in console
+    assert os.path.realpath("/usr/bin/awk") == host_awk

@@ -38,6 +38,8 @@ export SCOUTFS_BUILD=$tree/utils/src
 # loop: change-devices makes its scratch filesystems on loop devices
 modprobe -a virtio_blk dm_mod libcrc32c loop
 export PATH=$here/compat:$PATH
+# prepare-upstream-tests put Debian's gawk in TREE/gawk
+"$here/use-gawk" "$tree/gawk" || die "no gawk in the guest"
 WIDE="mmap totl-merge-read srch-safe-merge-pos"
 WIDE_MOUNTS=5
 QUORUM="lock-recover-invalidate mount-unmount-race client-unmount-recovery"
