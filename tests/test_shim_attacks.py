@@ -72,6 +72,36 @@ def _attacker_proc(code: str) -> subprocess.Popen[str]:
     return _user_proc(["-c", code])
 
 
+def _lease_holder(path: Path) -> subprocess.Popen[str]:
+    """A user's process holding a write lease on ``path`` (a file it writes
+    first); it says "leased", then "asked to let go" when an open conflicts."""
+    code = f"""
+import fcntl, os, signal, sys
+p = {str(path)!r}
+with open(p, "w") as f:
+    f.write("mine")
+fd = os.open(p, os.O_RDONLY)
+# os.write: a print here could re-enter the print of "leased" still returning
+signal.signal(signal.SIGIO, lambda *a: os.write(1, b"asked to let go\\n"))
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("leased", flush=True)
+sys.stdin.read()
+"""
+    return _attacker_proc(code)
+
+
+def _holder_says(holder: subprocess.Popen[str], opener: subprocess.Popen[str] | None = None) -> str:
+    """The lease holder's next line, or a failure that says why after START_TIMEOUT:
+    a test waiting for a lease to be broken must not wait for ever."""
+    assert holder.stdout is not None
+    if not select.select([holder.stdout], [], [], START_TIMEOUT)[0]:
+        why = f"the lease holder said nothing for {START_TIMEOUT} s"
+        if opener is not None and opener.poll() is not None:
+            why += f"; the opener exited {opener.returncode}: {opener.communicate()}"
+        raise AssertionError(why)
+    return holder.stdout.readline()
+
+
 def _settled(doc: dict[str, object]) -> int:
     return sum(
         int(doc[k])  # type: ignore[call-overload]
@@ -151,28 +181,15 @@ def test_a_lease_on_backing_does_not_stall_the_overlay(top: Path) -> None:  # no
     backing, mnt = top / "backing", top / "mnt"
     backing.mkdir()
     os.chmod(backing, 0o777)
-    holder_code = f"""
-import fcntl, os, signal, sys
-p = {str(backing / "leased")!r}
-with open(p, "w") as f:
-    f.write("mine")
-fd = os.open(p, os.O_RDONLY)
-# os.write: a print here could re-enter the print of "leased" still returning
-signal.signal(signal.SIGIO, lambda *a: os.write(1, b"asked to let go\\n"))
-fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-print("leased", flush=True)
-sys.stdin.read()
-"""
     reader_code = f"print(open({str(mnt / 'leased')!r}).read(), flush=True)"
     with run_shim(backing, mnt, top / "absent.sock", "--allow-other"):
-        holder = _attacker_proc(holder_code)
+        holder = _lease_holder(backing / "leased")
         reader = None
         try:
-            assert holder.stdout is not None
-            assert holder.stdout.readline() == "leased\n", holder.stderr
+            assert _holder_says(holder) == "leased\n", holder.stderr
             reader = _attacker_proc(reader_code)
             # the overlay's open of the file asked the holder to let go
-            assert holder.stdout.readline() == "asked to let go\n", holder.communicate()
+            assert _holder_says(holder, reader) == "asked to let go\n", holder.communicate()
             # the overlay serves others while that open waits for the lease
             listing = sorted(os.listdir(mnt))
             assert (mnt / "leased").stat().st_size == 4

@@ -23,7 +23,9 @@ from test_shim_attacks import (
     _HELD_CALLS,
     _attacker_proc,
     _held_listing_backing,
+    _holder_says,
     _lease_breaking,
+    _lease_holder,
     _user_proc,
 )
 from test_shim_security import ATTACKER, top  # noqa: F401
@@ -156,26 +158,14 @@ def test_a_caller_killed_while_its_open_waits_for_a_lease_dies_at_once(top: Path
     backing, mnt = top / "backing", top / "mnt"
     backing.mkdir()
     os.chmod(backing, 0o777)
-    holder_code = f"""
-import fcntl, os, signal, sys
-p = {str(backing / "leased")!r}
-with open(p, "w") as f:
-    f.write("mine")
-fd = os.open(p, os.O_RDONLY)
-signal.signal(signal.SIGIO, lambda *a: os.write(1, b"asked to let go\\n"))
-fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-print("leased", flush=True)
-sys.stdin.read()
-"""
     with run_shim(backing, mnt, top / "absent.sock", "--allow-other") as shim:
-        holder = _attacker_proc(holder_code)
+        holder = _lease_holder(backing / "leased")
         opener = None
         try:
-            assert holder.stdout is not None
-            assert holder.stdout.readline() == "leased\n", holder.stderr
+            assert _holder_says(holder) == "leased\n", holder.stderr
             opener = _attacker_proc(f"open({str(mnt / 'leased')!r})")
             # the sentinel: the overlay's open waits for the holder
-            assert holder.stdout.readline() == "asked to let go\n", holder.communicate()
+            assert _holder_says(holder, opener) == "asked to let go\n", holder.communicate()
             opener.kill()
             status = _reaped(opener)
             lease_held = _lease_breaking(backing / "leased")
