@@ -120,15 +120,15 @@ def _servers(work: Path, count: int) -> Iterator[list[str]]:
 # --- the feeder: python -m bench.cluster feed SOCKET RECORDS ---------------------
 
 
-def _feed_messages(records: int, per_message: int) -> list[bytes]:
+def _messages(records: int, per_message: int) -> list[tuple[int, int, bytes]]:
+    """Records 1..``records`` (OPENs of one inode), as ``(first, last, payload)``
+    of ``per_message`` records each: the feeder's and the bare loop's alike."""
     now = time.time_ns()
-    pack = abi.RECORD.pack
     msgs = []
     for first in range(1, records + 1, per_message):
         last = min(first + per_message - 1, records)
-        msgs.append(
-            b"".join(pack(s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
-        )
+        payload = abi.encode((s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
+        msgs.append((first, last, payload))
     return msgs
 
 
@@ -166,7 +166,7 @@ def feed(path: str, records: int) -> int:
     # as the daemon does, in messages of the size the client asks for; every
     # message is built before it is listed (and so before "go"): the feeder
     # must outrun the forwarder
-    msgs = _feed_messages(records, _asked_records(conn))
+    msgs = [payload for _, _, payload in _messages(records, _asked_records(conn))]
     clients.append({"pid": peer_cred(conn)[0]})
     print("ready", flush=True)
     sys.stdin.readline()
@@ -222,13 +222,11 @@ def bare(url: str, stream: str, subject: str, records: int) -> int:
 
     # its heap as the forwarder keeps its own
     libc.keep_heap(HEAP_LARGEST, HEAP_RETAINED)
-    now = time.time_ns()
     node = subject.rpartition(".")[2]
-    msgs = []
-    for first in range(1, records + 1, MAX_BATCH_RECORDS):
-        last = min(first + MAX_BATCH_RECORDS - 1, records)
-        payload = abi.encode((s, 7, now, 0, 0, 1, 0, 0, 0, 1, 1, 0) for s in range(first, last + 1))
-        msgs.append((payload, wire.headers_for("bench", node, "e", first, last, 0)))
+    msgs = [
+        (payload, wire.headers_for("bench", node, "e", first, last, 0))
+        for first, last, payload in _messages(records, MAX_BATCH_RECORDS)
+    ]
 
     async def publish() -> None:
         nc = await nats.connect(url)
